@@ -1,0 +1,1 @@
+"""agentid Python client."""

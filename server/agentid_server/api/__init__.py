@@ -1,0 +1,1 @@
+"""The gRPC edge: method policy, caller authentication, proto <-> domain, errors -> status."""

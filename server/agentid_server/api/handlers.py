@@ -1,0 +1,128 @@
+"""Builds the gRPC method handlers of AgentIdentityService from the servicer and the method
+policy: every call is authenticated and authorised before the servicer sees it, its request is
+parsed here (so undecodable bytes get INVALID_ARGUMENT), and domain errors become statuses."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
+
+from agentid.v1 import agentid_pb2
+from agentid_server.api.errors import internal_status, status_for, status_from_error
+from agentid_server.api.method_policy import POLICY, SERVICE, Rule, authorize
+from agentid_server.domain.errors import AgentIdError
+from agentid_server.domain.model import Principal
+
+log = logging.getLogger(__name__)
+
+BEARER = "bearer "
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, credential: str | None) -> Principal: ...
+
+
+def bearer_credential(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            if value[: len(BEARER)].lower() == BEARER:
+                return value[len(BEARER) :].strip()
+            return None
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
+    if isinstance(exc, AgentIdError):
+        await _abort(context, status_from_error(exc))
+    trace_id = uuid.uuid4().hex
+    log.exception("unexpected error in %s (trace %s)", method, trace_id, exc_info=exc)
+    await _abort(context, internal_status(trace_id))
+
+
+class _Call:
+    """What every method shares: parse the request, authenticate, authorise."""
+
+    def __init__(self, name: str, request_type: type[Message], rule: Rule | None, authn: Authenticator) -> None:
+        self.name = name
+        self.request_type = request_type
+        self.rule = rule
+        self.authn = authn
+
+    async def prepare(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Message, Principal | None]:
+        principal: Principal | None = None
+        if self.rule is None or not self.rule.public:
+            principal = await self.authn.authenticate(bearer_credential(context))
+        authorize(self.name, self.rule, principal)
+        try:
+            request = self.request_type.FromString(raw)
+        except DecodeError:
+            await _abort(
+                context,
+                status_for(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the request is not a valid protobuf message (strings must be UTF-8)",
+                    "MALFORMED_REQUEST",
+                ),
+            )
+            raise
+        return request, principal
+
+
+def _unary(call: _Call, behavior: Callable[..., Awaitable[Message]]) -> grpc.RpcMethodHandler:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        try:
+            request, principal = await call.prepare(raw, context)
+            return await behavior(request, context, principal)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(context, call.name, exc)
+            raise  # unreachable: abort raises
+
+    return grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=None, response_serializer=_serialize
+    )
+
+
+def _server_stream(call: _Call, behavior: Callable[..., AsyncIterator[Message]]) -> grpc.RpcMethodHandler:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Message]:
+        try:
+            request, principal = await call.prepare(raw, context)
+            async for response in behavior(request, context, principal):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(context, call.name, exc)
+
+    return grpc.unary_stream_rpc_method_handler(
+        handle, request_deserializer=None, response_serializer=_serialize
+    )
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def build_handler(servicer: object, authn: Authenticator) -> grpc.GenericRpcHandler:
+    """The generic handler for every RPC of the service descriptor, policy applied."""
+    service = agentid_pb2.DESCRIPTOR.services_by_name["AgentIdentityService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        call = _Call(method.name, GetMessageClass(method.input_type), POLICY.get(method.name), authn)
+        behavior = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = _server_stream(call, behavior)
+        else:
+            handlers[method.name] = _unary(call, behavior)
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)

@@ -1,0 +1,72 @@
+"""Who may call what, as data (api.md "Who calls what"). A method missing here is denied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentid_server.domain.errors import PermissionDenied
+from agentid_server.domain.model import (
+    AgentPrincipal,
+    Principal,
+    Role,
+    ServicePrincipal,
+    UserPrincipal,
+)
+
+SERVICE = "agentid.v1.AgentIdentityService"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The callers allowed: users, agents, services holding one of ``roles``; or anyone."""
+
+    users: bool = False
+    agents: bool = False
+    roles: frozenset[Role] = frozenset()
+    public: bool = False
+
+    def allows(self, principal: Principal | None) -> bool:
+        if self.public:
+            return True
+        if isinstance(principal, UserPrincipal):
+            return self.users
+        if isinstance(principal, AgentPrincipal):
+            return self.agents
+        if isinstance(principal, ServicePrincipal):
+            return any(principal.has_role(role) for role in self.roles)
+        return False
+
+
+def _roles(*roles: Role) -> frozenset[Role]:
+    return frozenset(roles)
+
+
+POLICY: dict[str, Rule] = {
+    "Delegate": Rule(users=True, agents=True),
+    "Check": Rule(roles=_roles(Role.CHECK)),
+    "StepUp": Rule(agents=True),
+    "ResolveStepUp": Rule(users=True),
+    "WatchStepUps": Rule(users=True, agents=True),
+    "Revoke": Rule(users=True, agents=True, roles=_roles(Role.ADMIN)),
+    "WatchRevocations": Rule(roles=_roles(Role.CHECK, Role.WATCH)),
+    "Audit": Rule(users=True, roles=_roles(Role.AUDIT)),
+    "VerifyAudit": Rule(roles=_roles(Role.AUDIT)),
+    "GetJwks": Rule(public=True),
+}
+
+
+def describe(principal: Principal) -> str:
+    if isinstance(principal, UserPrincipal):
+        return "a user"
+    if isinstance(principal, AgentPrincipal):
+        return "an agent"
+    return f"service {principal.name!r}"
+
+
+def authorize(method: str, rule: Rule | None, principal: Principal | None) -> None:
+    """Raises PermissionDenied unless the rule lets this principal call the method."""
+    if rule is None:
+        raise PermissionDenied(f"{method} is not open to any caller", reason="METHOD_NOT_ALLOWED")
+    if not rule.allows(principal):
+        who = describe(principal) if principal is not None else "this caller"
+        raise PermissionDenied(f"{who} may not call {method}", reason="CALLER_NOT_ALLOWED")

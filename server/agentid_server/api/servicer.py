@@ -1,0 +1,118 @@
+"""AgentIdentityService: each method translates proto -> domain call -> proto, nothing more.
+Callers are already authenticated and authorised (handlers.py) and arrive as ``principal``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
+
+import grpc
+
+from agentid.v1 import agentid_pb2 as pb
+from agentid_server.api.convert import struct_to_dict, timestamp
+from agentid_server.domain.check import CheckInput, Checker
+from agentid_server.domain.delegation import DelegateInput, Delegator
+from agentid_server.domain.errors import Unimplemented
+from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal, UserPrincipal
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _later(method: str) -> NoReturn:
+    raise Unimplemented(f"{method} is not implemented yet", reason="NOT_IMPLEMENTED")
+
+
+class AgentIdentityServicer:
+    def __init__(self, *, delegator: Delegator, checker: Checker, jwks: Callable[[], str]) -> None:
+        self._delegator = delegator
+        self._checker = checker
+        self._jwks = jwks
+
+    async def Delegate(self, request: pb.DelegateRequest, context: Context, principal: Principal) -> pb.DelegateResponse:
+        assert isinstance(principal, UserPrincipal | AgentPrincipal)  # the method policy ensures it
+        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else None
+        result = await self._delegator.delegate(
+            principal,
+            DelegateInput(
+                agent_id=request.agent_id,
+                scopes=list(request.scopes),
+                ttl_seconds=int(ttl) if ttl is not None else None,
+                task=request.task,
+                audiences=list(request.audiences),
+                jkt=request.jkt,
+            ),
+        )
+        session = result.session
+        return pb.DelegateResponse(
+            session_id=session.id,
+            token=result.token,
+            expires_at=timestamp(session.expires_at),
+            scopes=session.scopes,
+            user_id=session.user_id,
+            parent_session_id=session.parent_id,
+            serial=session.serial,
+        )
+
+    async def Check(self, request: pb.CheckRequest, context: Context, principal: Principal) -> pb.CheckResponse:
+        assert isinstance(principal, ServicePrincipal)
+        outcome = await self._checker.check(
+            principal,
+            CheckInput(
+                token=request.token,
+                action=request.action,
+                resource=request.resource,
+                context=struct_to_dict(request.context) if request.HasField("context") else None,
+                pop_proof=request.pop_proof,
+                pop_method=request.pop_method,
+                pop_uri=request.pop_uri,
+            ),
+        )
+        claims = outcome.claims
+        return pb.CheckResponse(
+            decision=outcome.decision.value,
+            reason=outcome.reason.value,
+            message=outcome.message,
+            decision_id=str(outcome.decision_id),
+            session_id=claims.session_id if claims else "",
+            user_id=claims.user_id if claims else "",
+            agent_id=claims.agent_id if claims else "",
+            matched_scope=outcome.matched_scope,
+            risk_rule=outcome.risk_rule,
+            step_up_id=outcome.step_up_id,
+            revocation_sequence=outcome.revocation_sequence,
+        )
+
+    async def GetJwks(self, request: pb.GetJwksRequest, context: Context, principal: Principal | None) -> pb.GetJwksResponse:
+        return pb.GetJwksResponse(jwks_json=self._jwks())
+
+    async def StepUp(self, request: pb.StepUpRequest, context: Context, principal: Principal) -> pb.StepUpResponse:
+        _later("StepUp")
+
+    async def ResolveStepUp(
+        self, request: pb.ResolveStepUpRequest, context: Context, principal: Principal
+    ) -> pb.ResolveStepUpResponse:
+        _later("ResolveStepUp")
+
+    async def Revoke(self, request: pb.RevokeRequest, context: Context, principal: Principal) -> pb.RevokeResponse:
+        _later("Revoke")
+
+    async def VerifyAudit(
+        self, request: pb.VerifyAuditRequest, context: Context, principal: Principal
+    ) -> pb.VerifyAuditResponse:
+        _later("VerifyAudit")
+
+    async def WatchStepUps(
+        self, request: pb.WatchStepUpsRequest, context: Context, principal: Principal
+    ) -> AsyncIterator[pb.WatchStepUpsResponse]:
+        _later("WatchStepUps")
+        yield pb.WatchStepUpsResponse()
+
+    async def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: Context, principal: Principal
+    ) -> AsyncIterator[pb.WatchRevocationsResponse]:
+        _later("WatchRevocations")
+        yield pb.WatchRevocationsResponse()
+
+    async def Audit(self, request: pb.AuditRequest, context: Context, principal: Principal) -> AsyncIterator[pb.AuditResponse]:
+        _later("Audit")
+        yield pb.AuditResponse()

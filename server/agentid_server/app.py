@@ -1,0 +1,171 @@
+"""The composition root: the one place that wires storage, tokens, domain and api together."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agentid_server.api.handlers import build_handler
+from agentid_server.api.method_policy import SERVICE
+from agentid_server.api.reflection import enable_reflection
+from agentid_server.api.servicer import AgentIdentityServicer
+from agentid_server.config import Settings, is_loopback
+from agentid_server.domain.check import Checker
+from agentid_server.domain.delegation import Delegator, TtlPolicy
+from agentid_server.domain.model import AgentKind, ServicePrincipal
+from agentid_server.domain.ports import Clock, SystemClock
+from agentid_server.domain.revocation import RevocationSet
+from agentid_server.domain.scopes import ScopeSet
+from agentid_server.storage.audit_writer import AuditWriter
+from agentid_server.storage.database import create_engine, migrate
+from agentid_server.storage.repositories import (
+    KeyRepository,
+    RevocationRepository,
+    SessionRepository,
+)
+from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
+from agentid_server.tokens.callers import CallerAuthenticator
+from agentid_server.tokens.dpop import DpopVerifier
+from agentid_server.tokens.idp import IdpConfig, IdpVerifier
+from agentid_server.tokens.keys import (
+    SigningKey,
+    generate_signing_key,
+    jwks_json,
+    load_kek,
+    seal,
+    unseal,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    """A started server and what must be stopped with it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    settings: Settings
+    _closers: list[object] = field(default_factory=list)
+    audit: AuditWriter | None = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: stop taking calls, let in-flight calls finish, then flush and close."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.server.shutdown_grace if grace is None else grace)
+        if self.audit is not None:
+            await self.audit.stop()
+        for closer in reversed(self._closers):
+            await closer.dispose()  # type: ignore[attr-defined]
+
+
+async def _signing_keys(settings: Settings, repo: KeyRepository, now: int) -> list[SigningKey]:
+    kek = load_kek(settings.tokens.kek_file, settings.tokens.kek_env)
+    keys = [unseal(kid, alg, sealed, kek, created, retired) for kid, alg, sealed, created, retired in await repo.all()]
+    if not any(k.retired_at is None and k.alg == settings.tokens.algorithm for k in keys):
+        key = generate_signing_key(settings.tokens.algorithm, now)
+        await repo.add(key.kid, key.alg, seal(key, kek), now)
+        log.info("generated signing key %s (%s)", key.kid, key.alg)
+        keys.append(key)
+    return keys
+
+
+async def build_server(settings: Settings, *, clock: Clock | None = None) -> Running:
+    """Builds and starts the server described by ``settings``; port 0 picks a free port."""
+    clock = clock or SystemClock()
+    now = int(clock.now())
+    engine = create_engine(
+        settings.database.url,
+        sqlite_synchronous=settings.database.sqlite_synchronous,
+        busy_timeout=settings.database.busy_timeout,
+    )
+    try:
+        await migrate(engine)
+        keys = await _signing_keys(settings, KeyRepository(engine), now)
+        revocations = RevocationSet()
+        revocation_repo = RevocationRepository(engine)
+        for revocation in await revocation_repo.live(now):
+            revocations.apply(revocation)
+        revocations.applied_sequence = await revocation_repo.last_sequence()
+        idp = IdpVerifier(
+            [IdpConfig(i.issuer, i.audience, i.jwks_file, i.jwks_url, i.scope_claim, i.leeway, i.algorithms) for i in settings.idps],
+            settings.server.max_token_bytes,
+        )
+        await idp.load()
+    except BaseException:
+        await engine.dispose()
+        raise
+
+    active = max((k for k in keys if k.retired_at is None and k.alg == settings.tokens.algorithm), key=lambda k: k.created_at)
+    verifier = AgentTokenVerifier(settings.tokens.issuer, {k.kid: k for k in keys}, settings.server.token_cache_size)
+    audit = AuditWriter(engine, max_batch=settings.audit.max_batch)
+    audit.start()
+    public_jwks = jwks_json(keys)
+    agents = {
+        a.id: AgentKind(a.id, ScopeSet.parse(a.max_scopes), int(a.max_ttl or settings.tokens.max_ttl))
+        for a in settings.agents
+    }
+    services = [
+        (s.key_sha256, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services
+    ]
+    servicer = AgentIdentityServicer(
+        delegator=Delegator(
+            issuer=settings.tokens.issuer,
+            agents=agents,
+            ttl=TtlPolicy(int(settings.tokens.default_ttl), int(settings.tokens.min_ttl), int(settings.tokens.max_ttl)),
+            sessions=SessionRepository(engine),
+            tokens=AgentTokenIssuer(active),
+            audit=audit,
+            clock=clock,
+        ),
+        checker=Checker(
+            verifier=verifier,
+            proofs=DpopVerifier(),
+            revocations=revocations,
+            audit=audit,
+            clock=clock,
+            max_token_bytes=settings.server.max_token_bytes,
+        ),
+        jwks=lambda: public_jwks,
+    )
+    authn = CallerAuthenticator(services=services, users=idp, agents=verifier, revocations=revocations, clock=clock)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((build_handler(servicer, authn),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, [SERVICE, health.SERVICE_NAME])
+    port = _listen(server, settings)
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = Running(server, port, health_servicer, settings, [engine], audit)
+    return running
+
+
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    s = settings.server
+    if s.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
+            root_certificates=Path(s.client_ca).read_bytes() if s.client_ca else None,
+            require_client_auth=bool(s.client_ca),
+        )
+        port = server.add_secure_port(s.listen, credentials)
+    else:
+        if not is_loopback(s.listen):
+            log.warning("serving %s without TLS: set server.tls_cert and server.tls_key", s.listen)
+        port = server.add_insecure_port(s.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {s.listen}")
+    return port

@@ -1,0 +1,230 @@
+"""The `agentid` command: serve, and dev helpers for trying it out on one machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+from agentid_server.config import ConfigError, load_settings, parse_duration
+from agentid_server.tokens.keys import KeyMaterialError
+
+DEV_DIR = Path("var/dev")
+DEV_ISSUER = "https://idp.dev.agentid.local"
+DEV_AUDIENCE = "agentid"
+DEV_SERVICE = "dev-service"
+
+log = logging.getLogger("agentid")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentid", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--config", required=True, help="TOML configuration file")
+    serve.set_defaults(run=_serve)
+
+    dev = commands.add_parser("dev", help="development helpers (dev IdP, dev keys, dev config)")
+    dev_commands = dev.add_subparsers(dest="dev_command", required=True)
+    init = dev_commands.add_parser("init", help="create var/dev: KEK, dev IdP keys and JWKS, config")
+    init.add_argument("--dir", type=Path, default=DEV_DIR)
+    init.set_defaults(run=_dev_init)
+    token = dev_commands.add_parser("user-token", help="mint a token from the dev IdP")
+    token.add_argument("--sub", required=True, help="the user id")
+    token.add_argument("--scope", default="", help="space-separated scopes the user holds")
+    token.add_argument("--ttl", default="1h", help="lifetime, e.g. 1h")
+    token.add_argument("--acr", default="", help="authentication context class to claim")
+    token.add_argument("--dir", type=Path, default=DEV_DIR)
+    token.set_defaults(run=_dev_user_token)
+    key = dev_commands.add_parser("service-key", help="issue a new dev service API key")
+    key.add_argument("--dir", type=Path, default=DEV_DIR)
+    key.set_defaults(run=_dev_service_key)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except (ConfigError, KeyMaterialError) as exc:
+        print(f"agentid: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    return asyncio.run(_serve_until_signalled(settings))
+
+
+async def _serve_until_signalled(settings: object) -> int:
+    from agentid_server.app import build_server
+    from agentid_server.config import Settings
+
+    assert isinstance(settings, Settings)
+    running = await build_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("agentid serving on %s (port %d)", settings.server.listen, running.port)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls")
+    await running.stop()
+    log.info("stopped")
+    return 0
+
+
+# -- dev helpers -----------------------------------------------------------------------------------
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _new_service_key() -> tuple[str, str]:
+    from agentid_server.tokens.callers import api_key_digest
+
+    key = "aid_sk_" + secrets.token_urlsafe(32)
+    return key, api_key_digest(key)
+
+
+DEV_CONFIG = """\
+# agentid development configuration, written by `agentid dev init`. Not for production.
+[server]
+listen = "127.0.0.1:50051"
+
+[database]
+url = "sqlite+aiosqlite:///var/agentid.db"
+
+[tokens]
+issuer = "https://agentid.local"
+default_ttl = "15m"
+min_ttl = "1m"
+max_ttl = "60m"
+kek_file = "{dir}/kek"
+
+[[idp]]
+issuer = "{issuer}"
+audience = "{audience}"
+jwks_file = "{dir}/idp-jwks.json"
+scope_claim = "scope"
+
+[[services]]
+name = "{service}"
+key_sha256 = "{digest}"
+roles = ["admin"]
+
+[[agents]]
+id = "support-bot"
+max_scopes = ["tickets.*", "payments.refund", "payments.transfer", "agentid.delegate"]
+max_ttl = "30m"
+
+[[agents]]
+id = "research-bot"
+max_scopes = ["docs.*", "tickets.read"]
+max_ttl = "60m"
+"""
+
+
+def _dev_init(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from agentid_server.tokens.jwk import b64url
+    from agentid_server.tokens.keys import new_kek
+
+    directory: Path = args.dir
+    config = directory / "agentid.toml"
+    if config.exists():
+        print(f"{directory}/ already set up (config {config}); delete it to start over")
+        return 0
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_secret(directory / "kek", new_kek().encode() + b"\n")
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    _write_secret(
+        directory / "idp-private.pem",
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    numbers = private.public_key().public_numbers()
+    jwk = {
+        "kty": "RSA",
+        "n": b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
+        "e": b64url(numbers.e.to_bytes(3, "big")),
+        "alg": "RS256",
+        "use": "sig",
+        "kid": "dev-idp-" + time.strftime("%Y%m%d"),
+    }
+    (directory / "idp-jwks.json").write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n")
+    key, digest = _new_service_key()
+    config.write_text(
+        DEV_CONFIG.format(
+            dir=directory, issuer=DEV_ISSUER, audience=DEV_AUDIENCE, service=DEV_SERVICE, digest=digest
+        )
+    )
+    print(f"created {directory}/: key-encryption key, dev IdP keys and JWKS, config {config}")
+    print(f"dev service {DEV_SERVICE!r} (role admin) API key, shown only now; keep it:")
+    print(f"  {key}")
+    return 0
+
+
+def _dev_user_token(args: argparse.Namespace) -> int:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
+    directory: Path = args.dir
+    try:
+        pem = (directory / "idp-private.pem").read_bytes()
+        kid = json.loads((directory / "idp-jwks.json").read_text())["keys"][0]["kid"]
+    except (OSError, KeyError, ValueError):
+        print(f"agentid: no dev IdP in {directory}/: run `agentid dev init` first", file=sys.stderr)
+        return 2
+    private = serialization.load_pem_private_key(pem, password=None)
+    now = int(time.time())
+    claims: dict[str, object] = {
+        "iss": DEV_ISSUER,
+        "aud": DEV_AUDIENCE,
+        "sub": args.sub,
+        "scope": args.scope,
+        "iat": now,
+        "auth_time": now,
+        "exp": now + int(parse_duration(args.ttl)),
+    }
+    if args.acr:
+        claims["acr"] = args.acr
+    print(jwt.encode(claims, private, algorithm="RS256", headers={"kid": kid}))  # type: ignore[arg-type]
+    return 0
+
+
+def _dev_service_key(args: argparse.Namespace) -> int:
+    import re
+
+    config: Path = args.dir / "agentid.toml"
+    try:
+        text = config.read_text()
+    except OSError:
+        print(f"agentid: no {config}: run `agentid dev init` first", file=sys.stderr)
+        return 2
+    key, digest = _new_service_key()
+    updated, count = re.subn(r'key_sha256 = "[0-9a-f]{64}"', f'key_sha256 = "{digest}"', text, count=1)
+    if count != 1:
+        print(f"agentid: no [[services]] key_sha256 in {config}", file=sys.stderr)
+        return 2
+    config.write_text(updated)
+    print(f"new API key for {DEV_SERVICE!r} (restart the server to use it), shown only now:")
+    print(f"  {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

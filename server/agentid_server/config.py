@@ -1,0 +1,393 @@
+"""Configuration: a TOML file plus `AGENTID_<SECTION>_<KEY>` environment overrides, turned into
+typed settings. Any problem stops the start with the file, the key and what is wrong."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agentid_server.domain.model import Role
+from agentid_server.domain.scopes import Scope, ScopeSyntaxError
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+IDP_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
+SIGNING_ALGORITHMS = ("EdDSA", "ES256")
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the file and the key."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+def parse_duration(text: str) -> float:
+    """'15m', '1h30m', '90s', '250ms' -> seconds. Raises ValueError on anything else."""
+    text = text.strip()
+    match = _DURATION.fullmatch(text)
+    if not text or match is None or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration like 15m, 1h30m, 90s or 500ms")
+    hours, minutes, seconds, millis = (int(g) if g else 0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds + millis / 1000
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str = "127.0.0.1:50051"
+    tls_cert: str = ""
+    tls_key: str = ""
+    client_ca: str = ""
+    max_token_bytes: int = 8192
+    max_message_bytes: int = 1 << 20
+    max_consistency_wait: float = 5.0
+    shutdown_grace: float = 10.0
+    token_cache_size: int = 100_000
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite+aiosqlite:///var/agentid.db"
+    sqlite_synchronous: str = "NORMAL"
+    busy_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    issuer: str = "https://agentid.local"
+    default_ttl: float = 15 * 60
+    min_ttl: float = 60
+    max_ttl: float = 60 * 60
+    algorithm: str = "EdDSA"
+    kek_file: str = ""
+    kek_env: str = "AGENTID_KEK"
+
+
+@dataclass(frozen=True)
+class IdpSettings:
+    issuer: str
+    audience: str
+    jwks_file: str = ""
+    jwks_url: str = ""
+    scope_claim: str = "scope"
+    leeway: float = 30.0
+    algorithms: tuple[str, ...] = IDP_ALGORITHMS
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    name: str
+    key_sha256: str
+    roles: frozenset[Role]
+    audience: str
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    id: str
+    max_scopes: tuple[str, ...]
+    max_ttl: float
+
+
+@dataclass(frozen=True)
+class StepUpSettings:
+    pending_ttl: float = 600.0
+    approval_ttl: float = 300.0
+    max_auth_age: float = 300.0
+    accepted_acr: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RiskRuleSettings:
+    name: str
+    action: str
+    when: str
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    max_batch: int = 2048
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str = "<defaults>"
+    server: ServerSettings = field(default_factory=ServerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    tokens: TokenSettings = field(default_factory=TokenSettings)
+    step_up: StepUpSettings = field(default_factory=StepUpSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    idps: tuple[IdpSettings, ...] = ()
+    services: tuple[ServiceSettings, ...] = ()
+    agents: tuple[AgentSettings, ...] = ()
+    risk: tuple[RiskRuleSettings, ...] = ()
+
+
+# Scalar keys of each table section, with how to read them. Environment overrides exist for these.
+_SCALARS: dict[str, dict[str, str]] = {
+    "server": {
+        "listen": "str", "tls_cert": "str", "tls_key": "str", "client_ca": "str",
+        "max_token_bytes": "int", "max_message_bytes": "int",
+        "max_consistency_wait": "duration", "shutdown_grace": "duration",
+        "token_cache_size": "int",
+    },
+    "database": {"url": "str", "sqlite_synchronous": "str", "busy_timeout": "duration"},
+    "tokens": {
+        "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
+        "algorithm": "str", "kek_file": "str", "kek_env": "str",
+    },
+    "step_up": {
+        "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
+        "accepted_acr": "list",
+    },
+    "audit": {"max_batch": "int"},
+}  # fmt: skip
+_ARRAYS = {"idp", "services", "agents", "risk"}
+
+
+class _Reader:
+    """Reads typed values out of one table, naming the key on any error."""
+
+    def __init__(self, source: str, prefix: str, table: Mapping[str, Any]) -> None:
+        self.source, self.prefix, self.table = source, prefix, table
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, f"{self.prefix}{key}", problem)
+
+    def get(self, key: str, kind: str, default: Any = None) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        try:
+            return _convert(value, kind)
+        except (TypeError, ValueError) as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def required(self, key: str, kind: str = "str") -> Any:
+        value = self.get(key, kind)
+        if value in (None, "", ()):
+            raise self.fail(key, "is required")
+        return value
+
+    def reject_unknown(self, known: set[str]) -> None:
+        for key in self.table:
+            if key not in known:
+                raise self.fail(key, "unknown key")
+
+
+def _convert(value: Any, kind: str) -> Any:
+    if kind == "str":
+        if not isinstance(value, str):
+            raise TypeError("must be a string")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise TypeError("must be an integer")
+        return int(value)
+    if kind == "duration":
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str):
+            seconds = parse_duration(value)
+        else:
+            raise TypeError("must be a duration like 15m")
+        if seconds <= 0:
+            raise ValueError("must be positive")
+        return seconds
+    if kind == "list":
+        if isinstance(value, str):
+            return tuple(v for v in re.split(r"[\s,]+", value) if v)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError("must be a list of strings")
+        return tuple(value)
+    raise AssertionError(kind)
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Reads the TOML file, applies environment overrides and validates everything."""
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(source, "-", "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
+    return settings_from_mapping(data, source, os.environ if environ is None else environ)
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], source: str, environ: Mapping[str, str]
+) -> Settings:
+    data = _apply_environment(data, environ)
+    for key in data:
+        if key not in _SCALARS and key not in _ARRAYS:
+            raise ConfigError(source, key, "unknown section")
+    sections = {name: _section(data, name, source) for name in _SCALARS}
+    settings = Settings(
+        source=source,
+        server=_build(ServerSettings, sections["server"]),
+        database=_build(DatabaseSettings, sections["database"]),
+        tokens=_build(TokenSettings, sections["tokens"]),
+        step_up=_build(StepUpSettings, sections["step_up"]),
+        audit=_build(AuditSettings, sections["audit"]),
+        idps=tuple(_idp(r) for r in _array(data, "idp", source)),
+        services=tuple(_service(r) for r in _array(data, "services", source)),
+        agents=tuple(_agent(r) for r in _array(data, "agents", source)),
+        risk=tuple(_risk(r) for r in _array(data, "risk", source)),
+    )
+    _validate(settings, sections)
+    return settings
+
+
+def _apply_environment(data: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for section, keys in _SCALARS.items():
+        for key in keys:
+            name = f"AGENTID_{section}_{key}".upper()
+            if name in environ:
+                merged.setdefault(section, {})[key] = environ[name]
+    return merged
+
+
+def _section(data: Mapping[str, Any], name: str, source: str) -> _Reader:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(source, name, "must be a table")
+    reader = _Reader(source, f"{name}.", table)
+    reader.reject_unknown(set(_SCALARS[name]))
+    return reader
+
+
+def _build(cls: Callable[..., T], reader: _Reader) -> T:
+    section = reader.prefix.rstrip(".")
+    values = {key: reader.get(key, kind) for key, kind in _SCALARS[section].items()}
+    return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def _array(data: Mapping[str, Any], name: str, source: str) -> list[_Reader]:
+    items = data.get(name, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(source, name, f"must be an array of tables ([[{name}]])")
+    return [_Reader(source, f"{name}[{index}].", item) for index, item in enumerate(items)]
+
+
+def _idp(r: _Reader) -> IdpSettings:
+    r.reject_unknown(
+        {"issuer", "audience", "jwks_file", "jwks_url", "scope_claim", "leeway", "algorithms"}
+    )
+    jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
+    if bool(jwks_file) == bool(jwks_url):
+        raise r.fail("jwks_file", "set exactly one of jwks_file and jwks_url")
+    if jwks_url and not jwks_url.startswith(("https://", "http://127.", "http://localhost")):
+        raise r.fail("jwks_url", "must be https (plain http only on loopback)")
+    algorithms = r.get("algorithms", "list", IDP_ALGORITHMS)
+    for alg in algorithms:
+        if alg not in IDP_ALGORITHMS:
+            raise r.fail("algorithms", f"{alg!r} is not allowed; use {', '.join(IDP_ALGORITHMS)}")
+    return IdpSettings(
+        issuer=r.required("issuer"),
+        audience=r.required("audience"),
+        jwks_file=jwks_file,
+        jwks_url=jwks_url,
+        scope_claim=r.get("scope_claim", "str", "scope"),
+        leeway=r.get("leeway", "duration", 30.0),
+        algorithms=tuple(algorithms),
+    )
+
+
+def _service(r: _Reader) -> ServiceSettings:
+    r.reject_unknown({"name", "key_sha256", "roles", "audience"})
+    name = r.required("name")
+    key = r.required("key_sha256").lower()
+    if not _SHA256_HEX.fullmatch(key):
+        raise r.fail("key_sha256", "must be the 64 hex digits of the API key's SHA-256")
+    roles: set[Role] = set()
+    for role in r.get("roles", "list", ()):
+        try:
+            roles.add(Role(role))
+        except ValueError:
+            raise r.fail("roles", f"unknown role {role!r}; use check, watch, audit, admin") from None
+    return ServiceSettings(name, key, frozenset(roles), r.get("audience", "str", "") or name)
+
+
+def _agent(r: _Reader) -> AgentSettings:
+    r.reject_unknown({"id", "max_scopes", "max_ttl"})
+    scopes = r.get("max_scopes", "list", ())
+    for scope in scopes:
+        try:
+            Scope.parse(scope)
+        except ScopeSyntaxError as exc:
+            raise r.fail("max_scopes", f"{scope!r}: {exc}") from None
+    return AgentSettings(r.required("id"), tuple(scopes), r.get("max_ttl", "duration", 0.0))
+
+
+def _risk(r: _Reader) -> RiskRuleSettings:
+    r.reject_unknown({"name", "action", "when"})
+    action = r.required("action")
+    try:
+        Scope.parse(action)
+    except ScopeSyntaxError as exc:
+        raise r.fail("action", f"not an action pattern: {exc}") from None
+    return RiskRuleSettings(r.required("name"), action, r.required("when"))
+
+
+def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
+    server, tokens = sections["server"], sections["tokens"]
+    _check_listen(s.server.listen, server)
+    if bool(s.server.tls_cert) != bool(s.server.tls_key):
+        raise server.fail("tls_cert", "tls_cert and tls_key go together")
+    if s.server.client_ca and not s.server.tls_cert:
+        raise server.fail("client_ca", "mTLS needs tls_cert and tls_key too")
+    if not 512 <= s.server.max_token_bytes <= 1 << 20:
+        raise server.fail("max_token_bytes", "must be between 512 and 1048576")
+    if not s.tokens.issuer:
+        raise tokens.fail("issuer", "is required")
+    if s.tokens.algorithm not in SIGNING_ALGORITHMS:
+        raise tokens.fail("algorithm", f"must be one of {', '.join(SIGNING_ALGORITHMS)}")
+    if not s.tokens.min_ttl <= s.tokens.default_ttl <= s.tokens.max_ttl:
+        raise tokens.fail("default_ttl", "must lie between min_ttl and max_ttl")
+    if not s.database.url:
+        raise sections["database"].fail("url", "is required")
+    if s.database.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+        raise sections["database"].fail("sqlite_synchronous", "must be NORMAL, FULL or EXTRA")
+    _unique(s, "services", [x.name for x in s.services], "name")
+    _unique(s, "services", [x.key_sha256 for x in s.services], "key_sha256")
+    _unique(s, "agents", [x.id for x in s.agents], "id")
+    _unique(s, "idp", [x.issuer for x in s.idps], "issuer")
+    _unique(s, "risk", [x.name for x in s.risk], "name")
+
+
+def _check_listen(listen: str, reader: _Reader) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise reader.fail("listen", f"{listen!r} is not host:port")
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _unique(s: Settings, array: str, values: list[str], key: str) -> None:
+    seen: set[str] = set()
+    for index, value in enumerate(values):
+        if value in seen:
+            raise ConfigError(s.source, f"{array}[{index}].{key}", f"duplicate {value!r}")
+        seen.add(value)

@@ -1,0 +1,184 @@
+"""Check: may this agent token do this action on this resource? The per-action hot path.
+
+Everything here is in memory: the verified-token cache (in the verifier), the revocation bitmap,
+precompiled scope matchers. The only await is the audit append, which group-commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agentid_server.domain.errors import InvalidArgument
+from agentid_server.domain.model import (
+    ActorKind,
+    AgentClaims,
+    AuditEvent,
+    Decision,
+    EventType,
+    Reason,
+    ServicePrincipal,
+)
+from agentid_server.domain.ports import (
+    AgentTokenVerifier,
+    AuditLog,
+    Clock,
+    ProofVerifier,
+    TokenRejected,
+)
+from agentid_server.domain.revocation import RevocationSet
+from agentid_server.domain.scopes import ScopeSyntaxError, validate_action, validate_resource
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInput:
+    token: str
+    action: str
+    resource: str
+    context: Mapping[str, Any] | None = None
+    pop_proof: str = ""
+    pop_method: str = ""
+    pop_uri: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOutcome:
+    decision: Decision
+    reason: Reason
+    message: str
+    decision_id: int
+    claims: AgentClaims | None = None
+    matched_scope: str = ""
+    risk_rule: str = ""
+    step_up_id: str = ""
+    revocation_sequence: int = 0
+
+
+class Checker:
+    """Decides Checks and records every decision in the audit trail before answering."""
+
+    def __init__(
+        self,
+        *,
+        verifier: AgentTokenVerifier,
+        proofs: ProofVerifier,
+        revocations: RevocationSet,
+        audit: AuditLog,
+        clock: Clock,
+        max_token_bytes: int,
+    ) -> None:
+        self._verifier = verifier
+        self._proofs = proofs
+        self._revocations = revocations
+        self._audit = audit
+        self._clock = clock
+        self._max_token_bytes = max_token_bytes
+
+    async def check(self, caller: ServicePrincipal, request: CheckInput) -> CheckOutcome:
+        action, resource = _parse_request(request)
+        now = self._clock.now()
+        applied = self._revocations.applied_sequence
+        claims: AgentClaims | None = None
+        matched = ""
+        try:
+            claims = self._verified(request.token)
+            decision, reason, message, matched = self._decide(
+                claims, caller, request, action, resource, now
+            )
+        except TokenRejected as rejected:
+            decision, reason, message = Decision.DENY, rejected.reason, rejected.message
+        decision_id = await self._audit.append(
+            AuditEvent(
+                time=now,
+                event_type=EventType.CHECK,
+                actor_kind=ActorKind.SERVICE,
+                actor_id=caller.name,
+                session_id=claims.session_id if claims else "",
+                user_id=claims.user_id if claims else "",
+                scopes=claims.scopes.texts if claims else (),
+                agent_id=claims.agent_id if claims else "",
+                action=request.action,
+                resource=request.resource,
+                decision=decision,
+                reason=reason,
+                parent_session_id=claims.parent_session_id if claims else "",
+                context=request.context,
+            )
+        )
+        return CheckOutcome(
+            decision=decision,
+            reason=reason,
+            message=message,
+            decision_id=decision_id,
+            claims=claims,
+            matched_scope=matched,
+            revocation_sequence=applied,
+        )
+
+    def _verified(self, token: str) -> AgentClaims:
+        if len(token) > self._max_token_bytes:
+            raise TokenRejected(
+                Reason.TOKEN_MALFORMED, f"the token is larger than {self._max_token_bytes} bytes"
+            )
+        return self._verifier.verify(token)
+
+    def _decide(
+        self,
+        claims: AgentClaims,
+        caller: ServicePrincipal,
+        request: CheckInput,
+        action: tuple[str, ...],
+        resource: tuple[str, ...],
+        now: float,
+    ) -> tuple[Decision, Reason, str, str]:
+        check_token_times(claims, now)
+        if claims.serial in self._revocations:
+            return Decision.DENY, Reason.SESSION_REVOKED, "the session has been revoked", ""
+        if claims.jkt:
+            self._proofs.verify(
+                request.pop_proof,
+                jkt=claims.jkt,
+                method=request.pop_method,
+                uri=request.pop_uri,
+                token=request.token,
+                now=now,
+            )
+        if claims.audiences is not None and caller.audience not in claims.audiences:
+            return (
+                Decision.DENY,
+                Reason.AUDIENCE_MISMATCH,
+                f"the token is not meant for audience {caller.audience!r}",
+                "",
+            )
+        scope = claims.scopes.first_match(action, resource)
+        if scope is None:
+            return (
+                Decision.DENY,
+                Reason.SCOPE_NOT_GRANTED,
+                "no granted scope allows this action on this resource",
+                "",
+            )
+        return Decision.ALLOW, Reason.GRANTED, f"allowed by scope {scope.text}", scope.text
+
+
+def check_token_times(claims: AgentClaims, now: float) -> None:
+    """`exp` and `nbf`, with no leeway for our own tokens, on every use (cached or not)."""
+    if now >= claims.expires_at:
+        raise TokenRejected(Reason.TOKEN_EXPIRED, "the token has expired")
+    if now < claims.not_before:
+        raise TokenRejected(Reason.TOKEN_NOT_YET_VALID, "the token is not valid yet")
+
+
+def _parse_request(request: CheckInput) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if not request.token:
+        raise InvalidArgument.field("token", "required")
+    try:
+        action = validate_action(request.action)
+    except ScopeSyntaxError as exc:
+        raise InvalidArgument.field("action", str(exc)) from None
+    try:
+        resource = validate_resource(request.resource)
+    except ScopeSyntaxError as exc:
+        raise InvalidArgument.field("resource", str(exc)) from None
+    return action, resource

@@ -1,0 +1,262 @@
+"""Delegate: a user hands a new agent session a subset of their scopes; an agent holding
+`agentid.delegate` hands a sub-agent a subset of its own. Never wider, never longer-lived."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ulid import ULID
+
+from agentid_server.domain.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from agentid_server.domain.model import (
+    ActorKind,
+    AgentClaims,
+    AgentKind,
+    AgentPrincipal,
+    AuditEvent,
+    EventType,
+    SessionRecord,
+    UserPrincipal,
+)
+from agentid_server.domain.ports import AgentTokenIssuer, AuditLog, Clock, SessionStore
+from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
+
+DELEGATE_ACTION = "agentid.delegate"
+MAX_SCOPES_PER_REQUEST = 64
+MAX_TASK_LENGTH = 1024
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_LENGTH = 256
+_JKT = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url SHA-256, unpadded
+_AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True, slots=True)
+class TtlPolicy:
+    default: int
+    minimum: int
+    maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class DelegateInput:
+    agent_id: str
+    scopes: Sequence[str]
+    ttl_seconds: int | None
+    task: str
+    audiences: Sequence[str]
+    jkt: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delegation:
+    session: SessionRecord
+    token: str
+
+
+def new_session_id() -> str:
+    return f"ses_{ULID()}"
+
+
+class Delegator:
+    """Validates, narrows and records delegations, and issues the agent token."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        agents: Mapping[str, AgentKind],
+        ttl: TtlPolicy,
+        sessions: SessionStore,
+        tokens: AgentTokenIssuer,
+        audit: AuditLog,
+        clock: Clock,
+    ) -> None:
+        self._issuer = issuer
+        self._agents = agents
+        self._ttl = ttl
+        self._sessions = sessions
+        self._tokens = tokens
+        self._audit = audit
+        self._clock = clock
+
+    async def delegate(
+        self, delegator: UserPrincipal | AgentPrincipal, request: DelegateInput
+    ) -> Delegation:
+        requested = _validate(request)
+        agent = self._agents.get(request.agent_id)
+        if agent is None:
+            raise NotFound(
+                f"agent {request.agent_id!r} is not registered",
+                reason="AGENT_NOT_REGISTERED",
+                metadata={"agent_id": request.agent_id},
+            )
+        parent = delegator.claims if isinstance(delegator, AgentPrincipal) else None
+        holder = _holder_scopes(delegator)
+        _require_covered(holder, requested, "SCOPE_ESCALATION", "the delegator holds")
+        _require_covered(
+            agent.max_scopes, requested, "AGENT_SCOPE_EXCEEDED", f"agent {agent.id!r} may hold"
+        )
+        audiences = _narrow_audiences(parent, tuple(dict.fromkeys(request.audiences)))
+
+        now = int(self._clock.now())
+        ttl = self._granted_ttl(request.ttl_seconds, agent, parent, now)
+        user_id = parent.user_id if parent else _user_id(delegator)
+        session = SessionRecord(
+            id=new_session_id(),
+            serial=await self._sessions.allocate_serial(),
+            user_id=user_id,
+            agent_id=agent.id,
+            scopes=tuple(s.text for s in requested),
+            audiences=audiences,
+            task=request.task,
+            jkt=request.jkt,
+            created_at=now,
+            expires_at=now + ttl,
+            parent_id=parent.session_id if parent else "",
+        )
+        token = self._tokens.issue(self._claims(session, parent))
+        actor_kind, actor_id = (
+            (ActorKind.AGENT, parent.session_id) if parent else (ActorKind.USER, user_id)
+        )
+        await self._audit.append(
+            AuditEvent(
+                time=self._clock.now(),
+                event_type=EventType.DELEGATE,
+                actor_kind=actor_kind,
+                actor_id=actor_id,
+                session_id=session.id,
+                user_id=user_id,
+                scopes=session.scopes,
+                agent_id=agent.id,
+                action=DELEGATE_ACTION,
+                parent_session_id=session.parent_id,
+                detail=request.task,
+            ),
+            new_session=session,
+        )
+        return Delegation(session=session, token=token)
+
+    def _granted_ttl(
+        self, requested: int | None, agent: AgentKind, parent: AgentClaims | None, now: int
+    ) -> int:
+        ttl = requested if requested else self._ttl.default
+        ttl = max(self._ttl.minimum, min(ttl, self._ttl.maximum, agent.max_ttl))
+        if parent is not None:
+            ttl = min(ttl, parent.expires_at - now)  # a child never outlives its parent
+        if ttl <= 0:
+            raise PermissionDenied("the delegating session has expired", reason="SESSION_EXPIRED")
+        return ttl
+
+    def _claims(self, session: SessionRecord, parent: AgentClaims | None) -> dict[str, Any]:
+        act: dict[str, Any] = {"sub": session.agent_id, "sid": session.id}
+        if parent is not None:
+            act["act"] = dict(parent.act)
+        claims: dict[str, Any] = {
+            "iss": self._issuer,
+            "sub": session.user_id,
+            "act": act,
+            "scope": " ".join(session.scopes),
+            "jti": session.id,
+            "sn": session.serial,
+            "iat": session.created_at,
+            "nbf": session.created_at,
+            "exp": session.expires_at,
+        }
+        if session.audiences:
+            claims["aud"] = list(session.audiences)
+        if session.task:
+            claims["task"] = session.task
+        if session.parent_id:
+            claims["parent"] = session.parent_id
+        if session.jkt:
+            claims["cnf"] = {"jkt": session.jkt}
+        return claims
+
+
+def _validate(request: DelegateInput) -> list[Scope]:
+    violations: list[FieldViolation] = []
+    if not request.agent_id:
+        violations.append(FieldViolation("agent_id", "required"))
+    elif not _AGENT_ID.fullmatch(request.agent_id):
+        violations.append(FieldViolation("agent_id", "not a valid agent id"))
+    requested: list[Scope] = []
+    if not request.scopes:
+        violations.append(FieldViolation("scopes", "at least one scope is required"))
+    elif len(request.scopes) > MAX_SCOPES_PER_REQUEST:
+        violations.append(FieldViolation("scopes", f"at most {MAX_SCOPES_PER_REQUEST} scopes"))
+    else:
+        seen: set[str] = set()
+        for index, text in enumerate(request.scopes):
+            try:
+                scope = Scope.parse(text)
+            except ScopeSyntaxError as exc:
+                violations.append(FieldViolation(f"scopes[{index}]", str(exc)))
+                continue
+            if scope.text not in seen:  # granted = requested, deduplicated, in request order
+                seen.add(scope.text)
+                requested.append(scope)
+    if request.ttl_seconds is not None and request.ttl_seconds < 0:
+        violations.append(FieldViolation("ttl", "must not be negative"))
+    if len(request.task) > MAX_TASK_LENGTH:
+        violations.append(FieldViolation("task", f"at most {MAX_TASK_LENGTH} characters"))
+    if len(request.audiences) > MAX_AUDIENCES:
+        violations.append(FieldViolation("audiences", f"at most {MAX_AUDIENCES} audiences"))
+    for index, audience in enumerate(request.audiences):
+        if not audience or len(audience) > MAX_AUDIENCE_LENGTH or not audience.isprintable():
+            violations.append(FieldViolation(f"audiences[{index}]", "not a valid audience"))
+    if request.jkt and not _JKT.fullmatch(request.jkt):
+        violations.append(
+            FieldViolation("jkt", "must be an RFC 7638 SHA-256 thumbprint (43 base64url chars)")
+        )
+    if violations:
+        raise InvalidArgument(
+            "; ".join(f"{v.field}: {v.description}" for v in violations), violations=violations
+        )
+    return requested
+
+
+def _holder_scopes(delegator: UserPrincipal | AgentPrincipal) -> ScopeSet:
+    if isinstance(delegator, UserPrincipal):
+        return delegator.grantable
+    claims = delegator.claims
+    if not claims.scopes.allows_action(DELEGATE_ACTION):
+        raise PermissionDenied(
+            f"this agent session does not hold {DELEGATE_ACTION}",
+            reason="DELEGATION_NOT_GRANTED",
+        )
+    return claims.scopes
+
+
+def _require_covered(holder: ScopeSet, requested: list[Scope], reason: str, whose: str) -> None:
+    missing = holder.uncovered(requested)
+    if missing:
+        names = " ".join(s.text for s in missing)
+        raise PermissionDenied(
+            f"requested scopes not covered by what {whose}: {names}",
+            reason=reason,
+            metadata={"scopes": names},
+        )
+
+
+def _narrow_audiences(parent: AgentClaims | None, requested: tuple[str, ...]) -> tuple[str, ...]:
+    if parent is None or parent.audiences is None:
+        return requested
+    if not requested:
+        return tuple(sorted(parent.audiences))
+    wider = [a for a in requested if a not in parent.audiences]
+    if wider:
+        raise PermissionDenied(
+            f"audiences not allowed to the parent session: {' '.join(wider)}",
+            reason="AUDIENCE_ESCALATION",
+            metadata={"audiences": " ".join(wider)},
+        )
+    return requested
+
+
+def _user_id(delegator: UserPrincipal | AgentPrincipal) -> str:
+    if isinstance(delegator, UserPrincipal):
+        return delegator.user_id
+    return delegator.claims.user_id

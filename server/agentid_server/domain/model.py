@@ -1,0 +1,160 @@
+"""The nouns of agentid: principals, sessions, verified agent claims, decisions, audit events.
+
+Enum values equal the wire enums of agentid.v1 so the api layer maps them by number.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agentid_server.domain.scopes import ScopeSet
+
+
+class Decision(enum.IntEnum):
+    UNSPECIFIED = 0
+    ALLOW = 1
+    DENY = 2
+    STEP_UP_REQUIRED = 3
+
+
+class Reason(enum.IntEnum):
+    UNSPECIFIED = 0
+    GRANTED = 1
+    STEP_UP_APPROVED = 2
+    TOKEN_MALFORMED = 3
+    SIGNATURE_INVALID = 4
+    TOKEN_EXPIRED = 5
+    TOKEN_NOT_YET_VALID = 6
+    AUDIENCE_MISMATCH = 7
+    SESSION_REVOKED = 8
+    SCOPE_NOT_GRANTED = 9
+    HIGH_RISK = 10
+    STEP_UP_DENIED = 11
+    PROOF_OF_POSSESSION_FAILED = 12
+
+
+class EventType(enum.IntEnum):
+    UNSPECIFIED = 0
+    DELEGATE = 1
+    CHECK = 2
+    STEP_UP_REQUESTED = 3
+    STEP_UP_RESOLVED = 4
+    REVOKE = 5
+    KEY_ROTATED = 6
+
+
+class ActorKind(enum.IntEnum):
+    UNSPECIFIED = 0
+    USER = 1
+    AGENT = 2
+    SERVICE = 3
+
+
+class Role(enum.StrEnum):
+    CHECK = "check"
+    WATCH = "watch"
+    AUDIT = "audit"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentClaims:
+    """What a verified agent token says. Times are whole seconds since the epoch."""
+
+    session_id: str
+    user_id: str
+    agent_id: str
+    serial: int
+    issued_at: int
+    not_before: int
+    expires_at: int
+    scopes: ScopeSet
+    audiences: frozenset[str] | None
+    act: Mapping[str, Any]
+    parent_session_id: str = ""
+    task: str = ""
+    jkt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UserPrincipal:
+    """A human, authenticated by a trusted IdP token."""
+
+    user_id: str
+    issuer: str
+    grantable: ScopeSet
+    auth_time: int | None = None
+    acr: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPrincipal:
+    """An agent session, authenticated by its own (unrevoked, unexpired) agent token."""
+
+    claims: AgentClaims
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePrincipal:
+    """A calling service, authenticated by its API key."""
+
+    name: str
+    roles: frozenset[Role]
+    audience: str
+
+    def has_role(self, role: Role) -> bool:
+        return role in self.roles or Role.ADMIN in self.roles
+
+
+Principal = UserPrincipal | AgentPrincipal | ServicePrincipal
+
+
+@dataclass(frozen=True, slots=True)
+class AgentKind:
+    """A registered agent kind (`[[agents]]`): the most it may ever be granted."""
+
+    id: str
+    max_scopes: ScopeSet
+    max_ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A delegated agent session as stored."""
+
+    id: str
+    serial: int
+    user_id: str
+    agent_id: str
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...]
+    task: str
+    jkt: str
+    created_at: int
+    expires_at: int
+    parent_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One audit record before it is written (the store assigns id and chain hashes)."""
+
+    time: float
+    event_type: EventType
+    actor_kind: ActorKind
+    actor_id: str
+    session_id: str = ""
+    user_id: str = ""
+    scopes: tuple[str, ...] = ()
+    agent_id: str = ""
+    action: str = ""
+    resource: str = ""
+    decision: Decision = Decision.UNSPECIFIED
+    reason: Reason = Reason.UNSPECIFIED
+    parent_session_id: str = ""
+    step_up_id: str = ""
+    context: Mapping[str, Any] | None = None
+    detail: str = ""

@@ -1,0 +1,65 @@
+"""The interfaces the domain needs from the outside world; tokens/ and storage/ implement them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from agentid_server.domain.model import AgentClaims, AuditEvent, Reason, SessionRecord
+
+
+class TokenRejected(Exception):
+    """An agent token failed verification; ``reason`` is the Check reason to answer with."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch."""
+        ...
+
+
+class AgentTokenVerifier(Protocol):
+    def verify(self, token: str) -> AgentClaims:
+        """Signature, issuer, type and claim shape; raises TokenRejected. Time is checked by the
+        caller on every use, so a cached result stays correct."""
+        ...
+
+
+class ProofVerifier(Protocol):
+    def verify(self, proof: str, *, jkt: str, method: str, uri: str, token: str, now: float) -> None:
+        """Checks a DPoP proof (RFC 9449) for a token bound to ``jkt``; raises TokenRejected with
+        REASON_PROOF_OF_POSSESSION_FAILED."""
+        ...
+
+
+class AgentTokenIssuer(Protocol):
+    def issue(self, claims: dict[str, Any]) -> str:
+        """Signs the claims with the active signing key and returns a compact JWS."""
+        ...
+
+
+class SessionStore(Protocol):
+    async def allocate_serial(self) -> int:
+        """A new, never reused session serial (monotonic)."""
+        ...
+
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+
+
+class AuditLog(Protocol):
+    async def append(self, event: AuditEvent, *, new_session: SessionRecord | None = None) -> int:
+        """Durably records the event (and, atomically with it, a new session) and returns the
+        record id. Raises Unavailable when the store cannot take it in time."""
+        ...
+
+
+class SystemClock:
+    """The wall clock."""
+
+    def now(self) -> float:
+        return time.time()

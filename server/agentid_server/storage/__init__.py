@@ -1,0 +1,1 @@
+"""SQLAlchemy async storage: tables, Alembic migrations, repositories, the group-commit audit writer."""

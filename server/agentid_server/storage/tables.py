@@ -1,0 +1,98 @@
+"""The schema, as SQLAlchemy Core tables. Alembic migrations (migrations/versions) create it; this
+module is what the repositories query. Portable SQL only: SQLite and PostgreSQL both run it."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# A 64-bit autoincrementing key that SQLite also treats as its rowid alias.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("serial", BigInteger, nullable=False, unique=True),
+    Column("user_id", String(256), nullable=False),
+    Column("agent_id", String(128), nullable=False),
+    Column("parent_id", String(40), nullable=True),
+    Column("scopes", JSON, nullable=False),
+    Column("audiences", JSON, nullable=False),
+    Column("task", Text, nullable=False),
+    Column("jkt", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+    Column("revoke_reason", Text, nullable=True),
+    Index("ix_sessions_user", "user_id", "expires_at"),
+    Index("ix_sessions_parent", "parent_id"),
+)
+
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("sequence", BigInteger, primary_key=True, autoincrement=False),
+    Column("session_id", String(40), nullable=False),
+    Column("serial", BigInteger, nullable=False),
+    Column("user_id", String(256), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Index("ix_revocations_expires", "expires_at"),
+)
+
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(16), nullable=False),
+    Column("sealed_private_key", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("retired_at", BigInteger, nullable=True),
+)
+
+audit_records = Table(
+    "audit_records",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("time_us", BigInteger, nullable=False),
+    Column("event_type", SmallInteger, nullable=False),
+    Column("session_id", String(40), nullable=False),
+    Column("user_id", String(256), nullable=False),
+    Column("scopes", JSON, nullable=False),
+    Column("agent_id", String(128), nullable=False),
+    Column("actor_kind", SmallInteger, nullable=False),
+    Column("actor_id", String(256), nullable=False),
+    Column("action", String(512), nullable=False),
+    Column("resource", String(512), nullable=False),
+    Column("decision", SmallInteger, nullable=False),
+    Column("reason", SmallInteger, nullable=False),
+    Column("parent_session_id", String(40), nullable=False),
+    Column("step_up_id", String(40), nullable=False),
+    Column("context", JSON, nullable=True),
+    Column("detail", Text, nullable=False),
+    Index("ix_audit_session", "session_id", "id"),
+    Index("ix_audit_user_actor", "user_id", "actor_kind", "id"),
+    Index("ix_audit_parent", "parent_session_id", "id"),
+)

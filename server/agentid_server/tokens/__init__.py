@@ -1,0 +1,1 @@
+"""Signing keys, JWKS, agent token issuing and verification, IdP tokens, DPoP proofs."""

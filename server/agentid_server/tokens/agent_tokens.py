@@ -1,0 +1,149 @@
+"""Agent tokens: issuing (compact JWS, typ agent+jwt) and verification with a bounded cache keyed
+by the exact token string, so a signature is verified once per token, not once per Check."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jwt
+
+from agentid_server.domain.model import AgentClaims, Reason
+from agentid_server.domain.ports import TokenRejected
+from agentid_server.domain.scopes import ScopeSet, ScopeSyntaxError
+from agentid_server.tokens.keys import SigningKey
+
+AGENT_TOKEN_TYPE = "agent+jwt"
+SERIAL_LIMIT = 1 << 32
+_REQUIRED = ["iss", "sub", "act", "jti", "sn", "iat", "nbf", "exp", "scope"]
+
+
+class AgentTokenIssuer:
+    """Signs agent token claims with the active key."""
+
+    def __init__(self, active: SigningKey) -> None:
+        if active.private_key is None:
+            raise ValueError("the active signing key has no private half")
+        self._key = active
+
+    def issue(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(
+            claims,
+            self._key.private_key,
+            algorithm=self._key.alg,
+            headers={"kid": self._key.kid, "typ": AGENT_TOKEN_TYPE},
+        )
+
+
+class AgentTokenVerifier:
+    """Verifies agent tokens against our own public keys; caches verified claims per token."""
+
+    def __init__(self, issuer: str, keys: Mapping[str, SigningKey], cache_size: int) -> None:
+        self._issuer = issuer
+        self._keys = dict(keys)
+        self._cache: dict[str, AgentClaims] = {}
+        self._cache_size = max(1, cache_size)
+
+    def verify(self, token: str) -> AgentClaims:
+        claims = self._cache.get(token)
+        if claims is not None:
+            return claims
+        claims = self._verify_signature_and_shape(token)
+        cache = self._cache
+        if len(cache) >= self._cache_size:
+            del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
+        cache[token] = claims
+        return claims
+
+    def add_key(self, key: SigningKey) -> None:
+        self._keys[key.kid] = key
+
+    def _verify_signature_and_shape(self, token: str) -> AgentClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise TokenRejected(Reason.TOKEN_MALFORMED, "not a compact JWS") from None
+        alg, kid = header.get("alg"), header.get("kid")
+        if header.get("typ") != AGENT_TOKEN_TYPE:
+            raise TokenRejected(Reason.TOKEN_MALFORMED, "not an agent token (typ)")
+        if "crit" in header:
+            raise TokenRejected(Reason.TOKEN_MALFORMED, "critical header extensions are refused")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise TokenRejected(Reason.SIGNATURE_INVALID, "unknown signing key")
+        if alg != key.alg:  # the key fixes the algorithm, never the header
+            raise TokenRejected(Reason.SIGNATURE_INVALID, "algorithm not allowed for this key")
+        try:
+            payload = jwt.decode(
+                token,
+                key.public_key,
+                algorithms=[key.alg],
+                issuer=self._issuer,
+                options={
+                    "require": _REQUIRED,
+                    "verify_exp": False,  # times are checked on every use by the caller
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise TokenRejected(Reason.SIGNATURE_INVALID, "bad signature") from None
+        except jwt.InvalidTokenError:
+            raise TokenRejected(Reason.TOKEN_MALFORMED, "claims are missing or invalid") from None
+        return claims_from_payload(payload)
+
+
+def claims_from_payload(payload: Mapping[str, Any]) -> AgentClaims:
+    """Checks the claim shapes of api.md and builds AgentClaims; TOKEN_MALFORMED otherwise."""
+    act = payload.get("act")
+    sn = payload.get("sn")
+    times = [payload.get(k) for k in ("iat", "nbf", "exp")]
+    scope = payload.get("scope")
+    if not (
+        isinstance(payload.get("sub"), str)
+        and payload["sub"]
+        and isinstance(act, dict)
+        and isinstance(act.get("sub"), str)
+        and act.get("sid") == payload.get("jti")
+        and isinstance(payload.get("jti"), str)
+        and isinstance(sn, int)
+        and not isinstance(sn, bool)
+        and 0 <= sn < SERIAL_LIMIT
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in times)
+        and isinstance(scope, str)
+    ):
+        raise TokenRejected(Reason.TOKEN_MALFORMED, "claims do not have the agent token shape")
+    try:
+        scopes = ScopeSet.parse(scope.split())
+    except ScopeSyntaxError:
+        raise TokenRejected(Reason.TOKEN_MALFORMED, "the scope claim is invalid") from None
+    audiences: frozenset[str] | None = None
+    if "aud" in payload:
+        aud = payload["aud"]
+        values = [aud] if isinstance(aud, str) else aud
+        if not isinstance(values, list) or not all(isinstance(a, str) for a in values):
+            raise TokenRejected(Reason.TOKEN_MALFORMED, "the aud claim is invalid")
+        audiences = frozenset(values)
+    cnf = payload.get("cnf")
+    jkt = cnf.get("jkt", "") if isinstance(cnf, dict) else ""
+    parent = payload.get("parent", "")
+    task = payload.get("task", "")
+    if not isinstance(jkt, str) or not isinstance(parent, str) or not isinstance(task, str):
+        raise TokenRejected(Reason.TOKEN_MALFORMED, "claims do not have the agent token shape")
+    iat, nbf, exp = times
+    return AgentClaims(
+        session_id=payload["jti"],
+        user_id=payload["sub"],
+        agent_id=act["sub"],
+        serial=sn,
+        issued_at=iat,
+        not_before=nbf,
+        expires_at=exp,
+        scopes=scopes,
+        audiences=audiences,
+        act=act,
+        parent_session_id=parent,
+        task=task,
+        jkt=jkt,
+    )

@@ -1,0 +1,95 @@
+"""Caller authentication: turns the bearer credential of a call into a Principal.
+
+* a JWT with `typ: agent+jwt` is one of our agent tokens (signature, times, revocation);
+* any other JWT is a user's IdP token (a trusted `[[idp]]`);
+* anything else is a service API key, known only by its SHA-256.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Iterable
+
+from agentid_server.domain.check import check_token_times
+from agentid_server.domain.errors import Unauthenticated
+from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal
+from agentid_server.domain.ports import AgentTokenVerifier, Clock, TokenRejected
+from agentid_server.domain.revocation import RevocationSet
+from agentid_server.tokens.agent_tokens import AGENT_TOKEN_TYPE
+from agentid_server.tokens.idp import IdpVerifier
+
+MAX_API_KEY_LENGTH = 256
+
+
+def api_key_digest(key: str) -> str:
+    """The hex SHA-256 under which a service API key is configured."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _jwt_type(credential: str) -> str | None:
+    """The `typ` of a JWT-shaped credential's header, or None when it is not JWT-shaped."""
+    head, dot, _ = credential.partition(".")
+    if not dot or credential.count(".") != 2 or len(head) > 2048:
+        return None
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    typ = header.get("typ", "")
+    return typ if isinstance(typ, str) else ""
+
+
+class CallerAuthenticator:
+    def __init__(
+        self,
+        *,
+        services: Iterable[tuple[str, ServicePrincipal]],
+        users: IdpVerifier,
+        agents: AgentTokenVerifier,
+        revocations: RevocationSet,
+        clock: Clock,
+    ) -> None:
+        self._services = dict(services)
+        self._users = users
+        self._agents = agents
+        self._revocations = revocations
+        self._clock = clock
+
+    async def authenticate(self, credential: str | None) -> Principal:
+        if not credential:
+            raise Unauthenticated(
+                "missing credential: send 'authorization: Bearer <credential>'",
+                reason="CREDENTIAL_MISSING",
+            )
+        typ = _jwt_type(credential)
+        if typ == AGENT_TOKEN_TYPE:
+            return self._agent(credential)
+        if typ is not None:
+            return await self._users.verify(credential)
+        return self._service(credential)
+
+    def _agent(self, token: str) -> AgentPrincipal:
+        try:
+            claims = self._agents.verify(token)
+            check_token_times(claims, self._clock.now())
+        except TokenRejected as rejected:
+            raise Unauthenticated(
+                f"agent token refused: {rejected.message}", reason=rejected.reason.name
+            ) from None
+        if claims.serial in self._revocations:
+            raise Unauthenticated("the agent session has been revoked", reason="SESSION_REVOKED")
+        return AgentPrincipal(claims)
+
+    def _service(self, key: str) -> ServicePrincipal:
+        if len(key) > MAX_API_KEY_LENGTH:
+            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
+        # Looked up by digest: only the SHA-256 of each key is known to the server.
+        principal = self._services.get(api_key_digest(key))
+        if principal is None:
+            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
+        return principal

@@ -1,0 +1,81 @@
+"""DPoP proofs (RFC 9449) for agent tokens bound to the agent's own key (`cnf.jkt`)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import jwt
+
+from agentid_server.domain.model import Reason
+from agentid_server.domain.ports import TokenRejected
+from agentid_server.tokens.jwk import b64url, thumbprint
+
+PROOF_TYPE = "dpop+jwt"
+PROOF_ALGORITHMS = ("EdDSA", "ES256", "RS256", "PS256")
+MAX_PROOF_BYTES = 4096
+
+
+def _fail(message: str) -> TokenRejected:
+    return TokenRejected(Reason.PROOF_OF_POSSESSION_FAILED, message)
+
+
+def _strip_uri(uri: str) -> str:
+    return uri.split("#", 1)[0].split("?", 1)[0]
+
+
+class DpopVerifier:
+    """Verifies proofs: key thumbprint, signature, htm, htu, ath, freshness, and one use per jti."""
+
+    def __init__(self, max_age: float = 60.0, replay_capacity: int = 100_000) -> None:
+        self._max_age = max_age
+        self._seen: dict[tuple[str, str], float] = {}  # (jkt, jti) -> when it may be forgotten
+        self._capacity = replay_capacity
+
+    def verify(self, proof: str, *, jkt: str, method: str, uri: str, token: str, now: float) -> None:
+        if not proof:
+            raise _fail("the token is bound to a key: a DPoP proof is required")
+        if len(proof) > MAX_PROOF_BYTES:
+            raise _fail("the DPoP proof is too large")
+        try:
+            header = jwt.get_unverified_header(proof)
+        except jwt.DecodeError:
+            raise _fail("the DPoP proof is not a JWS") from None
+        jwk = header.get("jwk")
+        alg = header.get("alg")
+        if header.get("typ") != PROOF_TYPE or alg not in PROOF_ALGORITHMS or not isinstance(jwk, dict):
+            raise _fail("the DPoP proof header is not acceptable")
+        if "d" in jwk or "p" in jwk:
+            raise _fail("the DPoP proof carries a private key")
+        try:
+            if thumbprint(jwk) != jkt:
+                raise _fail("the DPoP proof key is not the key the token is bound to")
+            key = jwt.PyJWK(jwk, algorithm=alg).key
+            claims: dict[str, Any] = jwt.decode(
+                proof, key, algorithms=[alg], options={"require": ["jti", "htm", "htu", "iat"]}
+            )
+        except (ValueError, jwt.PyJWKError, jwt.InvalidTokenError):
+            raise _fail("the DPoP proof does not verify") from None
+        if claims.get("htm") != method or not method:
+            raise _fail("the DPoP proof is for another method")
+        if not isinstance(claims.get("htu"), str) or _strip_uri(claims["htu"]) != _strip_uri(uri):
+            raise _fail("the DPoP proof is for another URI")
+        expected_ath = b64url(hashlib.sha256(token.encode("ascii", "replace")).digest())
+        if claims.get("ath") != expected_ath:
+            raise _fail("the DPoP proof is not bound to this token (ath)")
+        iat = claims.get("iat")
+        if not isinstance(iat, int | float) or abs(now - iat) > self._max_age:
+            raise _fail("the DPoP proof is stale or from the future")
+        self._remember(jkt, str(claims["jti"]), now)
+
+    def _remember(self, jkt: str, jti: str, now: float) -> None:
+        key = (jkt, jti)
+        seen = self._seen
+        if key in seen and seen[key] > now:
+            raise _fail("the DPoP proof was already used")
+        if len(seen) >= self._capacity:
+            for old in [k for k, until in seen.items() if until <= now]:
+                del seen[old]
+            while len(seen) >= self._capacity:
+                del seen[next(iter(seen))]
+        seen[key] = now + 2 * self._max_age

@@ -1,0 +1,208 @@
+"""User authentication: IdP tokens from the trusted `[[idp]]`s, verified against their JWKS.
+
+The JWKS comes from a file or a URL, is cached, and is fetched again when a token names a `kid`
+we do not know (at most once per `REFRESH_INTERVAL`, so unknown kids cannot hammer the IdP).
+Only RS256, PS256, ES256 and EdDSA are accepted; `none` and HMAC never are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from agentid_server.domain.errors import Unauthenticated
+from agentid_server.domain.model import UserPrincipal
+from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
+
+log = logging.getLogger(__name__)
+
+REFRESH_INTERVAL = 30.0
+FETCH_TIMEOUT = 5.0
+MAX_JWKS_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class IdpConfig:
+    issuer: str
+    audience: str
+    jwks_file: str
+    jwks_url: str
+    scope_claim: str
+    leeway: float
+    algorithms: tuple[str, ...]
+
+
+class JwksCache:
+    """The public keys of one IdP by kid, loaded from its file or URL."""
+
+    def __init__(self, source_file: str, source_url: str) -> None:
+        self._file, self._url = source_file, source_url
+        self._keys: dict[str, IdpKey] = {}
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str) -> IdpKey | None:
+        key = self._keys.get(kid)
+        if key is None and time.monotonic() - self._fetched_at >= REFRESH_INTERVAL:
+            async with self._lock:
+                if kid not in self._keys and time.monotonic() - self._fetched_at >= REFRESH_INTERVAL:
+                    await self.refresh()
+            key = self._keys.get(kid)
+        return key
+
+    async def refresh(self) -> None:
+        self._fetched_at = time.monotonic()
+        try:
+            document = await asyncio.to_thread(self._read)
+            self._keys = parse_jwks(document)
+        except (OSError, ValueError) as exc:
+            # Keep serving with the keys we have; the next unknown kid tries again.
+            log.warning("could not load IdP JWKS from %s: %s", self._file or self._url, exc)
+
+    def _read(self) -> Any:
+        if self._file:
+            with open(self._file, "rb") as handle:
+                raw = handle.read(MAX_JWKS_BYTES + 1)
+        else:
+            request = urllib.request.Request(self._url, headers={"Accept": "application/json"})  # noqa: S310
+            with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as response:  # noqa: S310
+                raw = response.read(MAX_JWKS_BYTES + 1)
+        if len(raw) > MAX_JWKS_BYTES:
+            raise ValueError("the JWKS document is too large")
+        return json.loads(raw)
+
+
+@dataclass(frozen=True)
+class IdpKey:
+    material: Any
+    declared_alg: str | None
+
+
+def parse_jwks(document: Any) -> dict[str, IdpKey]:
+    """Signature keys with a kid, by kid; keys for encryption or of unusable types are skipped."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWK Set")
+    keys: dict[str, IdpKey] = {}
+    for entry in document["keys"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
+            continue
+        if entry.get("use", "sig") != "sig" or "d" in entry:
+            continue
+        try:
+            material = jwt.PyJWK(entry).key
+        except (jwt.PyJWKError, jwt.InvalidKeyError):
+            continue
+        declared = entry.get("alg")
+        keys[entry["kid"]] = IdpKey(material, declared if isinstance(declared, str) else None)
+    return keys
+
+
+def _key_fits(alg: str, key: IdpKey) -> bool:
+    """Does the key's type fit the algorithm (and its own `alg`, when the JWK states one)?"""
+    if key.declared_alg is not None and key.declared_alg != alg:
+        return False
+    material = key.material
+    if alg in ("RS256", "PS256"):
+        return isinstance(material, rsa.RSAPublicKey) and material.key_size >= 2048
+    if alg == "ES256":
+        return isinstance(material, ec.EllipticCurvePublicKey) and isinstance(
+            material.curve, ec.SECP256R1
+        )
+    if alg == "EdDSA":
+        return isinstance(material, ed25519.Ed25519PublicKey)
+    return False
+
+
+class IdpVerifier:
+    """Turns an IdP token into a UserPrincipal, or raises Unauthenticated with a reason."""
+
+    def __init__(self, idps: Sequence[IdpConfig], max_token_bytes: int) -> None:
+        self._idps = {idp.issuer: idp for idp in idps}
+        self._jwks = {idp.issuer: JwksCache(idp.jwks_file, idp.jwks_url) for idp in idps}
+        self._max_token_bytes = max_token_bytes
+
+    async def load(self) -> None:
+        """Loads every JWKS once at start."""
+        await asyncio.gather(*(cache.refresh() for cache in self._jwks.values()))
+
+    def is_trusted_issuer(self, issuer: object) -> bool:
+        return isinstance(issuer, str) and issuer in self._idps
+
+    async def verify(self, token: str) -> UserPrincipal:
+        if len(token) > self._max_token_bytes:
+            raise Unauthenticated("the token is too large", reason="TOKEN_TOO_LARGE")
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("the credential is not a valid JWT", reason="TOKEN_MALFORMED") from None
+        idp = self._idps.get(unverified.get("iss")) if isinstance(unverified.get("iss"), str) else None
+        if idp is None:
+            raise Unauthenticated("the token's issuer is not trusted", reason="UNTRUSTED_ISSUER")
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg not in idp.algorithms:
+            raise Unauthenticated(
+                "the token's algorithm is not allowed", reason="ALGORITHM_NOT_ALLOWED"
+            )
+        if "crit" in header:
+            raise Unauthenticated("critical header extensions are refused", reason="TOKEN_MALFORMED")
+        key = await self._jwks[idp.issuer].key(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise Unauthenticated("the token's signing key is unknown", reason="UNKNOWN_KEY")
+        if not _key_fits(alg, key):
+            raise Unauthenticated("the key does not fit the algorithm", reason="ALGORITHM_NOT_ALLOWED")
+        try:
+            claims = jwt.decode(
+                token,
+                key.material,
+                algorithms=[alg],
+                audience=idp.audience,
+                issuer=idp.issuer,
+                leeway=idp.leeway,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the IdP token has expired", reason="TOKEN_EXPIRED") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated("the IdP token is not valid yet", reason="TOKEN_NOT_YET_VALID") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("the IdP token is for another audience", reason="AUDIENCE_MISMATCH") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("the IdP token's signature is invalid", reason="SIGNATURE_INVALID") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("the IdP token is invalid", reason="TOKEN_INVALID") from None
+        return _principal(idp, claims)
+
+
+def _principal(idp: IdpConfig, claims: dict[str, Any]) -> UserPrincipal:
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject:
+        raise Unauthenticated("the IdP token has no subject", reason="TOKEN_INVALID")
+    raw = claims.get(idp.scope_claim, "")
+    texts = raw.split() if isinstance(raw, str) else raw if isinstance(raw, list) else []
+    grantable: list[Scope] = []
+    for text in texts:
+        if not isinstance(text, str):
+            continue
+        try:
+            grantable.append(Scope.parse(text))
+        except ScopeSyntaxError:
+            log.debug("ignoring an IdP scope that is not in agentid's grammar")
+    auth_time = claims.get("auth_time")
+    acr = claims.get("acr")
+    return UserPrincipal(
+        user_id=subject,
+        issuer=idp.issuer,
+        grantable=ScopeSet(tuple(grantable)),
+        auth_time=auth_time if isinstance(auth_time, int) and not isinstance(auth_time, bool) else None,
+        acr=acr if isinstance(acr, str) else None,
+    )
