@@ -40,7 +40,7 @@ def _int_b64(value: int) -> str:
 
 
 @dataclass
-class TestIdp:
+class IdpFixture:
     """A tiny identity provider: RSA, EC and Ed25519 keys, a JWKS file, and token minting."""
 
     jwks_path: Path
@@ -114,7 +114,7 @@ class FakeClock:
         self.value += seconds
 
 
-def base_config(tmp_path: Path, idp: TestIdp) -> dict[str, Any]:
+def base_config(tmp_path: Path, idp: IdpFixture) -> dict[str, Any]:
     kek = tmp_path / "kek"
     if not kek.exists():
         kek.write_text(new_kek())
@@ -140,7 +140,7 @@ def base_config(tmp_path: Path, idp: TestIdp) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def make_settings(tmp_path: Path, idp: TestIdp, mutate: Callable[[dict[str, Any]], None] | None = None) -> Settings:
+def make_settings(tmp_path: Path, idp: IdpFixture, mutate: Callable[[dict[str, Any]], None] | None = None) -> Settings:
     data = base_config(tmp_path, idp)
     if mutate:
         mutate(data)
@@ -182,9 +182,10 @@ class Harness:
     running: Running
     channel: grpc.aio.Channel
     stub: agentid_pb2_grpc.AgentIdentityServiceStub
-    idp: TestIdp
+    idp: IdpFixture
     clock: FakeClock
     tmp_path: Path
+    good_token: str = ""
 
     async def delegate(self, user_token: str | None = None, **fields: Any) -> pb.DelegateResponse:
         fields.setdefault("agent_id", "support-bot")
@@ -198,8 +199,8 @@ class Harness:
 
 
 @pytest.fixture
-def idp(tmp_path: Path) -> TestIdp:
-    return TestIdp(tmp_path / "idp-jwks.json")
+def idp(tmp_path: Path) -> IdpFixture:
+    return IdpFixture(tmp_path / "idp-jwks.json")
 
 
 @pytest.fixture
@@ -207,14 +208,14 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-async def start_harness(tmp_path: Path, idp: TestIdp, clock: FakeClock, settings: Settings | None = None) -> Harness:
+async def start_harness(tmp_path: Path, idp: IdpFixture, clock: FakeClock, settings: Settings | None = None) -> Harness:
     running = await build_server(settings or make_settings(tmp_path, idp), clock=clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(running, channel, agentid_pb2_grpc.AgentIdentityServiceStub(channel), idp, clock, tmp_path)
 
 
 @pytest.fixture
-async def harness(tmp_path: Path, idp: TestIdp, clock: FakeClock) -> AsyncIterator[Harness]:
+async def harness(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> AsyncIterator[Harness]:
     h = await start_harness(tmp_path, idp, clock)
     try:
         yield h

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.api.handlers import build_handler
 from agentid_server.api.method_policy import SERVICE
@@ -51,17 +52,16 @@ class Running:
     port: int
     health: health.aio.HealthServicer
     settings: Settings
-    _closers: list[object] = field(default_factory=list)
-    audit: AuditWriter | None = None
+    engine: AsyncEngine
+    audit: AuditWriter
+    revocations: RevocationSet
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: stop taking calls, let in-flight calls finish, then flush and close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.server.shutdown_grace if grace is None else grace)
-        if self.audit is not None:
-            await self.audit.stop()
-        for closer in reversed(self._closers):
-            await closer.dispose()  # type: ignore[attr-defined]
+        await self.audit.stop()
+        await self.engine.dispose()
 
 
 async def _signing_keys(settings: Settings, repo: KeyRepository, now: int) -> list[SigningKey]:
@@ -93,7 +93,13 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             revocations.apply(revocation)
         revocations.applied_sequence = await revocation_repo.last_sequence()
         idp = IdpVerifier(
-            [IdpConfig(i.issuer, i.audience, i.jwks_file, i.jwks_url, i.scope_claim, i.leeway, i.algorithms) for i in settings.idps],
+            [
+                IdpConfig(
+                    i.issuer, i.audience, i.jwks_file, i.jwks_url, i.scope_claim, i.leeway,
+                    i.algorithms, i.jwks_min_refresh,
+                )
+                for i in settings.idps
+            ],
             settings.server.max_token_bytes,
         )
         await idp.load()
@@ -149,8 +155,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = Running(server, port, health_servicer, settings, [engine], audit)
-    return running
+    return Running(server, port, health_servicer, settings, engine, audit, revocations)
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

@@ -83,6 +83,7 @@ class IdpSettings:
     scope_claim: str = "scope"
     leeway: float = 30.0
     algorithms: tuple[str, ...] = IDP_ALGORITHMS
+    jwks_min_refresh: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,8 @@ def _array(data: Mapping[str, Any], name: str, source: str) -> list[_Reader]:
 
 def _idp(r: _Reader) -> IdpSettings:
     r.reject_unknown(
-        {"issuer", "audience", "jwks_file", "jwks_url", "scope_claim", "leeway", "algorithms"}
+        {"issuer", "audience", "jwks_file", "jwks_url", "scope_claim", "leeway", "algorithms",
+         "jwks_min_refresh"}
     )
     jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
     if bool(jwks_file) == bool(jwks_url):
@@ -304,6 +306,7 @@ def _idp(r: _Reader) -> IdpSettings:
         scope_claim=r.get("scope_claim", "str", "scope"),
         leeway=r.get("leeway", "duration", 30.0),
         algorithms=tuple(algorithms),
+        jwks_min_refresh=r.get("jwks_min_refresh", "duration", 30.0),
     )
 
 

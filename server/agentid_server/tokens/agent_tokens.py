@@ -61,8 +61,8 @@ class AgentTokenVerifier:
     def _verify_signature_and_shape(self, token: str) -> AgentClaims:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise TokenRejected(Reason.TOKEN_MALFORMED, "not a compact JWS") from None
+        except jwt.InvalidTokenError:
+            raise TokenRejected(Reason.TOKEN_MALFORMED, "not a well-formed compact JWS") from None
         alg, kid = header.get("alg"), header.get("kid")
         if header.get("typ") != AGENT_TOKEN_TYPE:
             raise TokenRejected(Reason.TOKEN_MALFORMED, "not an agent token (typ)")

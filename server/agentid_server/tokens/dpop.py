@@ -39,8 +39,8 @@ class DpopVerifier:
             raise _fail("the DPoP proof is too large")
         try:
             header = jwt.get_unverified_header(proof)
-        except jwt.DecodeError:
-            raise _fail("the DPoP proof is not a JWS") from None
+        except jwt.InvalidTokenError:
+            raise _fail("the DPoP proof is not a well-formed JWS") from None
         jwk = header.get("jwk")
         alg = header.get("alg")
         if header.get("typ") != PROOF_TYPE or alg not in PROOF_ALGORITHMS or not isinstance(jwk, dict):

@@ -1,7 +1,7 @@
 """User authentication: IdP tokens from the trusted `[[idp]]`s, verified against their JWKS.
 
 The JWKS comes from a file or a URL, is cached, and is fetched again when a token names a `kid`
-we do not know (at most once per `REFRESH_INTERVAL`, so unknown kids cannot hammer the IdP).
+we do not know (at most once per `jwks_min_refresh`, so unknown kids cannot hammer the IdP).
 Only RS256, PS256, ES256 and EdDSA are accepted; `none` and HMAC never are.
 """
 
@@ -25,7 +25,6 @@ from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
 
 log = logging.getLogger(__name__)
 
-REFRESH_INTERVAL = 30.0
 FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 1 << 20
 
@@ -39,22 +38,24 @@ class IdpConfig:
     scope_claim: str
     leeway: float
     algorithms: tuple[str, ...]
+    jwks_min_refresh: float = 30.0
 
 
 class JwksCache:
     """The public keys of one IdP by kid, loaded from its file or URL."""
 
-    def __init__(self, source_file: str, source_url: str) -> None:
+    def __init__(self, source_file: str, source_url: str, min_refresh: float) -> None:
         self._file, self._url = source_file, source_url
+        self._min_refresh = min_refresh
         self._keys: dict[str, IdpKey] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
 
     async def key(self, kid: str) -> IdpKey | None:
         key = self._keys.get(kid)
-        if key is None and time.monotonic() - self._fetched_at >= REFRESH_INTERVAL:
+        if key is None and time.monotonic() - self._fetched_at >= self._min_refresh:
             async with self._lock:
-                if kid not in self._keys and time.monotonic() - self._fetched_at >= REFRESH_INTERVAL:
+                if kid not in self._keys and time.monotonic() - self._fetched_at >= self._min_refresh:
                     await self.refresh()
             key = self._keys.get(kid)
         return key
@@ -127,7 +128,9 @@ class IdpVerifier:
 
     def __init__(self, idps: Sequence[IdpConfig], max_token_bytes: int) -> None:
         self._idps = {idp.issuer: idp for idp in idps}
-        self._jwks = {idp.issuer: JwksCache(idp.jwks_file, idp.jwks_url) for idp in idps}
+        self._jwks = {
+            idp.issuer: JwksCache(idp.jwks_file, idp.jwks_url, idp.jwks_min_refresh) for idp in idps
+        }
         self._max_token_bytes = max_token_bytes
 
     async def load(self) -> None:

@@ -1,0 +1,176 @@
+"""Check vs grpc.health.v1 Health/Check on the same server, same run, same ghz settings.
+
+* health: grpc.health.v1.Health/Check, the transport baseline;
+* warm:   Check with the same agent token every call (a verified-token cache hit);
+* cold:   Check with a different token every call: the server runs with
+          `[server] token_cache_size = 1` and ghz round-robins over many distinct tokens, so every
+          Check verifies a signature (the cache holds only the previous token).
+
+At 64 in flight: calls/s, p50, p99 and server CPU per call; at 1 in flight: p50. Each measurement
+has its own warm-up, and the three kinds are interleaved over several rounds (medians reported),
+so drift of a shared machine hits all of them alike. Figures go to stdout and
+bench/out/check_vs_health.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import harness
+from harness import CHECK_METHOD, HEALTH_METHOD, LoadResult, log
+
+BARS = {
+    "warm_vs_health_rps": (">=", 0.85),
+    "cold_vs_health_rps": (">=", 0.40),
+    "check_vs_health_p50_1_in_flight": ("<=", 1.50),
+}
+
+
+def _bar(name: str, value: float) -> dict[str, Any]:
+    op, limit = BARS[name]
+    met = value >= limit if op == ">=" else value <= limit
+    return {"ratio": round(value, 3), "bar": f"{op} {limit}", "met": met}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ghz_binary = harness.ensure_ghz()
+    with harness.temporary_directory("agentid-bench-") as directory:
+        deployment = harness.create_deployment(directory, token_cache_size=1)
+        argv = harness.serve_argv(args.venv, deployment.config, uvloop=args.uvloop)
+        with harness.running_server(argv, directory / "server.log") as server:
+            log(f"server pid {server.pid} on 127.0.0.1:{server.port}")
+            user_token = deployment.user_token()
+            tokens = harness.delegate_tokens(server.port, user_token, args.tokens + 1)
+            warm_token, cold_tokens = tokens[0], tokens[1:]
+            harness.sanity_check(server.port, deployment.api_key, [warm_token, *cold_tokens[:3]])
+            log(f"minted {len(tokens)} agent tokens through Delegate")
+            data = {
+                "health": (HEALTH_METHOD, [{"service": ""}]),
+                "warm": (CHECK_METHOD, harness.check_messages([warm_token])),
+                "cold": (CHECK_METHOD, harness.check_messages(cold_tokens)),
+            }
+            files: dict[str, Path] = {}
+            for name, (_, messages) in data.items():
+                files[name] = directory / f"{name}.json"
+                files[name].write_text(json.dumps(messages))
+                files[name].chmod(0o600)
+            protoset = directory / "agentid.protoset"
+            harness.write_protoset(protoset)
+            ghz = harness.Ghz(
+                ghz_binary, server.port, deployment.metadata_file, protoset, cpus=args.ghz_cpus
+            )
+
+            def measure(name: str, concurrency: int, seconds: float) -> LoadResult:
+                method = data[name][0]
+                ghz.run(f"{name} warm-up", method, files[name], concurrency=concurrency,
+                        seconds=args.warmup)  # fmt: skip
+                result = ghz.run(name, method, files[name], concurrency=concurrency,
+                                 seconds=seconds, server=server)  # fmt: skip
+                log(
+                    f"  {name:6} c={concurrency:<3} {result.rps:>9.0f} calls/s  "
+                    f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  "
+                    f"server CPU {result.server_cpu_us_per_call:.0f} us/call"
+                )
+                return result
+
+            kinds = list(data)
+            raw: dict[str, dict[str, list[LoadResult]]] = {"64": {}, "1": {}}
+            for concurrency, seconds in ((64, args.seconds), (1, args.seconds_1)):
+                for round_no in range(args.rounds):
+                    log(f"round {round_no + 1}/{args.rounds}, {concurrency} in flight")
+                    order = kinds[round_no % 3 :] + kinds[: round_no % 3]
+                    for name in order:
+                        result = measure(name, concurrency, seconds)
+                        raw[str(concurrency)].setdefault(name, []).append(result)
+        server_log = (directory / "server.log").read_text(errors="replace")
+        if "Traceback" in server_log or " ERROR " in server_log:
+            log("the server logged errors during the run:\n" + server_log[-3000:])
+
+    at64 = {name: harness.median_result(results) for name, results in raw["64"].items()}
+    at1 = {name: harness.median_result(results) for name, results in raw["1"].items()}
+    health64, health1 = at64["health"]["rps"], at1["health"]["p50_ms"]
+    ratios = {
+        "warm_vs_health_rps": _bar("warm_vs_health_rps", at64["warm"]["rps"] / health64),
+        "cold_vs_health_rps": _bar("cold_vs_health_rps", at64["cold"]["rps"] / health64),
+        "check_vs_health_p50_1_in_flight": _bar(
+            "check_vs_health_p50_1_in_flight", at1["warm"]["p50_ms"] / health1
+        ),
+        "cold_check_vs_health_p50_1_in_flight": round(at1["cold"]["p50_ms"] / health1, 3),
+    }
+    return {
+        "benchmark": "check_vs_health",
+        "machine": harness.machine_info(ghz_binary),
+        "server": {
+            "venv": str(args.venv),
+            "packages": harness.python_packages(
+                args.venv / "bin" / "python", ["grpcio", "protobuf", "uvloop", "PyJWT"]
+            ),
+            "event_loop": "uvloop" if args.uvloop else "asyncio",
+            "token_cache_size": 1,
+        },
+        "client": {
+            "tool": "ghz",
+            "connections": 1,
+            "cpus": args.ghz_cpus or "all",
+            "seconds_64": args.seconds,
+            "seconds_1": args.seconds_1,
+            "warmup_seconds": args.warmup,
+            "rounds": args.rounds,
+            "cold_tokens": len(cold_tokens),
+        },
+        "in_flight_64": at64,
+        "in_flight_1": at1,
+        "ratios": ratios,
+        "raw": {
+            c: {n: [r.as_dict() for r in rs] for n, rs in by_kind.items()}
+            for c, by_kind in raw.items()
+        },
+    }
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    print(f"Check vs health (same server, ghz, medians of {report['client']['rounds']} rounds)")
+    header = [("calls/s @64", 12), ("p50 ms", 9), ("p99 ms", 9), ("CPU us/call", 13)]
+    header.append(("p50 ms @1", 11))
+    print(" " * 8 + "".join(f"{title:>{width}}" for title, width in header))
+    for name in ("health", "warm", "cold"):
+        a, b = report["in_flight_64"][name], report["in_flight_1"][name]
+        print(
+            f"{name:8}{a['rps']:>12.0f}{a['p50_ms']:>9.3f}{a['p99_ms']:>9.3f}"
+            f"{a['server_cpu_us_per_call']:>13.0f}{b['p50_ms']:>11.3f}"
+        )
+    for name, value in report["ratios"].items():
+        if isinstance(value, dict):
+            verdict = "met" if value["met"] else "NOT MET"
+            print(f"{name:40} {value['ratio']:.3f}  bar {value['bar']}: {verdict}")
+        else:
+            print(f"{name:40} {value:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--venv", type=Path, default=harness.MAIN_VENV, help="server's venv")
+    parser.add_argument("--uvloop", action="store_true", help="run the server under uvloop")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement, 64 in flight")
+    parser.add_argument("--seconds-1", type=float, default=2.5, help="per measurement, 1 in flight")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--tokens", type=int, default=1000, help="distinct tokens for cold")
+    parser.add_argument("--ghz-cpus", type=int, default=0, help="GOMAXPROCS of ghz; 0 = all")
+    parser.add_argument("--out", type=Path, default=harness.OUT / "check_vs_health.json")
+    args = parser.parse_args(argv)
+    harness.exit_on_signals()
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    harness.write_json_file(args.out, report)
+    print_summary(report)
+    print(f"(written to {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Delegate: users to agents, agents to sub-agents; narrowing, TTL clamps, claims, bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from joserfc import jwt as jose_jwt
+from joserfc.jwk import KeySet
+
+from agentid.v1 import agentid_pb2 as pb
+from tests.conftest import CHECK_KEY, ISSUER, Harness, bad_request, bearer, error_info
+
+
+def session_count(h: Harness) -> int:
+    with sqlite3.connect(h.tmp_path / "agentid.db") as db:
+        return int(db.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+
+def audit_rows(h: Harness, event_type: int) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(h.tmp_path / "agentid.db") as db:
+        return db.execute(
+            "SELECT session_id, user_id, scopes, actor_kind, actor_id, parent_session_id, detail "
+            "FROM audit_records WHERE event_type = ? ORDER BY id",
+            (event_type,),
+        ).fetchall()
+
+
+async def test_token_verifies_with_an_independent_jwt_library_and_the_jwks(harness: Harness) -> None:
+    delegated = await harness.delegate(
+        scopes=["tickets.read"], task="answer ticket 7", audiences=["payments-api"], ttl=Duration(seconds=1200)
+    )
+    jwks = (await harness.stub.GetJwks(pb.GetJwksRequest())).jwks_json
+    token = jose_jwt.decode(delegated.token, KeySet.import_key_set(json.loads(jwks)), algorithms=["EdDSA"])
+    header, claims = token.header, token.claims
+    assert header["typ"] == "agent+jwt"
+    assert header["alg"] == "EdDSA"
+    assert claims["iss"] == ISSUER
+    assert claims["sub"] == "alice"
+    assert claims["act"] == {"sub": "support-bot", "sid": delegated.session_id}
+    assert claims["jti"] == delegated.session_id
+    assert claims["sn"] == delegated.serial
+    assert claims["scope"] == "tickets.read"
+    assert claims["aud"] == ["payments-api"]
+    assert claims["task"] == "answer ticket 7"
+    assert claims["exp"] - claims["iat"] == 1200
+    assert claims["nbf"] == claims["iat"]
+    assert delegated.expires_at.seconds == claims["exp"]
+
+
+async def test_delegation_is_recorded_with_session_and_audit(harness: Harness) -> None:
+    delegated = await harness.delegate(scopes=["tickets.read", "tickets.read", "tickets.comment.add"], task="t")
+    assert list(delegated.scopes) == ["tickets.read", "tickets.comment.add"]  # deduplicated, in order
+    assert session_count(harness) == 1
+    [row] = audit_rows(harness, pb.EVENT_TYPE_DELEGATE)
+    assert row[0] == delegated.session_id
+    assert row[1] == "alice"
+    assert json.loads(row[2]) == ["tickets.read", "tickets.comment.add"]
+    assert (row[3], row[4]) == (pb.ACTOR_KIND_USER, "alice")
+
+
+async def test_scope_escalation_is_refused_whole_and_names_the_scopes(harness: Harness) -> None:
+    user = harness.idp.token(scope="tickets.read payments.refund:order/*")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.delegate(user, scopes=["tickets.read", "payments.refund", "tickets.write"])
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(caught.value)
+    assert info.reason == "SCOPE_ESCALATION"
+    assert info.metadata["scopes"] == "payments.refund tickets.write"
+    assert session_count(harness) == 0
+
+
+async def test_agent_kind_limits_apply_too(harness: Harness) -> None:
+    user = harness.idp.token(scope="*")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.delegate(user, agent_id="narrow-bot", scopes=["tickets.read", "tickets.write"])
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "AGENT_SCOPE_EXCEEDED"
+    assert session_count(harness) == 0
+
+
+@pytest.mark.parametrize(
+    ("agent", "requested", "expected"),
+    [
+        ("support-bot", 0, 15 * 60),  # default_ttl
+        ("support-bot", 10, 60),  # min_ttl
+        ("support-bot", 20 * 60, 20 * 60),
+        ("support-bot", 4 * 3600, 30 * 60),  # the agent's max_ttl
+        ("sub-bot", 4 * 3600, 60 * 60),  # tokens.max_ttl
+        ("narrow-bot", 3600, 5 * 60),
+    ],
+)
+async def test_ttl_is_clamped(harness: Harness, agent: str, requested: int, expected: int) -> None:
+    user = harness.idp.token(scope="*")
+    fields: dict[str, Any] = {"agent_id": agent, "scopes": ["tickets.read"]}
+    if requested:
+        fields["ttl"] = Duration(seconds=requested)
+    delegated = await harness.delegate(user, **fields)
+    claims = jose_jwt.decode(
+        delegated.token,
+        KeySet.import_key_set(json.loads((await harness.stub.GetJwks(pb.GetJwksRequest())).jwks_json)),
+        algorithms=["EdDSA"],
+    ).claims
+    assert claims["exp"] - claims["iat"] == expected
+
+
+async def test_sub_agent_nests_act_and_narrows(harness: Harness) -> None:
+    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=600))
+    child = await harness.stub.Delegate(
+        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"], ttl=Duration(seconds=3600)),
+        metadata=bearer(parent.token),
+    )
+    assert child.parent_session_id == parent.session_id
+    assert child.user_id == "alice"
+    assert child.expires_at.seconds <= parent.expires_at.seconds  # never outlives its parent
+    claims = json.loads(base64.urlsafe_b64decode(child.token.split(".")[1] + "==").decode())
+    assert claims["act"] == {
+        "sub": "sub-bot",
+        "sid": child.session_id,
+        "act": {"sub": "support-bot", "sid": parent.session_id},
+    }
+    assert claims["parent"] == parent.session_id
+    allowed = await harness.check(child.token, "tickets.read", "t/1")
+    assert allowed.decision == pb.DECISION_ALLOW
+    rows = audit_rows(harness, pb.EVENT_TYPE_DELEGATE)
+    assert rows[-1][3:6] == (pb.ACTOR_KIND_AGENT, parent.session_id, parent.session_id)
+
+
+async def test_sub_agent_cannot_widen(harness: Harness) -> None:
+    parent = await harness.delegate(scopes=["tickets.read", "agentid.delegate"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Delegate(
+            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.comment.add"]),
+            metadata=bearer(parent.token),
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "SCOPE_ESCALATION"
+
+
+async def test_agent_without_delegate_scope_cannot_sub_delegate(harness: Harness) -> None:
+    parent = await harness.delegate(scopes=["tickets.*"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Delegate(
+            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]), metadata=bearer(parent.token)
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "DELEGATION_NOT_GRANTED"
+
+
+async def test_sub_agent_audiences_stay_within_the_parent(harness: Harness) -> None:
+    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], audiences=["payments-api"])
+    inherited = await harness.stub.Delegate(
+        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]), metadata=bearer(parent.token)
+    )
+    inherited_check = await harness.check(inherited.token, "tickets.read", key=CHECK_KEY)
+    assert inherited_check.decision == pb.DECISION_ALLOW  # payments-api: the parent's audience
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Delegate(
+            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"], audiences=["crm"]),
+            metadata=bearer(parent.token),
+        )
+    assert error_info(caught.value).reason == "AUDIENCE_ESCALATION"
+
+
+async def test_expired_parent_cannot_delegate(harness: Harness) -> None:
+    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=60))
+    harness.clock.advance(61)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Delegate(
+            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]), metadata=bearer(parent.token)
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(caught.value).reason == "TOKEN_EXPIRED"
+
+
+async def test_unknown_agent_is_not_found(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.delegate(agent_id="ghost-bot")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value).reason == "AGENT_NOT_REGISTERED"
+    assert session_count(harness) == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"agent_id": ""}, "agent_id"),
+        ({"agent_id": "bad id!"}, "agent_id"),
+        ({"scopes": []}, "scopes"),
+        ({"scopes": ["Tickets.READ"]}, "scopes[0]"),
+        ({"scopes": ["tickets.read", ""]}, "scopes[1]"),
+        ({"scopes": ["tickets.read:a//b"]}, "scopes[0]"),
+        ({"scopes": ["t" * 600]}, "scopes[0]"),
+        ({"ttl": Duration(seconds=-5)}, "ttl"),
+        ({"jkt": "not-a-thumbprint"}, "jkt"),
+        ({"audiences": [""]}, "audiences[0]"),
+        ({"task": "x" * 5000}, "task"),
+    ],
+)
+async def test_malformed_delegations_are_invalid_argument(
+    harness: Harness, fields: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.delegate(**fields)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in [v.field for v in bad_request(caught.value).field_violations]
+    assert session_count(harness) == 0
+
+
+async def test_a_service_cannot_delegate(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Delegate(
+            pb.DelegateRequest(agent_id="support-bot", scopes=["tickets.read"]), metadata=bearer(CHECK_KEY)
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "CALLER_NOT_ALLOWED"
+
+
+async def test_user_scope_claim_may_be_a_list(harness: Harness) -> None:
+    user = harness.idp.token(scope=["tickets.read", "not a scope"])
+    delegated = await harness.delegate(user, scopes=["tickets.read"])
+    assert list(delegated.scopes) == ["tickets.read"]
+
+
+async def test_serials_are_unique_and_increasing(harness: Harness) -> None:
+    serials = [(await harness.delegate()).serial for _ in range(5)]
+    assert serials == sorted(serials)
+    assert len(set(serials)) == 5

@@ -1,0 +1,180 @@
+"""Caller authentication: IdP tokens (users), agent tokens, API keys (services), and the method
+policy. Bad credentials are UNAUTHENTICATED, wrong callers PERMISSION_DENIED, each with ErrorInfo,
+and error messages never echo the credential."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from agentid.v1 import agentid_pb2 as pb
+from tests.conftest import (
+    ADMIN_KEY,
+    CHECK_KEY,
+    IDP_AUDIENCE,
+    IDP_ISSUER,
+    WATCH_KEY,
+    FakeClock,
+    Harness,
+    IdpFixture,
+    bearer,
+    error_info,
+    make_settings,
+    start_harness,
+)
+
+
+async def delegate_as(h: Harness, credential: str) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.stub.Delegate(
+            pb.DelegateRequest(agent_id="support-bot", scopes=["tickets.read"]), metadata=bearer(credential)
+        )
+    error = caught.value
+    assert credential not in (error.details() or "")
+    return error
+
+
+async def expect_unauthenticated(h: Harness, credential: str, reason: str) -> None:
+    error = await delegate_as(h, credential)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    assert error_info(error).reason == reason
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256", "EdDSA"])
+async def test_every_allowed_idp_algorithm_works(harness: Harness, alg: str) -> None:
+    delegated = await harness.delegate(harness.idp.token(alg=alg))
+    assert delegated.user_id == "alice"
+
+
+async def test_idp_alg_none_is_refused(harness: Harness) -> None:
+    good = harness.idp.token()
+    header, payload, _ = good.split(".")
+    none_header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "kid": "rsa-1"}).encode()).rstrip(b"=").decode()
+    await expect_unauthenticated(harness, f"{none_header}.{payload}.", "ALGORITHM_NOT_ALLOWED")
+
+
+async def test_idp_hs256_with_the_public_key_is_refused(harness: Harness) -> None:
+    public = json.dumps(harness.idp.public_jwks()["keys"][0]).encode()
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "kid": "rsa-1"}).encode()).rstrip(b"=")
+    payload = harness.idp.token().split(".")[1].encode()
+    signature = base64.urlsafe_b64encode(hmac.new(public, header + b"." + payload, hashlib.sha256).digest()).rstrip(b"=")
+    await expect_unauthenticated(harness, b".".join([header, payload, signature]).decode(), "ALGORITHM_NOT_ALLOWED")
+
+
+async def test_idp_wrong_issuer_audience_and_times(harness: Harness) -> None:
+    idp = harness.idp
+    await expect_unauthenticated(harness, idp.token(iss="https://evil.example"), "UNTRUSTED_ISSUER")
+    await expect_unauthenticated(harness, idp.token(aud="someone-else"), "AUDIENCE_MISMATCH")
+    now = int(time.time())
+    await expect_unauthenticated(harness, idp.token(exp=now - 120), "TOKEN_EXPIRED")
+    await expect_unauthenticated(harness, idp.token(nbf=now + 120), "TOKEN_NOT_YET_VALID")
+    # Within the leeway (30 s) an IdP token is still accepted.
+    assert (await harness.delegate(idp.token(exp=now - 5))).user_id == "alice"
+
+
+async def test_idp_token_without_subject_or_expiry_is_refused(harness: Harness) -> None:
+    await expect_unauthenticated(harness, harness.idp.token(exp=None), "TOKEN_INVALID")
+    await expect_unauthenticated(harness, harness.idp.token(sub=None), "TOKEN_INVALID")
+
+
+async def test_idp_token_signed_by_a_stranger_is_refused(harness: Harness) -> None:
+    stranger = rsa.generate_private_key(65537, 2048)
+    await expect_unauthenticated(harness, harness.idp.token(key=stranger), "SIGNATURE_INVALID")
+
+
+async def test_idp_key_type_must_fit_the_algorithm(harness: Harness) -> None:
+    # An ES256 header naming the RSA key: refused before any verification.
+    token = harness.idp.token(alg="ES256", kid="rsa-1")
+    await expect_unauthenticated(harness, token, "ALGORITHM_NOT_ALLOWED")
+
+
+async def test_unknown_idp_kid_refetches_the_jwks(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> None:
+    def fast_refresh(config: dict[str, Any]) -> None:
+        config["idp"][0]["jwks_min_refresh"] = "1ms"
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_refresh))
+    try:
+        await expect_unauthenticated(h, idp.token(kid="rotated-in"), "UNKNOWN_KEY")
+        # The IdP rotates: the new key appears in its JWKS and is found without a restart.
+        new_key = rsa.generate_private_key(65537, 2048)
+        numbers = new_key.public_key().public_numbers()
+        idp.write_jwks([{"kty": "RSA", "kid": "rotated-in", "n": b64int(numbers.n), "e": b64int(numbers.e)}])
+        await asyncio.sleep(0.01)
+        delegated = await h.delegate(idp.token(kid="rotated-in", key=new_key))
+        assert delegated.user_id == "alice"
+    finally:
+        await h.channel.close()
+        await h.running.stop(grace=1)
+
+
+def b64int(value: int) -> str:
+    return base64.urlsafe_b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+
+
+async def test_oversized_and_garbage_credentials(harness: Harness) -> None:
+    # Past gRPC's 8 KiB soft metadata limit the transport may refuse the call itself (it does so
+    # at random between its soft and hard limits); when it lets it through, we refuse it.
+    for _ in range(5):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await harness.delegate(harness.idp.token(pad="x" * 9000))
+        if caught.value.code() == grpc.StatusCode.UNAUTHENTICATED:
+            assert error_info(caught.value).reason == "TOKEN_TOO_LARGE"
+        else:
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await harness.delegate()).user_id == "alice"
+    await expect_unauthenticated(harness, "not-a-key", "API_KEY_INVALID")
+    await expect_unauthenticated(harness, "x" * 5000, "API_KEY_INVALID")
+    await expect_unauthenticated(harness, "a.b.c", "TOKEN_MALFORMED")
+
+
+async def test_authorization_header_must_be_bearer(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Delegate(
+            pb.DelegateRequest(agent_id="support-bot", scopes=["tickets.read"]),
+            metadata=(("authorization", f"Basic {CHECK_KEY}"),),
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(caught.value).reason == "CREDENTIAL_MISSING"
+
+
+async def test_service_roles_are_enforced(harness: Harness) -> None:
+    delegated = await harness.delegate()
+    # watch role may not Check; admin includes check.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.check(delegated.token, "tickets.read", key=WATCH_KEY)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "CALLER_NOT_ALLOWED"
+    assert (await harness.check(delegated.token, "tickets.read", key=ADMIN_KEY)).decision == pb.DECISION_ALLOW
+
+
+async def test_users_and_agents_may_not_check(harness: Harness) -> None:
+    delegated = await harness.delegate()
+    for credential in (harness.idp.token(), delegated.token):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await harness.check(delegated.token, "tickets.read", key=credential)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_stale_wrong_caller_gets_permission_denied_not_a_challenge(harness: Harness) -> None:
+    # Who the caller is comes first: a service calling a user-only method is PERMISSION_DENIED.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.ResolveStepUp(pb.ResolveStepUpRequest(step_up_id="stp_x"), metadata=bearer(ADMIN_KEY))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_every_rpc_of_the_contract_has_a_policy_entry() -> None:
+    from agentid_server.api.method_policy import POLICY
+
+    service = pb.DESCRIPTOR.services_by_name["AgentIdentityService"]
+    assert {m.name for m in service.methods} == set(POLICY)
+

@@ -1,0 +1,128 @@
+"""Configuration: TOML, environment overrides, durations, and errors that name file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agentid_server.config import ConfigError, load_settings, parse_duration, settings_from_mapping
+
+GOOD = """
+[server]
+listen = "127.0.0.1:50051"
+[tokens]
+issuer = "https://agentid.example"
+default_ttl = "20m"
+[[idp]]
+issuer = "https://idp.example.com"
+audience = "agentid"
+jwks_file = "var/dev/idp-jwks.json"
+[[services]]
+name = "payments-api"
+key_sha256 = "%s"
+roles = ["check", "watch"]
+[[agents]]
+id = "support-bot"
+max_scopes = ["tickets.*", "payments.refund"]
+max_ttl = "30m"
+[step_up]
+accepted_acr = ["urn:mfa"]
+[[risk]]
+name = "large-transfer"
+action = "payments.transfer"
+when = "context.amount > 1000"
+""" % ("ab" * 32)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agentid.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("15m", 900), ("1h", 3600), ("1h30m", 5400), ("90s", 90), ("500ms", 0.5), ("2m30s", 150)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "15", "m", "15 m", "1d", "-5m", "1m1h"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_a_full_config_loads_with_defaults_filled(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD), environ={})
+    assert settings.tokens.default_ttl == 1200
+    assert settings.tokens.max_ttl == 3600  # default
+    assert settings.services[0].audience == "payments-api"  # defaults to the name
+    assert settings.agents[0].max_ttl == 1800
+    assert settings.step_up.accepted_acr == ("urn:mfa",)
+    assert settings.step_up.pending_ttl == 600
+    assert settings.risk[0].name == "large-transfer"
+    assert settings.database.url == "sqlite+aiosqlite:///var/agentid.db"
+
+
+def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, GOOD),
+        environ={
+            "AGENTID_DATABASE_URL": "sqlite+aiosqlite:////srv/agentid.db",
+            "AGENTID_SERVER_LISTEN": "127.0.0.1:6000",
+            "AGENTID_TOKENS_DEFAULT_TTL": "30m",
+            "AGENTID_STEP_UP_MAX_AUTH_AGE": "2m",
+        },
+    )
+    assert settings.database.url == "sqlite+aiosqlite:////srv/agentid.db"
+    assert settings.server.listen == "127.0.0.1:6000"
+    assert settings.tokens.default_ttl == 1800
+    assert settings.step_up.max_auth_age == 120
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "problem"),
+    [
+        ('default_ttl = "20m"', 'default_ttl = "twenty"', "tokens.default_ttl", "not a duration"),
+        ('default_ttl = "20m"', 'default_ttl = "2h"', "tokens.default_ttl", "between"),
+        ('roles = ["check", "watch"]', 'roles = ["superuser"]', "services[0].roles", "unknown role"),
+        ('max_scopes = ["tickets.*", "payments.refund"]', 'max_scopes = ["Tickets"]', "agents[0].max_scopes", "Tickets"),
+        ('jwks_file = "var/dev/idp-jwks.json"', "", "idp[0].jwks_file", "exactly one"),
+        ('listen = "127.0.0.1:50051"', 'listen = "nowhere"', "server.listen", "host:port"),
+        ('listen = "127.0.0.1:50051"', 'lisen = "127.0.0.1:1"', "server.lisen", "unknown key"),
+        ('name = "payments-api"', "", "services[0].name", "required"),
+        ("[step_up]", "[stepup]", "stepup", "unknown section"),
+    ],
+)  # fmt: skip
+def test_errors_name_the_file_and_the_key(
+    tmp_path: Path, old: str, new: str, key: str, problem: str
+) -> None:
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+    assert str(path) in str(caught.value)
+
+
+def test_a_bad_environment_value_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, GOOD), environ={"AGENTID_TOKENS_MAX_TTL": "soon"})
+    assert caught.value.key == "tokens.max_ttl"
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[server\n"), environ={})
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "missing.toml", environ={})
+
+
+def test_duplicate_service_keys_are_refused() -> None:
+    service = {"name": "a", "key_sha256": "ab" * 32}
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"services": [service, {**service, "name": "b"}]}, "x.toml", {})
+    assert caught.value.key == "services[1].key_sha256"
