@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds-1", type=float, default=2.5, help="per measurement, 1 in flight")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--tokens", type=int, default=1000, help="distinct tokens for cold")
-    parser.add_argument("--ghz-cpus", type=int, default=0, help="GOMAXPROCS of ghz; 0 = all")
+    parser.add_argument("--ghz-cpus", type=int, default=1, help="GOMAXPROCS of ghz; 0 = all")
     parser.add_argument("--out", type=Path, default=harness.OUT / "check_vs_health.json")
     args = parser.parse_args(argv)
     harness.exit_on_signals()

@@ -13,10 +13,6 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-
 from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
 from agentid_server.app import Running, build_server
@@ -24,6 +20,9 @@ from agentid_server.config import Settings, settings_from_mapping
 from agentid_server.tokens.callers import api_key_digest
 from agentid_server.tokens.jwk import b64url
 from agentid_server.tokens.keys import new_kek
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 IDP_ISSUER = "https://idp.test.example"
 IDP_AUDIENCE = "agentid-test"
@@ -44,8 +43,12 @@ class IdpFixture:
     """A tiny identity provider: RSA, EC and Ed25519 keys, a JWKS file, and token minting."""
 
     jwks_path: Path
-    rsa_key: rsa.RSAPrivateKey = field(default_factory=lambda: rsa.generate_private_key(65537, 2048))
-    ec_key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+    rsa_key: rsa.RSAPrivateKey = field(
+        default_factory=lambda: rsa.generate_private_key(65537, 2048)
+    )
+    ec_key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
     ed_key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate)
 
     def __post_init__(self) -> None:
@@ -98,7 +101,9 @@ class IdpFixture:
             "EdDSA": (self.ed_key, "ed-1"),
         }.get(alg, (None, "rsa-1"))
         header = {"kid": kid or default_kid, **(headers or {})}
-        return jwt.encode(payload, key if key is not None else default_key, algorithm=alg, headers=header)
+        return jwt.encode(
+            payload, key if key is not None else default_key, algorithm=alg, headers=header
+        )
 
 
 class FakeClock:
@@ -140,7 +145,9 @@ def base_config(tmp_path: Path, idp: IdpFixture) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def make_settings(tmp_path: Path, idp: IdpFixture, mutate: Callable[[dict[str, Any]], None] | None = None) -> Settings:
+def make_settings(
+    tmp_path: Path, idp: IdpFixture, mutate: Callable[[dict[str, Any]], None] | None = None
+) -> Settings:
     data = base_config(tmp_path, idp)
     if mutate:
         mutate(data)
@@ -193,7 +200,9 @@ class Harness:
         credential = user_token or self.idp.token()
         return await self.stub.Delegate(pb.DelegateRequest(**fields), metadata=bearer(credential))
 
-    async def check(self, token: str, action: str, resource: str = "", key: str = CHECK_KEY, **fields: Any) -> pb.CheckResponse:
+    async def check(
+        self, token: str, action: str, resource: str = "", key: str = CHECK_KEY, **fields: Any
+    ) -> pb.CheckResponse:
         request = pb.CheckRequest(token=token, action=action, resource=resource, **fields)
         return await self.stub.Check(request, metadata=bearer(key))
 
@@ -208,10 +217,14 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-async def start_harness(tmp_path: Path, idp: IdpFixture, clock: FakeClock, settings: Settings | None = None) -> Harness:
+async def start_harness(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, settings: Settings | None = None
+) -> Harness:
     running = await build_server(settings or make_settings(tmp_path, idp), clock=clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-    return Harness(running, channel, agentid_pb2_grpc.AgentIdentityServiceStub(channel), idp, clock, tmp_path)
+    return Harness(
+        running, channel, agentid_pb2_grpc.AgentIdentityServiceStub(channel), idp, clock, tmp_path
+    )
 
 
 @pytest.fixture

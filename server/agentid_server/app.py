@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.api.handlers import build_handler
@@ -42,6 +44,7 @@ from agentid_server.tokens.keys import (
 )
 
 log = logging.getLogger(__name__)
+AsyncHealthServicer = health_aio.HealthServicer
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Running:
 
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     settings: Settings
     engine: AsyncEngine
     audit: AuditWriter
@@ -66,7 +69,10 @@ class Running:
 
 async def _signing_keys(settings: Settings, repo: KeyRepository, now: int) -> list[SigningKey]:
     kek = load_kek(settings.tokens.kek_file, settings.tokens.kek_env)
-    keys = [unseal(kid, alg, sealed, kek, created, retired) for kid, alg, sealed, created, retired in await repo.all()]
+    keys = [
+        unseal(kid, alg, sealed, kek, created, retired)
+        for kid, alg, sealed, created, retired in await repo.all()
+    ]
     if not any(k.retired_at is None and k.alg == settings.tokens.algorithm for k in keys):
         key = generate_signing_key(settings.tokens.algorithm, now)
         await repo.add(key.kid, key.alg, seal(key, kek), now)
@@ -95,8 +101,14 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         idp = IdpVerifier(
             [
                 IdpConfig(
-                    i.issuer, i.audience, i.jwks_file, i.jwks_url, i.scope_claim, i.leeway,
-                    i.algorithms, i.jwks_min_refresh,
+                    i.issuer,
+                    i.audience,
+                    i.jwks_file,
+                    i.jwks_url,
+                    i.scope_claim,
+                    i.leeway,
+                    i.algorithms,
+                    i.jwks_min_refresh,
                 )
                 for i in settings.idps
             ],
@@ -107,13 +119,20 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         await engine.dispose()
         raise
 
-    active = max((k for k in keys if k.retired_at is None and k.alg == settings.tokens.algorithm), key=lambda k: k.created_at)
-    verifier = AgentTokenVerifier(settings.tokens.issuer, {k.kid: k for k in keys}, settings.server.token_cache_size)
+    active = max(
+        (k for k in keys if k.retired_at is None and k.alg == settings.tokens.algorithm),
+        key=lambda k: k.created_at,
+    )
+    verifier = AgentTokenVerifier(
+        settings.tokens.issuer, {k.kid: k for k in keys}, settings.server.token_cache_size
+    )
     audit = AuditWriter(engine, max_batch=settings.audit.max_batch)
     audit.start()
     public_jwks = jwks_json(keys)
     agents = {
-        a.id: AgentKind(a.id, ScopeSet.parse(a.max_scopes), int(a.max_ttl or settings.tokens.max_ttl))
+        a.id: AgentKind(
+            a.id, ScopeSet.parse(a.max_scopes), int(a.max_ttl or settings.tokens.max_ttl)
+        )
         for a in settings.agents
     }
     services = [
@@ -123,7 +142,11 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         delegator=Delegator(
             issuer=settings.tokens.issuer,
             agents=agents,
-            ttl=TtlPolicy(int(settings.tokens.default_ttl), int(settings.tokens.min_ttl), int(settings.tokens.max_ttl)),
+            ttl=TtlPolicy(
+                int(settings.tokens.default_ttl),
+                int(settings.tokens.min_ttl),
+                int(settings.tokens.max_ttl),
+            ),
             sessions=SessionRepository(engine),
             tokens=AgentTokenIssuer(active),
             audit=audit,
@@ -139,7 +162,9 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         ),
         jwks=lambda: public_jwks,
     )
-    authn = CallerAuthenticator(services=services, users=idp, agents=verifier, revocations=revocations, clock=clock)
+    authn = CallerAuthenticator(
+        services=services, users=idp, agents=verifier, revocations=revocations, clock=clock
+    )
 
     server = grpc.aio.server(
         options=[
@@ -148,7 +173,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         ]
     )
     server.add_generic_rpc_handlers((build_handler(servicer, authn),))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME])
     port = _listen(server, settings)

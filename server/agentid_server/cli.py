@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dev = commands.add_parser("dev", help="development helpers (dev IdP, dev keys, dev config)")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)
-    init = dev_commands.add_parser("init", help="create var/dev: KEK, dev IdP keys and JWKS, config")
+    init = dev_commands.add_parser(
+        "init", help="create var/dev: KEK, dev IdP keys and JWKS, config"
+    )
     init.add_argument("--dir", type=Path, default=DEV_DIR)
     init.set_defaults(run=_dev_init)
     token = dev_commands.add_parser("user-token", help="mint a token from the dev IdP")
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     key.set_defaults(run=_dev_service_key)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.run(args))
     except (ConfigError, KeyMaterialError) as exc:
@@ -153,7 +157,9 @@ def _dev_init(args: argparse.Namespace) -> int:
     _write_secret(
         directory / "idp-private.pem",
         private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         ),
     )
     numbers = private.public_key().public_numbers()
@@ -169,7 +175,11 @@ def _dev_init(args: argparse.Namespace) -> int:
     key, digest = _new_service_key()
     config.write_text(
         DEV_CONFIG.format(
-            dir=directory, issuer=DEV_ISSUER, audience=DEV_AUDIENCE, service=DEV_SERVICE, digest=digest
+            dir=directory,
+            issuer=DEV_ISSUER,
+            audience=DEV_AUDIENCE,
+            service=DEV_SERVICE,
+            digest=digest,
         )
     )
     print(f"created {directory}/: key-encryption key, dev IdP keys and JWKS, config {config}")
@@ -216,7 +226,9 @@ def _dev_service_key(args: argparse.Namespace) -> int:
         print(f"agentid: no {config}: run `agentid dev init` first", file=sys.stderr)
         return 2
     key, digest = _new_service_key()
-    updated, count = re.subn(r'key_sha256 = "[0-9a-f]{64}"', f'key_sha256 = "{digest}"', text, count=1)
+    updated, count = re.subn(
+        r'key_sha256 = "[0-9a-f]{64}"', f'key_sha256 = "{digest}"', text, count=1
+    )
     if count != 1:
         print(f"agentid: no [[services]] key_sha256 in {config}", file=sys.stderr)
         return 2

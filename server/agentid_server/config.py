@@ -286,8 +286,16 @@ def _array(data: Mapping[str, Any], name: str, source: str) -> list[_Reader]:
 
 def _idp(r: _Reader) -> IdpSettings:
     r.reject_unknown(
-        {"issuer", "audience", "jwks_file", "jwks_url", "scope_claim", "leeway", "algorithms",
-         "jwks_min_refresh"}
+        {
+            "issuer",
+            "audience",
+            "jwks_file",
+            "jwks_url",
+            "scope_claim",
+            "leeway",
+            "algorithms",
+            "jwks_min_refresh",
+        }
     )
     jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
     if bool(jwks_file) == bool(jwks_url):
@@ -321,7 +329,9 @@ def _service(r: _Reader) -> ServiceSettings:
         try:
             roles.add(Role(role))
         except ValueError:
-            raise r.fail("roles", f"unknown role {role!r}; use check, watch, audit, admin") from None
+            raise r.fail(
+                "roles", f"unknown role {role!r}; use check, watch, audit, admin"
+            ) from None
     return ServiceSettings(name, key, frozenset(roles), r.get("audience", "str", "") or name)
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from agentid.v1 import agentid_pb2 as pb
+
 from tests.conftest import ADMIN_KEY, Harness, bearer, error_info
 
 
 async def test_delegate_then_check_allows_granted_scope(harness: Harness) -> None:
-    delegated = await harness.delegate(scopes=["tickets.read", "payments.transfer:account/42"], task="triage")
+    delegated = await harness.delegate(
+        scopes=["tickets.read", "payments.transfer:account/42"], task="triage"
+    )
     assert delegated.session_id.startswith("ses_")
     assert list(delegated.scopes) == ["tickets.read", "payments.transfer:account/42"]
     assert delegated.user_id == "alice"
@@ -28,7 +30,10 @@ async def test_delegate_then_check_allows_granted_scope(harness: Harness) -> Non
     transfer = await harness.check(delegated.token, "payments.transfer", "account/42")
     assert transfer.decision == pb.DECISION_ALLOW
     other_account = await harness.check(delegated.token, "payments.transfer", "account/43")
-    assert (other_account.decision, other_account.reason) == (pb.DECISION_DENY, pb.REASON_SCOPE_NOT_GRANTED)
+    assert (other_account.decision, other_account.reason) == (
+        pb.DECISION_DENY,
+        pb.REASON_SCOPE_NOT_GRANTED,
+    )
     not_granted = await harness.check(delegated.token, "tickets.delete", "ticket/7")
     assert not_granted.reason == pb.REASON_SCOPE_NOT_GRANTED
 
@@ -58,3 +63,32 @@ async def test_unimplemented_methods_answer_unimplemented(harness: Harness) -> N
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_decision_is_on_disk_when_check_answers(harness: Harness) -> None:
+    import json
+    import sqlite3
+
+    delegated = await harness.delegate(scopes=["tickets.read"])
+    response = await harness.check(
+        delegated.token, "tickets.read", "ticket/9", context=_struct({"n": 1})
+    )
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        row = db.execute(
+            "SELECT event_type, session_id, user_id, scopes, actor_kind, actor_id, action, resource,"
+            " decision, reason, context FROM audit_records WHERE id = ?",
+            (int(response.decision_id),),
+        ).fetchone()
+    assert row[:3] == (pb.EVENT_TYPE_CHECK, delegated.session_id, "alice")
+    assert json.loads(row[3]) == ["tickets.read"]
+    assert row[4:8] == (pb.ACTOR_KIND_SERVICE, "payments-api", "tickets.read", "ticket/9")
+    assert row[8:10] == (pb.DECISION_ALLOW, pb.REASON_GRANTED)
+    assert json.loads(row[10]) == {"n": 1}
+
+
+def _struct(values: dict[str, object]) -> object:
+    from google.protobuf import struct_pb2
+
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct

@@ -9,11 +9,11 @@ from typing import Any
 
 import grpc
 import pytest
+from agentid.v1 import agentid_pb2 as pb
 from google.protobuf.duration_pb2 import Duration
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 
-from agentid.v1 import agentid_pb2 as pb
 from tests.conftest import CHECK_KEY, ISSUER, Harness, bad_request, bearer, error_info
 
 
@@ -31,12 +31,19 @@ def audit_rows(h: Harness, event_type: int) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
-async def test_token_verifies_with_an_independent_jwt_library_and_the_jwks(harness: Harness) -> None:
+async def test_token_verifies_with_an_independent_jwt_library_and_the_jwks(
+    harness: Harness,
+) -> None:
     delegated = await harness.delegate(
-        scopes=["tickets.read"], task="answer ticket 7", audiences=["payments-api"], ttl=Duration(seconds=1200)
+        scopes=["tickets.read"],
+        task="answer ticket 7",
+        audiences=["payments-api"],
+        ttl=Duration(seconds=1200),
     )
     jwks = (await harness.stub.GetJwks(pb.GetJwksRequest())).jwks_json
-    token = jose_jwt.decode(delegated.token, KeySet.import_key_set(json.loads(jwks)), algorithms=["EdDSA"])
+    token = jose_jwt.decode(
+        delegated.token, KeySet.import_key_set(json.loads(jwks)), algorithms=["EdDSA"]
+    )
     header, claims = token.header, token.claims
     assert header["typ"] == "agent+jwt"
     assert header["alg"] == "EdDSA"
@@ -54,8 +61,13 @@ async def test_token_verifies_with_an_independent_jwt_library_and_the_jwks(harne
 
 
 async def test_delegation_is_recorded_with_session_and_audit(harness: Harness) -> None:
-    delegated = await harness.delegate(scopes=["tickets.read", "tickets.read", "tickets.comment.add"], task="t")
-    assert list(delegated.scopes) == ["tickets.read", "tickets.comment.add"]  # deduplicated, in order
+    delegated = await harness.delegate(
+        scopes=["tickets.read", "tickets.read", "tickets.comment.add"], task="t"
+    )
+    assert list(delegated.scopes) == [
+        "tickets.read",
+        "tickets.comment.add",
+    ]  # deduplicated, in order
     assert session_count(harness) == 1
     [row] = audit_rows(harness, pb.EVENT_TYPE_DELEGATE)
     assert row[0] == delegated.session_id
@@ -78,7 +90,9 @@ async def test_scope_escalation_is_refused_whole_and_names_the_scopes(harness: H
 async def test_agent_kind_limits_apply_too(harness: Harness) -> None:
     user = harness.idp.token(scope="*")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.delegate(user, agent_id="narrow-bot", scopes=["tickets.read", "tickets.write"])
+        await harness.delegate(
+            user, agent_id="narrow-bot", scopes=["tickets.read", "tickets.write"]
+        )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "AGENT_SCOPE_EXCEEDED"
     assert session_count(harness) == 0
@@ -103,14 +117,18 @@ async def test_ttl_is_clamped(harness: Harness, agent: str, requested: int, expe
     delegated = await harness.delegate(user, **fields)
     claims = jose_jwt.decode(
         delegated.token,
-        KeySet.import_key_set(json.loads((await harness.stub.GetJwks(pb.GetJwksRequest())).jwks_json)),
+        KeySet.import_key_set(
+            json.loads((await harness.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
+        ),
         algorithms=["EdDSA"],
     ).claims
     assert claims["exp"] - claims["iat"] == expected
 
 
 async def test_sub_agent_nests_act_and_narrows(harness: Harness) -> None:
-    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=600))
+    parent = await harness.delegate(
+        scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=600)
+    )
     child = await harness.stub.Delegate(
         pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"], ttl=Duration(seconds=3600)),
         metadata=bearer(parent.token),
@@ -146,16 +164,20 @@ async def test_agent_without_delegate_scope_cannot_sub_delegate(harness: Harness
     parent = await harness.delegate(scopes=["tickets.*"])
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.Delegate(
-            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]), metadata=bearer(parent.token)
+            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
+            metadata=bearer(parent.token),
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "DELEGATION_NOT_GRANTED"
 
 
 async def test_sub_agent_audiences_stay_within_the_parent(harness: Harness) -> None:
-    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], audiences=["payments-api"])
+    parent = await harness.delegate(
+        scopes=["tickets.*", "agentid.delegate"], audiences=["payments-api"]
+    )
     inherited = await harness.stub.Delegate(
-        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]), metadata=bearer(parent.token)
+        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
+        metadata=bearer(parent.token),
     )
     inherited_check = await harness.check(inherited.token, "tickets.read", key=CHECK_KEY)
     assert inherited_check.decision == pb.DECISION_ALLOW  # payments-api: the parent's audience
@@ -168,11 +190,14 @@ async def test_sub_agent_audiences_stay_within_the_parent(harness: Harness) -> N
 
 
 async def test_expired_parent_cannot_delegate(harness: Harness) -> None:
-    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=60))
+    parent = await harness.delegate(
+        scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=60)
+    )
     harness.clock.advance(61)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.Delegate(
-            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]), metadata=bearer(parent.token)
+            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
+            metadata=bearer(parent.token),
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_info(caught.value).reason == "TOKEN_EXPIRED"
@@ -215,7 +240,8 @@ async def test_malformed_delegations_are_invalid_argument(
 async def test_a_service_cannot_delegate(harness: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.Delegate(
-            pb.DelegateRequest(agent_id="support-bot", scopes=["tickets.read"]), metadata=bearer(CHECK_KEY)
+            pb.DelegateRequest(agent_id="support-bot", scopes=["tickets.read"]),
+            metadata=bearer(CHECK_KEY),
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "CALLER_NOT_ALLOWED"

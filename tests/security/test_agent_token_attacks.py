@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import jwt
 import pytest
+from agentid.v1 import agentid_pb2 as pb
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agentid.v1 import agentid_pb2 as pb
 from tests.conftest import ISSUER, OTHER_AUDIENCE_KEY, Harness, bad_request, bearer, error_info
 
 
@@ -33,7 +33,9 @@ def parts(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
 
 
 def assemble(header: dict[str, Any], payload: dict[str, Any], signature: str) -> str:
-    return ".".join([b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), signature])
+    return ".".join(
+        [b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), signature]
+    )
 
 
 async def jwks(h: Harness) -> dict[str, Any]:
@@ -59,8 +61,12 @@ async def h(harness: Harness) -> Harness:
 
 async def test_alg_none_is_refused(h: Harness) -> None:
     header, payload, _ = parts(h.good_token)
-    await expect_deny(h, assemble({**header, "alg": "none"}, payload, ""), pb.REASON_SIGNATURE_INVALID)
-    await expect_deny(h, assemble({**header, "alg": "None"}, payload, ""), pb.REASON_SIGNATURE_INVALID)
+    await expect_deny(
+        h, assemble({**header, "alg": "none"}, payload, ""), pb.REASON_SIGNATURE_INVALID
+    )
+    await expect_deny(
+        h, assemble({**header, "alg": "None"}, payload, ""), pb.REASON_SIGNATURE_INVALID
+    )
 
 
 async def test_hs256_signed_with_the_public_key_is_refused(h: Harness) -> None:
@@ -75,37 +81,62 @@ async def test_hs256_signed_with_the_public_key_is_refused(h: Harness) -> None:
 async def test_unknown_kid_and_kid_tricks_are_refused(h: Harness) -> None:
     header, payload, signature = parts(h.good_token)
     for kid in ["unknown", "../../etc/passwd", "", "*", header["kid"] + " "]:
-        await expect_deny(h, assemble({**header, "kid": kid}, payload, signature), pb.REASON_SIGNATURE_INVALID)
+        await expect_deny(
+            h, assemble({**header, "kid": kid}, payload, signature), pb.REASON_SIGNATURE_INVALID
+        )
     for odd in [42, None, {"$ne": ""}, [header["kid"]]]:
-        await expect_deny(h, assemble({**header, "kid": odd}, payload, signature), pb.REASON_TOKEN_MALFORMED)
+        await expect_deny(
+            h, assemble({**header, "kid": odd}, payload, signature), pb.REASON_TOKEN_MALFORMED
+        )
 
 
 async def test_a_token_signed_by_another_key_with_our_kid_is_refused(h: Harness) -> None:
     header, payload, _ = parts(h.good_token)
     rogue = ed25519.Ed25519PrivateKey.generate()
-    forged = jwt.encode({**payload, "scope": "*"}, rogue, algorithm="EdDSA", headers={"kid": header["kid"], "typ": "agent+jwt"})
+    forged = jwt.encode(
+        {**payload, "scope": "*"},
+        rogue,
+        algorithm="EdDSA",
+        headers={"kid": header["kid"], "typ": "agent+jwt"},
+    )
     await expect_deny(h, forged, pb.REASON_SIGNATURE_INVALID)
 
 
 async def test_tampered_payload_header_and_signature_are_refused(h: Harness) -> None:
     header, payload, signature = parts(h.good_token)
-    await expect_deny(h, assemble(header, {**payload, "scope": "*"}, signature), pb.REASON_SIGNATURE_INVALID)
-    await expect_deny(h, assemble(header, {**payload, "exp": payload["exp"] + 9999}, signature), pb.REASON_SIGNATURE_INVALID)
-    await expect_deny(h, assemble({**header, "x": 1}, payload, signature), pb.REASON_SIGNATURE_INVALID)
+    await expect_deny(
+        h, assemble(header, {**payload, "scope": "*"}, signature), pb.REASON_SIGNATURE_INVALID
+    )
+    await expect_deny(
+        h,
+        assemble(header, {**payload, "exp": payload["exp"] + 9999}, signature),
+        pb.REASON_SIGNATURE_INVALID,
+    )
+    await expect_deny(
+        h, assemble({**header, "x": 1}, payload, signature), pb.REASON_SIGNATURE_INVALID
+    )
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
     await expect_deny(h, assemble(header, payload, flipped), pb.REASON_SIGNATURE_INVALID)
 
 
 async def test_algorithm_switch_on_our_key_is_refused(h: Harness) -> None:
     header, payload, signature = parts(h.good_token)
-    await expect_deny(h, assemble({**header, "alg": "ES256"}, payload, signature), pb.REASON_SIGNATURE_INVALID)
-    await expect_deny(h, assemble({**header, "alg": "RS256"}, payload, signature), pb.REASON_SIGNATURE_INVALID)
+    await expect_deny(
+        h, assemble({**header, "alg": "ES256"}, payload, signature), pb.REASON_SIGNATURE_INVALID
+    )
+    await expect_deny(
+        h, assemble({**header, "alg": "RS256"}, payload, signature), pb.REASON_SIGNATURE_INVALID
+    )
 
 
 async def test_wrong_typ_and_crit_are_refused(h: Harness) -> None:
     header, payload, signature = parts(h.good_token)
-    await expect_deny(h, assemble({**header, "typ": "JWT"}, payload, signature), pb.REASON_TOKEN_MALFORMED)
-    await expect_deny(h, assemble({**header, "crit": ["exp"]}, payload, signature), pb.REASON_TOKEN_MALFORMED)
+    await expect_deny(
+        h, assemble({**header, "typ": "JWT"}, payload, signature), pb.REASON_TOKEN_MALFORMED
+    )
+    await expect_deny(
+        h, assemble({**header, "crit": ["exp"]}, payload, signature), pb.REASON_TOKEN_MALFORMED
+    )
 
 
 @pytest.mark.parametrize(
@@ -155,7 +186,9 @@ async def test_audience_mismatch(h: Harness) -> None:
     other = await h.check(scoped.token, "tickets.read", key=OTHER_AUDIENCE_KEY)
     assert (other.decision, other.reason) == (pb.DECISION_DENY, pb.REASON_AUDIENCE_MISMATCH)
     # A token without aud is good for any service.
-    assert (await h.check(h.good_token, "tickets.read", key=OTHER_AUDIENCE_KEY)).decision == pb.DECISION_ALLOW
+    assert (
+        await h.check(h.good_token, "tickets.read", key=OTHER_AUDIENCE_KEY)
+    ).decision == pb.DECISION_ALLOW
 
 
 async def test_revoked_serial_in_the_bitmap_is_denied(h: Harness) -> None:
@@ -164,7 +197,9 @@ async def test_revoked_serial_in_the_bitmap_is_denied(h: Harness) -> None:
     _, payload, _ = parts(h.good_token)
     # Revoke is a later issue; the bitmap the Check consults is already real.
     revocations = h.running.revocations
-    revocations.apply(Revocation(1, payload["jti"], payload["sn"], "alice", "test", time.time(), payload["exp"]))
+    revocations.apply(
+        Revocation(1, payload["jti"], payload["sn"], "alice", "test", time.time(), payload["exp"])
+    )
     response = await h.check(h.good_token, "tickets.read")
     assert (response.decision, response.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
     assert response.revocation_sequence == 1
@@ -173,7 +208,11 @@ async def test_revoked_serial_in_the_bitmap_is_denied(h: Harness) -> None:
 async def test_token_with_another_issuer_claim_is_refused(h: Harness) -> None:
     header, payload, signature = parts(h.good_token)
     assert payload["iss"] == ISSUER
-    await expect_deny(h, assemble(header, {**payload, "iss": "https://evil"}, signature), pb.REASON_SIGNATURE_INVALID)
+    await expect_deny(
+        h,
+        assemble(header, {**payload, "iss": "https://evil"}, signature),
+        pb.REASON_SIGNATURE_INVALID,
+    )
 
 
 @pytest.mark.parametrize(
@@ -189,7 +228,9 @@ async def test_token_with_another_issuer_claim_is_refused(h: Harness) -> None:
         ("x" * 600, "", "action"),
     ],
 )
-async def test_malformed_check_requests_are_invalid_argument(h: Harness, action: str, resource: str, field: str) -> None:
+async def test_malformed_check_requests_are_invalid_argument(
+    h: Harness, action: str, resource: str, field: str
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await h.check(h.good_token, action, resource)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -15,14 +15,12 @@ from typing import Any
 
 import grpc
 import pytest
+from agentid.v1 import agentid_pb2 as pb
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agentid.v1 import agentid_pb2 as pb
 from tests.conftest import (
     ADMIN_KEY,
     CHECK_KEY,
-    IDP_AUDIENCE,
-    IDP_ISSUER,
     WATCH_KEY,
     FakeClock,
     Harness,
@@ -37,7 +35,8 @@ from tests.conftest import (
 async def delegate_as(h: Harness, credential: str) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await h.stub.Delegate(
-            pb.DelegateRequest(agent_id="support-bot", scopes=["tickets.read"]), metadata=bearer(credential)
+            pb.DelegateRequest(agent_id="support-bot", scopes=["tickets.read"]),
+            metadata=bearer(credential),
         )
     error = caught.value
     assert credential not in (error.details() or "")
@@ -58,17 +57,27 @@ async def test_every_allowed_idp_algorithm_works(harness: Harness, alg: str) -> 
 
 async def test_idp_alg_none_is_refused(harness: Harness) -> None:
     good = harness.idp.token()
-    header, payload, _ = good.split(".")
-    none_header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "kid": "rsa-1"}).encode()).rstrip(b"=").decode()
+    _header, payload, _ = good.split(".")
+    none_header = (
+        base64.urlsafe_b64encode(json.dumps({"alg": "none", "kid": "rsa-1"}).encode())
+        .rstrip(b"=")
+        .decode()
+    )
     await expect_unauthenticated(harness, f"{none_header}.{payload}.", "ALGORITHM_NOT_ALLOWED")
 
 
 async def test_idp_hs256_with_the_public_key_is_refused(harness: Harness) -> None:
     public = json.dumps(harness.idp.public_jwks()["keys"][0]).encode()
-    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "kid": "rsa-1"}).encode()).rstrip(b"=")
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "kid": "rsa-1"}).encode()).rstrip(
+        b"="
+    )
     payload = harness.idp.token().split(".")[1].encode()
-    signature = base64.urlsafe_b64encode(hmac.new(public, header + b"." + payload, hashlib.sha256).digest()).rstrip(b"=")
-    await expect_unauthenticated(harness, b".".join([header, payload, signature]).decode(), "ALGORITHM_NOT_ALLOWED")
+    signature = base64.urlsafe_b64encode(
+        hmac.new(public, header + b"." + payload, hashlib.sha256).digest()
+    ).rstrip(b"=")
+    await expect_unauthenticated(
+        harness, b".".join([header, payload, signature]).decode(), "ALGORITHM_NOT_ALLOWED"
+    )
 
 
 async def test_idp_wrong_issuer_audience_and_times(harness: Harness) -> None:
@@ -98,7 +107,9 @@ async def test_idp_key_type_must_fit_the_algorithm(harness: Harness) -> None:
     await expect_unauthenticated(harness, token, "ALGORITHM_NOT_ALLOWED")
 
 
-async def test_unknown_idp_kid_refetches_the_jwks(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> None:
+async def test_unknown_idp_kid_refetches_the_jwks(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
     def fast_refresh(config: dict[str, Any]) -> None:
         config["idp"][0]["jwks_min_refresh"] = "1ms"
 
@@ -108,7 +119,9 @@ async def test_unknown_idp_kid_refetches_the_jwks(tmp_path: Path, idp: IdpFixtur
         # The IdP rotates: the new key appears in its JWKS and is found without a restart.
         new_key = rsa.generate_private_key(65537, 2048)
         numbers = new_key.public_key().public_numbers()
-        idp.write_jwks([{"kty": "RSA", "kid": "rotated-in", "n": b64int(numbers.n), "e": b64int(numbers.e)}])
+        idp.write_jwks(
+            [{"kty": "RSA", "kid": "rotated-in", "n": b64int(numbers.n), "e": b64int(numbers.e)}]
+        )
         await asyncio.sleep(0.01)
         delegated = await h.delegate(idp.token(kid="rotated-in", key=new_key))
         assert delegated.user_id == "alice"
@@ -118,7 +131,11 @@ async def test_unknown_idp_kid_refetches_the_jwks(tmp_path: Path, idp: IdpFixtur
 
 
 def b64int(value: int) -> str:
-    return base64.urlsafe_b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+    return (
+        base64.urlsafe_b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+        .rstrip(b"=")
+        .decode()
+    )
 
 
 async def test_oversized_and_garbage_credentials(harness: Harness) -> None:
@@ -154,7 +171,9 @@ async def test_service_roles_are_enforced(harness: Harness) -> None:
         await harness.check(delegated.token, "tickets.read", key=WATCH_KEY)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "CALLER_NOT_ALLOWED"
-    assert (await harness.check(delegated.token, "tickets.read", key=ADMIN_KEY)).decision == pb.DECISION_ALLOW
+    assert (
+        await harness.check(delegated.token, "tickets.read", key=ADMIN_KEY)
+    ).decision == pb.DECISION_ALLOW
 
 
 async def test_users_and_agents_may_not_check(harness: Harness) -> None:
@@ -165,10 +184,14 @@ async def test_users_and_agents_may_not_check(harness: Harness) -> None:
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_a_stale_wrong_caller_gets_permission_denied_not_a_challenge(harness: Harness) -> None:
+async def test_a_stale_wrong_caller_gets_permission_denied_not_a_challenge(
+    harness: Harness,
+) -> None:
     # Who the caller is comes first: a service calling a user-only method is PERMISSION_DENIED.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.stub.ResolveStepUp(pb.ResolveStepUpRequest(step_up_id="stp_x"), metadata=bearer(ADMIN_KEY))
+        await harness.stub.ResolveStepUp(
+            pb.ResolveStepUpRequest(step_up_id="stp_x"), metadata=bearer(ADMIN_KEY)
+        )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -177,4 +200,3 @@ def test_every_rpc_of_the_contract_has_a_policy_entry() -> None:
 
     service = pb.DESCRIPTOR.services_by_name["AgentIdentityService"]
     assert {m.name for m in service.methods} == set(POLICY)
-

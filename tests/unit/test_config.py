@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from agentid_server.config import ConfigError, load_settings, parse_duration, settings_from_mapping
 
 GOOD = """

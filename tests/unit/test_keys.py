@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
-from joserfc.jwk import ECKey, OKPKey
-
 from agentid_server.tokens.jwk import public_jwk, thumbprint
 from agentid_server.tokens.keys import (
     KeyMaterialError,
@@ -18,6 +15,8 @@ from agentid_server.tokens.keys import (
     seal,
     unseal,
 )
+from cryptography.hazmat.primitives.asymmetric import ec
+from joserfc.jwk import ECKey, OKPKey
 
 
 @pytest.mark.parametrize("alg", ["EdDSA", "ES256"])

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
-
 from agentid_server.domain.scopes import (
     Scope,
     ScopeSet,
@@ -13,6 +10,8 @@ from agentid_server.domain.scopes import (
     validate_action,
     validate_resource,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def matches(scope: str, action: str, resource: str = "") -> bool:
@@ -106,7 +105,9 @@ def test_covering(a: str, b: str, expected: bool) -> None:
 
 def test_uncovered_names_what_is_missing() -> None:
     holder = ScopeSet.parse(["tickets.*", "payments.refund:order/*"])
-    requested = [Scope.parse(s) for s in ["tickets.read", "payments.refund:order/1", "payments.transfer"]]
+    requested = [
+        Scope.parse(s) for s in ["tickets.read", "payments.refund:order/1", "payments.transfer"]
+    ]
     assert [s.text for s in holder.uncovered(requested)] == ["payments.transfer"]
 
 
@@ -130,7 +131,9 @@ def scopes(draw: st.DrawFn) -> str:
         action.append("*")
     text = ".".join(action)
     if draw(st.booleans()):
-        resource = draw(st.lists(st.one_of(RESOURCE_SEGMENTS, st.just("*")), min_size=1, max_size=3))
+        resource = draw(
+            st.lists(st.one_of(RESOURCE_SEGMENTS, st.just("*")), min_size=1, max_size=3)
+        )
         if draw(st.booleans()):
             resource.append("**")
         text += ":" + "/".join(resource)
@@ -198,7 +201,9 @@ def test_covered_scope_never_matches_more(b: str, data: st.DataObject) -> None:
 
 @settings(max_examples=600)
 @given(a=scopes(), b=scopes(), pair=concrete_pairs())
-def test_covering_agrees_with_matching_on_random_pairs(a: str, b: str, pair: tuple[str, str]) -> None:
+def test_covering_agrees_with_matching_on_random_pairs(
+    a: str, b: str, pair: tuple[str, str]
+) -> None:
     action, resource = pair
     if Scope.parse(a).covers(Scope.parse(b)) and matches(b, action, resource):
         assert matches(a, action, resource)
@@ -208,7 +213,7 @@ def _words(alphabet: str, max_len: int, min_len: int) -> list[tuple[str, ...]]:
     words: list[tuple[str, ...]] = [()]
     result = [()] if min_len == 0 else []
     for _ in range(max_len):
-        words = [w + (c,) for w in words for c in alphabet]
+        words = [(*w, c) for w in words for c in alphabet]
         result += words
     return result
 
@@ -230,7 +235,11 @@ def test_covering_is_exact_on_a_bounded_universe(a: str, b: str) -> None:
 
 
 @settings(max_examples=300)
-@given(holder=st.lists(scopes(), min_size=1, max_size=4), requested=st.lists(scopes(), min_size=1, max_size=4), data=st.data())
+@given(
+    holder=st.lists(scopes(), min_size=1, max_size=4),
+    requested=st.lists(scopes(), min_size=1, max_size=4),
+    data=st.data(),
+)
 def test_delegation_never_yields_more_than_the_delegator_holds(
     holder: list[str], requested: list[str], data: st.DataObject
 ) -> None:

@@ -15,5 +15,5 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     whole = int(seconds)
     stamp.seconds = whole
-    stamp.nanos = int(round((seconds - whole) * 1e9))
+    stamp.nanos = round((seconds - whole) * 1e9)
     return stamp

@@ -27,20 +27,31 @@ _CODES: dict[type[errors.AgentIdError], grpc.StatusCode] = {
 
 def _packed(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(message)
     return packed
 
 
-def status_for(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str] | None = None,
-               violations: list[errors.FieldViolation] | None = None) -> grpc.Status:
+def status_for(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str] | None = None,
+    violations: list[errors.FieldViolation] | None = None,
+) -> grpc.Status:
     """A grpc.Status whose trailing metadata carries google.rpc.Status with ErrorInfo."""
-    details = [_packed(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {}))]
+    details = [
+        _packed(
+            error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
+        )
+    ]
     if violations:
         details.append(
             _packed(
                 error_details_pb2.BadRequest(
                     field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
                         for v in violations
                     ]
                 )
@@ -65,4 +76,3 @@ def internal_status(trace_id: str) -> grpc.Status:
         "INTERNAL",
         {"trace_id": trace_id},
     )
-

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
+from agentid.v1 import agentid_pb2
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from agentid.v1 import agentid_pb2
 from agentid_server.api.errors import internal_status, status_for, status_from_error
 from agentid_server.api.method_policy import POLICY, SERVICE, Rule, authorize
 from agentid_server.domain.errors import AgentIdError
@@ -52,13 +52,17 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: E
 class _Call:
     """What every method shares: parse the request, authenticate, authorise."""
 
-    def __init__(self, name: str, request_type: type[Message], rule: Rule | None, authn: Authenticator) -> None:
+    def __init__(
+        self, name: str, request_type: type[Message], rule: Rule | None, authn: Authenticator
+    ) -> None:
         self.name = name
         self.request_type = request_type
         self.rule = rule
         self.authn = authn
 
-    async def prepare(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Message, Principal | None]:
+    async def prepare(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Message, Principal | None]:
         principal: Principal | None = None
         if self.rule is None or not self.rule.public:
             principal = await self.authn.authenticate(bearer_credential(context))
@@ -78,7 +82,9 @@ class _Call:
         return request, principal
 
 
-def _unary(call: _Call, behavior: Callable[..., Awaitable[Message]]) -> grpc.RpcMethodHandler:
+def _unary(
+    call: _Call, behavior: Callable[..., Awaitable[Message]]
+) -> grpc.RpcMethodHandler[Any, Any]:
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         try:
             request, principal = await call.prepare(raw, context)
@@ -94,8 +100,12 @@ def _unary(call: _Call, behavior: Callable[..., Awaitable[Message]]) -> grpc.Rpc
     )
 
 
-def _server_stream(call: _Call, behavior: Callable[..., AsyncIterator[Message]]) -> grpc.RpcMethodHandler:
-    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Message]:
+def _server_stream(
+    call: _Call, behavior: Callable[..., AsyncIterator[Message]]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    async def handle(
+        raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Message]:
         try:
             request, principal = await call.prepare(raw, context)
             async for response in behavior(request, context, principal):
@@ -114,12 +124,14 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def build_handler(servicer: object, authn: Authenticator) -> grpc.GenericRpcHandler:
+def build_handler(servicer: object, authn: Authenticator) -> grpc.GenericRpcHandler[Any, Any]:
     """The generic handler for every RPC of the service descriptor, policy applied."""
     service = agentid_pb2.DESCRIPTOR.services_by_name["AgentIdentityService"]
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
-        call = _Call(method.name, GetMessageClass(method.input_type), POLICY.get(method.name), authn)
+        call = _Call(
+            method.name, GetMessageClass(method.input_type), POLICY.get(method.name), authn
+        )
         behavior = getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = _server_stream(call, behavior)

@@ -16,7 +16,7 @@ V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
     names = (*service_names, reflection.SERVICE_NAME, V1_SERVICE)
-    servicer = reflection.aio.ReflectionServicer(names)
+    servicer = reflection.aio.ReflectionServicer(names)  # type: ignore[attr-defined]
     reflection.enable_server_reflection(names, server)
 
     async def v1_info(

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
-
 from agentid.v1 import agentid_pb2 as pb
+
 from agentid_server.api.convert import struct_to_dict, timestamp
-from agentid_server.domain.check import CheckInput, Checker
+from agentid_server.domain.check import Checker, CheckInput
 from agentid_server.domain.delegation import DelegateInput, Delegator
 from agentid_server.domain.errors import Unimplemented
 from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal, UserPrincipal
@@ -22,13 +22,22 @@ def _later(method: str) -> NoReturn:
     raise Unimplemented(f"{method} is not implemented yet", reason="NOT_IMPLEMENTED")
 
 
+async def _later_stream(method: str) -> AsyncIterator[Any]:
+    nothing: tuple[Any, ...] = ()
+    for item in nothing:
+        yield item
+    _later(method)
+
+
 class AgentIdentityServicer:
     def __init__(self, *, delegator: Delegator, checker: Checker, jwks: Callable[[], str]) -> None:
         self._delegator = delegator
         self._checker = checker
         self._jwks = jwks
 
-    async def Delegate(self, request: pb.DelegateRequest, context: Context, principal: Principal) -> pb.DelegateResponse:
+    async def Delegate(
+        self, request: pb.DelegateRequest, context: Context, principal: Principal
+    ) -> pb.DelegateResponse:
         assert isinstance(principal, UserPrincipal | AgentPrincipal)  # the method policy ensures it
         ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else None
         result = await self._delegator.delegate(
@@ -53,7 +62,9 @@ class AgentIdentityServicer:
             serial=session.serial,
         )
 
-    async def Check(self, request: pb.CheckRequest, context: Context, principal: Principal) -> pb.CheckResponse:
+    async def Check(
+        self, request: pb.CheckRequest, context: Context, principal: Principal
+    ) -> pb.CheckResponse:
         assert isinstance(principal, ServicePrincipal)
         outcome = await self._checker.check(
             principal,
@@ -69,8 +80,8 @@ class AgentIdentityServicer:
         )
         claims = outcome.claims
         return pb.CheckResponse(
-            decision=outcome.decision.value,
-            reason=outcome.reason.value,
+            decision=pb.Decision.ValueType(outcome.decision),
+            reason=pb.Reason.ValueType(outcome.reason),
             message=outcome.message,
             decision_id=str(outcome.decision_id),
             session_id=claims.session_id if claims else "",
@@ -82,10 +93,14 @@ class AgentIdentityServicer:
             revocation_sequence=outcome.revocation_sequence,
         )
 
-    async def GetJwks(self, request: pb.GetJwksRequest, context: Context, principal: Principal | None) -> pb.GetJwksResponse:
+    async def GetJwks(
+        self, request: pb.GetJwksRequest, context: Context, principal: Principal | None
+    ) -> pb.GetJwksResponse:
         return pb.GetJwksResponse(jwks_json=self._jwks())
 
-    async def StepUp(self, request: pb.StepUpRequest, context: Context, principal: Principal) -> pb.StepUpResponse:
+    async def StepUp(
+        self, request: pb.StepUpRequest, context: Context, principal: Principal
+    ) -> pb.StepUpResponse:
         _later("StepUp")
 
     async def ResolveStepUp(
@@ -93,7 +108,9 @@ class AgentIdentityServicer:
     ) -> pb.ResolveStepUpResponse:
         _later("ResolveStepUp")
 
-    async def Revoke(self, request: pb.RevokeRequest, context: Context, principal: Principal) -> pb.RevokeResponse:
+    async def Revoke(
+        self, request: pb.RevokeRequest, context: Context, principal: Principal
+    ) -> pb.RevokeResponse:
         _later("Revoke")
 
     async def VerifyAudit(
@@ -101,18 +118,17 @@ class AgentIdentityServicer:
     ) -> pb.VerifyAuditResponse:
         _later("VerifyAudit")
 
-    async def WatchStepUps(
+    def WatchStepUps(
         self, request: pb.WatchStepUpsRequest, context: Context, principal: Principal
     ) -> AsyncIterator[pb.WatchStepUpsResponse]:
-        _later("WatchStepUps")
-        yield pb.WatchStepUpsResponse()
+        return _later_stream("WatchStepUps")
 
-    async def WatchRevocations(
+    def WatchRevocations(
         self, request: pb.WatchRevocationsRequest, context: Context, principal: Principal
     ) -> AsyncIterator[pb.WatchRevocationsResponse]:
-        _later("WatchRevocations")
-        yield pb.WatchRevocationsResponse()
+        return _later_stream("WatchRevocations")
 
-    async def Audit(self, request: pb.AuditRequest, context: Context, principal: Principal) -> AsyncIterator[pb.AuditResponse]:
-        _later("Audit")
-        yield pb.AuditResponse()
+    def Audit(
+        self, request: pb.AuditRequest, context: Context, principal: Principal
+    ) -> AsyncIterator[pb.AuditResponse]:
+        return _later_stream("Audit")

@@ -52,7 +52,9 @@ class InvalidArgument(AgentIdError):
     @classmethod
     def field(cls, field: str, description: str, reason: str | None = None) -> InvalidArgument:
         return cls(
-            f"{field}: {description}", violations=[FieldViolation(field, description)], reason=reason
+            f"{field}: {description}",
+            violations=[FieldViolation(field, description)],
+            reason=reason,
         )
 
 

@@ -31,7 +31,9 @@ class AgentTokenVerifier(Protocol):
 
 
 class ProofVerifier(Protocol):
-    def verify(self, proof: str, *, jkt: str, method: str, uri: str, token: str, now: float) -> None:
+    def verify(
+        self, proof: str, *, jkt: str, method: str, uri: str, token: str, now: float
+    ) -> None:
         """Checks a DPoP proof (RFC 9449) for a token bound to ``jkt``; raises TokenRejected with
         REASON_PROOF_OF_POSSESSION_FAILED."""
         ...

@@ -62,5 +62,5 @@ class RevocationSet:
         return cleared
 
     def serialize(self) -> bytes:
-        """The portable Roaring serialization, readable by the Roaring libraries of other languages."""
+        """Portable Roaring serialization: what the Roaring libraries of other languages read."""
         return bytes(self._bitmap.serialize())

@@ -205,7 +205,7 @@ class ScopeSet:
         return None
 
     def allows_action(self, action: str) -> bool:
-        """True when some scope matches ``action`` (any resource): how `agentid.delegate` is held."""
+        """Some scope matches ``action`` (any resource): how `agentid.delegate` is held."""
         segments = tuple(action.split("."))
         return any(scope.matches_action(segments) for scope in self.scopes)
 

@@ -1,1 +1,1 @@
-"""SQLAlchemy async storage: tables, Alembic migrations, repositories, the group-commit audit writer."""
+"""SQLAlchemy async storage: tables, migrations, repositories, the group-commit audit writer."""

@@ -18,7 +18,9 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine(url: str, *, sqlite_synchronous: str = "NORMAL", busy_timeout: float = 5.0) -> AsyncEngine:
+def create_engine(
+    url: str, *, sqlite_synchronous: str = "NORMAL", busy_timeout: float = 5.0
+) -> AsyncEngine:
     """An async engine. For SQLite: the file's folder is created, WAL, a busy timeout and the
     chosen `synchronous` level are set on every connection."""
     parsed = make_url(url)

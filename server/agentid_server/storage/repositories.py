@@ -90,7 +90,11 @@ class RevocationRepository:
     async def last_sequence(self) -> int:
         r = tables.revocations
         async with self._engine.connect() as connection:
-            value = (await connection.execute(select(r.c.sequence).order_by(r.c.sequence.desc()).limit(1))).scalar()
+            value = (
+                await connection.execute(
+                    select(r.c.sequence).order_by(r.c.sequence.desc()).limit(1)
+                )
+            ).scalar()
         return int(value or 0)
 
 

@@ -4,7 +4,7 @@ by the exact token string, so a signature is verified once per token, not once p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import jwt
 
@@ -13,7 +13,7 @@ from agentid_server.domain.ports import TokenRejected
 from agentid_server.domain.scopes import ScopeSet, ScopeSyntaxError
 from agentid_server.tokens.keys import SigningKey
 
-AGENT_TOKEN_TYPE = "agent+jwt"
+AGENT_TOKEN_TYPE = "agent+jwt"  # noqa: S105 - a media type, not a secret
 SERIAL_LIMIT = 1 << 32
 _REQUIRED = ["iss", "sub", "act", "jti", "sn", "iat", "nbf", "exp", "scope"]
 
@@ -25,11 +25,12 @@ class AgentTokenIssuer:
         if active.private_key is None:
             raise ValueError("the active signing key has no private half")
         self._key = active
+        self._private = active.private_key
 
     def issue(self, claims: dict[str, Any]) -> str:
         return jwt.encode(
             claims,
-            self._key.private_key,
+            self._private,
             algorithm=self._key.alg,
             headers={"kid": self._key.kid, "typ": AGENT_TOKEN_TYPE},
         )
@@ -131,7 +132,7 @@ def claims_from_payload(payload: Mapping[str, Any]) -> AgentClaims:
     task = payload.get("task", "")
     if not isinstance(jkt, str) or not isinstance(parent, str) or not isinstance(task, str):
         raise TokenRejected(Reason.TOKEN_MALFORMED, "claims do not have the agent token shape")
-    iat, nbf, exp = times
+    iat, nbf, exp = (cast(int, t) for t in times)  # type-checked above
     return AgentClaims(
         session_id=payload["jti"],
         user_id=payload["sub"],

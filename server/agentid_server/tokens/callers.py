@@ -30,17 +30,18 @@ def api_key_digest(key: str) -> str:
 
 
 def _jwt_type(credential: str) -> str | None:
-    """The `typ` of a JWT-shaped credential's header, or None when it is not JWT-shaped."""
-    head, dot, _ = credential.partition(".")
-    if not dot or credential.count(".") != 2 or len(head) > 2048:
+    """The `typ` of a JWT-shaped credential's header ("" when unreadable), or None when the
+    credential is not JWT-shaped at all (then it is an API key; API keys hold no two dots)."""
+    if credential.count(".") != 2:
         return None
+    head = credential.partition(".")[0]
+    if len(head) > 2048:
+        return ""
     try:
         header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
     except (binascii.Error, ValueError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    typ = header.get("typ", "")
+        return ""
+    typ = header.get("typ", "") if isinstance(header, dict) else ""
     return typ if isinstance(typ, str) else ""
 
 

@@ -32,7 +32,9 @@ class DpopVerifier:
         self._seen: dict[tuple[str, str], float] = {}  # (jkt, jti) -> when it may be forgotten
         self._capacity = replay_capacity
 
-    def verify(self, proof: str, *, jkt: str, method: str, uri: str, token: str, now: float) -> None:
+    def verify(
+        self, proof: str, *, jkt: str, method: str, uri: str, token: str, now: float
+    ) -> None:
         if not proof:
             raise _fail("the token is bound to a key: a DPoP proof is required")
         if len(proof) > MAX_PROOF_BYTES:
@@ -43,7 +45,11 @@ class DpopVerifier:
             raise _fail("the DPoP proof is not a well-formed JWS") from None
         jwk = header.get("jwk")
         alg = header.get("alg")
-        if header.get("typ") != PROOF_TYPE or alg not in PROOF_ALGORITHMS or not isinstance(jwk, dict):
+        if (
+            header.get("typ") != PROOF_TYPE
+            or alg not in PROOF_ALGORITHMS
+            or not isinstance(jwk, dict)
+        ):
             raise _fail("the DPoP proof header is not acceptable")
         if "d" in jwk or "p" in jwk:
             raise _fail("the DPoP proof carries a private key")

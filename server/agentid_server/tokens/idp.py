@@ -55,7 +55,10 @@ class JwksCache:
         key = self._keys.get(kid)
         if key is None and time.monotonic() - self._fetched_at >= self._min_refresh:
             async with self._lock:
-                if kid not in self._keys and time.monotonic() - self._fetched_at >= self._min_refresh:
+                if (
+                    kid not in self._keys
+                    and time.monotonic() - self._fetched_at >= self._min_refresh
+                ):
                     await self.refresh()
             key = self._keys.get(kid)
         return key
@@ -147,8 +150,11 @@ class IdpVerifier:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.InvalidTokenError:
-            raise Unauthenticated("the credential is not a valid JWT", reason="TOKEN_MALFORMED") from None
-        idp = self._idps.get(unverified.get("iss")) if isinstance(unverified.get("iss"), str) else None
+            raise Unauthenticated(
+                "the credential is not a valid JWT", reason="TOKEN_MALFORMED"
+            ) from None
+        issuer = unverified.get("iss")
+        idp = self._idps.get(issuer) if isinstance(issuer, str) else None
         if idp is None:
             raise Unauthenticated("the token's issuer is not trusted", reason="UNTRUSTED_ISSUER")
         alg, kid = header.get("alg"), header.get("kid")
@@ -157,12 +163,16 @@ class IdpVerifier:
                 "the token's algorithm is not allowed", reason="ALGORITHM_NOT_ALLOWED"
             )
         if "crit" in header:
-            raise Unauthenticated("critical header extensions are refused", reason="TOKEN_MALFORMED")
+            raise Unauthenticated(
+                "critical header extensions are refused", reason="TOKEN_MALFORMED"
+            )
         key = await self._jwks[idp.issuer].key(kid) if isinstance(kid, str) else None
         if key is None:
             raise Unauthenticated("the token's signing key is unknown", reason="UNKNOWN_KEY")
         if not _key_fits(alg, key):
-            raise Unauthenticated("the key does not fit the algorithm", reason="ALGORITHM_NOT_ALLOWED")
+            raise Unauthenticated(
+                "the key does not fit the algorithm", reason="ALGORITHM_NOT_ALLOWED"
+            )
         try:
             claims = jwt.decode(
                 token,
@@ -176,11 +186,17 @@ class IdpVerifier:
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("the IdP token has expired", reason="TOKEN_EXPIRED") from None
         except jwt.ImmatureSignatureError:
-            raise Unauthenticated("the IdP token is not valid yet", reason="TOKEN_NOT_YET_VALID") from None
+            raise Unauthenticated(
+                "the IdP token is not valid yet", reason="TOKEN_NOT_YET_VALID"
+            ) from None
         except jwt.InvalidAudienceError:
-            raise Unauthenticated("the IdP token is for another audience", reason="AUDIENCE_MISMATCH") from None
+            raise Unauthenticated(
+                "the IdP token is for another audience", reason="AUDIENCE_MISMATCH"
+            ) from None
         except jwt.InvalidSignatureError:
-            raise Unauthenticated("the IdP token's signature is invalid", reason="SIGNATURE_INVALID") from None
+            raise Unauthenticated(
+                "the IdP token's signature is invalid", reason="SIGNATURE_INVALID"
+            ) from None
         except jwt.InvalidTokenError:
             raise Unauthenticated("the IdP token is invalid", reason="TOKEN_INVALID") from None
         return _principal(idp, claims)
@@ -206,6 +222,8 @@ def _principal(idp: IdpConfig, claims: dict[str, Any]) -> UserPrincipal:
         user_id=subject,
         issuer=idp.issuer,
         grantable=ScopeSet(tuple(grantable)),
-        auth_time=auth_time if isinstance(auth_time, int) and not isinstance(auth_time, bool) else None,
+        auth_time=auth_time
+        if isinstance(auth_time, int) and not isinstance(auth_time, bool)
+        else None,
         acr=acr if isinstance(acr, str) else None,
     )

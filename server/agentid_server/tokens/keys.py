@@ -89,7 +89,9 @@ def load_kek(kek_file: str, kek_env: str, environ: dict[str, str] | None = None)
         try:
             text, where = path.read_text(encoding="ascii"), f"file {kek_file}"
         except (OSError, UnicodeDecodeError) as exc:
-            raise KeyMaterialError(f"cannot read key-encryption key file {kek_file}: {exc}") from None
+            raise KeyMaterialError(
+                f"cannot read key-encryption key file {kek_file}: {exc}"
+            ) from None
     else:
         raise KeyMaterialError(
             f"no key-encryption key: set tokens.kek_file or the environment variable {kek_env}"

@@ -4,14 +4,14 @@ Alembic an open connection; `alembic` on the command line works too with -x url=
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 from agentid_server.storage.tables import metadata
 
 config = context.config
 
 
-def run_migrations(connection: object) -> None:
+def run_migrations(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
@@ -25,7 +25,9 @@ else:
         "sqlalchemy.url"
     )
     if not url:
-        raise SystemExit("pass the database URL: alembic -x url=sqlite:///var/agentid.db upgrade head")
+        raise SystemExit(
+            "pass the database URL: alembic -x url=sqlite:///var/agentid.db upgrade head"
+        )
     engine = create_engine(url.replace("+aiosqlite", "").replace("+asyncpg", "+psycopg"))
     with engine.connect() as conn:
         run_migrations(conn)
