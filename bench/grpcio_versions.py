@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -48,13 +49,35 @@ def ensure_venv(version: str, *, rebuild: bool) -> Path:
     subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    constraints = ["-c", str(ROOT / "constraints.txt")]
-    subprocess.run([*pip, *constraints, "-e", f"{ROOT}[perf]"], check=True)
-    # The project pins grpcio==1.78.0; overriding it makes pip warn about that pin, as intended.
-    subprocess.run([*pip, *(f"{name}=={version}" for name in GRPC_PACKAGES)], check=True)
+    subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[perf]"], check=True)
+    # Everything else stays at constraints.txt (protobuf in particular); the project's own
+    # grpcio==1.78.0 pin makes pip warn about the override, as intended.
+    others = OUT / "constraints-without-grpc.txt"
+    others.write_text(
+        "".join(
+            line + "\n"
+            for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if not re.match(r"grpcio(-status|-reflection|-health-checking|-tools)?==", line)
+        )
+    )
+    core, companions = GRPC_PACKAGES[:2], GRPC_PACKAGES[2:]
+    subprocess.run([*pip, "-c", str(others), *(f"{n}=={version}" for n in core)], check=True)
+    tried = subprocess.run(
+        [*pip, "-c", str(others), *(f"{n}=={version}" for n in companions)],
+        capture_output=True,
+        text=True,
+    )
+    if tried.returncode != 0:
+        # e.g. grpcio-reflection/-health-checking 1.85 need protobuf >= 7, the project pins < 7:
+        # keep the project's companions so that only grpcio (and grpcio-status) differ.
+        log(f"{', '.join(companions)} {version} do not fit constraints.txt; kept as pinned")
     installed = harness.python_packages(venv / "bin" / "python", GRPC_PACKAGES)
-    if any(installed.get(name) != version for name in GRPC_PACKAGES):
-        raise RuntimeError(f"{venv}: expected {version} everywhere, got {installed}")
+    if any(installed.get(name) != version for name in core):
+        raise RuntimeError(f"{venv}: expected {version} for {core}, got {installed}")
+    main = harness.python_packages(harness.MAIN_VENV / "bin" / "python", ["protobuf"])
+    here = harness.python_packages(venv / "bin" / "python", ["protobuf"])
+    if main and here != main:
+        raise RuntimeError(f"{venv}: protobuf {here} differs from the project venv's {main}")
     marker.write_text(stamp)
     return venv
 

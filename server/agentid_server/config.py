@@ -53,7 +53,7 @@ class ServerSettings:
     max_message_bytes: int = 1 << 20
     max_consistency_wait: float = 5.0
     shutdown_grace: float = 10.0
-    token_cache_size: int = 100_000
+    token_cache_size: int = 50_000
 
 
 @dataclass(frozen=True)
