@@ -200,3 +200,51 @@ def test_every_rpc_of_the_contract_has_a_policy_entry() -> None:
 
     service = pb.DESCRIPTOR.services_by_name["AgentIdentityService"]
     assert {m.name for m in service.methods} == set(POLICY)
+
+
+async def test_jwks_from_a_url_is_fetched_cached_and_refetched(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    import http.server
+    import threading
+
+    fetches: list[str] = []
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetches.append(self.path)
+            body = idp.jwks_path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/jwks.json"
+
+    def from_url(config: dict[str, Any]) -> None:
+        config["idp"][0].pop("jwks_file")
+        config["idp"][0]["jwks_url"] = url
+        config["idp"][0]["jwks_min_refresh"] = "1ms"
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, from_url))
+    try:
+        assert fetches == ["/jwks.json"]  # loaded once at start
+        for _ in range(3):
+            assert (await h.delegate()).user_id == "alice"
+        assert len(fetches) == 1  # known kids are served from the cache
+        new_key = rsa.generate_private_key(65537, 2048)
+        numbers = new_key.public_key().public_numbers()
+        idp.write_jwks([{"kty": "RSA", "kid": "rotated", "n": b64int(numbers.n), "e": b64int(numbers.e)}])
+        await asyncio.sleep(0.01)
+        assert (await h.delegate(idp.token(kid="rotated", key=new_key))).user_id == "alice"
+        assert len(fetches) == 2  # an unknown kid refetched the set
+    finally:
+        await h.channel.close()
+        await h.running.stop(grace=1)
+        httpd.shutdown()
