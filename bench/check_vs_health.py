@@ -38,6 +38,7 @@ def _bar(name: str, value: float) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ghz_binary = harness.ensure_ghz()
+    machine = harness.machine_info(ghz_binary)
     with harness.temporary_directory("agentid-bench-") as directory:
         deployment = harness.create_deployment(directory, token_cache_size=1)
         argv = harness.serve_argv(args.venv, deployment.config, uvloop=args.uvloop)
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     return {
         "benchmark": "check_vs_health",
-        "machine": harness.machine_info(ghz_binary),
+        "machine": machine,
         "server": {
             "venv": str(args.venv),
             "packages": harness.python_packages(

@@ -113,6 +113,7 @@ def measure_variant(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ghz_binary = harness.ensure_ghz()
+    machine = harness.machine_info(ghz_binary)
     venvs = {version: ensure_venv(version, rebuild=args.rebuild) for version in args.versions}
     loops = [False] if args.no_uvloop else [False, True]
     variants = [(version, uvloop) for version in args.versions for uvloop in loops]
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "benchmark": "grpcio_versions",
-        "machine": harness.machine_info(ghz_binary),
+        "machine": machine,
         "venvs": {
             version: {
                 "path": str(venv.relative_to(ROOT)),

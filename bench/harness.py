@@ -504,7 +504,25 @@ def python_packages(python: Path, names: Sequence[str]) -> dict[str, str]:
     return dict(json.loads(found.stdout)) if found.returncode == 0 else {}
 
 
+def _cpu_times() -> tuple[int, int]:
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+def background_busy(seconds: float = 1.0) -> float:
+    """How busy the machine's CPUs are before the benchmark starts (0..1): other work competes
+    with the server and the load client, so it is recorded next to the figures."""
+    busy0, total0 = _cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_times()
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
 def machine_info(ghz: Path) -> dict[str, Any]:
+    busy = background_busy()
+    if busy > 0.2:
+        log(f"the machine is {busy:.0%} busy before the run: figures will be noisier")
     cpu_model = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -518,4 +536,5 @@ def machine_info(ghz: Path) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "ghz": ghz_version(ghz),
+        "background_busy_before_run": round(busy, 3),
     }

@@ -240,7 +240,9 @@ async def test_jwks_from_a_url_is_fetched_cached_and_refetched(
         assert len(fetches) == 1  # known kids are served from the cache
         new_key = rsa.generate_private_key(65537, 2048)
         numbers = new_key.public_key().public_numbers()
-        idp.write_jwks([{"kty": "RSA", "kid": "rotated", "n": b64int(numbers.n), "e": b64int(numbers.e)}])
+        idp.write_jwks(
+            [{"kty": "RSA", "kid": "rotated", "n": b64int(numbers.n), "e": b64int(numbers.e)}]
+        )
         await asyncio.sleep(0.01)
         assert (await h.delegate(idp.token(kid="rotated", key=new_key))).user_id == "alice"
         assert len(fetches) == 2  # an unknown kid refetched the set

@@ -10,8 +10,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from agentid_server.domain.errors import Unavailable
 from agentid_server.domain.model import AuditEvent, SessionRecord
@@ -53,7 +54,14 @@ class AuditWriter:
         self._timeout = append_timeout
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._insert_audit = tables.audit_records.insert().returning(
+        # SQLite: this writer is the only one inserting audit records (one process per database
+        # file), so it numbers them itself; a multi-row INSERT ... RETURNING with guaranteed
+        # order degrades to a statement per row there. PostgreSQL batches RETURNING well and may
+        # have several replicas writing, so it takes ids from the table's sequence.
+        self._numbered_here = engine.dialect.name == "sqlite"
+        self._next_id: int | None = None
+        self._insert_numbered = tables.audit_records.insert()
+        self._insert_returning = tables.audit_records.insert().returning(
             tables.audit_records.c.id, sort_by_parameter_order=True
         )
         self.healthy = True
@@ -95,15 +103,29 @@ class AuditWriter:
                 for _ in batch:
                     queue.task_done()
 
+    async def _insert(self, connection: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+        if not self._numbered_here:
+            result = await connection.execute(self._insert_returning, rows)
+            return [int(i) for i in result.scalars().all()]
+        if self._next_id is None:
+            top = await connection.execute(select(func.max(tables.audit_records.c.id)))
+            self._next_id = int(top.scalar() or 0) + 1
+        first = self._next_id
+        for offset, row in enumerate(rows):
+            row["id"] = first + offset
+        await connection.execute(self._insert_numbered, rows)
+        return list(range(first, first + len(rows)))
+
     async def _write(self, batch: list[_Pending]) -> None:
         sessions = [s for _, s, _ in batch if s is not None]
+        rows = [row for row, _, _ in batch]
         try:
             async with self._engine.begin() as connection:
                 if sessions:
                     await connection.execute(tables.sessions.insert(), sessions)
-                result = await connection.execute(self._insert_audit, [row for row, _, _ in batch])
-                ids = [int(i) for i in result.scalars().all()]
+                ids = await self._insert(connection, rows)
         except (SQLAlchemyError, OSError) as exc:
+            self._next_id = None
             self.healthy = False
             log.error("audit batch of %d records failed: %s", len(batch), type(exc).__name__)
             error = Unavailable("the audit store is unavailable", reason="AUDIT_UNAVAILABLE")
@@ -111,6 +133,8 @@ class AuditWriter:
                 if not future.done():
                     future.set_exception(error)
             return
+        if self._numbered_here:
+            self._next_id = ids[-1] + 1
         self.healthy = True
         for (_, _, future), record_id in zip(batch, ids, strict=True):
             if not future.done():
