@@ -39,6 +39,7 @@ def _bar(name: str, value: float) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ghz_binary = harness.ensure_ghz()
     machine = harness.machine_info(ghz_binary)
+    code = harness.code_under_test()
     with harness.temporary_directory("agentid-bench-") as directory:
         deployment = harness.create_deployment(directory, token_cache_size=1)
         argv = harness.serve_argv(args.venv, deployment.config, uvloop=args.uvloop)
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "check_vs_health",
         "machine": machine,
+        "code": code,
         "server": {
             "venv": str(args.venv),
             "packages": harness.python_packages(

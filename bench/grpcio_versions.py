@@ -114,6 +114,7 @@ def measure_variant(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ghz_binary = harness.ensure_ghz()
     machine = harness.machine_info(ghz_binary)
+    code = harness.code_under_test()
     venvs = {version: ensure_venv(version, rebuild=args.rebuild) for version in args.versions}
     loops = [False] if args.no_uvloop else [False, True]
     variants = [(version, uvloop) for version in args.versions for uvloop in loops]
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "grpcio_versions",
         "machine": machine,
+        "code": code,
         "venvs": {
             version: {
                 "path": str(venv.relative_to(ROOT)),

@@ -519,6 +519,20 @@ def background_busy(seconds: float = 1.0) -> float:
     return (busy1 - busy0) / max(1, total1 - total0)
 
 
+def code_under_test() -> dict[str, Any]:
+    """The commit measured, and whether server/ had uncommitted changes (editable installs run
+    the working tree)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "server_changes_uncommitted": bool(git("status", "--porcelain", "--", "server")),
+    }
+
+
 def machine_info(ghz: Path) -> dict[str, Any]:
     busy = background_busy()
     if busy > 0.2:

@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.api.handlers import build_handler
 from agentid_server.api.method_policy import SERVICE
@@ -23,8 +22,13 @@ from agentid_server.domain.model import AgentKind, ServicePrincipal
 from agentid_server.domain.ports import Clock, SystemClock
 from agentid_server.domain.revocation import RevocationSet
 from agentid_server.domain.scopes import ScopeSet
-from agentid_server.storage.audit_writer import AuditWriter
-from agentid_server.storage.database import create_engine, migrate
+from agentid_server.storage.database import (
+    INLINE_WRITER_BUSY_TIMEOUT,
+    Engines,
+    create_engines,
+    migrate,
+)
+from agentid_server.storage.journal import Journal
 from agentid_server.storage.repositories import (
     KeyRepository,
     RevocationRepository,
@@ -55,16 +59,16 @@ class Running:
     port: int
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     settings: Settings
-    engine: AsyncEngine
-    audit: AuditWriter
+    engines: Engines
+    journal: Journal
     revocations: RevocationSet
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: stop taking calls, let in-flight calls finish, then flush and close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.server.shutdown_grace if grace is None else grace)
-        await self.audit.stop()
-        await self.engine.dispose()
+        await self.journal.stop()
+        await self.engines.dispose()
 
 
 async def _signing_keys(settings: Settings, repo: KeyRepository, now: int) -> list[SigningKey]:
@@ -85,11 +89,14 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     """Builds and starts the server described by ``settings``; port 0 picks a free port."""
     clock = clock or SystemClock()
     now = int(clock.now())
-    engine = create_engine(
+    inline = settings.database.sqlite_writer == "inline"
+    engines = create_engines(
         settings.database.url,
         sqlite_synchronous=settings.database.sqlite_synchronous,
         busy_timeout=settings.database.busy_timeout,
+        writer_busy_timeout=INLINE_WRITER_BUSY_TIMEOUT if inline else None,
     )
+    engine = engines.main
     try:
         await migrate(engine)
         keys = await _signing_keys(settings, KeyRepository(engine), now)
@@ -116,7 +123,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         )
         await idp.load()
     except BaseException:
-        await engine.dispose()
+        await engines.dispose()
         raise
 
     active = max(
@@ -126,8 +133,10 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     verifier = AgentTokenVerifier(
         settings.tokens.issuer, {k.kid: k for k in keys}, settings.server.token_cache_size
     )
-    audit = AuditWriter(engine, max_batch=settings.audit.max_batch)
-    audit.start()
+    journal = Journal(
+        engine, engines.sqlite_writer, max_batch=settings.audit.max_batch, sqlite_inline=inline
+    )
+    journal.start()
     public_jwks = jwks_json(keys)
     agents = {
         a.id: AgentKind(
@@ -147,16 +156,16 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
                 int(settings.tokens.min_ttl),
                 int(settings.tokens.max_ttl),
             ),
-            sessions=SessionRepository(engine),
+            sessions=SessionRepository(engine, journal),
             tokens=AgentTokenIssuer(active),
-            audit=audit,
+            audit=journal,
             clock=clock,
         ),
         checker=Checker(
             verifier=verifier,
             proofs=DpopVerifier(),
             revocations=revocations,
-            audit=audit,
+            audit=journal,
             clock=clock,
             max_token_bytes=settings.server.max_token_bytes,
         ),
@@ -180,7 +189,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, settings, engine, audit, revocations)
+    return Running(server, port, health_servicer, settings, engines, journal, revocations)
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

@@ -60,6 +60,7 @@ class ServerSettings:
 class DatabaseSettings:
     url: str = "sqlite+aiosqlite:///var/agentid.db"
     sqlite_synchronous: str = "NORMAL"
+    sqlite_writer: str = "inline"
     busy_timeout: float = 5.0
 
 
@@ -143,7 +144,10 @@ _SCALARS: dict[str, dict[str, str]] = {
         "max_consistency_wait": "duration", "shutdown_grace": "duration",
         "token_cache_size": "int",
     },
-    "database": {"url": "str", "sqlite_synchronous": "str", "busy_timeout": "duration"},
+    "database": {
+        "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
+        "busy_timeout": "duration",
+    },
     "tokens": {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
         "algorithm": "str", "kek_file": "str", "kek_env": "str",
@@ -375,6 +379,8 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise sections["database"].fail("url", "is required")
     if s.database.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
         raise sections["database"].fail("sqlite_synchronous", "must be NORMAL, FULL or EXTRA")
+    if s.database.sqlite_writer not in ("inline", "thread"):
+        raise sections["database"].fail("sqlite_writer", "must be inline or thread")
     _unique(s, "services", [x.name for x in s.services], "name")
     _unique(s, "services", [x.key_sha256 for x in s.services], "key_sha256")
     _unique(s, "agents", [x.id for x in s.agents], "id")

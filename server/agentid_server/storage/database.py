@@ -2,47 +2,75 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def is_sqlite(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
+@dataclass(frozen=True)
+class Engines:
+    """The async engine (reads, migrations, PostgreSQL writes) and, for SQLite, the synchronous
+    engine the journal writes through."""
+
+    main: AsyncEngine
+    sqlite_writer: Engine | None
+
+    async def dispose(self) -> None:
+        await self.main.dispose()
+        if self.sqlite_writer is not None:
+            self.sqlite_writer.dispose()
 
 
-def create_engine(
-    url: str, *, sqlite_synchronous: str = "NORMAL", busy_timeout: float = 5.0
-) -> AsyncEngine:
-    """An async engine. For SQLite: the file's folder is created, WAL, a busy timeout and the
-    chosen `synchronous` level are set on every connection."""
+# The journal is the only writer of a SQLite file, so it waits for a lock only when another
+# process holds one; when it writes on the event loop that wait stalls every call, so it is short
+# (the batch then fails as UNAVAILABLE: no decision is answered without its record).
+INLINE_WRITER_BUSY_TIMEOUT = 0.2
+
+
+def create_engines(
+    url: str,
+    *,
+    sqlite_synchronous: str = "NORMAL",
+    busy_timeout: float = 5.0,
+    writer_busy_timeout: float | None = None,
+) -> Engines:
+    """Engines for ``url``. For SQLite the file's folder is created, and WAL, a busy timeout and
+    the chosen `synchronous` level are set on every connection."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        main = create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        return Engines(main, None)
     database = parsed.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, connect_args={"timeout": busy_timeout})
-    level = sqlite_synchronous.upper()
-    busy_ms = int(busy_timeout * 1000)
+    main = create_async_engine(url, connect_args={"timeout": busy_timeout})
+    writer_timeout = busy_timeout if writer_busy_timeout is None else writer_busy_timeout
+    writer = create_engine(
+        parsed.set(drivername="sqlite"),
+        connect_args={"timeout": writer_timeout, "check_same_thread": False},
+    )
+    _set_pragmas(main.sync_engine, sqlite_synchronous.upper(), int(busy_timeout * 1000))
+    _set_pragmas(writer, sqlite_synchronous.upper(), int(writer_timeout * 1000))
+    return Engines(main, writer)
 
-    @event.listens_for(engine.sync_engine, "connect")
+
+def _set_pragmas(engine: Engine, synchronous: str, busy_ms: int) -> None:
+    @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={level}")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
-
-    return engine
 
 
 def _alembic_config(connection: Connection) -> Config:

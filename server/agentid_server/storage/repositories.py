@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import SessionRecord
 from agentid_server.domain.revocation import Revocation
 from agentid_server.storage import tables
+from agentid_server.storage.journal import JobResult, Journal
 
 SESSION_SERIAL = "session_serial"
 
 
 class SessionRepository:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Sessions: reads straight from the database, writes through the journal."""
+
+    def __init__(self, engine: AsyncEngine, journal: Journal) -> None:
         self._engine = engine
+        self._journal = journal
 
     async def allocate_serial(self) -> int:
-        """Takes the next session serial in its own short transaction (gaps are harmless)."""
-        statement = (
-            update(tables.counters)
-            .where(tables.counters.c.name == SESSION_SERIAL)
-            .values(value=tables.counters.c.value + 1)
-            .returning(tables.counters.c.value)
-        )
-        async with self._engine.begin() as connection:
-            return int((await connection.execute(statement)).scalar_one())
+        """The next session serial: monotonic, never reused (a refused Delegate leaves a gap)."""
+        return await self._journal.run(_allocate_serial)
 
     async def get(self, session_id: str) -> SessionRecord | None:
         s = tables.sessions
@@ -48,20 +45,15 @@ class SessionRepository:
         )
 
 
-def session_row(session: SessionRecord) -> dict[str, object]:
-    return {
-        "id": session.id,
-        "serial": session.serial,
-        "user_id": session.user_id,
-        "agent_id": session.agent_id,
-        "parent_id": session.parent_id or None,
-        "scopes": list(session.scopes),
-        "audiences": list(session.audiences),
-        "task": session.task,
-        "jkt": session.jkt,
-        "created_at": session.created_at,
-        "expires_at": session.expires_at,
-    }
+def _allocate_serial(connection: Connection) -> JobResult[int]:
+    counters = tables.counters
+    statement = (
+        update(counters)
+        .where(counters.c.name == SESSION_SERIAL)
+        .values(value=counters.c.value + 1)
+        .returning(counters.c.value)
+    )
+    return JobResult(int(connection.execute(statement).scalar_one()))
 
 
 class RevocationRepository:

@@ -1,0 +1,341 @@
+"""The journal: the one writer of the database. Every write (audit records, new sessions, serial
+allocation, and the later revocation and step-up changes) is queued here and group-committed:
+one task takes everything queued, writes it in a single transaction, and resolves each caller's
+future only after the commit. Every answered decision is on disk without a commit per record.
+
+Jobs are plain synchronous SQLAlchemy Core functions of a Connection, so one implementation serves
+both backends:
+
+* SQLite: a synchronous connection on a dedicated writer thread (one hop per batch), or inline on
+  the event loop when configured so (`database.sqlite_writer = "inline"`): a small batch costs
+  less there than the hop, but a lock held by another process would then stall the whole loop.
+* PostgreSQL: the async engine, with the batch run through ``AsyncConnection.run_sync``.
+
+Each job runs in a savepoint, so a job that fails (a domain error, say) rolls back alone and the
+rest of the batch commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Connection, Engine, bindparam, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from agentid_server.domain.errors import AgentIdError, Unavailable
+from agentid_server.domain.model import AuditEvent, SessionRecord
+from agentid_server.storage import tables
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class JobResult(Generic[T]):
+    """What a job hands back: its value, audit events to record in the same transaction, and a
+    callback run after the commit (in commit order) before any caller is answered."""
+
+    value: T
+    events: list[AuditEvent] = field(default_factory=list)
+    after_commit: Callable[[list[int]], None] | None = None
+
+
+Job = Callable[[Connection], JobResult[T]]
+
+
+@dataclass
+class _Item:
+    future: asyncio.Future[Any]
+    event: AuditEvent | None = None
+    session: SessionRecord | None = None
+    job: Job[Any] | None = None
+
+
+@dataclass
+class _Outcome:
+    value: Any = None
+    error: AgentIdError | None = None
+    after_commit: Callable[[list[int]], None] | None = None
+    ids: list[int] = field(default_factory=list)
+
+
+AUDIT_COLUMNS = (
+    "time_us", "event_type", "session_id", "user_id", "scopes", "agent_id", "actor_kind",
+    "actor_id", "action", "resource", "decision", "reason", "parent_session_id", "step_up_id",
+    "context", "detail",
+)  # fmt: skip
+AuditRow = tuple[Any, ...]
+
+
+@lru_cache(maxsize=4096)
+def _scopes_json(scopes: tuple[str, ...]) -> str:
+    return json.dumps(list(scopes), separators=(",", ":"))
+
+
+def audit_row(event: AuditEvent) -> AuditRow:
+    """The record's column values in AUDIT_COLUMNS order, JSON already encoded."""
+    context = event.context
+    return (
+        int(event.time * 1_000_000),
+        int(event.event_type),
+        event.session_id,
+        event.user_id,
+        _scopes_json(tuple(event.scopes)),
+        event.agent_id,
+        int(event.actor_kind),
+        event.actor_id,
+        event.action,
+        event.resource,
+        int(event.decision),
+        int(event.reason),
+        event.parent_session_id,
+        event.step_up_id,
+        json.dumps(dict(context), separators=(",", ":")) if isinstance(context, Mapping) else None,
+        event.detail,
+    )
+
+
+def session_row(session: SessionRecord) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "serial": session.serial,
+        "user_id": session.user_id,
+        "agent_id": session.agent_id,
+        "parent_id": session.parent_id or None,
+        "scopes": list(session.scopes),
+        "audiences": list(session.audiences),
+        "task": session.task,
+        "jkt": session.jkt,
+        "created_at": session.created_at,
+        "expires_at": session.expires_at,
+    }
+
+
+class Journal:
+    """Implements the domain's AuditLog port and runs every other write as a job."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sync_engine: Engine | None,
+        *,
+        max_batch: int,
+        append_timeout: float = 5.0,
+        sqlite_inline: bool = False,
+    ) -> None:
+        """``sync_engine`` is given for SQLite, None for PostgreSQL. SQLite batches are written
+        on a dedicated thread (one hop per batch; a lock held by another process stalls only the
+        writer) or, with ``sqlite_inline``, on the event loop itself."""
+        self._engine = engine
+        self._sync_engine = sync_engine
+        self._inline = sqlite_inline
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+            if sync_engine is not None and not sqlite_inline
+            else None
+        )
+        self._max_batch = max_batch
+        self._timeout = append_timeout
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._sync_connection: Connection | None = None
+        self._async_connection: AsyncConnection | None = None
+        # SQLite: this journal is the only writer of its file, so it numbers audit records itself
+        # (a multi-row INSERT ... RETURNING that keeps order runs a statement per row there).
+        # PostgreSQL takes ids from the table's sequence in one batched INSERT ... RETURNING.
+        self._next_id: int | None = None
+        names = ", ".join(("id", *AUDIT_COLUMNS))
+        marks = ", ".join("?" for _ in range(len(AUDIT_COLUMNS) + 1))
+        self._sqlite_insert = f"INSERT INTO audit_records ({names}) VALUES ({marks})"  # noqa: S608
+        self._insert_returning = (
+            tables.audit_records.insert()
+            .values({name: bindparam(name) for name in AUDIT_COLUMNS})
+            .returning(tables.audit_records.c.id, sort_by_parameter_order=True)
+        )
+        self.healthy = True
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="journal")
+
+    async def stop(self) -> None:
+        """Writes what is queued, then ends the writer and closes its connection."""
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._close_connections
+            )
+            self._executor.shutdown(wait=True)
+        else:
+            self._close_connections()
+        if self._async_connection is not None:
+            await self._async_connection.close()
+            self._async_connection = None
+
+    # -- the ports -------------------------------------------------------------------------------
+
+    async def append(self, event: AuditEvent, *, new_session: SessionRecord | None = None) -> int:
+        """Records the event (and a new session with it) durably; returns the record id."""
+        return int(await self._submit(_Item(self._future(), event=event, session=new_session)))
+
+    async def run(self, job: Job[T]) -> T:
+        """Runs a write job in the next group commit and returns its value after the commit."""
+        result: T = await self._submit(_Item(self._future(), job=job))
+        return result
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, item: _Item) -> Any:
+        self._queue.put_nowait(item)
+        timer = asyncio.get_running_loop().call_later(self._timeout, _give_up, item.future)
+        try:
+            return await item.future
+        finally:
+            timer.cancel()
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < self._max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    queue.task_done()
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        try:
+            if self._executor is not None:
+                loop = asyncio.get_running_loop()
+                outcomes = await loop.run_in_executor(self._executor, self._write_sqlite, batch)
+            elif self._sync_engine is not None:
+                outcomes = self._write_sqlite(batch)
+            else:
+                outcomes = await self._write_async(batch)
+        except Exception as exc:  # the writer must outlive any failed batch
+            self._next_id = None
+            if self._executor is None:
+                self._close_connections()
+            else:
+                self._executor.submit(self._close_connections)
+            self.healthy = False
+            if isinstance(exc, SQLAlchemyError | OSError):
+                log.error("write batch of %d items failed: %s", len(batch), type(exc).__name__)
+            else:
+                log.exception("write batch of %d items failed", len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(
+                        Unavailable("the store is unavailable", reason="AUDIT_UNAVAILABLE")
+                    )
+            return
+        self.healthy = True
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if outcome.after_commit is not None:
+                outcome.after_commit(outcome.ids)
+            if item.future.done():
+                continue
+            if outcome.error is not None:
+                item.future.set_exception(outcome.error)
+            else:
+                item.future.set_result(outcome.value)
+
+    def _write_sqlite(self, batch: list[_Item]) -> list[_Outcome]:
+        assert self._sync_engine is not None
+        if self._sync_connection is None:
+            self._sync_connection = self._sync_engine.connect()
+        connection = self._sync_connection
+        with connection.begin():
+            return self._write_batch(connection, batch)
+
+    async def _write_async(self, batch: list[_Item]) -> list[_Outcome]:
+        if self._async_connection is None:
+            self._async_connection = await self._engine.connect()
+        connection = self._async_connection
+        async with connection.begin():
+            return await connection.run_sync(self._write_batch, batch)
+
+    def _write_batch(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
+        """Runs the jobs, then inserts the new sessions and every audit row of the batch."""
+        outcomes = [_Outcome() for _ in batch]
+        rows: list[AuditRow] = []
+        owners: list[_Outcome] = []  # the outcome each audit row belongs to
+        sessions: list[dict[str, Any]] = []
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if item.job is None:
+                assert item.event is not None
+                if item.session is not None:
+                    sessions.append(session_row(item.session))
+                rows.append(audit_row(item.event))
+                owners.append(outcome)
+                continue
+            try:
+                with connection.begin_nested():
+                    result = item.job(connection)
+            except AgentIdError as error:
+                outcome.error = error
+                continue
+            outcome.value, outcome.after_commit = result.value, result.after_commit
+            rows.extend(audit_row(event) for event in result.events)
+            owners.extend(outcome for _ in result.events)
+        if sessions:
+            connection.execute(tables.sessions.insert(), sessions)
+        for owner, record_id in zip(owners, self._insert_audit(connection, rows), strict=True):
+            owner.ids.append(record_id)
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if item.job is None:
+                outcome.value = outcome.ids[0]
+        return outcomes
+
+    def _insert_audit(self, connection: Connection, rows: list[AuditRow]) -> list[int]:
+        if not rows:
+            return []
+        if self._sync_engine is None:
+            params = [dict(zip(AUDIT_COLUMNS, row, strict=True)) for row in rows]
+            result = connection.execute(self._insert_returning, params)
+            return [int(i) for i in result.scalars().all()]
+        if self._next_id is None:
+            top = connection.execute(select(func.max(tables.audit_records.c.id))).scalar()
+            self._next_id = int(top or 0) + 1
+        first = self._next_id
+        numbered = [(first + offset, *row) for offset, row in enumerate(rows)]
+        connection.exec_driver_sql(self._sqlite_insert, numbered)
+        self._next_id = first + len(rows)
+        return list(range(first, first + len(rows)))
+
+    def _close_connections(self) -> None:
+        if self._sync_connection is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._sync_connection.close()
+            self._sync_connection = None
+
+
+def _give_up(future: asyncio.Future[Any]) -> None:
+    """The write did not commit in time: answer UNAVAILABLE (it may still commit later, but no
+    caller is told it succeeded before it did)."""
+    if not future.done():
+        future.set_exception(
+            Unavailable("the store did not take the write in time", reason="AUDIT_UNAVAILABLE")
+        )

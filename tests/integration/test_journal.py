@@ -1,0 +1,128 @@
+"""The journal: group commit, jobs isolated by savepoints, and no decision without its record."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from agentid.v1 import agentid_pb2 as pb
+from agentid_server.domain.errors import NotFound, Unavailable
+from agentid_server.domain.model import ActorKind, AuditEvent, EventType
+from agentid_server.storage.database import create_engines, migrate
+from agentid_server.storage.journal import JobResult, Journal
+from sqlalchemy import Connection, text
+
+from tests.conftest import Harness, error_info
+
+
+def event(n: int) -> AuditEvent:
+    return AuditEvent(
+        time=time.time(),
+        event_type=EventType.CHECK,
+        actor_kind=ActorKind.SERVICE,
+        actor_id=f"svc-{n}",
+    )
+
+
+@pytest.fixture(params=["inline", "thread"])
+async def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Journal:
+    engines = create_engines(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}", writer_busy_timeout=0.2)
+    await migrate(engines.main)
+    journal = Journal(
+        engines.main, engines.sqlite_writer, max_batch=100, sqlite_inline=request.param == "inline"
+    )
+    journal.start()
+    yield journal
+    await journal.stop()
+    await engines.dispose()
+
+
+async def test_concurrent_appends_get_distinct_increasing_ids(journal: Journal) -> None:
+    ids = await asyncio.gather(*(journal.append(event(n)) for n in range(250)))
+    assert sorted(ids) == list(range(1, 251))
+    assert ids == sorted(ids)  # queued order is id order
+
+
+async def test_a_failing_job_rolls_back_alone(journal: Journal) -> None:
+    def good(connection: Connection) -> JobResult[str]:
+        connection.execute(text("INSERT INTO counters (name, value) VALUES ('good', 1)"))
+        return JobResult("done", events=[event(1)])
+
+    def bad(connection: Connection) -> JobResult[str]:
+        connection.execute(text("INSERT INTO counters (name, value) VALUES ('bad', 1)"))
+        raise NotFound("nothing here")
+
+    results = await asyncio.gather(
+        journal.run(good), journal.run(bad), journal.append(event(2)), return_exceptions=True
+    )
+    assert results[0] == "done"
+    assert isinstance(results[1], NotFound)
+    assert isinstance(results[2], int)
+    async with journal._engine.connect() as connection:
+        names = {row[0] for row in await connection.execute(text("SELECT name FROM counters"))}
+    assert "good" in names
+    assert "bad" not in names
+
+
+async def test_after_commit_runs_in_order_with_the_record_ids(journal: Journal) -> None:
+    seen: list[tuple[int, list[int]]] = []
+
+    def job(n: int):  # type: ignore[no-untyped-def]
+        def run(connection: Connection) -> JobResult[int]:
+            return JobResult(
+                n, events=[event(n), event(n)], after_commit=lambda ids: seen.append((n, ids))
+            )
+
+        return run
+
+    values = await asyncio.gather(*(journal.run(job(n)) for n in range(5)))
+    assert values == list(range(5))
+    assert [n for n, _ in seen] == list(range(5))
+    flat = [i for _, ids in seen for i in ids]
+    assert flat == sorted(flat)
+    assert len(flat) == 10
+
+
+async def test_a_locked_store_answers_unavailable_then_recovers(
+    journal: Journal, tmp_path: Path
+) -> None:
+    locker = sqlite3.connect(tmp_path / "j.db", timeout=0.1, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(Unavailable):
+            await journal.append(event(1))
+        assert not journal.healthy
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert await journal.append(event(2)) >= 1
+    assert journal.healthy
+
+
+async def test_no_allow_is_answered_while_the_audit_store_is_locked(harness: Harness) -> None:
+    delegated = await harness.delegate()
+    assert (await harness.check(delegated.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    locker = sqlite3.connect(harness.tmp_path / "agentid.db", timeout=1, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await harness.check(delegated.token, "tickets.read")
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(caught.value).reason == "AUDIT_UNAVAILABLE"
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    recovered = await harness.check(delegated.token, "tickets.read")
+    assert recovered.decision == pb.DECISION_ALLOW
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        assert (
+            db.execute(
+                "SELECT count(*) FROM audit_records WHERE id = ?", (int(recovered.decision_id),)
+            ).fetchone()[0]
+            == 1
+        )
