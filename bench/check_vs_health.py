@@ -7,8 +7,9 @@
           Check verifies a signature (the cache holds only the previous token).
 
 At 64 in flight: calls/s, p50, p99 and server CPU per call; at 1 in flight: p50. Each measurement
-has its own warm-up, and the three kinds are interleaved over several rounds (medians reported),
-so drift of a shared machine hits all of them alike. Figures go to stdout and
+has its own warm-up; the three kinds are interleaved over several rounds (rotating order), each
+figure is the median over rounds and each ratio the median of the per-round ratios, so drift of a
+shared machine hits both sides of a ratio alike. Figures go to stdout and
 bench/out/check_vs_health.json.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,14 +38,25 @@ def _bar(name: str, value: float) -> dict[str, Any]:
     return {"ratio": round(value, 3), "bar": f"{op} {limit}", "met": met}
 
 
+def _round_ratio(
+    rounds: dict[str, list[LoadResult]], numerator: str, denominator: str, figure: str
+) -> float:
+    """The median over rounds of numerator/denominator, each pair measured in the same round
+    (seconds apart), so slow drift of a shared machine cancels out."""
+    pairs = zip(rounds[numerator], rounds[denominator], strict=True)
+    values = [float(getattr(a, figure)) / float(getattr(b, figure)) for a, b in pairs]
+    return statistics.median(values)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ghz_binary = harness.ensure_ghz()
     machine = harness.machine_info(ghz_binary)
-    code = harness.code_under_test()
+    code = harness.code_under_test(args.commit)
     with harness.temporary_directory("agentid-bench-") as directory:
+        source = harness.export_commit(args.commit, directory / "src") if args.commit else None
         deployment = harness.create_deployment(directory, token_cache_size=1)
         argv = harness.serve_argv(args.venv, deployment.config, uvloop=args.uvloop)
-        with harness.running_server(argv, directory / "server.log") as server:
+        with harness.running_server(argv, directory / "server.log", source) as server:
             log(f"server pid {server.pid} on 127.0.0.1:{server.port}")
             user_token = deployment.user_token()
             tokens = harness.delegate_tokens(server.port, user_token, args.tokens + 1)
@@ -94,14 +107,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     at64 = {name: harness.median_result(results) for name, results in raw["64"].items()}
     at1 = {name: harness.median_result(results) for name, results in raw["1"].items()}
-    health64, health1 = at64["health"]["rps"], at1["health"]["p50_ms"]
     ratios = {
-        "warm_vs_health_rps": _bar("warm_vs_health_rps", at64["warm"]["rps"] / health64),
-        "cold_vs_health_rps": _bar("cold_vs_health_rps", at64["cold"]["rps"] / health64),
-        "check_vs_health_p50_1_in_flight": _bar(
-            "check_vs_health_p50_1_in_flight", at1["warm"]["p50_ms"] / health1
+        "warm_vs_health_rps": _bar(
+            "warm_vs_health_rps", _round_ratio(raw["64"], "warm", "health", "rps")
         ),
-        "cold_check_vs_health_p50_1_in_flight": round(at1["cold"]["p50_ms"] / health1, 3),
+        "cold_vs_health_rps": _bar(
+            "cold_vs_health_rps", _round_ratio(raw["64"], "cold", "health", "rps")
+        ),
+        "check_vs_health_p50_1_in_flight": _bar(
+            "check_vs_health_p50_1_in_flight", _round_ratio(raw["1"], "warm", "health", "p50_ms")
+        ),
+        "cold_check_vs_health_p50_1_in_flight": round(
+            _round_ratio(raw["1"], "cold", "health", "p50_ms"), 3
+        ),
+        "health_vs_warm_server_cpu_per_call": round(
+            _round_ratio(raw["64"], "health", "warm", "server_cpu_us_per_call"), 3
+        ),
+        "health_vs_cold_server_cpu_per_call": round(
+            _round_ratio(raw["64"], "health", "cold", "server_cpu_us_per_call"), 3
+        ),
     }
     return {
         "benchmark": "check_vs_health",
@@ -136,7 +160,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    print(f"Check vs health (same server, ghz, medians of {report['client']['rounds']} rounds)")
+    rounds = report["client"]["rounds"]
+    print(f"Check vs health (same server, ghz): medians of {rounds} rounds; each ratio is the")
+    print("median of the ratios within each round")
     header = [("calls/s @64", 12), ("p50 ms", 9), ("p99 ms", 9), ("CPU us/call", 13)]
     header.append(("p50 ms @1", 11))
     print(" " * 8 + "".join(f"{title:>{width}}" for title, width in header))
@@ -157,10 +183,13 @@ def print_summary(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--venv", type=Path, default=harness.MAIN_VENV, help="server's venv")
+    parser.add_argument(
+        "--commit", help="measure this revision's server/ (git archive), not the work tree"
+    )
     parser.add_argument("--uvloop", action="store_true", help="run the server under uvloop")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement, 64 in flight")
-    parser.add_argument("--seconds-1", type=float, default=2.5, help="per measurement, 1 in flight")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement, 64 in flight")
+    parser.add_argument("--seconds-1", type=float, default=2.0, help="per measurement, 1 in flight")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--tokens", type=int, default=1000, help="distinct tokens for cold")
     parser.add_argument("--ghz-cpus", type=int, default=1, help="GOMAXPROCS of ghz; 0 = all")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -83,14 +84,14 @@ def ensure_venv(version: str, *, rebuild: bool) -> Path:
 
 
 def measure_variant(
-    args: argparse.Namespace, ghz_binary: Path, venv: Path, uvloop: bool
+    args: argparse.Namespace, ghz_binary: Path, venv: Path, uvloop: bool, source: Path | None
 ) -> dict[str, LoadResult]:
     """One server from ``venv``: health and warm Check, each after its own warm-up."""
     results: dict[str, LoadResult] = {}
     with harness.temporary_directory("agentid-bench-") as directory:
         deployment = harness.create_deployment(directory, token_cache_size=100_000)
         argv = harness.serve_argv(venv, deployment.config, uvloop=uvloop)
-        with harness.running_server(argv, directory / "server.log") as server:
+        with harness.running_server(argv, directory / "server.log", source) as server:
             (token,) = harness.delegate_tokens(server.port, deployment.user_token(), 1)
             harness.sanity_check(server.port, deployment.api_key, [token])
             protoset = directory / "agentid.protoset"
@@ -114,23 +115,25 @@ def measure_variant(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ghz_binary = harness.ensure_ghz()
     machine = harness.machine_info(ghz_binary)
-    code = harness.code_under_test()
+    code = harness.code_under_test(args.commit)
     venvs = {version: ensure_venv(version, rebuild=args.rebuild) for version in args.versions}
     loops = [False] if args.no_uvloop else [False, True]
     variants = [(version, uvloop) for version in args.versions for uvloop in loops]
     raw: dict[str, dict[str, list[LoadResult]]] = {}
-    for round_no in range(args.rounds):
-        order = variants if round_no % 2 == 0 else list(reversed(variants))
-        for version, uvloop in order:
-            label = f"grpcio {version} + {'uvloop' if uvloop else 'asyncio'}"
-            log(f"round {round_no + 1}/{args.rounds}: {label}")
-            results = measure_variant(args, ghz_binary, venvs[version], uvloop)
-            for name, result in results.items():
-                raw.setdefault(label, {}).setdefault(name, []).append(result)
-                log(
-                    f"  {name:6} {result.rps:>8.0f} calls/s  p99 {result.p99_ms:.2f} ms  "
-                    f"server CPU {result.server_cpu_us_per_call:.0f} us/call"
-                )
+    with harness.temporary_directory("agentid-src-") as src_dir:
+        source = harness.export_commit(args.commit, src_dir) if args.commit else None
+        for round_no in range(args.rounds):
+            order = variants if round_no % 2 == 0 else list(reversed(variants))
+            for version, uvloop in order:
+                label = f"grpcio {version} + {'uvloop' if uvloop else 'asyncio'}"
+                log(f"round {round_no + 1}/{args.rounds}: {label}")
+                results = measure_variant(args, ghz_binary, venvs[version], uvloop, source)
+                for name, result in results.items():
+                    raw.setdefault(label, {}).setdefault(name, []).append(result)
+                    log(
+                        f"  {name:6} {result.rps:>8.0f} calls/s  p99 {result.p99_ms:.2f} ms  "
+                        f"server CPU {result.server_cpu_us_per_call:.0f} us/call"
+                    )
     summary: dict[str, Any] = {}
     for label, by_kind in raw.items():
         health = harness.median_result(by_kind["health"])
@@ -138,7 +141,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary[label] = {
             "health": health,
             "warm": warm,
-            "warm_vs_health_rps": round(warm["rps"] / health["rps"], 3),
+            "warm_vs_health_rps": round(
+                statistics.median(
+                    w.rps / h.rps for w, h in zip(by_kind["warm"], by_kind["health"], strict=True)
+                ),
+                3,
+            ),
         }
     baseline = summary[f"grpcio {args.versions[0]} + asyncio"]
     for entry in summary.values():
@@ -204,6 +212,9 @@ def print_summary(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--versions", nargs="+", default=list(DEFAULT_VERSIONS))
+    parser.add_argument(
+        "--commit", help="measure this revision's server/ (git archive), not the work tree"
+    )
     parser.add_argument("--no-uvloop", action="store_true", help="asyncio event loop only")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=4.0)

@@ -180,9 +180,10 @@ _CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 class ServerProcess:
     """`agentid serve` in its own process; its log goes to a file beside the config."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(self, argv: Sequence[str], log_path: Path, source: Path | None = None) -> None:
         self.argv = list(argv)
         self.log_path = log_path
+        self.source = source
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -193,6 +194,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
+        if self.source is not None:  # ahead of the venv's editable install of the work tree
+            env["PYTHONPATH"] = f"{self.source / 'server'}{os.pathsep}{self.source / 'gen/python'}"
         with open(self.log_path, "wb") as out:
             self._process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
@@ -238,8 +241,10 @@ def serve_argv(venv: Path, config: Path, *, uvloop: bool = False) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server(argv: Sequence[str], log_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(argv, log_path)
+def running_server(
+    argv: Sequence[str], log_path: Path, source: Path | None = None
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(argv, log_path, source)
     server.start()
     try:
         yield server
@@ -519,17 +524,35 @@ def background_busy(seconds: float = 1.0) -> float:
     return (busy1 - busy0) / max(1, total1 - total0)
 
 
-def code_under_test() -> dict[str, Any]:
-    """The commit measured, and whether server/ had uncommitted changes (editable installs run
-    the working tree)."""
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
 
+def export_commit(commit: str, directory: Path) -> Path:
+    """server/ and gen/python/ of ``commit`` (`git archive`) in ``directory``, so a run measures
+    a fixed revision while the work tree is being edited."""
+    directory.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", commit, "server", "gen/python"],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    return directory
+
+
+def code_under_test(commit: str | None) -> dict[str, Any]:
+    """Which server code was measured: a commit's archive, or the work tree (what the venvs'
+    editable installs run) with whether server/ had uncommitted changes."""
+    if commit is not None:
+        return {"source": "git archive", "commit": _git("rev-parse", "--short", commit)}
     return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "server_changes_uncommitted": bool(git("status", "--porcelain", "--", "server")),
+        "source": "work tree",
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "server_changes_uncommitted": bool(_git("status", "--porcelain", "--", "server")),
     }
 
 

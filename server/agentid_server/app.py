@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,11 @@ from agentid_server.api.servicer import AgentIdentityServicer
 from agentid_server.config import Settings, is_loopback
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import Delegator, TtlPolicy
+from agentid_server.domain.errors import AgentIdError
 from agentid_server.domain.model import AgentKind, ServicePrincipal
 from agentid_server.domain.ports import Clock, SystemClock
-from agentid_server.domain.revocation import RevocationSet
+from agentid_server.domain.revocation import RevocationHub, RevocationSet
+from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.scopes import ScopeSet
 from agentid_server.storage.database import (
     INLINE_WRITER_BUSY_TIMEOUT,
@@ -62,13 +66,38 @@ class Running:
     engines: Engines
     journal: Journal
     revocations: RevocationSet
+    hub: RevocationHub
+    housekeeping: asyncio.Task[None]
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: stop taking calls, let in-flight calls finish, then flush and close."""
+        """Graceful: stop taking calls, end watch streams cleanly, let in-flight calls finish,
+        then flush the journal and close."""
         await self.health.enter_graceful_shutdown()
+        self.hub.close()
         await self.server.stop(self.settings.server.shutdown_grace if grace is None else grace)
+        self.housekeeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.housekeeping
         await self.journal.stop()
         await self.engines.dispose()
+
+
+async def _housekeeping(
+    settings: Settings, revocations: RevocationSet, repo: RevocationRepository, clock: Clock
+) -> None:
+    """Prunes expired entries from the bitmap, and old history from the table, periodically."""
+    interval = settings.revocation.prune_interval
+    while True:
+        await asyncio.sleep(interval)
+        now = clock.now()
+        cleared = revocations.prune(now)
+        try:
+            deleted = await repo.prune_history(int(now - settings.revocation.history_retention))
+        except AgentIdError as exc:
+            log.warning("pruning revocation history failed: %s", exc.message)
+            deleted = 0
+        if cleared or deleted:
+            log.info("pruned %d expired revocations (%d history rows)", cleared, deleted)
 
 
 async def _signing_keys(settings: Settings, repo: KeyRepository, now: int) -> list[SigningKey]:
@@ -101,10 +130,10 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         await migrate(engine)
         keys = await _signing_keys(settings, KeyRepository(engine), now)
         revocations = RevocationSet()
-        revocation_repo = RevocationRepository(engine)
-        for revocation in await revocation_repo.live(now):
+        reader = RevocationRepository(engine, journal=None)
+        for revocation in await reader.live(now):
             revocations.apply(revocation)
-        revocations.applied_sequence = await revocation_repo.last_sequence()
+        revocations.advance(await reader.last_sequence())
         idp = IdpVerifier(
             [
                 IdpConfig(
@@ -137,6 +166,12 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         engine, engines.sqlite_writer, max_batch=settings.audit.max_batch, sqlite_inline=inline
     )
     journal.start()
+    revocation_repo = RevocationRepository(engine, journal)
+    hub = RevocationHub(settings.revocation.watch_buffer)
+    sessions = SessionRepository(engine, journal)
+    revoker = Revoker(
+        store=revocation_repo, sessions=sessions, revoked=revocations, hub=hub, clock=clock
+    )
     public_jwks = jwks_json(keys)
     agents = {
         a.id: AgentKind(
@@ -156,7 +191,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
                 int(settings.tokens.min_ttl),
                 int(settings.tokens.max_ttl),
             ),
-            sessions=SessionRepository(engine, journal),
+            sessions=sessions,
             tokens=AgentTokenIssuer(active),
             audit=journal,
             clock=clock,
@@ -165,11 +200,14 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             verifier=verifier,
             proofs=DpopVerifier(),
             revocations=revocations,
+            consistency=revoker,
             audit=journal,
             clock=clock,
             max_token_bytes=settings.server.max_token_bytes,
         ),
+        revoker=revoker,
         jwks=lambda: public_jwks,
+        max_consistency_wait=settings.server.max_consistency_wait,
     )
     authn = CallerAuthenticator(
         services=services, users=idp, agents=verifier, revocations=revocations, clock=clock
@@ -189,7 +227,12 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, settings, engines, journal, revocations)
+    housekeeping = asyncio.create_task(
+        _housekeeping(settings, revocations, revocation_repo, clock), name="housekeeping"
+    )
+    return Running(
+        server, port, health_servicer, settings, engines, journal, revocations, hub, housekeeping
+    )
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

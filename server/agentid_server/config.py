@@ -118,6 +118,13 @@ class RiskRuleSettings:
 
 
 @dataclass(frozen=True)
+class RevocationSettings:
+    watch_buffer: int = 4096
+    prune_interval: float = 60.0
+    history_retention: float = 3600.0
+
+
+@dataclass(frozen=True)
 class AuditSettings:
     max_batch: int = 2048
 
@@ -130,6 +137,7 @@ class Settings:
     tokens: TokenSettings = field(default_factory=TokenSettings)
     step_up: StepUpSettings = field(default_factory=StepUpSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    revocation: RevocationSettings = field(default_factory=RevocationSettings)
     idps: tuple[IdpSettings, ...] = ()
     services: tuple[ServiceSettings, ...] = ()
     agents: tuple[AgentSettings, ...] = ()
@@ -157,6 +165,9 @@ _SCALARS: dict[str, dict[str, str]] = {
         "accepted_acr": "list",
     },
     "audit": {"max_batch": "int"},
+    "revocation": {
+        "watch_buffer": "int", "prune_interval": "duration", "history_retention": "duration",
+    },
 }  # fmt: skip
 _ARRAYS = {"idp", "services", "agents", "risk"}
 
@@ -247,6 +258,7 @@ def settings_from_mapping(
         tokens=_build(TokenSettings, sections["tokens"]),
         step_up=_build(StepUpSettings, sections["step_up"]),
         audit=_build(AuditSettings, sections["audit"]),
+        revocation=_build(RevocationSettings, sections["revocation"]),
         idps=tuple(_idp(r) for r in _array(data, "idp", source)),
         services=tuple(_service(r) for r in _array(data, "services", source)),
         agents=tuple(_agent(r) for r in _array(data, "agents", source)),
@@ -375,6 +387,8 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise tokens.fail("algorithm", f"must be one of {', '.join(SIGNING_ALGORITHMS)}")
     if not s.tokens.min_ttl <= s.tokens.default_ttl <= s.tokens.max_ttl:
         raise tokens.fail("default_ttl", "must lie between min_ttl and max_ttl")
+    if s.revocation.watch_buffer < 1:
+        raise sections["revocation"].fail("watch_buffer", "must be at least 1")
     if not s.database.url:
         raise sections["database"].fail("url", "is required")
     if s.database.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):

@@ -14,8 +14,23 @@ from agentid_server.domain.check import Checker, CheckInput
 from agentid_server.domain.delegation import DelegateInput, Delegator
 from agentid_server.domain.errors import Unimplemented
 from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal, UserPrincipal
+from agentid_server.domain.revocation import Revocation, Snapshot
+from agentid_server.domain.revoking import Revoker
 
 Context = grpc.aio.ServicerContext[Any, Any]
+CONSISTENCY_MARGIN = 0.05  # seconds kept back from the deadline to answer in time
+
+
+def revocation_event(revocation: Revocation) -> pb.RevocationEvent:
+    return pb.RevocationEvent(
+        sequence=revocation.sequence,
+        session_id=revocation.session_id,
+        serial=revocation.serial,
+        user_id=revocation.user_id,
+        reason=revocation.reason,
+        revoked_at=timestamp(revocation.revoked_at),
+        expires_at=timestamp(revocation.expires_at),
+    )
 
 
 def _later(method: str) -> NoReturn:
@@ -30,10 +45,20 @@ async def _later_stream(method: str) -> AsyncIterator[Any]:
 
 
 class AgentIdentityServicer:
-    def __init__(self, *, delegator: Delegator, checker: Checker, jwks: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        *,
+        delegator: Delegator,
+        checker: Checker,
+        revoker: Revoker,
+        jwks: Callable[[], str],
+        max_consistency_wait: float,
+    ) -> None:
         self._delegator = delegator
         self._checker = checker
+        self._revoker = revoker
         self._jwks = jwks
+        self._max_wait = max_consistency_wait
 
     async def Delegate(
         self, request: pb.DelegateRequest, context: Context, principal: Principal
@@ -76,6 +101,8 @@ class AgentIdentityServicer:
                 pop_proof=request.pop_proof,
                 pop_method=request.pop_method,
                 pop_uri=request.pop_uri,
+                min_revocation_sequence=request.min_revocation_sequence,
+                consistency_wait=self._consistency_wait(context),
             ),
         )
         claims = outcome.claims
@@ -108,10 +135,25 @@ class AgentIdentityServicer:
     ) -> pb.ResolveStepUpResponse:
         _later("ResolveStepUp")
 
+    def _consistency_wait(self, context: Context) -> float:
+        """max_consistency_wait, or less so the answer still beats the call's deadline."""
+        remaining: float | None = context.time_remaining()  # None: the call has no deadline
+        if remaining is None:
+            return self._max_wait
+        return max(0.0, min(self._max_wait, remaining - CONSISTENCY_MARGIN))
+
     async def Revoke(
         self, request: pb.RevokeRequest, context: Context, principal: Principal
     ) -> pb.RevokeResponse:
-        _later("Revoke")
+        outcome = await self._revoker.revoke(
+            principal,
+            session_id=request.session_id,
+            user_id=request.user_id,
+            reason=request.reason,
+        )
+        return pb.RevokeResponse(
+            session_ids=outcome.session_ids, revocation_sequence=outcome.sequence
+        )
 
     async def VerifyAudit(
         self, request: pb.VerifyAuditRequest, context: Context, principal: Principal
@@ -123,10 +165,20 @@ class AgentIdentityServicer:
     ) -> AsyncIterator[pb.WatchStepUpsResponse]:
         return _later_stream("WatchStepUps")
 
-    def WatchRevocations(
+    async def WatchRevocations(
         self, request: pb.WatchRevocationsRequest, context: Context, principal: Principal
     ) -> AsyncIterator[pb.WatchRevocationsResponse]:
-        return _later_stream("WatchRevocations")
+        async for item in self._revoker.watch(request.after_sequence):
+            if isinstance(item, Snapshot):
+                yield pb.WatchRevocationsResponse(
+                    snapshot=pb.RevocationSnapshot(
+                        sequence=item.sequence,
+                        revoked_serials=item.revoked_serials,
+                        count=item.count,
+                    )
+                )
+            else:
+                yield pb.WatchRevocationsResponse(event=revocation_event(item))
 
     def Audit(
         self, request: pb.AuditRequest, context: Context, principal: Principal

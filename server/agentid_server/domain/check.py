@@ -25,6 +25,7 @@ from agentid_server.domain.ports import (
     AuditLog,
     Clock,
     ProofVerifier,
+    SequenceWaiter,
     TokenRejected,
 )
 from agentid_server.domain.revocation import RevocationSet
@@ -40,6 +41,8 @@ class CheckInput:
     pop_proof: str = ""
     pop_method: str = ""
     pop_uri: str = ""
+    min_revocation_sequence: int = 0
+    consistency_wait: float = 0.0  # how long min_revocation_sequence may be waited for
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,7 @@ class Checker:
         verifier: AgentTokenVerifier,
         proofs: ProofVerifier,
         revocations: RevocationSet,
+        consistency: SequenceWaiter,
         audit: AuditLog,
         clock: Clock,
         max_token_bytes: int,
@@ -71,12 +75,17 @@ class Checker:
         self._verifier = verifier
         self._proofs = proofs
         self._revocations = revocations
+        self._consistency = consistency
         self._audit = audit
         self._clock = clock
         self._max_token_bytes = max_token_bytes
 
     async def check(self, caller: ServicePrincipal, request: CheckInput) -> CheckOutcome:
         action, resource = _parse_request(request)
+        if request.min_revocation_sequence > self._revocations.applied_sequence:
+            await self._consistency.await_sequence(
+                request.min_revocation_sequence, request.consistency_wait
+            )
         now = self._clock.now()
         applied = self._revocations.applied_sequence
         claims: AgentClaims | None = None

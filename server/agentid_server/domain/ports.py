@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from agentid_server.domain.model import AgentClaims, AuditEvent, Reason, SessionRecord
+from agentid_server.domain.revocation import Revocation
 
 
 class TokenRejected(Exception):
@@ -65,3 +67,48 @@ class SystemClock:
 
     def now(self) -> float:
         return time.time()
+
+
+class SequenceWaiter(Protocol):
+    async def await_sequence(self, sequence: int, budget: float) -> None:
+        """Returns once ``sequence`` is applied here; OutOfRange when it was never written,
+        Unavailable when ``budget`` seconds pass first."""
+        ...
+
+
+class SessionReader(Protocol):
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    async def lineage(self, session_id: str) -> list[str]:
+        """The session's id and every ancestor's id (in no particular order)."""
+        ...
+
+
+class RevocationStore(Protocol):
+    async def revoke(
+        self,
+        *,
+        root_session_id: str | None,
+        user_id: str | None,
+        reason: str,
+        now: float,
+        audit: Callable[[SessionRecord, Revocation], AuditEvent],
+        on_commit: Callable[[list[Revocation]], None],
+    ) -> list[Revocation]:
+        """Revokes, in one transaction, the live sessions of the subtree rooted at
+        ``root_session_id`` (or every live session of ``user_id``): revocation rows with the next
+        gap-free sequences, sessions marked, one audit record each. ``on_commit`` runs after the
+        commit, before this returns, in commit order."""
+        ...
+
+    async def events_after(self, sequence: int, limit: int) -> list[Revocation]:
+        """Stored revocations with a sequence above ``sequence``, in order, at most ``limit``."""
+        ...
+
+    async def oldest_sequence(self) -> int | None:
+        """The lowest sequence still stored (older history was pruned), None when none is."""
+        ...
+
+    async def last_sequence(self) -> int:
+        """The highest sequence ever written."""
+        ...

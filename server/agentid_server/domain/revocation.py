@@ -1,15 +1,22 @@
-"""The in-memory revocation set the Check hot path consults: a Roaring bitmap of session serials.
+"""Revocation on the hot path and to every watcher.
 
-The bitmap is the truth for "is this session revoked?" on this process. Entries remember their
-token's expiry so they can be pruned once the token could no longer pass the `exp` check anyway.
+* ``RevocationSet``: the revoked session serials as a Roaring bitmap, with the sequence of the
+  last revocation applied. `sn in set` is what Check asks; entries leave once their token expired.
+* ``RevocationHub``: in-process fan-out of revocation events to watchers, each with a bounded
+  buffer; a watcher that falls behind is ended (it resumes from its last sequence) instead of
+  growing memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+from collections import deque
 from dataclasses import dataclass
 
 from pyroaring import BitMap
+
+from agentid_server.domain.errors import ResourceExhausted
 
 SERIAL_SPACE = 1 << 32
 
@@ -30,6 +37,15 @@ class Revocation:
     expires_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every revocation up to ``sequence``, as the portable Roaring serialization of serials."""
+
+    sequence: int
+    revoked_serials: bytes
+    count: int
+
+
 class RevocationSet:
     """Revoked serials plus the sequence of the last revocation applied to them."""
 
@@ -37,6 +53,8 @@ class RevocationSet:
         self._bitmap = BitMap()
         self._expiries: list[tuple[int, int]] = []  # heap of (expires_at, bit)
         self.applied_sequence = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap by sequence
+        self._waiter_ids = 0
 
     def __contains__(self, serial: int) -> bool:
         return serial_bit(serial) in self._bitmap
@@ -45,11 +63,37 @@ class RevocationSet:
         return len(self._bitmap)
 
     def apply(self, revocation: Revocation) -> None:
-        """Adds one revocation; sequences must be applied in order."""
+        """Adds one revocation; sequences arrive in order."""
         bit = serial_bit(revocation.serial)
         self._bitmap.add(bit)
         heapq.heappush(self._expiries, (revocation.expires_at, bit))
-        self.applied_sequence = max(self.applied_sequence, revocation.sequence)
+        self.advance(revocation.sequence)
+
+    def advance(self, sequence: int) -> None:
+        """Records that every revocation up to ``sequence`` is applied; wakes those waiting."""
+        if sequence <= self.applied_sequence:
+            return
+        self.applied_sequence = sequence
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= sequence:
+            _, _, future = heapq.heappop(waiters)
+            if not future.done():
+                future.set_result(None)
+
+    async def wait_applied(self, sequence: int, budget: float) -> bool:
+        """Waits until ``sequence`` is applied; False when ``budget`` seconds pass first."""
+        if sequence <= self.applied_sequence:
+            return True
+        if budget <= 0:
+            return False
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter_ids += 1
+        heapq.heappush(self._waiters, (sequence, self._waiter_ids, future))
+        try:
+            await asyncio.wait_for(future, budget)
+        except TimeoutError:
+            return False
+        return True
 
     def prune(self, now: float) -> int:
         """Forgets entries whose token has expired; returns how many bits were cleared."""
@@ -61,6 +105,76 @@ class RevocationSet:
                 cleared += 1
         return cleared
 
-    def serialize(self) -> bytes:
-        """Portable Roaring serialization: what the Roaring libraries of other languages read."""
-        return bytes(self._bitmap.serialize())
+    def snapshot(self) -> Snapshot:
+        """The current set, consistent with ``applied_sequence`` (taken without an await)."""
+        return Snapshot(self.applied_sequence, bytes(self._bitmap.serialize()), len(self._bitmap))
+
+
+class Subscription:
+    """One watcher's bounded buffer of live events."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._events: deque[Revocation] = deque()
+        self._ready = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def push(self, revocation: Revocation) -> None:
+        if self.overflowed or self.closed:
+            return
+        if len(self._events) >= self._capacity:
+            self.overflowed = True
+        else:
+            self._events.append(revocation)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def next(self) -> Revocation | None:
+        """The next event; None once the hub closed; ResourceExhausted once it fell behind."""
+        while not self._events:
+            if self.overflowed:
+                raise ResourceExhausted(
+                    "this watcher fell behind; resume with after_sequence = the last sequence seen",
+                    reason="WATCHER_TOO_SLOW",
+                )
+            if self.closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+
+class RevocationHub:
+    """Fans revocation events out to every connected watcher, in sequence order."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._subscriptions: set[Subscription] = set()
+        self.closed = False
+
+    def subscribe(self) -> Subscription:
+        subscription = Subscription(self._capacity)
+        if self.closed:
+            subscription.close()
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    def publish(self, revocation: Revocation) -> None:
+        for subscription in self._subscriptions:
+            subscription.push(revocation)
+
+    def close(self) -> None:
+        """Ends every watch stream cleanly (shutdown)."""
+        self.closed = True
+        for subscription in self._subscriptions:
+            subscription.close()
+
+    def __len__(self) -> int:
+        return len(self._subscriptions)

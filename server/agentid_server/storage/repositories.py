@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select, update
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Row, Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentid_server.domain.model import SessionRecord
+from agentid_server.domain.model import AuditEvent, SessionRecord
 from agentid_server.domain.revocation import Revocation
 from agentid_server.storage import tables
 from agentid_server.storage.journal import JobResult, Journal
 
 SESSION_SERIAL = "session_serial"
+REVOCATION_SEQUENCE = "revocation_sequence"
 
 
 class SessionRepository:
@@ -28,21 +33,15 @@ class SessionRepository:
         s = tables.sessions
         async with self._engine.connect() as connection:
             row = (await connection.execute(select(s).where(s.c.id == session_id))).first()
-        if row is None:
-            return None
-        return SessionRecord(
-            id=row.id,
-            serial=row.serial,
-            user_id=row.user_id,
-            agent_id=row.agent_id,
-            scopes=tuple(row.scopes),
-            audiences=tuple(row.audiences),
-            task=row.task,
-            jkt=row.jkt,
-            created_at=row.created_at,
-            expires_at=row.expires_at,
-            parent_id=row.parent_id or "",
-        )
+        return None if row is None else _session(row)
+
+    async def lineage(self, session_id: str) -> list[str]:
+        s = tables.sessions
+        up = select(s.c.id, s.c.parent_id).where(s.c.id == session_id).cte("up", recursive=True)
+        up = up.union_all(select(s.c.id, s.c.parent_id).where(s.c.id == up.c.parent_id))
+        async with self._engine.connect() as connection:
+            rows = (await connection.execute(select(up.c.id))).all()
+        return [row.id for row in rows]
 
 
 def _allocate_serial(connection: Connection) -> JobResult[int]:
@@ -57,8 +56,57 @@ def _allocate_serial(connection: Connection) -> JobResult[int]:
 
 
 class RevocationRepository:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Revocation rows: written by journal jobs, read for the bitmap at start and for history."""
+
+    def __init__(self, engine: AsyncEngine, journal: Journal | None) -> None:
+        """Without a journal the repository only reads (at start, before the journal runs)."""
         self._engine = engine
+        self._journal = journal
+
+    def _writer(self) -> Journal:
+        if self._journal is None:
+            raise RuntimeError("this repository was built for reading only")
+        return self._journal
+
+    async def revoke(
+        self,
+        *,
+        root_session_id: str | None,
+        user_id: str | None,
+        reason: str,
+        now: float,
+        audit: Callable[[SessionRecord, Revocation], AuditEvent],
+        on_commit: Callable[[list[Revocation]], None],
+    ) -> list[Revocation]:
+        def job(connection: Connection) -> JobResult[list[Revocation]]:
+            sessions = _live_targets(connection, root_session_id, user_id, int(now))
+            if not sessions:
+                return JobResult([])
+            counters = tables.counters
+            last = connection.execute(
+                update(counters)
+                .where(counters.c.name == REVOCATION_SEQUENCE)
+                .values(value=counters.c.value + len(sessions))
+                .returning(counters.c.value)
+            ).scalar_one()
+            first = int(last) - len(sessions) + 1
+            revocations = [
+                Revocation(first + i, s.id, s.serial, s.user_id, reason, now, s.expires_at)
+                for i, s in enumerate(sessions)
+            ]
+            connection.execute(
+                tables.revocations.insert(), [_revocation_row(r) for r in revocations]
+            )
+            s = tables.sessions
+            connection.execute(
+                update(s)
+                .where(s.c.id.in_([x.id for x in sessions]))
+                .values(revoked_at=int(now), revoke_reason=reason)
+            )
+            events = [audit(x, r) for x, r in zip(sessions, revocations, strict=True)]
+            return JobResult(revocations, events, lambda _ids: on_commit(revocations))
+
+        return await self._writer().run(job)
 
     async def live(self, now: int) -> list[Revocation]:
         """Revocations whose token has not expired yet, in sequence order (the bitmap at start)."""
@@ -66,28 +114,98 @@ class RevocationRepository:
         statement = select(r).where(r.c.expires_at > now).order_by(r.c.sequence)
         async with self._engine.connect() as connection:
             rows = (await connection.execute(statement)).all()
-        return [
-            Revocation(
-                sequence=row.sequence,
-                session_id=row.session_id,
-                serial=row.serial,
-                user_id=row.user_id,
-                reason=row.reason,
-                revoked_at=row.revoked_at,
-                expires_at=row.expires_at,
-            )
-            for row in rows
-        ]
+        return [_revocation(row) for row in rows]
+
+    # Watch streams read these and are cancelled whenever a watcher goes away; the reads are
+    # shielded so a cancellation never abandons a connection in the middle of a query.
+
+    async def events_after(self, sequence: int, limit: int) -> list[Revocation]:
+        r = tables.revocations
+        statement = select(r).where(r.c.sequence > sequence).order_by(r.c.sequence).limit(limit)
+        rows = await asyncio.shield(self._all(statement))
+        return [_revocation(row) for row in rows]
+
+    async def oldest_sequence(self) -> int | None:
+        rows = await asyncio.shield(self._all(select(func.min(tables.revocations.c.sequence))))
+        value = rows[0][0] if rows else None
+        return None if value is None else int(value)
 
     async def last_sequence(self) -> int:
-        r = tables.revocations
+        c = tables.counters
+        statement = select(c.c.value).where(c.c.name == REVOCATION_SEQUENCE)
+        rows = await asyncio.shield(self._all(statement))
+        return int(rows[0][0])
+
+    async def _all(self, statement: Select[Any]) -> list[Row[Any]]:
         async with self._engine.connect() as connection:
-            value = (
-                await connection.execute(
-                    select(r.c.sequence).order_by(r.c.sequence.desc()).limit(1)
-                )
-            ).scalar()
-        return int(value or 0)
+            return list((await connection.execute(statement)).all())
+
+    async def prune_history(self, expired_before: int) -> int:
+        """Deletes revocation rows of tokens that expired before the given time."""
+
+        def job(connection: Connection) -> JobResult[int]:
+            r = tables.revocations
+            result = connection.execute(delete(r).where(r.c.expires_at < expired_before))
+            return JobResult(int(result.rowcount or 0))
+
+        return await self._writer().run(job)
+
+
+def _live_targets(
+    connection: Connection, root: str | None, user_id: str | None, now: int
+) -> list[SessionRecord]:
+    s = tables.sessions
+    scope: ColumnElement[bool]
+    if root is not None:
+        tree = select(s.c.id).where(s.c.id == root).cte("tree", recursive=True)
+        tree = tree.union_all(select(s.c.id).where(s.c.parent_id == tree.c.id))
+        scope = s.c.id.in_(select(tree.c.id))
+    else:
+        scope = s.c.user_id == user_id
+    statement = (
+        select(s).where(scope, s.c.revoked_at.is_(None), s.c.expires_at > now).order_by(s.c.serial)
+    )
+    return [_session(row) for row in connection.execute(statement)]
+
+
+def _revocation_row(r: Revocation) -> dict[str, object]:
+    return {
+        "sequence": r.sequence,
+        "session_id": r.session_id,
+        "serial": r.serial,
+        "user_id": r.user_id,
+        "reason": r.reason,
+        "revoked_at": int(r.revoked_at),
+        "expires_at": r.expires_at,
+    }
+
+
+def _revocation(row: Any) -> Revocation:
+    return Revocation(
+        sequence=row.sequence,
+        session_id=row.session_id,
+        serial=row.serial,
+        user_id=row.user_id,
+        reason=row.reason,
+        revoked_at=row.revoked_at,
+        expires_at=row.expires_at,
+    )
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(
+        id=row.id,
+        serial=row.serial,
+        user_id=row.user_id,
+        agent_id=row.agent_id,
+        scopes=tuple(row.scopes),
+        audiences=tuple(row.audiences),
+        task=row.task,
+        jkt=row.jkt,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        parent_id=row.parent_id or "",
+    )
 
 
 class KeyRepository:

@@ -60,6 +60,7 @@ revocations = Table(
     Column("revoked_at", BigInteger, nullable=False),
     Column("expires_at", BigInteger, nullable=False),
     Index("ix_revocations_expires", "expires_at"),
+    Index("ix_revocations_session", "session_id"),
 )
 
 signing_keys = Table(

@@ -1,0 +1,222 @@
+"""Revoke and WatchRevocations: immediate on this process, pushed to every watcher, resumable.
+
+A revocation is committed (rows with a global gap-free sequence), applied to the in-memory set and
+handed to every watcher before Revoke answers, so a Check that starts after Revoke returned never
+allows the session.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from agentid_server.domain.errors import (
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    Unavailable,
+)
+from agentid_server.domain.model import (
+    ActorKind,
+    AgentPrincipal,
+    AuditEvent,
+    EventType,
+    Principal,
+    Role,
+    ServicePrincipal,
+    SessionRecord,
+    UserPrincipal,
+)
+from agentid_server.domain.ports import Clock, RevocationStore, SessionReader
+from agentid_server.domain.revocation import Revocation, RevocationHub, RevocationSet, Snapshot
+
+SESSION_ID = re.compile(r"ses_[0-9A-HJKMNP-TV-Z]{26}")
+MAX_REASON_LENGTH = 512
+MAX_USER_ID_LENGTH = 256
+HISTORY_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeOutcome:
+    session_ids: list[str]
+    sequence: int
+
+
+def validate_session_id(field: str, value: str) -> None:
+    if not SESSION_ID.fullmatch(value):
+        raise InvalidArgument.field(field, "not a session id (ses_ followed by a ULID)")
+
+
+class Revoker:
+    """Revokes sessions and serves the revocation stream."""
+
+    def __init__(
+        self,
+        *,
+        store: RevocationStore,
+        sessions: SessionReader,
+        revoked: RevocationSet,
+        hub: RevocationHub,
+        clock: Clock,
+    ) -> None:
+        self._store = store
+        self._sessions = sessions
+        self._revoked = revoked
+        self._hub = hub
+        self._clock = clock
+
+    # -- Revoke ----------------------------------------------------------------------------------
+
+    async def revoke(
+        self, caller: Principal, *, session_id: str, user_id: str, reason: str
+    ) -> RevokeOutcome:
+        if bool(session_id) == bool(user_id):
+            raise InvalidArgument.field("target", "set exactly one of session_id and user_id")
+        if len(reason) > MAX_REASON_LENGTH:
+            raise InvalidArgument.field("reason", f"at most {MAX_REASON_LENGTH} characters")
+        if session_id:
+            validate_session_id("session_id", session_id)
+            await self._authorize_session(caller, session_id)
+        else:
+            if len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
+                raise InvalidArgument.field("user_id", "not a valid user id")
+            _authorize_user(caller, user_id)
+        revocations = await self._store.revoke(
+            root_session_id=session_id or None,
+            user_id=user_id or None,
+            reason=reason,
+            now=self._clock.now(),
+            audit=lambda session, revocation: _audit_event(caller, session, revocation),
+            on_commit=self._applied,
+        )
+        sequence = revocations[-1].sequence if revocations else self._revoked.applied_sequence
+        return RevokeOutcome([r.session_id for r in revocations], sequence)
+
+    def _applied(self, revocations: list[Revocation]) -> None:
+        """After the commit, in commit order: the Check path and every watcher see it now."""
+        for revocation in revocations:
+            self._revoked.apply(revocation)
+            self._hub.publish(revocation)
+
+    async def _authorize_session(self, caller: Principal, session_id: str) -> None:
+        session = await self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id}", reason="SESSION_NOT_FOUND")
+        if isinstance(caller, ServicePrincipal):
+            if caller.has_role(Role.ADMIN):
+                return
+        elif isinstance(caller, UserPrincipal):
+            if caller.user_id == session.user_id:
+                return
+        elif isinstance(caller, AgentPrincipal):
+            own = caller.claims.session_id
+            if own == session_id or own in await self._sessions.lineage(session_id):
+                return
+        raise PermissionDenied(
+            "only the delegating user, the session itself or an ancestor, or an admin service "
+            "may revoke this session",
+            reason="NOT_YOUR_SESSION",
+        )
+
+    # -- WatchRevocations ------------------------------------------------------------------------
+
+    async def watch(self, after_sequence: int) -> AsyncIterator[Snapshot | Revocation]:
+        """A snapshot (when asked for, or when the history needed is gone), then every event in
+        sequence order, without gaps or duplicates, then live events as they are applied."""
+        applied = self._revoked.applied_sequence
+        if after_sequence > applied and after_sequence > await self._store.last_sequence():
+            raise OutOfRange(
+                f"after_sequence {after_sequence} is beyond the last revocation written",
+                reason="SEQUENCE_IN_THE_FUTURE",
+                metadata={"last_sequence": str(applied)},
+            )
+        subscription = self._hub.subscribe()  # first, so nothing published from now is missed
+        try:
+            last = after_sequence
+            if after_sequence == 0 or not await self._history_kept(after_sequence):
+                snapshot = self._revoked.snapshot()
+                yield snapshot
+                last = snapshot.sequence
+            else:
+                async for revocation in self._history(after_sequence):
+                    yield revocation
+                    last = revocation.sequence
+            while (live := await subscription.next()) is not None:
+                if live.sequence > last:
+                    yield live
+                    last = live.sequence
+        finally:
+            self._hub.unsubscribe(subscription)
+
+    async def _history_kept(self, after_sequence: int) -> bool:
+        if after_sequence >= self._revoked.applied_sequence:
+            return True  # nothing missed
+        oldest = await self._store.oldest_sequence()
+        return oldest is not None and oldest <= after_sequence + 1
+
+    async def _history(self, after_sequence: int) -> AsyncIterator[Revocation]:
+        cursor = after_sequence
+        while True:
+            page = await self._store.events_after(cursor, HISTORY_PAGE)
+            for revocation in page:
+                if revocation.sequence != cursor + 1:  # pruned under us: never skip silently
+                    raise Unavailable(
+                        "revocation history changed while reading; reconnect",
+                        reason="HISTORY_PRUNED",
+                    )
+                yield revocation
+                cursor = revocation.sequence
+            if len(page) < HISTORY_PAGE:
+                return
+
+    # -- consistency -----------------------------------------------------------------------------
+
+    async def await_sequence(self, sequence: int, budget: float) -> None:
+        """Waits, at most ``budget`` seconds, until this process applied ``sequence`` (Check's
+        min_revocation_sequence)."""
+        if sequence <= self._revoked.applied_sequence:
+            return
+        if sequence > await self._store.last_sequence():
+            raise OutOfRange(
+                f"revocation sequence {sequence} has not been written",
+                reason="SEQUENCE_IN_THE_FUTURE",
+            )
+        if not await self._revoked.wait_applied(sequence, budget):
+            raise Unavailable(
+                f"revocation sequence {sequence} is not applied here yet",
+                reason="REVOCATION_SEQUENCE_NOT_APPLIED",
+            )
+
+
+def _authorize_user(caller: Principal, user_id: str) -> None:
+    if isinstance(caller, ServicePrincipal) and caller.has_role(Role.ADMIN):
+        return
+    if isinstance(caller, UserPrincipal) and caller.user_id == user_id:
+        return
+    raise PermissionDenied(
+        "only the user themselves or an admin service may revoke all of a user's sessions",
+        reason="NOT_YOUR_SESSIONS",
+    )
+
+
+def _audit_event(caller: Principal, session: SessionRecord, revocation: Revocation) -> AuditEvent:
+    if isinstance(caller, UserPrincipal):
+        kind, actor = ActorKind.USER, caller.user_id
+    elif isinstance(caller, AgentPrincipal):
+        kind, actor = ActorKind.AGENT, caller.claims.session_id
+    else:
+        kind, actor = ActorKind.SERVICE, caller.name
+    return AuditEvent(
+        time=revocation.revoked_at,
+        event_type=EventType.REVOKE,
+        actor_kind=kind,
+        actor_id=actor,
+        session_id=session.id,
+        user_id=session.user_id,
+        scopes=session.scopes,
+        agent_id=session.agent_id,
+        parent_session_id=session.parent_id,
+        detail=revocation.reason,
+    )

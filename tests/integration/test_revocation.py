@@ -1,0 +1,402 @@
+"""Revoke, cascade, WatchRevocations and consistency over real gRPC with a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from agentid.v1 import agentid_pb2 as pb
+from google.protobuf.duration_pb2 import Duration
+from pyroaring import BitMap
+
+from tests.conftest import (
+    ADMIN_KEY,
+    CHECK_KEY,
+    WATCH_KEY,
+    FakeClock,
+    Harness,
+    IdpFixture,
+    bearer,
+    error_info,
+    make_settings,
+    start_harness,
+)
+
+
+async def revoke(h: Harness, credential: str, **target: Any) -> pb.RevokeResponse:
+    return await h.stub.Revoke(pb.RevokeRequest(**target), metadata=bearer(credential))
+
+
+async def sub_delegate(
+    h: Harness, parent: pb.DelegateResponse, **fields: Any
+) -> pb.DelegateResponse:
+    fields.setdefault("agent_id", "support-bot")
+    fields.setdefault("scopes", ["tickets.read", "agentid.delegate"])
+    return await h.stub.Delegate(pb.DelegateRequest(**fields), metadata=bearer(parent.token))
+
+
+async def family(
+    h: Harness,
+) -> tuple[pb.DelegateResponse, pb.DelegateResponse, pb.DelegateResponse]:
+    root = await h.delegate(scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=1800))
+    child = await sub_delegate(h, root)
+    grandchild = await sub_delegate(h, child, agent_id="sub-bot", scopes=["tickets.read"])
+    return root, child, grandchild
+
+
+def revoked_in_db(h: Harness) -> dict[str, int]:
+    with sqlite3.connect(h.tmp_path / "agentid.db") as db:
+        return dict(db.execute("SELECT session_id, sequence FROM revocations").fetchall())
+
+
+async def test_revoke_denies_the_next_check_and_cascades(harness: Harness) -> None:
+    root, child, grandchild = await family(harness)
+    other = await harness.delegate()
+    for session in (root, child, grandchild):
+        assert (await harness.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    user = harness.idp.token()
+    response = await revoke(harness, user, session_id=child.session_id, reason="done")
+    assert list(response.session_ids) == [child.session_id, grandchild.session_id]
+    assert response.revocation_sequence == 2
+    for session in (child, grandchild):
+        check = await harness.check(session.token, "tickets.read")
+        assert (check.decision, check.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+        assert check.revocation_sequence == 2
+    assert (await harness.check(root.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    assert (await harness.check(other.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    assert revoked_in_db(harness) == {child.session_id: 1, grandchild.session_id: 2}
+    # One audit record per revoked session, actor the user, reason recorded.
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        rows = db.execute(
+            "SELECT session_id, actor_kind, actor_id, detail FROM audit_records WHERE event_type = ? ORDER BY id",
+            (pb.EVENT_TYPE_REVOKE,),
+        ).fetchall()
+    assert rows == [
+        (child.session_id, pb.ACTOR_KIND_USER, "alice", "done"),
+        (grandchild.session_id, pb.ACTOR_KIND_USER, "alice", "done"),
+    ]
+
+
+async def test_revoking_again_is_not_an_error(harness: Harness) -> None:
+    session = await harness.delegate()
+    first = await revoke(harness, harness.idp.token(), session_id=session.session_id)
+    again = await revoke(harness, harness.idp.token(), session_id=session.session_id)
+    assert list(first.session_ids) == [session.session_id]
+    assert list(again.session_ids) == []
+    assert again.revocation_sequence == first.revocation_sequence
+
+
+async def test_a_revoked_agent_can_no_longer_call(harness: Harness) -> None:
+    root, child, _ = await family(harness)
+    await revoke(harness, harness.idp.token(), session_id=root.session_id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sub_delegate(harness, child)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(caught.value).reason == "SESSION_REVOKED"
+
+
+async def test_who_may_revoke_a_session(harness: Harness) -> None:
+    root, child, grandchild = await family(harness)
+    sibling = await sub_delegate(harness, root)
+    bob = harness.idp.token(sub="bob")
+    denied = [
+        (bob, child.session_id),  # another user
+        (grandchild.token, child.session_id),  # a descendant may not revoke its ancestor
+        (sibling.token, child.session_id),  # nor a sibling
+    ]
+    for credential, target in denied:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await revoke(harness, credential, session_id=target)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(caught.value).reason == "NOT_YOUR_SESSION"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await revoke(
+            harness, CHECK_KEY, session_id=child.session_id
+        )  # a check service is not admin
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # An ancestor may revoke a descendant; the agent may end itself; admin anything.
+    assert list(
+        (await revoke(harness, root.token, session_id=grandchild.session_id)).session_ids
+    ) == [grandchild.session_id]
+    assert list(
+        (
+            await revoke(
+                harness, sibling.token, session_id=sibling.session_id, reason="task_complete"
+            )
+        ).session_ids
+    ) == [sibling.session_id]
+    assert list((await revoke(harness, ADMIN_KEY, session_id=child.session_id)).session_ids) == [
+        child.session_id
+    ]
+
+
+async def test_revoke_every_session_of_a_user(harness: Harness) -> None:
+    mine = [await harness.delegate() for _ in range(3)]
+    bobs = await harness.delegate(harness.idp.token(sub="bob"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await revoke(harness, harness.idp.token(), user_id="bob")
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await revoke(harness, mine[0].token, user_id="alice")  # agents cannot revoke a user
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    response = await revoke(harness, harness.idp.token(), user_id="alice", reason="lost laptop")
+    assert sorted(response.session_ids) == sorted(s.session_id for s in mine)
+    assert (await harness.check(bobs.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    assert list((await revoke(harness, ADMIN_KEY, user_id="bob")).session_ids) == [bobs.session_id]
+    assert list((await revoke(harness, ADMIN_KEY, user_id="nobody")).session_ids) == []
+
+
+@pytest.mark.parametrize(
+    ("target", "code"),
+    [
+        ({}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"session_id": "not-a-session"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"session_id": "ses_01ARZ3NDEKTSV4RRFFQ69G5FAV"}, grpc.StatusCode.NOT_FOUND),
+        ({"user_id": "alice\x00"}, grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            {"session_id": "ses_01ARZ3NDEKTSV4RRFFQ69G5FAV", "reason": "x" * 600},
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
+async def test_bad_revoke_requests(
+    harness: Harness, target: dict[str, str], code: grpc.StatusCode
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await revoke(harness, ADMIN_KEY, **target)
+    assert caught.value.code() == code
+
+
+# -- WatchRevocations ----------------------------------------------------------------------------
+
+
+async def next_item(stream: Any, within: float = 5) -> pb.WatchRevocationsResponse:
+    item = await asyncio.wait_for(stream.read(), within)
+    if item is grpc.aio.EOF:
+        raise StopAsyncIteration
+    assert isinstance(item, pb.WatchRevocationsResponse)
+    return item
+
+
+def watch(h: Harness, after: int = 0, key: str = WATCH_KEY) -> Any:
+    return h.stub.WatchRevocations(
+        pb.WatchRevocationsRequest(after_sequence=after), metadata=bearer(key)
+    )
+
+
+async def test_watch_starts_with_a_snapshot_then_pushes_live_events(harness: Harness) -> None:
+    early = await harness.delegate()
+    await revoke(harness, ADMIN_KEY, session_id=early.session_id)
+    stream = watch(harness)
+    first = await next_item(stream)
+    assert first.WhichOneof("kind") == "snapshot"
+    assert first.snapshot.sequence == 1
+    assert first.snapshot.count == 1
+    assert list(BitMap.deserialize(first.snapshot.revoked_serials)) == [early.serial]
+    late = await harness.delegate()
+    response = await revoke(harness, harness.idp.token(), session_id=late.session_id, reason="bye")
+    event = (await next_item(stream)).event
+    assert (event.sequence, event.session_id, event.serial, event.user_id, event.reason) == (
+        response.revocation_sequence,
+        late.session_id,
+        late.serial,
+        "alice",
+        "bye",
+    )
+    assert event.expires_at.seconds == late.expires_at.seconds
+    stream.cancel()
+
+
+async def test_watch_resumes_exactly_after_a_sequence(harness: Harness) -> None:
+    sessions = [await harness.delegate() for _ in range(5)]
+    for s in sessions:
+        await revoke(harness, ADMIN_KEY, session_id=s.session_id)
+    stream = watch(harness, after=2)
+    events = [(await next_item(stream)).event for _ in range(3)]
+    assert [e.sequence for e in events] == [3, 4, 5]
+    assert [e.session_id for e in events] == [s.session_id for s in sessions[2:]]
+    newest = await harness.delegate()
+    await revoke(harness, ADMIN_KEY, session_id=newest.session_id)
+    assert (await next_item(stream)).event.sequence == 6
+    stream.cancel()
+    caught_up = watch(harness, after=6)  # nothing missed: no snapshot, just live events
+    another = await harness.delegate()
+    await revoke(harness, ADMIN_KEY, session_id=another.session_id)
+    item = await next_item(caught_up)
+    assert item.WhichOneof("kind") == "event"
+    assert item.event.sequence == 7
+    caught_up.cancel()
+
+
+async def test_watch_from_the_future_is_out_of_range(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await next_item(watch(harness, after=99))
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert error_info(caught.value).reason == "SEQUENCE_IN_THE_FUTURE"
+
+
+async def test_who_may_watch(harness: Harness) -> None:
+    for credential in (harness.idp.token(), (await harness.delegate()).token):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await next_item(watch(harness, key=credential))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for key in (CHECK_KEY, WATCH_KEY, ADMIN_KEY):
+        stream = watch(harness, key=key)
+        assert (await next_item(stream)).WhichOneof("kind") == "snapshot"
+        stream.cancel()
+
+
+async def test_a_slow_watcher_is_ended_and_resumes(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    def small_buffer(config: dict[str, Any]) -> None:
+        config["revocation"] = {"watch_buffer": 2}
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, small_buffer))
+    try:
+        stream = watch(h)
+        assert (await next_item(stream)).WhichOneof("kind") == "snapshot"
+        for _ in range(6):
+            await h.delegate()
+        # One Revoke of six sessions publishes six events at once: more than the buffer holds.
+        await revoke(h, ADMIN_KEY, user_id="alice")
+        seen: list[int] = []
+
+        async def drain() -> None:
+            while True:
+                seen.append((await next_item(stream)).event.sequence)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await drain()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "WATCHER_TOO_SLOW"
+        assert seen == [1, 2]
+        resumed = watch(h, after=seen[-1])
+        assert [(await next_item(resumed)).event.sequence for _ in range(4)] == [3, 4, 5, 6]
+        resumed.cancel()
+    finally:
+        await h.channel.close()
+        await h.running.stop(grace=1)
+
+
+async def test_shutdown_ends_watch_streams_cleanly(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    h = await start_harness(tmp_path, idp, clock)
+    stream = watch(h)
+    assert (await next_item(stream)).WhichOneof("kind") == "snapshot"
+    await h.running.stop(grace=5)
+    with pytest.raises(StopAsyncIteration):
+        await next_item(stream)
+    assert await stream.code() == grpc.StatusCode.OK
+    await h.channel.close()
+
+
+async def test_expired_entries_are_pruned(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    def fast_prune(config: dict[str, Any]) -> None:
+        config["revocation"] = {"prune_interval": "20ms", "history_retention": "1s"}
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_prune))
+    try:
+        short = await h.delegate(ttl=Duration(seconds=60))
+        long = await h.delegate(ttl=Duration(seconds=900))
+        for s in (short, long):
+            await revoke(h, ADMIN_KEY, session_id=s.session_id)
+        clock.advance(120)
+        await asyncio.sleep(0.2)
+        stream = watch(h)
+        snapshot = (await next_item(stream)).snapshot
+        assert snapshot.count == 1
+        assert list(BitMap.deserialize(snapshot.revoked_serials)) == [long.serial]
+        assert snapshot.sequence == 2
+        stream.cancel()
+        assert set(revoked_in_db(h)) == {long.session_id}  # history past retention is deleted
+        resumed = watch(h, after=0 + 0)
+        assert (await next_item(resumed)).WhichOneof("kind") == "snapshot"
+        resumed.cancel()
+    finally:
+        await h.channel.close()
+        await h.running.stop(grace=1)
+
+
+async def test_history_older_than_kept_yields_a_snapshot_first(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    def fast_prune(config: dict[str, Any]) -> None:
+        config["revocation"] = {"prune_interval": "20ms", "history_retention": "1s"}
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_prune))
+    try:
+        short = await h.delegate(ttl=Duration(seconds=60))
+        await revoke(h, ADMIN_KEY, session_id=short.session_id)  # sequence 1, pruned below
+        clock.advance(120)
+        await asyncio.sleep(0.2)
+        kept = await h.delegate()
+        await revoke(h, ADMIN_KEY, session_id=kept.session_id)  # sequence 2
+        later = await h.delegate()
+        await revoke(h, ADMIN_KEY, session_id=later.session_id)  # sequence 3
+        stream = watch(h, after=0 + 0)
+        assert (await next_item(stream)).snapshot.sequence == 3
+        stream.cancel()
+        gap = watch(h, after=0 + 1)  # event 2 is kept: no snapshot needed
+        assert (await next_item(gap)).event.sequence == 2
+        gap.cancel()
+    finally:
+        await h.channel.close()
+        await h.running.stop(grace=1)
+
+
+# -- consistency ---------------------------------------------------------------------------------
+
+
+async def test_min_revocation_sequence(harness: Harness) -> None:
+    session = await harness.delegate()
+    other = await harness.delegate()
+    response = await revoke(harness, ADMIN_KEY, session_id=session.session_id)
+    check = await harness.check(
+        other.token, "tickets.read", min_revocation_sequence=response.revocation_sequence
+    )
+    assert check.decision == pb.DECISION_ALLOW
+    assert check.revocation_sequence == response.revocation_sequence
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.check(
+            other.token, "tickets.read", min_revocation_sequence=response.revocation_sequence + 10
+        )
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+async def test_no_allow_after_revoke_returned_under_concurrent_load(harness: Harness) -> None:
+    """Linearizable per replica: record each Check's start and end; none that started after
+    Revoke returned may ALLOW."""
+    sessions = [await harness.delegate() for _ in range(4)]
+    records: list[tuple[float, float, str, int]] = []
+    stop = asyncio.Event()
+
+    async def checker(session: pb.DelegateResponse) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            response = await harness.check(session.token, "tickets.read")
+            records.append((started, time.monotonic(), session.session_id, response.decision))
+
+    workers = [asyncio.create_task(checker(s)) for s in sessions for _ in range(4)]
+    await asyncio.sleep(0.2)
+    returned: dict[str, float] = {}
+    for s in sessions[:3]:
+        await revoke(harness, ADMIN_KEY, session_id=s.session_id)
+        returned[s.session_id] = time.monotonic()
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.gather(*workers)
+    late = [r for r in records if r[2] in returned and r[0] > returned[r[2]]]
+    assert late, "no Check started after a Revoke returned: the test proves nothing"
+    assert all(decision == pb.DECISION_DENY for *_, decision in late)
+    survivor = [r for r in records if r[2] == sessions[3].session_id]
+    assert all(decision == pb.DECISION_ALLOW for *_, decision in survivor)
