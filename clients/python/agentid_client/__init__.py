@@ -1,1 +1,24 @@
-"""agentid Python client."""
+"""agentid Python client: delegate, check, revoke, and a synced local revocation set."""
+
+from agentid.v1.agentid_pb2 import (
+    CheckResponse,
+    Decision,
+    DelegateResponse,
+    Reason,
+    RevokeResponse,
+)
+
+from agentid_client._client import AgentIdClient
+from agentid_client._errors import AgentIdError
+from agentid_client._revocations import RevocationWatcher
+
+__all__ = [
+    "AgentIdClient",
+    "AgentIdError",
+    "CheckResponse",
+    "Decision",
+    "DelegateResponse",
+    "Reason",
+    "RevocationWatcher",
+    "RevokeResponse",
+]

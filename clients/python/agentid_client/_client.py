@@ -1,0 +1,104 @@
+"""A small async client for the agentid service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from agentid.v1 import agentid_pb2 as pb
+from agentid.v1 import agentid_pb2_grpc
+from google.protobuf import duration_pb2, struct_pb2
+
+from agentid_client._errors import AgentIdError
+
+
+class AgentIdClient:
+    """Calls agentid with one credential (a user's IdP token, an agent token or an API key).
+
+    Use as an async context manager, or call ``close()``.
+    """
+
+    def __init__(
+        self, target: str, credential: str, *, channel: grpc.aio.Channel | None = None
+    ) -> None:
+        self._own_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = agentid_pb2_grpc.AgentIdentityServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {credential}"),)
+
+    async def __aenter__(self) -> AgentIdClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self._channel.close(None)
+
+    async def delegate(
+        self,
+        agent_id: str,
+        scopes: Sequence[str],
+        *,
+        ttl: timedelta | None = None,
+        task: str = "",
+        audiences: Sequence[str] = (),
+        jkt: str = "",
+    ) -> pb.DelegateResponse:
+        """A new agent session with a subset of the caller's scopes."""
+        request = pb.DelegateRequest(
+            agent_id=agent_id, scopes=list(scopes), task=task, audiences=list(audiences), jkt=jkt
+        )
+        if ttl is not None:
+            request.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl.total_seconds())))
+        response: pb.DelegateResponse = await self._call(self._stub.Delegate, request)
+        return response
+
+    async def check(
+        self,
+        token: str,
+        action: str,
+        resource: str = "",
+        *,
+        context: Mapping[str, Any] | None = None,
+        min_revocation_sequence: int = 0,
+    ) -> pb.CheckResponse:
+        """May the agent holding ``token`` do ``action`` on ``resource``?"""
+        request = pb.CheckRequest(
+            token=token,
+            action=action,
+            resource=resource,
+            min_revocation_sequence=min_revocation_sequence,
+        )
+        if context is not None:
+            struct = struct_pb2.Struct()
+            struct.update(dict(context))
+            request.context.CopyFrom(struct)
+        response: pb.CheckResponse = await self._call(self._stub.Check, request)
+        return response
+
+    async def revoke(
+        self, *, session_id: str = "", user_id: str = "", reason: str = ""
+    ) -> pb.RevokeResponse:
+        """Revokes a session and its descendants, or every live session of a user."""
+        request = pb.RevokeRequest(reason=reason)
+        if session_id:
+            request.session_id = session_id
+        if user_id:
+            request.user_id = user_id
+        response: pb.RevokeResponse = await self._call(self._stub.Revoke, request)
+        return response
+
+    async def jwks(self) -> str:
+        """The JWK Set (JSON) that verifies agent tokens."""
+        response: pb.GetJwksResponse = await self._call(self._stub.GetJwks, pb.GetJwksRequest())
+        return response.jwks_json
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise AgentIdError.from_rpc_error(error) from None

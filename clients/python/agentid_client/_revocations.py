@@ -1,0 +1,102 @@
+"""A local copy of the revoked set, kept in sync by WatchRevocations.
+
+A service that checks agent tokens itself (or caches decisions) runs one ``RevocationWatcher``:
+it starts from a snapshot, applies every event in order, and on any disconnect resumes after the
+last sequence it applied, so it never misses or repeats one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from agentid.v1 import agentid_pb2 as pb
+from agentid.v1 import agentid_pb2_grpc
+from pyroaring import BitMap
+
+log = logging.getLogger(__name__)
+
+
+class _Gap(Exception):
+    """An event out of sequence (the service guarantees none; if one comes, resynchronise)."""
+
+
+class RevocationWatcher:
+    """Keeps ``revoked`` (serials) and ``sequence`` in sync with the service."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        api_key: str,
+        *,
+        retry_delay: float = 0.5,
+        max_retry_delay: float = 10.0,
+    ) -> None:
+        self._stub = agentid_pb2_grpc.AgentIdentityServiceStub(channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self.revoked = BitMap()
+        self.sequence = 0
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    def is_revoked(self, serial: int) -> bool:
+        return serial % (1 << 32) in self.revoked
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="revocation-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait_for(self, sequence: int) -> None:
+        """Returns once every revocation up to ``sequence`` is applied locally."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.sequence >= sequence)
+
+    async def run(self) -> None:
+        """Watches until cancelled, reconnecting with backoff and resuming where it stopped."""
+        delay = self._retry_delay
+        while True:
+            try:
+                await self._watch_once()
+                delay = self._retry_delay  # the server ended the stream cleanly (shutdown)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ):
+                    raise
+                log.info(
+                    "revocation watch ended (%s); resuming after %d",
+                    error.code().name,
+                    self.sequence,
+                )
+            except _Gap as gap:
+                log.error("%s; starting over from a snapshot", gap)
+                self.sequence = 0
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_retry_delay)
+
+    async def _watch_once(self) -> None:
+        request = pb.WatchRevocationsRequest(after_sequence=self.sequence)
+        async for response in self._stub.WatchRevocations(request, metadata=self._metadata):
+            async with self._changed:
+                if response.HasField("snapshot"):
+                    self.revoked = BitMap.deserialize(response.snapshot.revoked_serials)
+                    self.sequence = response.snapshot.sequence
+                else:
+                    event = response.event
+                    if event.sequence != self.sequence + 1:
+                        raise _Gap(
+                            f"revocation event {event.sequence} arrived after {self.sequence}"
+                        )
+                    self.revoked.add(event.serial % (1 << 32))
+                    self.sequence = event.sequence
+                self._changed.notify_all()

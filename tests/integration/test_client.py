@@ -1,0 +1,77 @@
+"""The Python client against a real server: calls, errors, and a revocation watcher in sync."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from agentid_client import AgentIdClient, AgentIdError, Decision, Reason, RevocationWatcher
+
+from tests.conftest import ADMIN_KEY, CHECK_KEY, FakeClock, Harness, IdpFixture, start_harness
+
+
+def target(h: Harness) -> str:
+    return f"127.0.0.1:{h.running.port}"
+
+
+async def test_delegate_check_revoke(harness: Harness) -> None:
+    async with AgentIdClient(target(harness), harness.idp.token()) as user:
+        session = await user.delegate(
+            "support-bot", ["tickets.read"], ttl=timedelta(minutes=20), task="t"
+        )
+        with pytest.raises(AgentIdError) as caught:
+            await user.delegate("support-bot", ["billing.refund"])
+        assert caught.value.reason == "SCOPE_ESCALATION"
+        assert caught.value.metadata == {"scopes": "billing.refund"}
+    async with AgentIdClient(target(harness), CHECK_KEY) as service:
+        allowed = await service.check(session.token, "tickets.read", "ticket/1", context={"n": 1})
+        assert (allowed.decision, allowed.reason) == (
+            Decision.Value("DECISION_ALLOW"),
+            Reason.Value("REASON_GRANTED"),
+        )
+        assert '"keys"' in await service.jwks()
+    async with AgentIdClient(target(harness), session.token) as agent:
+        done = await agent.revoke(session_id=session.session_id, reason="task_complete")
+    assert list(done.session_ids) == [session.session_id]
+
+
+async def test_watcher_stays_in_sync_across_a_restart(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, idp)
+    h = await start_harness(tmp_path, idp, clock, settings)
+    port = h.running.port
+
+    def same_port(config: dict[str, object]) -> None:
+        config["server"] = {"listen": f"127.0.0.1:{port}", "shutdown_grace": "1s"}
+
+    import grpc
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    watcher = RevocationWatcher(channel, CHECK_KEY, retry_delay=0.05)
+    watcher.start()
+    try:
+        sessions = [await h.delegate() for _ in range(4)]
+        async with AgentIdClient(target(h), ADMIN_KEY) as admin:
+            first = await admin.revoke(session_id=sessions[0].session_id)
+            await asyncio.wait_for(watcher.wait_for(first.revocation_sequence), 5)
+            assert watcher.is_revoked(sessions[0].serial)
+            assert not watcher.is_revoked(sessions[1].serial)
+        await h.channel.close()
+        await h.running.stop(grace=1)  # the stream ends; the watcher reconnects and resumes
+        h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, same_port))
+        async with AgentIdClient(target(h), ADMIN_KEY) as admin:
+            second = await admin.revoke(session_id=sessions[1].session_id)
+        await asyncio.wait_for(watcher.wait_for(second.revocation_sequence), 10)
+        assert watcher.is_revoked(sessions[1].serial)
+        assert watcher.sequence == 2
+        assert not watcher.is_revoked(sessions[2].serial)
+    finally:
+        await watcher.stop()
+        await channel.close()
+        await h.channel.close()
+        await h.running.stop(grace=1)
