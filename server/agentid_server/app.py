@@ -20,7 +20,6 @@ from agentid_server.api.servicer import AgentIdentityServicer
 from agentid_server.config import Settings, is_loopback
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import Delegator, TtlPolicy
-from agentid_server.domain.errors import AgentIdError
 from agentid_server.domain.model import AgentKind, ServicePrincipal
 from agentid_server.domain.ports import Clock, SystemClock
 from agentid_server.domain.revocation import RevocationHub, RevocationSet
@@ -85,19 +84,20 @@ class Running:
 async def _housekeeping(
     settings: Settings, revocations: RevocationSet, repo: RevocationRepository, clock: Clock
 ) -> None:
-    """Prunes expired entries from the bitmap, and old history from the table, periodically."""
-    interval = settings.revocation.prune_interval
+    """Periodically drops expired entries from the bitmap and old history from the table."""
+    pruned_until = int(clock.now())  # the bitmap was loaded with live entries only
     while True:
-        await asyncio.sleep(interval)
-        now = clock.now()
-        cleared = revocations.prune(now)
+        await asyncio.sleep(settings.revocation.prune_interval)
+        now = int(clock.now())
         try:
+            forgotten = revocations.forget(await repo.expired_serials(pruned_until, now))
+            pruned_until = now
             deleted = await repo.prune_history(int(now - settings.revocation.history_retention))
-        except AgentIdError as exc:
-            log.warning("pruning revocation history failed: %s", exc.message)
-            deleted = 0
-        if cleared or deleted:
-            log.info("pruned %d expired revocations (%d history rows)", cleared, deleted)
+        except Exception as exc:  # housekeeping outlives a failing store; it retries next time
+            log.warning("pruning revocations failed (will retry): %s", type(exc).__name__)
+            continue
+        if forgotten or deleted:
+            log.info("pruned %d expired revocations (%d history rows)", forgotten, deleted)
 
 
 async def _signing_keys(settings: Settings, repo: KeyRepository, now: int) -> list[SigningKey]:

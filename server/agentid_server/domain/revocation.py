@@ -1,7 +1,9 @@
 """Revocation on the hot path and to every watcher.
 
 * ``RevocationSet``: the revoked session serials as a Roaring bitmap, with the sequence of the
-  last revocation applied. `sn in set` is what Check asks; entries leave once their token expired.
+  last revocation applied. `sn in set` is what Check asks; entries leave once their token expired
+  (the wrap of `sn` after 2^32 sessions is safe for the same reason: a serial comes round again
+  only long after every token that carried it before has expired).
 * ``RevocationHub``: in-process fan-out of revocation events to watchers, each with a bounded
   buffer; a watcher that falls behind is ended (it resumes from its last sequence) instead of
   growing memory.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyroaring import BitMap
@@ -51,7 +54,6 @@ class RevocationSet:
 
     def __init__(self) -> None:
         self._bitmap = BitMap()
-        self._expiries: list[tuple[int, int]] = []  # heap of (expires_at, bit)
         self.applied_sequence = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap by sequence
         self._waiter_ids = 0
@@ -64,9 +66,7 @@ class RevocationSet:
 
     def apply(self, revocation: Revocation) -> None:
         """Adds one revocation; sequences arrive in order."""
-        bit = serial_bit(revocation.serial)
-        self._bitmap.add(bit)
-        heapq.heappush(self._expiries, (revocation.expires_at, bit))
+        self._bitmap.add(serial_bit(revocation.serial))
         self.advance(revocation.sequence)
 
     def advance(self, sequence: int) -> None:
@@ -95,15 +95,15 @@ class RevocationSet:
             return False
         return True
 
-    def prune(self, now: float) -> int:
-        """Forgets entries whose token has expired; returns how many bits were cleared."""
-        cleared = 0
-        while self._expiries and self._expiries[0][0] <= now:
-            _, bit = heapq.heappop(self._expiries)
-            if bit in self._bitmap:
-                self._bitmap.discard(bit)
-                cleared += 1
-        return cleared
+    def forget(self, serials: Iterable[int]) -> int:
+        """Drops the entries of tokens that have expired (the `exp` check refuses them anyway);
+        returns how many were dropped. Only the bitmap is kept in memory: which entries expired
+        when is asked of the store, so a million revoked sessions cost about what their bitmap
+        costs."""
+        expired = BitMap(serial_bit(s) for s in serials)
+        before = len(self._bitmap)
+        self._bitmap -= expired
+        return before - len(self._bitmap)
 
     def snapshot(self) -> Snapshot:
         """The current set, consistent with ``applied_sequence`` (taken without an await)."""

@@ -140,6 +140,12 @@ class RevocationRepository:
         async with self._engine.connect() as connection:
             return list((await connection.execute(statement)).all())
 
+    async def expired_serials(self, after: int, until: int) -> list[int]:
+        """Serials of revoked sessions whose token expired in (after, until]."""
+        r = tables.revocations
+        statement = select(r.c.serial).where(r.c.expires_at > after, r.c.expires_at <= until)
+        return [int(row[0]) for row in await asyncio.shield(self._all(statement))]
+
     async def prune_history(self, expired_before: int) -> int:
         """Deletes revocation rows of tokens that expired before the given time."""
 
