@@ -24,7 +24,9 @@ from agentid_server.domain.model import AgentKind, ServicePrincipal
 from agentid_server.domain.ports import Clock, SystemClock
 from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
+from agentid_server.domain.risk import RiskRules
 from agentid_server.domain.scopes import ScopeSet
+from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps
 from agentid_server.storage.database import (
     INLINE_WRITER_BUSY_TIMEOUT,
     Engines,
@@ -37,6 +39,7 @@ from agentid_server.storage.repositories import (
     RevocationRepository,
     SessionRepository,
 )
+from agentid_server.storage.stepups import StepUpRepository
 from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
 from agentid_server.tokens.callers import CallerAuthenticator
 from agentid_server.tokens.dpop import DpopVerifier
@@ -65,14 +68,15 @@ class Running:
     engines: Engines
     journal: Journal
     revocations: RevocationSet
-    hub: RevocationHub
+    hubs: list[RevocationHub | StepUpHub]
     housekeeping: asyncio.Task[None]
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: stop taking calls, end watch streams cleanly, let in-flight calls finish,
         then flush the journal and close."""
         await self.health.enter_graceful_shutdown()
-        self.hub.close()
+        for hub in self.hubs:
+            hub.close()
         await self.server.stop(self.settings.server.shutdown_grace if grace is None else grace)
         self.housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -82,9 +86,14 @@ class Running:
 
 
 async def _housekeeping(
-    settings: Settings, revocations: RevocationSet, repo: RevocationRepository, clock: Clock
+    settings: Settings,
+    revocations: RevocationSet,
+    repo: RevocationRepository,
+    step_ups: StepUpRepository,
+    clock: Clock,
 ) -> None:
-    """Periodically drops expired entries from the bitmap and old history from the table."""
+    """Periodically drops expired entries from the bitmap and old history from the table, and
+    marks step-ups past their expiry EXPIRED (their watchers hear of it)."""
     pruned_until = int(clock.now())  # the bitmap was loaded with live entries only
     while True:
         await asyncio.sleep(settings.revocation.prune_interval)
@@ -93,6 +102,7 @@ async def _housekeeping(
             forgotten = revocations.forget(await repo.expired_serials(pruned_until, now))
             pruned_until = now
             deleted = await repo.prune_history(int(now - settings.revocation.history_retention))
+            await step_ups.expire_due(now)
         except Exception as exc:  # housekeeping outlives a failing store; it retries next time
             log.warning("pruning revocations failed (will retry): %s", type(exc).__name__)
             continue
@@ -166,9 +176,30 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         engine, engines.sqlite_writer, max_batch=settings.audit.max_batch, sqlite_inline=inline
     )
     journal.start()
-    revocation_repo = RevocationRepository(engine, journal)
+    step_up_hub = StepUpHub(settings.revocation.watch_buffer)
+
+    def step_ups_changed(changed: list[StepUp]) -> None:
+        for step_up in changed:
+            step_up_hub.publish(step_up)
+
+    step_up_repo = StepUpRepository(engine, journal, step_ups_changed)
+    revocation_repo = RevocationRepository(engine, journal, step_ups_changed)
     hub = RevocationHub(settings.revocation.watch_buffer)
     sessions = SessionRepository(engine, journal)
+    risks = RiskRules.compile([(r.name, r.action, r.when) for r in settings.risk])
+    step_ups = StepUps(
+        store=step_up_repo,
+        risks=risks,
+        policy=StepUpPolicy(
+            pending_ttl=int(settings.step_up.pending_ttl),
+            approval_ttl=int(settings.step_up.approval_ttl),
+            max_auth_age=int(settings.step_up.max_auth_age),
+            accepted_acr=settings.step_up.accepted_acr,
+            max_context_bytes=settings.step_up.max_context_bytes,
+        ),
+        hub=step_up_hub,
+        clock=clock,
+    )
     revoker = Revoker(
         store=revocation_repo, sessions=sessions, revoked=revocations, hub=hub, clock=clock
     )
@@ -201,11 +232,14 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             proofs=DpopVerifier(),
             revocations=revocations,
             consistency=revoker,
+            risks=risks,
+            step_ups=step_up_repo,
             audit=journal,
             clock=clock,
             max_token_bytes=settings.server.max_token_bytes,
         ),
         revoker=revoker,
+        step_ups=step_ups,
         jwks=lambda: public_jwks,
         max_consistency_wait=settings.server.max_consistency_wait,
     )
@@ -228,10 +262,19 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     housekeeping = asyncio.create_task(
-        _housekeeping(settings, revocations, revocation_repo, clock), name="housekeeping"
+        _housekeeping(settings, revocations, revocation_repo, step_up_repo, clock),
+        name="housekeeping",
     )
     return Running(
-        server, port, health_servicer, settings, engines, journal, revocations, hub, housekeeping
+        server,
+        port,
+        health_servicer,
+        settings,
+        engines,
+        journal,
+        revocations,
+        [hub, step_up_hub],
+        housekeeping,
     )
 
 

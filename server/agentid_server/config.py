@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agentid_server.domain.model import Role
+from agentid_server.domain.risk import RiskRuleError, RiskRules
 from agentid_server.domain.scopes import Scope, ScopeSyntaxError
 
 T = TypeVar("T")
@@ -108,6 +109,7 @@ class StepUpSettings:
     approval_ttl: float = 300.0
     max_auth_age: float = 300.0
     accepted_acr: tuple[str, ...] = ()
+    max_context_bytes: int = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
-        "accepted_acr": "list",
+        "accepted_acr": "list", "max_context_bytes": "int",
     },
     "audit": {"max_batch": "int"},
     "revocation": {
@@ -364,12 +366,16 @@ def _agent(r: _Reader) -> AgentSettings:
 
 def _risk(r: _Reader) -> RiskRuleSettings:
     r.reject_unknown({"name", "action", "when"})
-    action = r.required("action")
+    name, action, when = r.required("name"), r.required("action"), r.required("when")
     try:
         Scope.parse(action)
     except ScopeSyntaxError as exc:
         raise r.fail("action", f"not an action pattern: {exc}") from None
-    return RiskRuleSettings(r.required("name"), action, r.required("when"))
+    try:
+        RiskRules.compile([(name, action, when)])
+    except RiskRuleError as exc:
+        raise r.fail("when", str(exc)) from None
+    return RiskRuleSettings(name, action, when)
 
 
 def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -17,3 +18,11 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp.seconds = whole
     stamp.nanos = round((seconds - whole) * 1e9)
     return stamp
+
+
+def dict_to_struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if values is None:
+        return None
+    struct = struct_pb2.Struct()
+    struct.update(dict(values))
+    return struct

@@ -9,16 +9,38 @@ from typing import Any, NoReturn
 import grpc
 from agentid.v1 import agentid_pb2 as pb
 
-from agentid_server.api.convert import struct_to_dict, timestamp
+from agentid_server.api.convert import dict_to_struct, struct_to_dict, timestamp
 from agentid_server.domain.check import Checker, CheckInput
 from agentid_server.domain.delegation import DelegateInput, Delegator
 from agentid_server.domain.errors import Unimplemented
 from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal, UserPrincipal
 from agentid_server.domain.revocation import Revocation, Snapshot
 from agentid_server.domain.revoking import Revoker
+from agentid_server.domain.stepup import StepUp, StepUps
 
 Context = grpc.aio.ServicerContext[Any, Any]
 CONSISTENCY_MARGIN = 0.05  # seconds kept back from the deadline to answer in time
+
+
+def step_up_message(step_up: StepUp) -> pb.StepUp:
+    message = pb.StepUp(
+        id=step_up.id,
+        session_id=step_up.session_id,
+        user_id=step_up.user_id,
+        agent_id=step_up.agent_id,
+        action=step_up.action,
+        resource=step_up.resource,
+        context=dict_to_struct(step_up.context),
+        binding_message=step_up.binding_message,
+        state=pb.StepUpState.ValueType(step_up.state),
+        created_at=timestamp(step_up.created_at),
+        expires_at=timestamp(step_up.expires_at),
+        risk_rule=step_up.risk_rule,
+        comment=step_up.comment,
+    )
+    if step_up.resolved_at is not None:
+        message.resolved_at.CopyFrom(timestamp(step_up.resolved_at))
+    return message
 
 
 def revocation_event(revocation: Revocation) -> pb.RevocationEvent:
@@ -51,12 +73,14 @@ class AgentIdentityServicer:
         delegator: Delegator,
         checker: Checker,
         revoker: Revoker,
+        step_ups: StepUps,
         jwks: Callable[[], str],
         max_consistency_wait: float,
     ) -> None:
         self._delegator = delegator
         self._checker = checker
         self._revoker = revoker
+        self._step_ups = step_ups
         self._jwks = jwks
         self._max_wait = max_consistency_wait
 
@@ -128,12 +152,27 @@ class AgentIdentityServicer:
     async def StepUp(
         self, request: pb.StepUpRequest, context: Context, principal: Principal
     ) -> pb.StepUpResponse:
-        _later("StepUp")
+        assert isinstance(principal, AgentPrincipal)
+        step_up = await self._step_ups.request(
+            principal,
+            action=request.action,
+            resource=request.resource,
+            context=struct_to_dict(request.context) if request.HasField("context") else None,
+            binding_message=request.binding_message,
+        )
+        return pb.StepUpResponse(step_up=step_up_message(step_up))
 
     async def ResolveStepUp(
         self, request: pb.ResolveStepUpRequest, context: Context, principal: Principal
     ) -> pb.ResolveStepUpResponse:
-        _later("ResolveStepUp")
+        assert isinstance(principal, UserPrincipal)
+        step_up = await self._step_ups.resolve(
+            principal,
+            step_up_id=request.step_up_id,
+            approve=request.approve,
+            comment=request.comment,
+        )
+        return pb.ResolveStepUpResponse(step_up=step_up_message(step_up))
 
     def _consistency_wait(self, context: Context) -> float:
         """max_consistency_wait, or less so the answer still beats the call's deadline."""
@@ -160,10 +199,14 @@ class AgentIdentityServicer:
     ) -> pb.VerifyAuditResponse:
         _later("VerifyAudit")
 
-    def WatchStepUps(
+    async def WatchStepUps(
         self, request: pb.WatchStepUpsRequest, context: Context, principal: Principal
     ) -> AsyncIterator[pb.WatchStepUpsResponse]:
-        return _later_stream("WatchStepUps")
+        assert isinstance(principal, UserPrincipal | AgentPrincipal)
+        async for step_up in self._step_ups.watch(
+            principal, request.step_up_id, request.current_only
+        ):
+            yield pb.WatchStepUpsResponse(step_up=step_up_message(step_up))
 
     async def WatchRevocations(
         self, request: pb.WatchRevocationsRequest, context: Context, principal: Principal

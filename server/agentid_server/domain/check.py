@@ -29,7 +29,9 @@ from agentid_server.domain.ports import (
     TokenRejected,
 )
 from agentid_server.domain.revocation import RevocationSet
+from agentid_server.domain.risk import RiskRules
 from agentid_server.domain.scopes import ScopeSyntaxError, validate_action, validate_resource
+from agentid_server.domain.stepup import StepUpStore, binding_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,8 @@ class Checker:
         proofs: ProofVerifier,
         revocations: RevocationSet,
         consistency: SequenceWaiter,
+        risks: RiskRules,
+        step_ups: StepUpStore,
         audit: AuditLog,
         clock: Clock,
         max_token_bytes: int,
@@ -76,6 +80,8 @@ class Checker:
         self._proofs = proofs
         self._revocations = revocations
         self._consistency = consistency
+        self._risks = risks
+        self._step_ups = step_ups
         self._audit = audit
         self._clock = clock
         self._max_token_bytes = max_token_bytes
@@ -89,16 +95,24 @@ class Checker:
         now = self._clock.now()
         applied = self._revocations.applied_sequence
         claims: AgentClaims | None = None
-        matched = ""
+        matched = rule = ""
         try:
             claims = self._verified(request.token)
             decision, reason, message, matched = self._decide(
                 claims, caller, request, action, resource, now
             )
+            if decision is Decision.ALLOW and len(self._risks):
+                rule = (
+                    self._risks.first_firing(
+                        action, request.action, request.resource, request.context
+                    )
+                    or ""
+                )
         except TokenRejected as rejected:
             decision, reason, message = Decision.DENY, rejected.reason, rejected.message
-        decision_id = await self._audit.append(
-            AuditEvent(
+
+        def event(decision: Decision, reason: Reason, step_up_id: str = "") -> AuditEvent:
+            return AuditEvent(
                 time=now,
                 event_type=EventType.CHECK,
                 actor_kind=ActorKind.SERVICE,
@@ -112,9 +126,21 @@ class Checker:
                 decision=decision,
                 reason=reason,
                 parent_session_id=claims.parent_session_id if claims else "",
+                step_up_id=step_up_id,
                 context=request.context,
             )
-        )
+
+        step_up_id = ""
+        if rule and claims is not None:
+            binding = binding_for(
+                claims.session_id, request.action, request.resource, request.context
+            )
+            settled = await self._step_ups.settle(binding, now, event)
+            decision, reason, step_up_id = settled.decision, settled.reason, settled.step_up_id
+            message = _STEP_UP_MESSAGES[reason].format(rule=rule)
+            decision_id = settled.decision_id
+        else:
+            decision_id = await self._audit.append(event(decision, reason))
         return CheckOutcome(
             decision=decision,
             reason=reason,
@@ -122,6 +148,8 @@ class Checker:
             decision_id=decision_id,
             claims=claims,
             matched_scope=matched,
+            risk_rule=rule,
+            step_up_id=step_up_id,
             revocation_sequence=applied,
         )
 
@@ -169,6 +197,13 @@ class Checker:
                 "",
             )
         return Decision.ALLOW, Reason.GRANTED, f"allowed by scope {scope.text}", scope.text
+
+
+_STEP_UP_MESSAGES = {
+    Reason.HIGH_RISK: "risk rule {rule} requires the user's approval: request a step-up",
+    Reason.STEP_UP_APPROVED: "allowed once by the user's approval (risk rule {rule})",
+    Reason.STEP_UP_DENIED: "the user denied this action (risk rule {rule})",
+}
 
 
 def check_token_times(claims: AgentClaims, now: float) -> None:

@@ -4,22 +4,19 @@
   last revocation applied. `sn in set` is what Check asks; entries leave once their token expired
   (the wrap of `sn` after 2^32 sessions is safe for the same reason: a serial comes round again
   only long after every token that carried it before has expired).
-* ``RevocationHub``: in-process fan-out of revocation events to watchers, each with a bounded
-  buffer; a watcher that falls behind is ended (it resumes from its last sequence) instead of
-  growing memory.
+* ``RevocationHub``: the in-process fan-out of revocation events to watchers (fanout.Hub).
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyroaring import BitMap
 
-from agentid_server.domain.errors import ResourceExhausted
+from agentid_server.domain.fanout import Hub
 
 SERIAL_SPACE = 1 << 32
 
@@ -110,71 +107,4 @@ class RevocationSet:
         return Snapshot(self.applied_sequence, bytes(self._bitmap.serialize()), len(self._bitmap))
 
 
-class Subscription:
-    """One watcher's bounded buffer of live events."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._events: deque[Revocation] = deque()
-        self._ready = asyncio.Event()
-        self.overflowed = False
-        self.closed = False
-
-    def push(self, revocation: Revocation) -> None:
-        if self.overflowed or self.closed:
-            return
-        if len(self._events) >= self._capacity:
-            self.overflowed = True
-        else:
-            self._events.append(revocation)
-        self._ready.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self._ready.set()
-
-    async def next(self) -> Revocation | None:
-        """The next event; None once the hub closed; ResourceExhausted once it fell behind."""
-        while not self._events:
-            if self.overflowed:
-                raise ResourceExhausted(
-                    "this watcher fell behind; resume with after_sequence = the last sequence seen",
-                    reason="WATCHER_TOO_SLOW",
-                )
-            if self.closed:
-                return None
-            self._ready.clear()
-            await self._ready.wait()
-        return self._events.popleft()
-
-
-class RevocationHub:
-    """Fans revocation events out to every connected watcher, in sequence order."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._subscriptions: set[Subscription] = set()
-        self.closed = False
-
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(self._capacity)
-        if self.closed:
-            subscription.close()
-        self._subscriptions.add(subscription)
-        return subscription
-
-    def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
-
-    def publish(self, revocation: Revocation) -> None:
-        for subscription in self._subscriptions:
-            subscription.push(revocation)
-
-    def close(self) -> None:
-        """Ends every watch stream cleanly (shutdown)."""
-        self.closed = True
-        for subscription in self._subscriptions:
-            subscription.close()
-
-    def __len__(self) -> int:
-        return len(self._subscriptions)
+RevocationHub = Hub[Revocation]

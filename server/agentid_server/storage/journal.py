@@ -59,6 +59,7 @@ class _Item:
     event: AuditEvent | None = None
     session: SessionRecord | None = None
     job: Job[Any] | None = None
+    with_ids: bool = False
 
 
 @dataclass
@@ -199,6 +200,13 @@ class Journal:
         result: T = await self._submit(_Item(self._future(), job=job))
         return result
 
+    async def run_recorded(self, job: Job[T]) -> tuple[T, list[int]]:
+        """Like run, also returning the ids of the audit records the job wrote."""
+        result: tuple[T, list[int]] = await self._submit(
+            _Item(self._future(), job=job, with_ids=True)
+        )
+        return result
+
     # -- internals -------------------------------------------------------------------------------
 
     @staticmethod
@@ -259,6 +267,8 @@ class Journal:
                 continue
             if outcome.error is not None:
                 item.future.set_exception(outcome.error)
+            elif item.with_ids:
+                item.future.set_result((outcome.value, outcome.ids))
             else:
                 item.future.set_result(outcome.value)
 

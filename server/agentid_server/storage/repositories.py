@@ -11,8 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, SessionRecord
 from agentid_server.domain.revocation import Revocation
+from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
 from agentid_server.storage.journal import JobResult, Journal
+from agentid_server.storage.stepups import expire_for_sessions
 
 SESSION_SERIAL = "session_serial"
 REVOCATION_SEQUENCE = "revocation_sequence"
@@ -58,10 +60,16 @@ def _allocate_serial(connection: Connection) -> JobResult[int]:
 class RevocationRepository:
     """Revocation rows: written by journal jobs, read for the bitmap at start and for history."""
 
-    def __init__(self, engine: AsyncEngine, journal: Journal | None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        journal: Journal | None,
+        on_step_up_change: Callable[[list[StepUp]], None] | None = None,
+    ) -> None:
         """Without a journal the repository only reads (at start, before the journal runs)."""
         self._engine = engine
         self._journal = journal
+        self._on_step_up_change = on_step_up_change
 
     def _writer(self) -> Journal:
         if self._journal is None:
@@ -103,8 +111,16 @@ class RevocationRepository:
                 .where(s.c.id.in_([x.id for x in sessions]))
                 .values(revoked_at=int(now), revoke_reason=reason)
             )
+            # Revoking a session expires its pending and approved step-ups.
+            expired = expire_for_sessions(connection, [x.id for x in sessions])
             events = [audit(x, r) for x, r in zip(sessions, revocations, strict=True)]
-            return JobResult(revocations, events, lambda _ids: on_commit(revocations))
+
+            def after_commit(_ids: list[int]) -> None:
+                on_commit(revocations)
+                if expired and self._on_step_up_change is not None:
+                    self._on_step_up_change(expired)
+
+            return JobResult(revocations, events, after_commit)
 
         return await self._writer().run(job)
 

@@ -97,3 +97,28 @@ audit_records = Table(
     Index("ix_audit_user_actor", "user_id", "actor_kind", "id"),
     Index("ix_audit_parent", "parent_session_id", "id"),
 )
+
+step_ups = Table(
+    "step_ups",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("session_id", String(40), nullable=False),
+    Column("user_id", String(256), nullable=False),
+    Column("agent_id", String(128), nullable=False),
+    Column("action", String(512), nullable=False),
+    Column("resource", String(512), nullable=False),
+    Column("context", JSON, nullable=True),
+    Column("context_digest", String(64), nullable=False),
+    Column("binding_message", Text, nullable=False),
+    Column("state", SmallInteger, nullable=False),
+    Column("risk_rule", String(256), nullable=False),
+    Column("comment", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("resolved_at", BigInteger, nullable=True),
+    Index(
+        "ix_step_ups_binding", "session_id", "action", "resource", "context_digest", "created_at_us"
+    ),
+    Index("ix_step_ups_user_state", "user_id", "state"),
+    Index("ix_step_ups_state_expiry", "state", "expires_at"),
+)

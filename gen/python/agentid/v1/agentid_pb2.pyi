@@ -527,16 +527,20 @@ class WatchStepUpsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STEP_UP_ID_FIELD_NUMBER: _builtins.int
+    CURRENT_ONLY_FIELD_NUMBER: _builtins.int
     step_up_id: _builtins.str
     """One step-up; empty = all of the caller's (user inbox / agent's own)."""
+    current_only: _builtins.bool
+    """Send the current state only, then end the stream (a listing rather than a watch)."""
     def __init__(
         self,
         *,
         step_up_id: _builtins.str = ...,
+        current_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["step_up_id", b"step_up_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_only", b"current_only", "step_up_id", b"step_up_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,354 @@
+"""Step-up to the human: one-time approvals for high-risk actions.
+
+PENDING -> APPROVED | DENIED | EXPIRED; APPROVED -> CONSUMED by exactly one Check. A step-up is
+bound to (session, action, resource, SHA-256 of the RFC 8785 canonical JSON of the context). The
+user approves with a fresh login at their IdP (RFC 9470): an `auth_time` no older than
+`step_up.max_auth_age`, and an `acr` from `step_up.accepted_acr` when that is set.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import rfc8785
+from ulid import ULID
+
+from agentid_server.domain.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from agentid_server.domain.fanout import Hub
+from agentid_server.domain.model import (
+    ActorKind,
+    AgentPrincipal,
+    AuditEvent,
+    Decision,
+    EventType,
+    Reason,
+    UserPrincipal,
+)
+from agentid_server.domain.ports import Clock
+from agentid_server.domain.risk import RiskRules
+from agentid_server.domain.scopes import ScopeSyntaxError, validate_action, validate_resource
+
+STEP_UP_ID = re.compile(r"stp_[0-9A-HJKMNP-TV-Z]{26}")
+MAX_BINDING_MESSAGE = 1024
+MAX_COMMENT = 1024
+
+
+class StepUpState(enum.IntEnum):
+    UNSPECIFIED = 0
+    PENDING = 1
+    APPROVED = 2
+    DENIED = 3
+    EXPIRED = 4
+    CONSUMED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    session_id: str
+    action: str
+    resource: str
+    context_digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepUp:
+    id: str
+    session_id: str
+    user_id: str
+    agent_id: str
+    action: str
+    resource: str
+    context: Mapping[str, Any] | None
+    context_digest: str
+    binding_message: str
+    state: StepUpState
+    created_at: float
+    expires_at: int
+    resolved_at: int | None = None
+    risk_rule: str = ""
+    comment: str = ""
+
+    def seen_at(self, now: float) -> StepUp:
+        """As of ``now``: a PENDING or APPROVED step-up past its expiry is EXPIRED."""
+        if self.state in (StepUpState.PENDING, StepUpState.APPROVED) and now >= self.expires_at:
+            return replace(self, state=StepUpState.EXPIRED)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class StepUpPolicy:
+    pending_ttl: int
+    approval_ttl: int
+    max_auth_age: int
+    accepted_acr: tuple[str, ...]
+    max_context_bytes: int = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What the step-ups of a binding make of a Check on which a risk rule fired."""
+
+    decision: Decision
+    reason: Reason
+    step_up_id: str
+    decision_id: int
+
+
+def canonical_context(context: Mapping[str, Any] | None) -> bytes:
+    """RFC 8785 (JCS) canonical JSON of the context ({} when absent)."""
+    return bytes(rfc8785.dumps(dict(context or {})))
+
+
+def binding_for(
+    session_id: str, action: str, resource: str, context: Mapping[str, Any] | None
+) -> Binding:
+    digest = hashlib.sha256(canonical_context(context)).hexdigest()
+    return Binding(session_id, action, resource, digest)
+
+
+def validate_step_up_id(value: str) -> None:
+    if not STEP_UP_ID.fullmatch(value):
+        raise InvalidArgument.field("step_up_id", "not a step-up id (stp_ followed by a ULID)")
+
+
+class StepUpStore(Protocol):
+    async def request(self, candidate: StepUp, event: AuditEvent, now: float) -> StepUp:
+        """The PENDING step-up of the candidate's binding if one is live, else the candidate,
+        inserted with its audit record."""
+        ...
+
+    async def get(self, step_up_id: str) -> StepUp | None: ...
+
+    async def resolve(
+        self,
+        step_up_id: str,
+        state: StepUpState,
+        comment: str,
+        now: float,
+        expires_at: int,
+        event: Callable[[StepUp], AuditEvent],
+    ) -> StepUp | None:
+        """PENDING (and live) -> ``state``, with its audit record; None when it was not PENDING."""
+        ...  # fmt: skip
+
+    async def settle(
+        self, binding: Binding, now: float, event: Callable[[Decision, Reason, str], AuditEvent]
+    ) -> Settlement:
+        """Decides a risky Check by the newest step-up of its binding and records it: an APPROVED
+        one is consumed (a conditional update: once only), a DENIED one denies."""
+        ...
+
+    async def pending_for_user(self, user_id: str, now: float) -> list[StepUp]: ...
+
+    async def for_session(self, session_id: str) -> list[StepUp]: ...
+
+    async def expire_due(self, now: float) -> list[StepUp]:
+        """Marks PENDING and APPROVED step-ups past their expiry EXPIRED; returns them."""
+        ...
+
+
+StepUpHub = Hub[StepUp]
+
+
+class StepUps:
+    """StepUp, ResolveStepUp and WatchStepUps."""
+
+    def __init__(
+        self,
+        *,
+        store: StepUpStore,
+        risks: RiskRules,
+        policy: StepUpPolicy,
+        hub: StepUpHub,
+        clock: Clock,
+    ) -> None:
+        self._store = store
+        self._risks = risks
+        self._policy = policy
+        self._hub = hub
+        self._clock = clock
+
+    async def request(
+        self,
+        agent: AgentPrincipal,
+        *,
+        action: str,
+        resource: str,
+        context: Mapping[str, Any] | None,
+        binding_message: str,
+    ) -> StepUp:
+        claims = agent.claims
+        try:
+            action_segments = validate_action(action)
+        except ScopeSyntaxError as exc:
+            raise InvalidArgument.field("action", str(exc)) from None
+        try:
+            resource_segments = validate_resource(resource)
+        except ScopeSyntaxError as exc:
+            raise InvalidArgument.field("resource", str(exc)) from None
+        if len(binding_message) > MAX_BINDING_MESSAGE:
+            raise InvalidArgument.field(
+                "binding_message", f"at most {MAX_BINDING_MESSAGE} characters"
+            )
+        if len(canonical_context(context)) > self._policy.max_context_bytes:
+            raise InvalidArgument.field(
+                "context", f"larger than {self._policy.max_context_bytes} bytes as canonical JSON"
+            )
+        if claims.scopes.first_match(action_segments, resource_segments) is None:
+            raise PermissionDenied(
+                "the session's scopes do not allow this action on this resource",
+                reason="SCOPE_NOT_GRANTED",
+            )
+        now = self._clock.now()
+        rule = self._risks.first_firing(action_segments, action, resource, context) or ""
+        binding = binding_for(claims.session_id, action, resource, context)
+        candidate = StepUp(
+            id=f"stp_{ULID()}",
+            session_id=claims.session_id,
+            user_id=claims.user_id,
+            agent_id=claims.agent_id,
+            action=action,
+            resource=resource,
+            context=dict(context) if context is not None else None,
+            context_digest=binding.context_digest,
+            binding_message=binding_message,
+            state=StepUpState.PENDING,
+            created_at=now,
+            expires_at=int(now + self._policy.pending_ttl),
+            risk_rule=rule,
+        )
+        event = AuditEvent(
+            time=now,
+            event_type=EventType.STEP_UP_REQUESTED,
+            actor_kind=ActorKind.AGENT,
+            actor_id=claims.session_id,
+            session_id=claims.session_id,
+            user_id=claims.user_id,
+            scopes=claims.scopes.texts,
+            agent_id=claims.agent_id,
+            action=action,
+            resource=resource,
+            parent_session_id=claims.parent_session_id,
+            step_up_id=candidate.id,
+            context=context,
+            detail=binding_message,
+        )
+        return await self._store.request(candidate, event, now)
+
+    async def resolve(
+        self, user: UserPrincipal, *, step_up_id: str, approve: bool, comment: str
+    ) -> StepUp:
+        validate_step_up_id(step_up_id)
+        if len(comment) > MAX_COMMENT:
+            raise InvalidArgument.field("comment", f"at most {MAX_COMMENT} characters")
+        step_up = await self._store.get(step_up_id)
+        if step_up is None:
+            raise NotFound(f"no step-up {step_up_id}", reason="STEP_UP_NOT_FOUND")
+        if step_up.user_id != user.user_id:  # who the caller is comes before how fresh
+            raise PermissionDenied(
+                "only the user who delegated the session may resolve its step-ups",
+                reason="NOT_YOUR_STEP_UP",
+            )
+        now = self._clock.now()
+        self._require_fresh_login(user, now)
+        state = StepUpState.APPROVED if approve else StepUpState.DENIED
+
+        def event(resolved: StepUp) -> AuditEvent:
+            return AuditEvent(
+                time=now,
+                event_type=EventType.STEP_UP_RESOLVED,
+                actor_kind=ActorKind.USER,
+                actor_id=user.user_id,
+                session_id=resolved.session_id,
+                user_id=resolved.user_id,
+                agent_id=resolved.agent_id,
+                action=resolved.action,
+                resource=resolved.resource,
+                decision=Decision.ALLOW if approve else Decision.DENY,
+                step_up_id=resolved.id,
+                context=resolved.context,
+                detail=comment,
+            )
+
+        resolved = await self._store.resolve(
+            step_up_id, state, comment, now, int(now + self._policy.approval_ttl), event
+        )
+        if resolved is None:
+            current = (await self._store.get(step_up_id) or step_up).seen_at(now)
+            raise FailedPrecondition(
+                f"the step-up is {current.state.name}, not PENDING",
+                reason="STEP_UP_NOT_PENDING",
+                metadata={"state": current.state.name},
+            )
+        return resolved
+
+    def _require_fresh_login(self, user: UserPrincipal, now: float) -> None:
+        policy = self._policy
+        fresh = user.auth_time is not None and now - user.auth_time <= policy.max_auth_age
+        acr_ok = not policy.accepted_acr or user.acr in policy.accepted_acr
+        if not (fresh and acr_ok):
+            raise Unauthenticated(
+                "approving needs a fresh login at your identity provider",
+                reason="INSUFFICIENT_USER_AUTHENTICATION",
+                metadata={
+                    "max_age": str(policy.max_auth_age),
+                    "acr_values": " ".join(policy.accepted_acr),
+                },
+            )
+
+    async def watch(
+        self, caller: UserPrincipal | AgentPrincipal, step_up_id: str, current_only: bool
+    ) -> AsyncIterator[StepUp]:
+        """The caller's step-ups (a user's pending inbox, an agent's own), or one of them: the
+        current state first, then every change, pushed as it happens."""
+        wants = self._filter(caller, step_up_id)
+        if step_up_id:
+            validate_step_up_id(step_up_id)
+            found = await self._store.get(step_up_id)
+            if found is None:
+                raise NotFound(f"no step-up {step_up_id}", reason="STEP_UP_NOT_FOUND")
+            if not self._filter(caller, "")(found):
+                raise PermissionDenied("this step-up is not yours", reason="NOT_YOUR_STEP_UP")
+        subscription = self._hub.subscribe(wants)  # before reading: no change falls in between
+        try:
+            now = self._clock.now()
+            if step_up_id:
+                current = [s for s in [await self._store.get(step_up_id)] if s is not None]
+            elif isinstance(caller, UserPrincipal):
+                current = await self._store.pending_for_user(caller.user_id, now)
+            else:
+                current = await self._store.for_session(caller.claims.session_id)
+            sent: dict[str, tuple[StepUpState, int | None]] = {}
+            for step_up in current:
+                step_up = step_up.seen_at(now)
+                sent[step_up.id] = (step_up.state, step_up.resolved_at)
+                yield step_up
+            if current_only:
+                return
+            while (change := await subscription.next()) is not None:
+                if sent.get(change.id) != (change.state, change.resolved_at):
+                    sent[change.id] = (change.state, change.resolved_at)
+                    yield change
+        finally:
+            self._hub.unsubscribe(subscription)
+
+    @staticmethod
+    def _filter(
+        caller: UserPrincipal | AgentPrincipal, step_up_id: str
+    ) -> Callable[[StepUp], bool]:
+        if isinstance(caller, UserPrincipal):
+            owner = caller.user_id
+            return lambda s: s.user_id == owner and (not step_up_id or s.id == step_up_id)
+        session = caller.claims.session_id
+        return lambda s: s.session_id == session and (not step_up_id or s.id == step_up_id)

@@ -1,0 +1,222 @@
+"""Step-ups in the database. Every write is a journal job, so a state change and its audit record
+commit together; watchers hear of each change after the commit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from sqlalchemy import Connection, Row, Select, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentid_server.domain.model import AuditEvent, Decision, Reason
+from agentid_server.domain.stepup import Binding, Settlement, StepUp, StepUpState
+from agentid_server.storage import tables
+from agentid_server.storage.journal import JobResult, Journal
+
+OnChange = Callable[[list[StepUp]], None]
+_LIVE = (int(StepUpState.PENDING), int(StepUpState.APPROVED))
+
+
+class StepUpRepository:
+    def __init__(self, engine: AsyncEngine, journal: Journal, on_change: OnChange) -> None:
+        self._engine = engine
+        self._journal = journal
+        self._on_change = on_change
+
+    def _changed(self, step_ups: list[StepUp]) -> Callable[[list[int]], None] | None:
+        if not step_ups:
+            return None
+        return lambda _ids: self._on_change(step_ups)
+
+    async def request(self, candidate: StepUp, event: AuditEvent, now: float) -> StepUp:
+        def job(connection: Connection) -> JobResult[StepUp]:
+            s = tables.step_ups
+            pending = connection.execute(
+                _binding_query(_binding(candidate))
+                .where(s.c.state == int(StepUpState.PENDING), s.c.expires_at > now)
+                .limit(1)
+            ).first()
+            if pending is not None:
+                return JobResult(_step_up(pending))
+            connection.execute(s.insert().values(**_row(candidate)))
+            return JobResult(candidate, [event], self._changed([candidate]))
+
+        return await self._journal.run(job)
+
+    async def get(self, step_up_id: str) -> StepUp | None:
+        s = tables.step_ups
+        rows = await self._read(select(s).where(s.c.id == step_up_id))
+        return _step_up(rows[0]) if rows else None
+
+    async def resolve(
+        self,
+        step_up_id: str,
+        state: StepUpState,
+        comment: str,
+        now: float,
+        expires_at: int,
+        event: Callable[[StepUp], AuditEvent],
+    ) -> StepUp | None:
+        def job(connection: Connection) -> JobResult[StepUp | None]:
+            s = tables.step_ups
+            changed = connection.execute(
+                update(s)
+                .where(
+                    s.c.id == step_up_id,
+                    s.c.state == int(StepUpState.PENDING),
+                    s.c.expires_at > now,
+                )
+                .values(
+                    state=int(state), comment=comment, resolved_at=int(now), expires_at=expires_at
+                )
+            ).rowcount
+            if changed != 1:
+                return JobResult(None)
+            resolved = _step_up(connection.execute(select(s).where(s.c.id == step_up_id)).one())
+            return JobResult(resolved, [event(resolved)], self._changed([resolved]))
+
+        return await self._journal.run(job)
+
+    async def settle(
+        self, binding: Binding, now: float, event: Callable[[Decision, Reason, str], AuditEvent]
+    ) -> Settlement:
+        def job(connection: Connection) -> JobResult[tuple[Decision, Reason, str]]:
+            s = tables.step_ups
+            newest = connection.execute(_binding_query(binding).limit(1)).first()
+            step_up = _step_up(newest).seen_at(now) if newest is not None else None
+            outcome: tuple[Decision, Reason, str] = (
+                Decision.STEP_UP_REQUIRED,
+                Reason.HIGH_RISK,
+                "",
+            )
+            changed: list[StepUp] = []
+            if step_up is not None and step_up.state is StepUpState.APPROVED:
+                consumed = connection.execute(
+                    update(s)
+                    .where(s.c.id == step_up.id, s.c.state == int(StepUpState.APPROVED))
+                    .values(state=int(StepUpState.CONSUMED))
+                ).rowcount
+                if consumed == 1:  # the conditional update: one Check, once, across replicas
+                    outcome = (Decision.ALLOW, Reason.STEP_UP_APPROVED, step_up.id)
+                    changed.append(_with_state(step_up, StepUpState.CONSUMED))
+            elif step_up is not None and step_up.state is StepUpState.DENIED:
+                outcome = (Decision.DENY, Reason.STEP_UP_DENIED, step_up.id)
+            return JobResult(outcome, [event(*outcome)], self._changed(changed))
+
+        (decision, reason, step_up_id), ids = await self._journal.run_recorded(job)
+        return Settlement(decision, reason, step_up_id, ids[0])
+
+    async def pending_for_user(self, user_id: str, now: float) -> list[StepUp]:
+        s = tables.step_ups
+        statement = (
+            select(s)
+            .where(
+                s.c.user_id == user_id, s.c.state == int(StepUpState.PENDING), s.c.expires_at > now
+            )
+            .order_by(s.c.created_at_us)
+        )
+        return [_step_up(row) for row in await self._read(statement)]
+
+    async def for_session(self, session_id: str) -> list[StepUp]:
+        s = tables.step_ups
+        statement = select(s).where(s.c.session_id == session_id).order_by(s.c.created_at_us)
+        return [_step_up(row) for row in await self._read(statement)]
+
+    async def expire_due(self, now: float) -> list[StepUp]:
+        def job(connection: Connection) -> JobResult[list[StepUp]]:
+            s = tables.step_ups
+            due = s.c.state.in_(_LIVE) & (s.c.expires_at <= now)
+            expired = [
+                _with_state(_step_up(row), StepUpState.EXPIRED)
+                for row in connection.execute(select(s).where(due))
+            ]
+            if expired:
+                connection.execute(update(s).where(due).values(state=int(StepUpState.EXPIRED)))
+            return JobResult(expired, [], self._changed(expired))
+
+        return await self._journal.run(job)
+
+    async def _read(self, statement: Select[Any]) -> list[Row[Any]]:
+        async def run() -> list[Row[Any]]:
+            async with self._engine.connect() as connection:
+                return list((await connection.execute(statement)).all())
+
+        return await asyncio.shield(run())  # a cancelled watcher never abandons a query
+
+
+def expire_for_sessions(connection: Connection, session_ids: Sequence[str]) -> list[StepUp]:
+    """In a revocation's transaction: the sessions' pending and approved step-ups expire."""
+    s = tables.step_ups
+    live = s.c.session_id.in_(list(session_ids)) & s.c.state.in_(_LIVE)
+    expired = [
+        _with_state(_step_up(row), StepUpState.EXPIRED)
+        for row in connection.execute(select(s).where(live))
+    ]
+    if expired:
+        connection.execute(update(s).where(live).values(state=int(StepUpState.EXPIRED)))
+    return expired
+
+
+def _binding(step_up: StepUp) -> Binding:
+    return Binding(step_up.session_id, step_up.action, step_up.resource, step_up.context_digest)
+
+
+def _binding_query(binding: Binding) -> Select[Any]:
+    s = tables.step_ups
+    return (
+        select(s)
+        .where(
+            s.c.session_id == binding.session_id,
+            s.c.action == binding.action,
+            s.c.resource == binding.resource,
+            s.c.context_digest == binding.context_digest,
+        )
+        .order_by(s.c.created_at_us.desc())
+    )
+
+
+def _row(step_up: StepUp) -> dict[str, Any]:
+    return {
+        "id": step_up.id,
+        "session_id": step_up.session_id,
+        "user_id": step_up.user_id,
+        "agent_id": step_up.agent_id,
+        "action": step_up.action,
+        "resource": step_up.resource,
+        "context": dict(step_up.context) if step_up.context is not None else None,
+        "context_digest": step_up.context_digest,
+        "binding_message": step_up.binding_message,
+        "state": int(step_up.state),
+        "risk_rule": step_up.risk_rule,
+        "comment": step_up.comment,
+        "created_at_us": int(step_up.created_at * 1_000_000),
+        "expires_at": step_up.expires_at,
+        "resolved_at": step_up.resolved_at,
+    }
+
+
+def _step_up(row: Any) -> StepUp:
+    return StepUp(
+        id=row.id,
+        session_id=row.session_id,
+        user_id=row.user_id,
+        agent_id=row.agent_id,
+        action=row.action,
+        resource=row.resource,
+        context=row.context,
+        context_digest=row.context_digest,
+        binding_message=row.binding_message,
+        state=StepUpState(row.state),
+        created_at=row.created_at_us / 1_000_000,
+        expires_at=row.expires_at,
+        resolved_at=row.resolved_at,
+        risk_rule=row.risk_rule,
+        comment=row.comment,
+    )
+
+
+def _with_state(step_up: StepUp, state: StepUpState) -> StepUp:
+    return replace(step_up, state=state)
