@@ -94,6 +94,8 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
         ('listen = "127.0.0.1:50051"', 'lisen = "127.0.0.1:1"', "server.lisen", "unknown key"),
         ('name = "payments-api"', "", "services[0].name", "required"),
         ("[step_up]", "[stepup]", "stepup", "unknown section"),
+        ('when = "context.amount > 1000"', 'when = "context.amount >"', "risk[0].when", "large-transfer"),
+        ('action = "payments.transfer"', 'action = "Payments"', "risk[0].action", "action pattern"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_the_key(
