@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from agentid_server import stepups_cli
 from agentid_server.config import ConfigError, load_settings, parse_duration
 from agentid_server.tokens.keys import KeyMaterialError
 
@@ -44,11 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--scope", default="", help="space-separated scopes the user holds")
     token.add_argument("--ttl", default="1h", help="lifetime, e.g. 1h")
     token.add_argument("--acr", default="", help="authentication context class to claim")
+    token.add_argument(
+        "--auth-age", default="0s", help="how long ago the user logged in (auth_time), e.g. 10m"
+    )
     token.add_argument("--dir", type=Path, default=DEV_DIR)
     token.set_defaults(run=_dev_user_token)
     key = dev_commands.add_parser("service-key", help="issue a new dev service API key")
     key.add_argument("--dir", type=Path, default=DEV_DIR)
     key.set_defaults(run=_dev_service_key)
+
+    stepups_cli.add_parser(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -135,8 +141,30 @@ max_ttl = "30m"
 
 [[agents]]
 id = "research-bot"
-max_scopes = ["docs.*", "tickets.read"]
+max_scopes = ["docs.*", "tickets.read", "data.export"]
 max_ttl = "60m"
+
+[step_up]
+pending_ttl = "10m"
+approval_ttl = "5m"
+max_auth_age = "5m"
+
+# High-risk actions wait for the human. A rule whose condition cannot be evaluated (say, the
+# amount is missing from the Check's context) fires: rules fail closed.
+[[risk]]
+name = "large-transfer"
+action = "payments.transfer"
+when = "context.amount > 1000"
+
+[[risk]]
+name = "identity-change"
+action = "identity.*"
+when = "true"
+
+[[risk]]
+name = "large-export"
+action = "data.export"
+when = "context.rows > 10000"
 """
 
 
@@ -208,7 +236,7 @@ def _dev_user_token(args: argparse.Namespace) -> int:
         "sub": args.sub,
         "scope": args.scope,
         "iat": now,
-        "auth_time": now,
+        "auth_time": now - int(parse_duration(args.auth_age)) if args.auth_age != "0s" else now,
         "exp": now + int(parse_duration(args.ttl)),
     }
     if args.acr:

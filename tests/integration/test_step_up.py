@@ -443,3 +443,40 @@ async def test_each_step_is_audited(h: Harness) -> None:
         ),
     ]
     assert rows[2][0] == int(allowed.decision_id)
+
+
+# -- the human's terminal tool -----------------------------------------------------------------------
+
+
+async def cli(h: Harness, token: str, *args: str) -> tuple[int, str, str]:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentid_server", "step-ups", "--target", f"127.0.0.1:{h.running.port}",
+        "--token", token, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_step_ups_command(h: Harness) -> None:
+    session = await agent(h)
+    pending = await step_up(h, session.token)
+    code, out, _ = await cli(h, fresh_user(h), "list")
+    assert code == 0
+    assert pending.id in out
+    assert "PENDING" in out
+    assert "Transfer 5000 EUR to account 42" in out
+    assert "[large-transfer]" in out
+    code, _, err = await cli(h, fresh_user(h, age=900), "approve", pending.id)
+    assert code == 1
+    assert "fresh login" in err
+    code, out, _ = await cli(h, fresh_user(h), "approve", pending.id, "--comment", "ok")
+    assert (code, out.strip()) == (0, f"{pending.id} is now APPROVED")
+    assert (await transfer(h, session.token)).reason == pb.REASON_STEP_UP_APPROVED
+    other = await step_up(h, session.token, resource="account/1")
+    code, out, _ = await cli(h, fresh_user(h), "deny", other.id)
+    assert (code, out.strip()) == (0, f"{other.id} is now DENIED")

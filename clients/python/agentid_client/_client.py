@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -74,9 +74,7 @@ class AgentIdClient:
             min_revocation_sequence=min_revocation_sequence,
         )
         if context is not None:
-            struct = struct_pb2.Struct()
-            struct.update(dict(context))
-            request.context.CopyFrom(struct)
+            request.context.CopyFrom(_struct(context))
         response: pb.CheckResponse = await self._call(self._stub.Check, request)
         return response
 
@@ -92,6 +90,42 @@ class AgentIdClient:
         response: pb.RevokeResponse = await self._call(self._stub.Revoke, request)
         return response
 
+    async def step_up(
+        self,
+        action: str,
+        resource: str = "",
+        *,
+        context: Mapping[str, Any] | None = None,
+        binding_message: str = "",
+    ) -> pb.StepUp:
+        """As an agent: asks the delegating user to approve one high-risk action."""
+        request = pb.StepUpRequest(
+            action=action, resource=resource, binding_message=binding_message
+        )
+        if context is not None:
+            request.context.CopyFrom(_struct(context))
+        response: pb.StepUpResponse = await self._call(self._stub.StepUp, request)
+        return response.step_up
+
+    async def resolve_step_up(
+        self, step_up_id: str, *, approve: bool, comment: str = ""
+    ) -> pb.StepUp:
+        """As the delegating user (with a fresh IdP login): approves or denies a step-up."""
+        request = pb.ResolveStepUpRequest(step_up_id=step_up_id, approve=approve, comment=comment)
+        response: pb.ResolveStepUpResponse = await self._call(self._stub.ResolveStepUp, request)
+        return response.step_up
+
+    async def watch_step_ups(
+        self, step_up_id: str = "", *, current_only: bool = False
+    ) -> AsyncIterator[pb.StepUp]:
+        """The caller's step-ups (a user's inbox, an agent's own): current state, then changes."""
+        request = pb.WatchStepUpsRequest(step_up_id=step_up_id, current_only=current_only)
+        try:
+            async for response in self._stub.WatchStepUps(request, metadata=self._metadata):
+                yield response.step_up
+        except grpc.aio.AioRpcError as error:
+            raise AgentIdError.from_rpc_error(error) from None
+
     async def jwks(self) -> str:
         """The JWK Set (JSON) that verifies agent tokens."""
         response: pb.GetJwksResponse = await self._call(self._stub.GetJwks, pb.GetJwksRequest())
@@ -102,3 +136,9 @@ class AgentIdClient:
             return await method(request, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise AgentIdError.from_rpc_error(error) from None
+
+
+def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(dict(values))
+    return struct

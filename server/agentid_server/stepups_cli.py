@@ -1,0 +1,96 @@
+"""`agentid step-ups`: a human's tool to list, watch, approve and deny step-ups from a terminal,
+with their IdP token (for trying agentid out, and for operators)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import sys
+
+from agentid.v1 import agentid_pb2 as pb
+from agentid_client import AgentIdClient, AgentIdError
+
+TOKEN_ENV = "AGENTID_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "step-ups",
+        help="list, watch, approve or deny step-ups with your IdP token",
+        description=f"Your IdP token comes from --token or the environment variable {TOKEN_ENV}.",
+    )
+    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of agentid")
+    parser.add_argument("--token", default=None, help=f"your IdP token (default: ${TOKEN_ENV})")
+    actions = parser.add_subparsers(dest="step_up_command", required=True)
+    actions.add_parser("list", help="your pending step-ups")
+    actions.add_parser("watch", help="your pending step-ups, then every change as it happens")
+    for verb in ("approve", "deny"):
+        command = actions.add_parser(verb, help=f"{verb} one step-up (needs a fresh login)")
+        command.add_argument("step_up_id")
+        command.add_argument("--comment", default="")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(TOKEN_ENV, "")
+    if not token:
+        print(
+            f"agentid step-ups: give your IdP token with --token or ${TOKEN_ENV}", file=sys.stderr
+        )
+        return 2
+    try:
+        return asyncio.run(_run(args, token))
+    except AgentIdError as error:
+        print(f"agentid step-ups: {_explain(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(args: argparse.Namespace, token: str) -> int:
+    async with AgentIdClient(args.target, token) as client:
+        command = args.step_up_command
+        if command in ("approve", "deny"):
+            step_up = await client.resolve_step_up(
+                args.step_up_id, approve=command == "approve", comment=args.comment
+            )
+            print(f"{step_up.id} is now {_state(step_up)}")
+            return 0
+        if command == "list":
+            print(HEADER)
+        async for step_up in client.watch_step_ups(current_only=command == "list"):
+            print(row(step_up), flush=True)
+    return 0
+
+
+HEADER = (
+    f"{'ID':<30} {'STATE':<9} {'AGENT':<14} {'ACTION':<22} {'RESOURCE':<18} {'EXPIRES':<8} "
+    "BINDING MESSAGE"
+)
+
+
+def row(step_up: pb.StepUp) -> str:
+    expires = datetime.datetime.fromtimestamp(step_up.expires_at.seconds, datetime.UTC)
+    expires_text = expires.strftime("%H:%M:%S")
+    rule = f" [{step_up.risk_rule}]" if step_up.risk_rule else ""
+    return (
+        f"{step_up.id:<30} {_state(step_up):<9} {step_up.agent_id:<14.14} {step_up.action:<22.22} "
+        f"{step_up.resource or '-':<18.18} {expires_text:<8} {step_up.binding_message}{rule}"
+    )
+
+
+def _state(step_up: pb.StepUp) -> str:
+    return pb.StepUpState.Name(step_up.state).removeprefix("STEP_UP_STATE_")
+
+
+def _explain(error: AgentIdError) -> str:
+    if error.reason == "INSUFFICIENT_USER_AUTHENTICATION":
+        acr = error.metadata.get("acr_values", "")
+        needs = f" with one of: {acr}" if acr else ""
+        return (
+            "approving needs a fresh login: sign in again at your identity provider"
+            f"{needs} (no more than {error.metadata.get('max_age', '?')} s ago), then retry"
+        )
+    return f"{error.code.name} {error.reason}: {error.message}"
