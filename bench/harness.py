@@ -349,15 +349,19 @@ def _go() -> str | None:
 
 
 def _go_bin_dir() -> Path | None:
+    """Where `go install` puts binaries: $GOBIN, else the first $GOPATH entry's bin/."""
     go = _go()
     if go is None:
         return None
-    gopath = subprocess.run([go, "env", "GOPATH"], capture_output=True, text=True, check=True)
-    return Path(gopath.stdout.strip().split(os.pathsep)[0]) / "bin"
+    found = subprocess.run([go, "env", "GOBIN", "GOPATH"], capture_output=True, text=True)
+    gobin, _, gopath = found.stdout.partition("\n")
+    if gobin.strip():
+        return Path(gobin.strip())
+    return Path(gopath.strip().split(os.pathsep)[0]) / "bin"
 
 
 def ensure_ghz() -> Path:
-    """The ghz binary: on PATH, in $GOPATH/bin, or installed now with `go install`."""
+    """The ghz binary: on PATH, where `go install` puts binaries, or installed now."""
     found = shutil.which("ghz")
     if found:
         return Path(found)
