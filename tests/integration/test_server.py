@@ -62,6 +62,22 @@ async def test_reflection_describes_the_service_without_proto_files(harness: Har
         break
 
 
+@pytest.mark.parametrize(
+    "symbol", ["agentid.v1.AgentIdentityService.Check", "grpc.health.v1.Health.Check"]
+)
+async def test_reflection_resolves_method_symbols(harness: Harness, symbol: str) -> None:
+    """What `grpcurl describe SERVICE.METHOD` and ghz ask for."""
+    call = harness.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+    async for response in call(iter([request])):
+        assert response.WhichOneof("message_response") == "file_descriptor_response"
+        break
+
+
 async def test_health_reports_serving(harness: Harness) -> None:
     stub = health_pb2_grpc.HealthStub(harness.channel)
     for service in ("", "agentid.v1.AgentIdentityService"):
