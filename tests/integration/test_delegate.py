@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,7 +15,18 @@ from google.protobuf.duration_pb2 import Duration
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 
-from tests.conftest import CHECK_KEY, ISSUER, Harness, bad_request, bearer, error_info
+from tests.conftest import (
+    CHECK_KEY,
+    ISSUER,
+    FakeClock,
+    Harness,
+    IdpFixture,
+    bad_request,
+    bearer,
+    error_info,
+    make_settings,
+    start_harness,
+)
 
 
 def session_count(h: Harness) -> int:
@@ -257,3 +269,26 @@ async def test_serials_are_unique_and_increasing(harness: Harness) -> None:
     serials = [(await harness.delegate()).serial for _ in range(5)]
     assert serials == sorted(serials)
     assert len(set(serials)) == 5
+
+
+async def test_es256_signing_keys_work_end_to_end(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    def es256(config: dict[str, Any]) -> None:
+        config["tokens"]["algorithm"] = "ES256"
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, es256))
+    try:
+        delegated = await h.delegate()
+        jwks = json.loads((await h.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
+        assert [k["alg"] for k in jwks["keys"]] == ["ES256"]
+        token = jose_jwt.decode(delegated.token, KeySet.import_key_set(jwks), algorithms=["ES256"])
+        assert token.header["alg"] == "ES256"
+        assert (await h.check(delegated.token, "tickets.read")).decision == pb.DECISION_ALLOW
+        header, payload, signature = delegated.token.split(".")
+        flipped = signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB")
+        bad = await h.check(f"{header}.{payload}.{flipped}", "tickets.read")
+        assert bad.reason == pb.REASON_SIGNATURE_INVALID
+    finally:
+        await h.channel.close()
+        await h.running.stop(grace=1)

@@ -157,8 +157,17 @@ async def test_malformed_tokens_are_refused(h: Harness, token: str) -> None:
     assert response.reason in (pb.REASON_TOKEN_MALFORMED, pb.REASON_SIGNATURE_INVALID)
 
 
+async def test_deeply_nested_json_is_refused(h: Harness) -> None:
+    header = b64(b"[" * 3000 + b"]" * 3000)
+    response = await h.check(f"{header}.e30.sig", "tickets.read")
+    assert (response.decision, response.reason) == (pb.DECISION_DENY, pb.REASON_TOKEN_MALFORMED)
+
+
 async def test_truncated_token_is_refused(h: Harness) -> None:
     token = h.good_token
+    for cut in range(len(token) - 8, len(token)):  # every base64 length remainder
+        response = await h.check(token[:cut], "tickets.read", "ticket/1")
+        assert response.decision == pb.DECISION_DENY
     for cut in (10, len(token) // 2, len(token) - 5):
         response = await h.check(token[:cut], "tickets.read", "ticket/1")
         assert response.decision == pb.DECISION_DENY
