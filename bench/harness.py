@@ -102,9 +102,12 @@ class Deployment:
         return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": IDP_KID})  # type: ignore[arg-type]
 
 
-def create_deployment(directory: Path, *, token_cache_size: int) -> Deployment:
-    """Writes a KEK, a test IdP (Ed25519 key + JWKS), a service API key with role `check`, an
-    agent kind and the TOML config listening on 127.0.0.1:0 (the server picks a free port)."""
+def create_deployment(
+    directory: Path, *, token_cache_size: int, roles: Sequence[str] = ("check",)
+) -> Deployment:
+    """Writes a KEK, a test IdP (Ed25519 key + JWKS), a service API key with ``roles`` (`check`
+    by default; `admin` includes check and watch and may Revoke), an agent kind and the TOML
+    config listening on 127.0.0.1:0 (the server picks a free port)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -149,7 +152,7 @@ algorithms = ["EdDSA"]
 [[services]]
 name = "bench-api"
 key_sha256 = "{digest}"
-roles = ["check"]
+roles = {json.dumps(list(roles))}
 
 [[agents]]
 id = "{AGENT_ID}"
@@ -178,12 +181,20 @@ _CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 
 class ServerProcess:
-    """`agentid serve` in its own process; its log goes to a file beside the config."""
+    """`agentid serve` (or another server whose log names its port, matched by ``port_line``
+    with the port as group 1) in its own process; its log goes to a file beside the config."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path, source: Path | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        log_path: Path,
+        source: Path | None = None,
+        port_line: re.Pattern[str] = _PORT_LINE,
+    ) -> None:
         self.argv = list(argv)
         self.log_path = log_path
         self.source = source
+        self.port_line = port_line
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -202,7 +213,7 @@ class ServerProcess:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = _PORT_LINE.search(self.log_path.read_text(errors="replace"))
+            match = self.port_line.search(self.log_path.read_text(errors="replace"))
             if match:
                 self.port = int(match.group(1))
                 return
@@ -242,9 +253,12 @@ def serve_argv(venv: Path, config: Path, *, uvloop: bool = False) -> list[str]:
 
 @contextlib.contextmanager
 def running_server(
-    argv: Sequence[str], log_path: Path, source: Path | None = None
+    argv: Sequence[str],
+    log_path: Path,
+    source: Path | None = None,
+    port_line: re.Pattern[str] = _PORT_LINE,
 ) -> Iterator[ServerProcess]:
-    server = ServerProcess(argv, log_path, source)
+    server = ServerProcess(argv, log_path, source, port_line)
     server.start()
     try:
         yield server
@@ -255,13 +269,15 @@ def running_server(
 # -- tokens through the API ------------------------------------------------------------------------
 
 
-async def _delegate_many(port: int, user_token: str, count: int, concurrency: int) -> list[str]:
+async def _delegate_many(
+    port: int, user_token: str, count: int, concurrency: int
+) -> list[tuple[str, str]]:
     import grpc
     from agentid.v1 import agentid_pb2 as pb
     from agentid.v1 import agentid_pb2_grpc
 
     metadata = (("authorization", f"Bearer {user_token}"),)
-    tokens: list[str] = []
+    sessions: list[tuple[str, str]] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = agentid_pb2_grpc.AgentIdentityServiceStub(channel)
         request = pb.DelegateRequest(agent_id=AGENT_ID, scopes=[ACTION], task="benchmark")
@@ -269,16 +285,23 @@ async def _delegate_many(port: int, user_token: str, count: int, concurrency: in
         async def worker(n: int) -> None:
             for _ in range(n):
                 response = await stub.Delegate(request, metadata=metadata, timeout=30)
-                tokens.append(response.token)
+                sessions.append((response.session_id, response.token))
 
         share, extra = divmod(count, concurrency)
         await asyncio.gather(*(worker(share + (i < extra)) for i in range(concurrency)))
-    return tokens
+    return sessions
 
 
 def delegate_tokens(port: int, user_token: str, count: int, concurrency: int = 16) -> list[str]:
     """``count`` distinct agent tokens, each from its own Delegate call."""
-    return asyncio.run(_delegate_many(port, user_token, count, min(count, concurrency)))
+    sessions = asyncio.run(_delegate_many(port, user_token, count, min(count, concurrency)))
+    return [token for _, token in sessions]
+
+
+def delegate_sessions(port: int, user_token: str, count: int, concurrency: int = 16) -> list[str]:
+    """The session ids of ``count`` distinct sessions, each from its own Delegate call."""
+    sessions = asyncio.run(_delegate_many(port, user_token, count, min(count, concurrency)))
+    return [session_id for session_id, _ in sessions]
 
 
 async def _sanity(port: int, api_key: str, tokens: Sequence[str]) -> None:
@@ -560,7 +583,7 @@ def code_under_test(commit: str | None) -> dict[str, Any]:
     }
 
 
-def machine_info(ghz: Path) -> dict[str, Any]:
+def machine_info(ghz: Path | None = None) -> dict[str, Any]:
     busy = background_busy()
     if busy > 0.2:
         log(f"the machine is {busy:.0%} busy before the run: figures will be noisier")
@@ -570,12 +593,15 @@ def machine_info(ghz: Path) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    return {
+    info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu_model,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "ghz": ghz_version(ghz),
+        "ghz": ghz_version(ghz) if ghz is not None else None,
         "background_busy_before_run": round(busy, 3),
     }
+    if ghz is None:
+        del info["ghz"]  # no ghz in this benchmark
+    return info

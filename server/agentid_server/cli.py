@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    return asyncio.run(_serve_until_signalled(settings))
+    loop_factory = None
+    if settings.server.event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve_until_signalled(settings))
 
 
 async def _serve_until_signalled(settings: object) -> int:

@@ -3,6 +3,7 @@ typed settings. Any problem stops the start with the file, the key and what is w
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -55,6 +56,7 @@ class ServerSettings:
     max_consistency_wait: float = 5.0
     shutdown_grace: float = 10.0
     token_cache_size: int = 50_000
+    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "listen": "str", "tls_cert": "str", "tls_key": "str", "client_ca": "str",
         "max_token_bytes": "int", "max_message_bytes": "int",
         "max_consistency_wait": "duration", "shutdown_grace": "duration",
-        "token_cache_size": "int",
+        "token_cache_size": "int", "event_loop": "str",
     },
     "database": {
         "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
@@ -385,6 +387,10 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise server.fail("tls_cert", "tls_cert and tls_key go together")
     if s.server.client_ca and not s.server.tls_cert:
         raise server.fail("client_ca", "mTLS needs tls_cert and tls_key too")
+    if s.server.event_loop not in ("asyncio", "uvloop"):
+        raise server.fail("event_loop", "must be asyncio or uvloop")
+    if s.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise server.fail("event_loop", "uvloop is not installed (pip install 'agentid[perf]')")
     if not 512 <= s.server.max_token_bytes <= 1 << 20:
         raise server.fail("max_token_bytes", "must be between 512 and 1048576")
     if not s.tokens.issuer:

@@ -193,7 +193,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path, event_loop: str) -> None:
     """What `make run` does: dev init, then serve; a dev user token delegates; SIGTERM stops it."""
     init = run_cli("dev", "init", cwd=tmp_path)
     assert init.returncode == 0, init.stderr
@@ -218,6 +219,7 @@ def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
     env["AGENTID_SERVER_LISTEN"] = f"127.0.0.1:{port}"
+    env["AGENTID_SERVER_EVENT_LOOP"] = event_loop
     server = subprocess.Popen(
         [*AGENTID, "serve", "--config", "var/dev/agentid.toml"],
         cwd=tmp_path,
