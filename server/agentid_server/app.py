@@ -172,8 +172,26 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     verifier = AgentTokenVerifier(
         settings.tokens.issuer, {k.kid: k for k in keys}, settings.server.token_cache_size
     )
+    health_servicer = AsyncHealthServicer()
+    health_updates: set[asyncio.Task[None]] = set()
+
+    def store_health(healthy: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE):
+            update = asyncio.ensure_future(health_servicer.set(name, status))
+            health_updates.add(update)
+            update.add_done_callback(health_updates.discard)
+
     journal = Journal(
-        engine, engines.sqlite_writer, max_batch=settings.audit.max_batch, sqlite_inline=inline
+        engine,
+        engines.sqlite_writer,
+        max_batch=settings.audit.max_batch,
+        sqlite_inline=inline,
+        on_health=store_health,
     )
     journal.start()
     step_up_hub = StepUpHub(settings.revocation.watch_buffer)
@@ -254,7 +272,6 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         ]
     )
     server.add_generic_rpc_handlers((build_handler(servicer, authn),))
-    health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME])
     port = _listen(server, settings)

@@ -126,3 +126,31 @@ async def test_no_allow_is_answered_while_the_audit_store_is_locked(harness: Har
             ).fetchone()[0]
             == 1
         )
+
+
+async def test_health_follows_the_store_and_recovers_by_itself(harness: Harness) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(harness.channel)
+
+    async def status() -> int:
+        return (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+
+    async def until(expected: int) -> None:
+        for _ in range(100):
+            if await status() == expected:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"health never became {expected}")
+
+    delegated = await harness.delegate()
+    locker = sqlite3.connect(harness.tmp_path / "agentid.db", timeout=1, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await harness.check(delegated.token, "tickets.read")
+        await until(health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    await until(health_pb2.HealthCheckResponse.SERVING)  # no call needed: the journal probes

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Engine, bindparam, func, select
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -135,6 +135,8 @@ class Journal:
         max_batch: int,
         append_timeout: float = 5.0,
         sqlite_inline: bool = False,
+        on_health: Callable[[bool], None] | None = None,
+        probe_interval: float = 0.5,
     ) -> None:
         """``sync_engine`` is given for SQLite, None for PostgreSQL. SQLite batches are written
         on a dedicated thread (one hop per batch; a lock held by another process stalls only the
@@ -166,6 +168,9 @@ class Journal:
             .returning(tables.audit_records.c.id, sort_by_parameter_order=True)
         )
         self.healthy = True
+        self._on_health = on_health
+        self._probe_interval = probe_interval
+        self._probe: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -174,6 +179,10 @@ class Journal:
 
     async def stop(self) -> None:
         """Writes what is queued, then ends the writer and closes its connection."""
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         if self._task is not None:
             await self._queue.join()
             self._task.cancel()
@@ -257,7 +266,7 @@ class Journal:
                 self._close_connections()
             else:
                 self._executor.submit(self._close_connections)
-            self.healthy = False
+            self._set_health(False)
             if isinstance(exc, SQLAlchemyError | OSError):
                 log.error("write batch of %d items failed: %s", len(batch), type(exc).__name__)
             else:
@@ -268,7 +277,7 @@ class Journal:
                         Unavailable("the store is unavailable", reason="AUDIT_UNAVAILABLE")
                     )
             return
-        self.healthy = True
+        self._set_health(True)
         for item, outcome in zip(batch, outcomes, strict=True):
             if outcome.after_commit is not None:
                 outcome.after_commit(outcome.ids)
@@ -280,6 +289,24 @@ class Journal:
                 item.future.set_result((outcome.value, outcome.ids))
             else:
                 item.future.set_result(outcome.value)
+
+    def _set_health(self, healthy: bool) -> None:
+        if healthy == self.healthy:
+            return
+        self.healthy = healthy
+        log.warning("the store is %s", "writable again" if healthy else "failing writes")
+        if self._on_health is not None:
+            self._on_health(healthy)
+        if not healthy and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.create_task(self._recover(), name="journal-probe")
+
+    async def _recover(self) -> None:
+        """While the store fails, try a small write now and then, so health recovers by itself
+        even when no call comes in to try."""
+        while not self.healthy:
+            await asyncio.sleep(self._probe_interval)
+            with contextlib.suppress(Unavailable):
+                await self.run(_probe_write)
 
     def _write_sqlite(self, batch: list[_Item]) -> list[_Outcome]:
         assert self._sync_engine is not None
@@ -381,3 +408,12 @@ def _give_up(future: asyncio.Future[Any]) -> None:
         future.set_exception(
             Unavailable("the store did not take the write in time", reason="AUDIT_UNAVAILABLE")
         )
+
+
+def _probe_write(connection: Connection) -> JobResult[None]:
+    """A write that needs the store's write lock and changes nothing."""
+    counters = tables.counters
+    connection.execute(
+        update(counters).where(counters.c.name == "session_serial").values(value=counters.c.value)
+    )
+    return JobResult(None)
