@@ -18,6 +18,7 @@ from agentid_server.api.method_policy import SERVICE
 from agentid_server.api.reflection import enable_reflection
 from agentid_server.api.servicer import AgentIdentityServicer
 from agentid_server.config import Settings, is_loopback
+from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import Delegator, TtlPolicy
 from agentid_server.domain.model import AgentKind, ServicePrincipal
@@ -27,6 +28,7 @@ from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.risk import RiskRules
 from agentid_server.domain.scopes import ScopeSet
 from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps
+from agentid_server.storage.audit import AuditRepository, record_from_row
 from agentid_server.storage.database import (
     INLINE_WRITER_BUSY_TIMEOUT,
     Engines,
@@ -68,7 +70,7 @@ class Running:
     engines: Engines
     journal: Journal
     revocations: RevocationSet
-    hubs: list[RevocationHub | StepUpHub]
+    hubs: list[RevocationHub | StepUpHub | AuditHub]
     housekeeping: asyncio.Task[None]
 
     async def stop(self, grace: float | None = None) -> None:
@@ -186,12 +188,15 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             health_updates.add(update)
             update.add_done_callback(health_updates.discard)
 
+    audit_hub = AuditHub(settings.revocation.watch_buffer)
     journal = Journal(
         engine,
         engines.sqlite_writer,
         max_batch=settings.audit.max_batch,
         sqlite_inline=inline,
         on_health=store_health,
+        chain_id=settings.audit.chain_id,
+        on_records=record_listener(audit_hub, record_from_row),
     )
     journal.start()
     step_up_hub = StepUpHub(settings.revocation.watch_buffer)
@@ -258,6 +263,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         ),
         revoker=revoker,
         step_ups=step_ups,
+        auditor=Auditor(store=AuditRepository(engine), hub=audit_hub),
         jwks=lambda: public_jwks,
         max_consistency_wait=settings.server.max_consistency_wait,
     )
@@ -290,7 +296,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         engines,
         journal,
         revocations,
-        [hub, step_up_hub],
+        [hub, step_up_hub, audit_hub],
         housekeeping,
     )
 

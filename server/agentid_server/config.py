@@ -131,6 +131,7 @@ class RevocationSettings:
 @dataclass(frozen=True)
 class AuditSettings:
     max_batch: int = 2048
+    chain_id: str = "main"
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
         "accepted_acr": "list", "max_context_bytes": "int",
     },
-    "audit": {"max_batch": "int"},
+    "audit": {"max_batch": "int", "chain_id": "str"},
     "revocation": {
         "watch_buffer": "int", "prune_interval": "duration", "history_retention": "duration",
     },

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 
-from tests.conftest import ADMIN_KEY, Harness, bearer, error_info
+from tests.conftest import Harness, error_info
 
 
 async def test_delegate_then_check_allows_granted_scope(harness: Harness) -> None:
@@ -57,12 +57,6 @@ async def test_get_jwks_needs_no_credential(harness: Harness) -> None:
     response = await harness.stub.GetJwks(pb.GetJwksRequest())
     assert '"keys"' in response.jwks_json
     assert '"d"' not in response.jwks_json
-
-
-async def test_unimplemented_methods_answer_unimplemented(harness: Harness) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_the_decision_is_on_disk_when_check_answers(harness: Harness) -> None:

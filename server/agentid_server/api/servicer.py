@@ -3,17 +3,26 @@ Callers are already authenticated and authorised (handlers.py) and arrive as ``p
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from typing import Any, TypeVar
 
 import grpc
 from agentid.v1 import agentid_pb2 as pb
 
 from agentid_server.api.convert import dict_to_struct, struct_to_dict, timestamp
+from agentid_server.domain.audit import Auditor, AuditRecord, AuditRequest
 from agentid_server.domain.check import Checker, CheckInput
 from agentid_server.domain.delegation import DelegateInput, Delegator
-from agentid_server.domain.errors import Unimplemented
-from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal, UserPrincipal
+from agentid_server.domain.errors import InvalidArgument
+from agentid_server.domain.model import (
+    ActorKind,
+    AgentPrincipal,
+    EventType,
+    Principal,
+    ServicePrincipal,
+    UserPrincipal,
+)
 from agentid_server.domain.revocation import Revocation, Snapshot
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.stepup import StepUp, StepUps
@@ -43,6 +52,44 @@ def step_up_message(step_up: StepUp) -> pb.StepUp:
     return message
 
 
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def _enum(cls: type[E], value: int, field: str) -> E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise InvalidArgument.field(field, f"unknown value {value}") from None
+
+
+def _seconds(stamp: Any) -> float:
+    return float(stamp.seconds) + float(stamp.nanos) / 1e9
+
+
+def audit_record_message(record: AuditRecord) -> pb.AuditRecord:
+    return pb.AuditRecord(
+        id=record.id,
+        time=timestamp(record.time),
+        event_type=pb.EventType.ValueType(record.event_type),
+        session_id=record.session_id,
+        user_id=record.user_id,
+        scopes=record.scopes,
+        agent_id=record.agent_id,
+        actor_kind=pb.ActorKind.ValueType(record.actor_kind),
+        actor_id=record.actor_id,
+        action=record.action,
+        resource=record.resource,
+        decision=pb.Decision.ValueType(record.decision),
+        reason=pb.Reason.ValueType(record.reason),
+        parent_session_id=record.parent_session_id,
+        step_up_id=record.step_up_id,
+        context=dict_to_struct(record.context),
+        detail=record.detail,
+        prev_hash=record.prev_hash,
+        hash=record.hash,
+    )
+
+
 def revocation_event(revocation: Revocation) -> pb.RevocationEvent:
     return pb.RevocationEvent(
         sequence=revocation.sequence,
@@ -55,17 +102,6 @@ def revocation_event(revocation: Revocation) -> pb.RevocationEvent:
     )
 
 
-def _later(method: str) -> NoReturn:
-    raise Unimplemented(f"{method} is not implemented yet", reason="NOT_IMPLEMENTED")
-
-
-async def _later_stream(method: str) -> AsyncIterator[Any]:
-    nothing: tuple[Any, ...] = ()
-    for item in nothing:
-        yield item
-    _later(method)
-
-
 class AgentIdentityServicer:
     def __init__(
         self,
@@ -74,6 +110,7 @@ class AgentIdentityServicer:
         checker: Checker,
         revoker: Revoker,
         step_ups: StepUps,
+        auditor: Auditor,
         jwks: Callable[[], str],
         max_consistency_wait: float,
     ) -> None:
@@ -81,6 +118,7 @@ class AgentIdentityServicer:
         self._checker = checker
         self._revoker = revoker
         self._step_ups = step_ups
+        self._auditor = auditor
         self._jwks = jwks
         self._max_wait = max_consistency_wait
 
@@ -197,7 +235,13 @@ class AgentIdentityServicer:
     async def VerifyAudit(
         self, request: pb.VerifyAuditRequest, context: Context, principal: Principal
     ) -> pb.VerifyAuditResponse:
-        _later("VerifyAudit")
+        result = await self._auditor.verify(principal, request.from_id, request.to_id)
+        return pb.VerifyAuditResponse(
+            ok=result.ok,
+            verified=result.verified,
+            first_bad_id=result.first_bad_id,
+            head_hash=result.head_hash,
+        )
 
     async def WatchStepUps(
         self, request: pb.WatchStepUpsRequest, context: Context, principal: Principal
@@ -223,7 +267,20 @@ class AgentIdentityServicer:
             else:
                 yield pb.WatchRevocationsResponse(event=revocation_event(item))
 
-    def Audit(
+    async def Audit(
         self, request: pb.AuditRequest, context: Context, principal: Principal
     ) -> AsyncIterator[pb.AuditResponse]:
-        return _later_stream("Audit")
+        query = AuditRequest(
+            session_id=request.session_id,
+            include_descendants=request.include_descendants,
+            user_id=request.user_id,
+            actor_kind=_enum(ActorKind, request.actor_kind, "actor_kind"),
+            event_types=tuple(_enum(EventType, t, "event_types") for t in request.event_types),
+            since=_seconds(request.since) if request.HasField("since") else None,
+            until=_seconds(request.until) if request.HasField("until") else None,
+            after_id=request.after_id,
+            limit=request.limit,
+            follow=request.follow,
+        )
+        async for record in self._auditor.records(principal, query):
+            yield pb.AuditResponse(record=audit_record_message(record))

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, func, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from agentid_server.domain.errors import AgentIdError, Unavailable
 from agentid_server.domain.model import AuditEvent, SessionRecord
 from agentid_server.storage import tables
+from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ AUDIT_COLUMNS = (
     "context", "detail",
 )  # fmt: skip
 AuditRow = tuple[Any, ...]
+AuditRecordRow = tuple[Any, ...]  # (id, *AUDIT_COLUMNS, chain_id, prev_hash, hash)
 
 
 @lru_cache(maxsize=4096)
@@ -137,6 +139,8 @@ class Journal:
         sqlite_inline: bool = False,
         on_health: Callable[[bool], None] | None = None,
         probe_interval: float = 0.5,
+        chain_id: str = "main",
+        on_records: Callable[[list[AuditRecordRow]], None] | None = None,
     ) -> None:
         """``sync_engine`` is given for SQLite, None for PostgreSQL. SQLite batches are written
         on a dedicated thread (one hop per batch; a lock held by another process stalls only the
@@ -155,18 +159,18 @@ class Journal:
         self._task: asyncio.Task[None] | None = None
         self._sync_connection: Connection | None = None
         self._async_connection: AsyncConnection | None = None
-        # SQLite: this journal is the only writer of its file, so it numbers audit records itself
-        # (a multi-row INSERT ... RETURNING that keeps order runs a statement per row there).
-        # PostgreSQL takes ids from the table's sequence in one batched INSERT ... RETURNING.
+        # Records are numbered and chained here, before the insert, so the hash can cover the id.
+        # SQLite: this journal is the only writer of its file and numbers them itself;
+        # PostgreSQL: ids are reserved from the table's sequence (several replicas may write).
+        self._chain_id = chain_id
+        self._on_records = on_records
         self._next_id: int | None = None
-        names = ", ".join(("id", *AUDIT_COLUMNS))
-        marks = ", ".join("?" for _ in range(len(AUDIT_COLUMNS) + 1))
+        self._chain_head: bytes | None = None
+        names = ", ".join(("id", *AUDIT_COLUMNS, "chain_id", "prev_hash", "hash"))
+        marks = ", ".join("?" for _ in range(len(AUDIT_COLUMNS) + 4))
         self._sqlite_insert = f"INSERT INTO audit_records ({names}) VALUES ({marks})"  # noqa: S608
-        self._insert_returning = (
-            tables.audit_records.insert()
-            .values({name: bindparam(name) for name in AUDIT_COLUMNS})
-            .returning(tables.audit_records.c.id, sort_by_parameter_order=True)
-        )
+        self._insert = tables.audit_records.insert()
+        self._pending_records: list[AuditRecordRow] = []  # written, not yet committed
         self.healthy = True
         self._on_health = on_health
         self._probe_interval = probe_interval
@@ -261,7 +265,8 @@ class Journal:
             else:
                 outcomes = await self._write_async(batch)
         except Exception as exc:  # the writer must outlive any failed batch
-            self._next_id = None
+            self._next_id = self._chain_head = None
+            self._pending_records.clear()
             if self._executor is None:
                 self._close_connections()
             else:
@@ -278,6 +283,9 @@ class Journal:
                     )
             return
         self._set_health(True)
+        if self._pending_records:
+            self._published(self._pending_records)
+            self._pending_records = []
         for item, outcome in zip(batch, outcomes, strict=True):
             if outcome.after_commit is not None:
                 outcome.after_commit(outcome.ids)
@@ -323,21 +331,19 @@ class Journal:
         one executemany and one commit (SQLAlchemy's per-statement work doubles the cost)."""
         raw = connection.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
-        if self._next_id is None:
-            top = raw.execute("SELECT max(id) FROM audit_records").fetchone()[0]
-            self._next_id = int(top or 0) + 1
-        first = self._next_id
+        if self._next_id is None or self._chain_head is None:
+            with connection.begin():  # a read; ended before the raw connection is used
+                self._load_head(connection)
         try:
-            raw.executemany(
-                self._sqlite_insert,
-                [(first + n, *audit_row(item.event)) for n, item in enumerate(batch) if item.event],
-            )
+            sealed = self._seal([audit_row(item.event) for item in batch if item.event])
+            raw.executemany(self._sqlite_insert, sealed)
             raw.commit()
         except BaseException:
             raw.rollback()
+            self._next_id = self._chain_head = None
             raise
-        self._next_id = first + len(batch)
-        return [_Outcome(value=first + n, ids=[first + n]) for n in range(len(batch))]
+        self._published(sealed)
+        return [_Outcome(value=row[0], ids=[row[0]]) for row in sealed]
 
     async def _write_async(self, batch: list[_Item]) -> list[_Outcome]:
         if self._async_connection is None:
@@ -381,18 +387,56 @@ class Journal:
     def _insert_audit(self, connection: Connection, rows: list[AuditRow]) -> list[int]:
         if not rows:
             return []
-        if self._sync_engine is None:
-            params = [dict(zip(AUDIT_COLUMNS, row, strict=True)) for row in rows]
-            result = connection.execute(self._insert_returning, params)
-            return [int(i) for i in result.scalars().all()]
-        if self._next_id is None:
-            top = connection.execute(select(func.max(tables.audit_records.c.id))).scalar()
-            self._next_id = int(top or 0) + 1
+        if self._sync_engine is None:  # PostgreSQL: reserve the ids, then chain
+            reserved = connection.execute(
+                text("SELECT nextval('audit_records_id_seq') FROM generate_series(1, :n)"),
+                {"n": len(rows)},
+            ).scalars()
+            if self._chain_head is None:
+                self._load_head(connection)
+            sealed = self._seal_numbered(list(zip([int(i) for i in reserved], rows, strict=True)))
+        else:
+            if self._next_id is None or self._chain_head is None:
+                self._load_head(connection)
+            sealed = self._seal(rows)
+        columns = ("id", *AUDIT_COLUMNS, "chain_id", "prev_hash", "hash")
+        connection.execute(self._insert, [dict(zip(columns, row, strict=True)) for row in sealed])
+        self._pending_records.extend(sealed)
+        return [row[0] for row in sealed]
+
+    def _load_head(self, connection: Connection) -> None:
+        """This chain's last hash (and, for SQLite, the next id) from the table."""
+        a = tables.audit_records
+        top = connection.execute(select(func.max(a.c.id))).scalar()
+        self._next_id = int(top or 0) + 1
+        head = connection.execute(
+            select(a.c.hash).where(a.c.chain_id == self._chain_id).order_by(a.c.id.desc()).limit(1)
+        ).scalar()
+        self._chain_head = bytes(head) if head else GENESIS
+
+    def _seal(self, rows: list[AuditRow]) -> list[tuple[Any, ...]]:
+        assert self._next_id is not None
         first = self._next_id
-        numbered = [(first + offset, *row) for offset, row in enumerate(rows)]
-        connection.exec_driver_sql(self._sqlite_insert, numbered)
+        sealed = self._seal_numbered([(first + n, row) for n, row in enumerate(rows)])
         self._next_id = first + len(rows)
-        return list(range(first, first + len(rows)))
+        return sealed
+
+    def _seal_numbered(self, numbered: list[tuple[int, AuditRow]]) -> list[tuple[Any, ...]]:
+        """(id, *row, chain_id, prev_hash, hash) per record, advancing the chain head."""
+        head = self._chain_head
+        assert head is not None
+        chain = self._chain_id
+        sealed = []
+        for record_id, row in numbered:
+            digest = link(head, canonical_bytes(record_id, chain, row))
+            sealed.append((record_id, *row, chain, head, digest))
+            head = digest
+        self._chain_head = head
+        return sealed
+
+    def _published(self, sealed: list[tuple[Any, ...]]) -> None:
+        if self._on_records is not None and sealed:
+            self._on_records(sealed)
 
     def _close_connections(self) -> None:
         if self._sync_connection is not None:

@@ -81,7 +81,7 @@ audit_records = Table(
     Column("event_type", SmallInteger, nullable=False),
     Column("session_id", String(40), nullable=False),
     Column("user_id", String(256), nullable=False),
-    Column("scopes", JSON, nullable=False),
+    Column("scopes", Text, nullable=False),  # JSON text, exactly as hashed into the chain
     Column("agent_id", String(128), nullable=False),
     Column("actor_kind", SmallInteger, nullable=False),
     Column("actor_id", String(256), nullable=False),
@@ -91,11 +91,16 @@ audit_records = Table(
     Column("reason", SmallInteger, nullable=False),
     Column("parent_session_id", String(40), nullable=False),
     Column("step_up_id", String(40), nullable=False),
-    Column("context", JSON, nullable=True),
+    Column("context", Text, nullable=True),  # JSON text, exactly as hashed into the chain
     Column("detail", Text, nullable=False),
+    Column("chain_id", String(64), nullable=False),
+    Column("prev_hash", LargeBinary, nullable=True),
+    Column("hash", LargeBinary, nullable=True),
     Index("ix_audit_session", "session_id", "id"),
     Index("ix_audit_user_actor", "user_id", "actor_kind", "id"),
     Index("ix_audit_parent", "parent_session_id", "id"),
+    Index("ix_audit_chain", "chain_id", "id"),
+    Index("ix_audit_time", "time_us"),
 )
 
 step_ups = Table(

@@ -1,0 +1,214 @@
+"""The audit trail's two questions, "what did this agent do" and "what did this user authorise",
+its live follow, and chain verification."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from agentid_server.domain.errors import InvalidArgument, PermissionDenied
+from agentid_server.domain.fanout import Hub
+from agentid_server.domain.model import (
+    ActorKind,
+    Decision,
+    EventType,
+    Principal,
+    Reason,
+    Role,
+    ServicePrincipal,
+    UserPrincipal,
+)
+from agentid_server.domain.revoking import validate_session_id
+
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    id: int
+    time: float
+    event_type: EventType
+    session_id: str
+    user_id: str
+    scopes: tuple[str, ...]
+    agent_id: str
+    actor_kind: ActorKind
+    actor_id: str
+    action: str
+    resource: str
+    decision: Decision
+    reason: Reason
+    parent_session_id: str
+    step_up_id: str
+    context: Mapping[str, Any] | None
+    detail: str
+    chain_id: str
+    prev_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    session_ids: tuple[str, ...] = ()  # the session (and with descendants, its subtree)
+    user_id: str = ""
+    actor_kind: ActorKind = ActorKind.UNSPECIFIED
+    event_types: frozenset[EventType] = frozenset()
+    since_us: int | None = None
+    until_us: int | None = None
+    after_id: int = 0
+    limit: int = DEFAULT_LIMIT
+
+    def matches(self, record: AuditRecord, session_ids: set[str] | None = None) -> bool:
+        """The same filter the store applies, for records arriving live (``session_ids``: the
+        subtree as it grows)."""
+        sessions = self.session_ids if session_ids is None else session_ids
+        if sessions and not (
+            record.session_id in sessions
+            or (record.event_type is EventType.DELEGATE and record.parent_session_id in sessions)
+        ):
+            return False
+        if self.user_id and record.user_id != self.user_id:
+            return False
+        if self.actor_kind and record.actor_kind != self.actor_kind:
+            return False
+        if self.event_types and record.event_type not in self.event_types:
+            return False
+        time_us = int(record.time * 1_000_000)
+        if self.since_us is not None and time_us < self.since_us:
+            return False
+        return self.until_us is None or time_us < self.until_us
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    ok: bool
+    verified: int
+    first_bad_id: int
+    head_hash: bytes
+
+
+class AuditStore(Protocol):
+    async def query(self, query: AuditQuery) -> list[AuditRecord]: ...
+
+    async def subtree(self, session_id: str) -> list[str]:
+        """The session's id and all its descendants' ids."""
+        ...
+
+    async def verify(self, from_id: int, to_id: int) -> Verification: ...
+
+
+AuditHub = Hub[AuditRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRequest:
+    session_id: str = ""
+    include_descendants: bool = False
+    user_id: str = ""
+    actor_kind: ActorKind = ActorKind.UNSPECIFIED
+    event_types: tuple[EventType, ...] = ()
+    since: float | None = None
+    until: float | None = None
+    after_id: int = 0
+    limit: int = 0
+    follow: bool = False
+
+
+class Auditor:
+    """Answers Audit and VerifyAudit."""
+
+    def __init__(self, *, store: AuditStore, hub: AuditHub) -> None:
+        self._store = store
+        self._hub = hub
+
+    async def records(self, caller: Principal, request: AuditRequest) -> AsyncIterator[AuditRecord]:
+        query = await self._query(caller, request)
+        live_sessions = set(query.session_ids)
+        subscription = (
+            self._hub.subscribe(lambda r: query.matches(r, live_sessions))
+            if request.follow
+            else None
+        )
+        try:
+            last = query.after_id
+            for record in await self._store.query(query):
+                yield record
+                last = record.id
+            if subscription is None:
+                return
+            # Records committed between the backlog query and now are in the store: catch up.
+            while True:
+                page = await self._store.query(replace(query, after_id=last, limit=MAX_LIMIT))
+                for record in page:
+                    yield record
+                    last = record.id
+                if len(page) < MAX_LIMIT:
+                    break
+            while (live := await subscription.next()) is not None:
+                if live.id <= last:
+                    continue
+                if request.include_descendants and live.event_type is EventType.DELEGATE:
+                    live_sessions.add(live.session_id)  # a new sub-agent joins the subtree
+                yield live
+                last = live.id
+        finally:
+            if subscription is not None:
+                self._hub.unsubscribe(subscription)
+
+    async def verify(self, caller: Principal, from_id: int, to_id: int) -> Verification:
+        if to_id and to_id < from_id:
+            raise InvalidArgument.field("to_id", "must not be below from_id")
+        return await self._store.verify(from_id, to_id)
+
+    async def _query(self, caller: Principal, request: AuditRequest) -> AuditQuery:
+        user_id = request.user_id
+        if isinstance(caller, UserPrincipal):
+            if user_id and user_id != caller.user_id:
+                raise PermissionDenied(
+                    "a user may only read the records of what was done on their behalf",
+                    reason="NOT_YOUR_RECORDS",
+                )
+            user_id = caller.user_id
+        elif not (isinstance(caller, ServicePrincipal) and caller.has_role(Role.AUDIT)):
+            raise PermissionDenied(
+                "reading the audit trail needs role audit", reason="NOT_AN_AUDITOR"
+            )
+        if (
+            request.since is not None
+            and request.until is not None
+            and request.until < request.since
+        ):
+            raise InvalidArgument.field("until", "must not be before since")
+        if request.include_descendants and not request.session_id:
+            raise InvalidArgument.field("include_descendants", "needs a session_id")
+        session_ids: tuple[str, ...] = ()
+        if request.session_id:
+            validate_session_id("session_id", request.session_id)
+            session_ids = (request.session_id,)
+            if request.include_descendants:
+                session_ids = tuple(await self._store.subtree(request.session_id))
+        return AuditQuery(
+            session_ids=session_ids,
+            user_id=user_id,
+            actor_kind=request.actor_kind,
+            event_types=frozenset(request.event_types),
+            since_us=int(request.since * 1_000_000) if request.since is not None else None,
+            until_us=int(request.until * 1_000_000) if request.until is not None else None,
+            after_id=request.after_id,
+            limit=min(request.limit or DEFAULT_LIMIT, MAX_LIMIT),
+        )
+
+
+def record_listener(
+    hub: AuditHub, convert: Callable[[Any], AuditRecord]
+) -> Callable[[list[Any]], None]:
+    """What the journal calls after each commit: publishes the new records when anyone follows."""
+
+    def publish(rows: list[Any]) -> None:
+        if len(hub):
+            for row in rows:
+                hub.publish(convert(row))
+
+    return publish

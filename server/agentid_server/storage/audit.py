@@ -1,0 +1,132 @@
+"""Reading the audit trail: the two questions (by session, by user), and chain verification."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from sqlalchemy import Row, Select, and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentid_server.domain.audit import AuditQuery, AuditRecord, Verification
+from agentid_server.domain.model import ActorKind, Decision, EventType, Reason
+from agentid_server.storage import tables
+from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
+from agentid_server.storage.journal import AUDIT_COLUMNS
+
+VERIFY_PAGE = 5000
+
+
+class AuditRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def query(self, query: AuditQuery) -> list[AuditRecord]:
+        a = tables.audit_records
+        conditions = [a.c.id > query.after_id]
+        if query.session_ids:
+            sessions = list(query.session_ids)
+            conditions.append(
+                or_(
+                    a.c.session_id.in_(sessions),
+                    and_(
+                        a.c.event_type == int(EventType.DELEGATE),
+                        a.c.parent_session_id.in_(sessions),
+                    ),
+                )
+            )
+        if query.user_id:
+            conditions.append(a.c.user_id == query.user_id)
+        if query.actor_kind:
+            conditions.append(a.c.actor_kind == int(query.actor_kind))
+        if query.event_types:
+            conditions.append(a.c.event_type.in_(sorted(int(t) for t in query.event_types)))
+        if query.since_us is not None:
+            conditions.append(a.c.time_us >= query.since_us)
+        if query.until_us is not None:
+            conditions.append(a.c.time_us < query.until_us)
+        statement = select(a).where(*conditions).order_by(a.c.id).limit(query.limit)
+        return [record_from_row(row) for row in await self._read(statement)]
+
+    async def subtree(self, session_id: str) -> list[str]:
+        s = tables.sessions
+        tree = select(s.c.id).where(s.c.id == session_id).cte("tree", recursive=True)
+        tree = tree.union_all(select(s.c.id).where(s.c.parent_id == tree.c.id))
+        rows = await self._read(select(tree.c.id))
+        return [row[0] for row in rows] or [session_id]
+
+    async def verify(self, from_id: int, to_id: int) -> Verification:
+        """Recomputes each record's hash from its stored values and its chain predecessor."""
+        a = tables.audit_records
+        heads: dict[str, bytes] = {}
+        verified = 0
+        head_hash = b""
+        cursor = max(from_id, 1) - 1
+        while True:
+            page_query = select(a).where(a.c.id > cursor).order_by(a.c.id).limit(VERIFY_PAGE)
+            if to_id:
+                page_query = page_query.where(a.c.id <= to_id)
+            page = await self._read(page_query)
+            for row in page:
+                if row.chain_id not in heads:
+                    heads[row.chain_id] = await self._predecessor_hash(row.chain_id, row.id)
+                prev = bytes(row.prev_hash or b"")
+                values = [getattr(row, column) for column in AUDIT_COLUMNS]
+                expected = link(prev, canonical_bytes(row.id, row.chain_id, values))
+                if prev != heads[row.chain_id] or bytes(row.hash or b"") != expected:
+                    return Verification(False, verified, row.id, head_hash)
+                heads[row.chain_id] = expected
+                head_hash = expected
+                verified += 1
+                cursor = row.id
+            if len(page) < VERIFY_PAGE:
+                return Verification(True, verified, 0, head_hash)
+
+    async def _predecessor_hash(self, chain_id: str, record_id: int) -> bytes:
+        a = tables.audit_records
+        statement = (
+            select(a.c.hash)
+            .where(a.c.chain_id == chain_id, a.c.id < record_id)
+            .order_by(a.c.id.desc())
+            .limit(1)
+        )
+        rows = await self._read(statement)
+        return bytes(rows[0][0]) if rows else GENESIS
+
+    async def _read(self, statement: Select[Any]) -> list[Row[Any]]:
+        async def run() -> list[Row[Any]]:
+            async with self._engine.connect() as connection:
+                return list((await connection.execute(statement)).all())
+
+        return await asyncio.shield(run())  # a cancelled stream never abandons a query
+
+
+def record_from_row(row: Any) -> AuditRecord:
+    """From a table row, or from the journal's sealed tuple (same column order)."""
+    values = row if isinstance(row, tuple) else tuple(row)
+    (record_id, time_us, event_type, session_id, user_id, scopes, agent_id, actor_kind, actor_id,
+     action, resource, decision, reason, parent, step_up_id, context, detail, chain_id, prev_hash,
+     digest) = values  # fmt: skip
+    return AuditRecord(
+        id=record_id,
+        time=time_us / 1_000_000,
+        event_type=EventType(event_type),
+        session_id=session_id,
+        user_id=user_id,
+        scopes=tuple(json.loads(scopes)) if isinstance(scopes, str) else tuple(scopes or ()),
+        agent_id=agent_id,
+        actor_kind=ActorKind(actor_kind),
+        actor_id=actor_id,
+        action=action,
+        resource=resource,
+        decision=Decision(decision),
+        reason=Reason(reason),
+        parent_session_id=parent or "",
+        step_up_id=step_up_id,
+        context=json.loads(context) if isinstance(context, str) else context,
+        detail=detail,
+        chain_id=chain_id,
+        prev_hash=bytes(prev_hash or b""),
+        hash=bytes(digest or b""),
+    )

@@ -1,0 +1,36 @@
+"""The audit hash chain: hash = SHA-256(prev_hash || canonical bytes of the record).
+
+The canonical bytes are the UTF-8 of a JSON array, no whitespace, in this order:
+
+    [1, id, chain_id, time_us, event_type, session_id, user_id, scopes_json, agent_id,
+     actor_kind, actor_id, action, resource, decision, reason, parent_session_id, step_up_id,
+     context_json, detail]
+
+where `1` is the format version, integers are JSON numbers, `scopes_json` and `context_json` are
+the JSON texts exactly as stored (strings; `context_json` is null when there is none), and every
+other field is a JSON string. JSON strings are written as Python's json.dumps writes them with
+ensure_ascii=False (docs/audit.md spells this out for auditors). The first record of a chain has
+32 zero bytes as its prev_hash. Each writer keeps its own chain (chain_id), so several writers
+never contend for one head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+FORMAT_VERSION = 1
+GENESIS = bytes(32)
+
+
+def canonical_bytes(record_id: int, chain_id: str, row: Sequence[Any]) -> bytes:
+    """``row`` is the record's values in journal.AUDIT_COLUMNS order."""
+    return json.dumps(
+        [FORMAT_VERSION, record_id, chain_id, *row], ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def link(prev_hash: bytes, canonical: bytes) -> bytes:
+    return hashlib.sha256(prev_hash + canonical).digest()

@@ -1,0 +1,206 @@
+"""The audit trail over real gRPC: the two questions, who may ask, cursors and filters, follow,
+and the hash chain (a changed or removed row is found)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from agentid.v1 import agentid_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tests.conftest import (
+    ADMIN_KEY,
+    CHECK_KEY,
+    FakeClock,
+    Harness,
+    IdpFixture,
+    bearer,
+    error_info,
+    start_harness,
+)
+
+
+async def audit(h: Harness, credential: str = ADMIN_KEY, **fields: Any) -> list[pb.AuditRecord]:
+    stream = h.stub.Audit(pb.AuditRequest(**fields), metadata=bearer(credential))
+    return [response.record async for response in stream]
+
+
+async def scenario(h: Harness) -> dict[str, Any]:
+    """alice delegates to a root agent, which delegates to a child; checks happen; bob delegates
+    too; alice revokes the child."""
+    alice = h.idp.token()
+    root = await h.delegate(alice, scopes=["tickets.*", "agentid.delegate"], task="root task")
+    child = await h.stub.Delegate(
+        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]), metadata=bearer(root.token)
+    )
+    for token, action, resource in (
+        (root.token, "tickets.read", "t/1"),
+        (child.token, "tickets.read", "t/2"),
+        (child.token, "tickets.delete", "t/3"),
+    ):
+        h.clock.advance(1)  # distinct times, for the time filters
+        await h.check(token, action, resource)
+    h.clock.advance(1)
+    bob = await h.delegate(h.idp.token(sub="bob"))
+    await h.check(bob.token, "tickets.read")
+    h.clock.advance(1)
+    await h.stub.Revoke(pb.RevokeRequest(session_id=child.session_id), metadata=bearer(alice))
+    return {"root": root, "child": child, "bob": bob}
+
+
+async def test_what_did_this_agent_do(harness: Harness) -> None:
+    s = await scenario(harness)
+    records = await audit(harness, session_id=s["root"].session_id)
+    kinds = [(pb.EventType.Name(r.event_type), r.session_id) for r in records]
+    assert kinds == [
+        ("EVENT_TYPE_DELEGATE", s["root"].session_id),  # its own delegation
+        ("EVENT_TYPE_DELEGATE", s["child"].session_id),  # the sub-agent it created
+        ("EVENT_TYPE_CHECK", s["root"].session_id),
+    ]
+    subtree = await audit(harness, session_id=s["root"].session_id, include_descendants=True)
+    assert {r.session_id for r in subtree} == {s["root"].session_id, s["child"].session_id}
+    assert [pb.EventType.Name(r.event_type) for r in subtree].count("EVENT_TYPE_CHECK") == 3
+    assert any(r.event_type == pb.EVENT_TYPE_REVOKE for r in subtree)
+    for record in records:  # the three identifiers on every record
+        assert record.session_id and record.user_id == "alice" and list(record.scopes)
+
+
+async def test_what_did_this_user_authorise(harness: Harness) -> None:
+    s = await scenario(harness)
+    records = await audit(harness, harness.idp.token(), actor_kind=pb.ACTOR_KIND_USER)
+    assert [(pb.EventType.Name(r.event_type), r.session_id) for r in records] == [
+        ("EVENT_TYPE_DELEGATE", s["root"].session_id),
+        ("EVENT_TYPE_REVOKE", s["child"].session_id),
+    ]
+    assert all(r.actor_id == "alice" for r in records)
+    on_behalf = await audit(harness, harness.idp.token())  # user_id empty: themselves
+    assert {r.user_id for r in on_behalf} == {"alice"}
+    assert len(on_behalf) > len(records)
+
+
+async def test_who_may_read(harness: Harness) -> None:
+    await scenario(harness)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await audit(harness, harness.idp.token(sub="bob"), user_id="alice")
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "NOT_YOUR_RECORDS"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await audit(harness, CHECK_KEY)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert {r.user_id for r in await audit(harness, ADMIN_KEY)} == {"alice", "bob"}
+
+
+async def test_cursor_limit_and_filters(harness: Harness) -> None:
+    await scenario(harness)
+    everything = await audit(harness)
+    ids = [r.id for r in everything]
+    assert ids == sorted(ids)
+    first_two = await audit(harness, limit=2)
+    rest = await audit(harness, after_id=first_two[-1].id)
+    assert [r.id for r in first_two + rest] == ids
+    checks = await audit(harness, event_types=[pb.EVENT_TYPE_CHECK])
+    assert {r.event_type for r in checks} == {pb.EVENT_TYPE_CHECK}
+    assert len(checks) == 4
+    middle = everything[3].time
+    since = await audit(harness, since=middle)
+    assert all(r.id >= everything[3].id for r in since)
+    until = await audit(harness, until=middle)
+    assert all(r.time.ToNanoseconds() < middle.ToNanoseconds() for r in until)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"session_id": "nope"},
+        {"include_descendants": True},
+        {"since": Timestamp(seconds=2000), "until": Timestamp(seconds=1000)},
+        {"actor_kind": 42},
+        {"event_types": [99]},
+    ],
+)
+async def test_bad_audit_requests(harness: Harness, fields: dict[str, Any]) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await audit(harness, **fields)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_follow_sends_the_backlog_then_new_records(harness: Harness) -> None:
+    session = await harness.delegate()
+    stream = harness.stub.Audit(
+        pb.AuditRequest(session_id=session.session_id, follow=True), metadata=bearer(ADMIN_KEY)
+    )
+    first = await asyncio.wait_for(stream.read(), 5)
+    assert first.record.event_type == pb.EVENT_TYPE_DELEGATE
+    response = await harness.check(session.token, "tickets.read")
+    live = await asyncio.wait_for(stream.read(), 5)
+    assert (live.record.id, live.record.event_type) == (
+        int(response.decision_id),
+        pb.EVENT_TYPE_CHECK,
+    )
+    other = await harness.delegate()
+    await harness.check(other.token, "tickets.read")  # not this session: not sent
+    again = await harness.check(session.token, "tickets.read")
+    assert (await asyncio.wait_for(stream.read(), 5)).record.id == int(again.decision_id)
+    stream.cancel()
+
+
+# -- the hash chain ----------------------------------------------------------------------------------
+
+
+async def verify(h: Harness, **fields: int) -> pb.VerifyAuditResponse:
+    return await h.stub.VerifyAudit(pb.VerifyAuditRequest(**fields), metadata=bearer(ADMIN_KEY))
+
+
+async def test_the_chain_verifies_and_links(harness: Harness) -> None:
+    await scenario(harness)
+    records = await audit(harness)
+    result = await verify(harness)
+    assert (result.ok, result.verified, result.first_bad_id) == (True, len(records), 0)
+    assert result.head_hash == records[-1].hash
+    assert records[0].prev_hash == bytes(32)
+    for before, after in zip(records, records[1:], strict=False):
+        assert after.prev_hash == before.hash
+    part = await verify(harness, from_id=records[2].id, to_id=records[4].id)
+    assert (part.ok, part.verified) == (True, 3)
+
+
+async def test_a_changed_row_is_found(harness: Harness) -> None:
+    await scenario(harness)
+    records = await audit(harness)
+    victim = records[4].id
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        db.execute("UPDATE audit_records SET decision = 1 WHERE id = ?", (victim,))
+    result = await verify(harness)
+    assert (result.ok, result.first_bad_id, result.verified) == (False, victim, 4)
+
+
+async def test_a_removed_row_is_found(harness: Harness) -> None:
+    await scenario(harness)
+    records = await audit(harness)
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        db.execute("DELETE FROM audit_records WHERE id = ?", (records[3].id,))
+    result = await verify(harness)
+    assert (result.ok, result.first_bad_id) == (False, records[4].id)
+
+
+async def test_the_chain_continues_across_a_restart(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    first = await start_harness(tmp_path, idp, clock)
+    await scenario(first)
+    await first.channel.close()
+    await first.running.stop(grace=1)
+    second = await start_harness(tmp_path, idp, clock)
+    try:
+        await scenario(second)
+        result = await verify(second)
+        assert result.ok
+        assert result.verified == len(await audit(second))
+    finally:
+        await second.channel.close()
+        await second.running.stop(grace=1)
