@@ -4,6 +4,7 @@ and the hash chain (a changed or removed row is found)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ async def test_what_did_this_agent_do(harness: Harness) -> None:
     assert [pb.EventType.Name(r.event_type) for r in subtree].count("EVENT_TYPE_CHECK") == 3
     assert any(r.event_type == pb.EVENT_TYPE_REVOKE for r in subtree)
     for record in records:  # the three identifiers on every record
-        assert record.session_id and record.user_id == "alice" and list(record.scopes)
+        assert record.session_id
+        assert record.user_id == "alice"
+        assert list(record.scopes)
 
 
 async def test_what_did_this_user_authorise(harness: Harness) -> None:
@@ -163,7 +166,7 @@ async def test_the_chain_verifies_and_links(harness: Harness) -> None:
     assert (result.ok, result.verified, result.first_bad_id) == (True, len(records), 0)
     assert result.head_hash == records[-1].hash
     assert records[0].prev_hash == bytes(32)
-    for before, after in zip(records, records[1:], strict=False):
+    for before, after in itertools.pairwise(records):
         assert after.prev_hash == before.hash
     part = await verify(harness, from_id=records[2].id, to_id=records[4].id)
     assert (part.ok, part.verified) == (True, 3)
