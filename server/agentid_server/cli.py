@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from agentid_server import stepups_cli
+from agentid_server import audit_cli, stepups_cli
 from agentid_server.config import ConfigError, load_settings, parse_duration
 from agentid_server.tokens.keys import KeyMaterialError
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     key.set_defaults(run=_dev_service_key)
 
     stepups_cli.add_parser(commands)
+    audit_cli.add_parser(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -207,3 +207,90 @@ async def test_the_chain_continues_across_a_restart(
     finally:
         await second.channel.close()
         await second.running.stop(grace=1)
+
+
+# -- the terminal tool and the export ------------------------------------------------------------------
+
+
+async def cli(h: Harness, credential: str, *args: str) -> tuple[int, str, str]:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentid_server", "audit", "--target", f"127.0.0.1:{h.running.port}",
+        "--token", credential, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def rechain(line: dict[str, Any]) -> str:
+    """docs/audit.md's auditor snippet, independent of the server's code."""
+    import hashlib
+    import json
+
+    r = line
+    canonical = json.dumps(
+        [1, r["id"], r["chain_id"], r["time_us"], r["event_type"], r["session_id"], r["user_id"],
+         json.dumps(r["scopes"], separators=(",", ":")), r["agent_id"], r["actor_kind"],
+         r["actor_id"], r["action"], r["resource"], r["decision"], r["reason"],
+         r["parent_session_id"], r["step_up_id"],
+         None if r["context"] is None else json.dumps(r["context"], separators=(",", ":"), sort_keys=True),
+         r["detail"]],
+        ensure_ascii=False, separators=(",", ":"),
+    ).encode()  # fmt: skip
+    return hashlib.sha256(bytes.fromhex(r["prev_hash"]) + canonical).hexdigest()
+
+
+async def test_export_can_be_rechained_by_an_auditor(harness: Harness) -> None:
+    import json
+
+    from google.protobuf import struct_pb2
+
+    s = await scenario(harness)
+    context = struct_pb2.Struct()
+    context.update(
+        {"z": 1, "amount": 2500.5, "note": "ünïcode", "tags": ["a", "b"], "nested": {"k": True}}
+    )
+    await harness.check(s["root"].token, "tickets.read", "t/9", context=context)
+    code, out, err = await cli(harness, ADMIN_KEY, "export")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == len(await audit(harness))
+    previous = "00" * 32
+    for line in lines:
+        assert line["prev_hash"] == previous
+        assert rechain(line) == line["hash"]
+        previous = line["hash"]
+    assert lines[-1]["context"]["note"] == "ünïcode"
+
+
+async def test_the_audit_command(harness: Harness) -> None:
+    s = await scenario(harness)
+    code, out, _ = await cli(harness, ADMIN_KEY, "--session", s["child"].session_id)
+    assert code == 0
+    assert "DELEGATE" in out
+    assert "tickets.delete t/3" in out
+    assert "SCOPE_NOT_GRANTED" in out
+    code, out, _ = await cli(
+        harness, harness.idp.token(), "--user", "alice", "--authorised", "--json"
+    )
+    assert code == 0
+    assert [
+        json_line["event_type"] for json_line in map(__import__("json").loads, out.splitlines())
+    ] == [
+        "EVENT_TYPE_DELEGATE",
+        "EVENT_TYPE_REVOKE",
+    ]
+    code, out, _ = await cli(harness, ADMIN_KEY, "verify")
+    assert code == 0
+    assert out.startswith("ok: ")
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        db.execute("UPDATE audit_records SET detail = 'forged' WHERE id = 1")
+    code, out, _ = await cli(harness, ADMIN_KEY, "verify")
+    assert (code, out.strip()) == (1, "BROKEN at record 1 (0 verified before it)")
+    code, _, err = await cli(harness, harness.idp.token(sub="bob"), "--user", "alice")
+    assert code == 1
+    assert "NOT_YOUR_RECORDS" in err

@@ -126,6 +126,20 @@ class AgentIdClient:
         except grpc.aio.AioRpcError as error:
             raise AgentIdError.from_rpc_error(error) from None
 
+    async def audit(self, request: pb.AuditRequest) -> AsyncIterator[pb.AuditRecord]:
+        """Audit records matching ``request`` (by session, by user, filters, cursor, follow)."""
+        try:
+            async for response in self._stub.Audit(request, metadata=self._metadata):
+                yield response.record
+        except grpc.aio.AioRpcError as error:
+            raise AgentIdError.from_rpc_error(error) from None
+
+    async def verify_audit(self, from_id: int = 0, to_id: int = 0) -> pb.VerifyAuditResponse:
+        """Recomputes the hash chain over [from_id, to_id] (0 = from the first / to the last)."""
+        request = pb.VerifyAuditRequest(from_id=from_id, to_id=to_id)
+        response: pb.VerifyAuditResponse = await self._call(self._stub.VerifyAudit, request)
+        return response
+
     async def jwks(self) -> str:
         """The JWK Set (JSON) that verifies agent tokens."""
         response: pb.GetJwksResponse = await self._call(self._stub.GetJwks, pb.GetJwksRequest())

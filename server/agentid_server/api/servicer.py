@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 from agentid.v1 import agentid_pb2 as pb
+from google.protobuf import timestamp_pb2
 
 from agentid_server.api.convert import dict_to_struct, struct_to_dict, timestamp
 from agentid_server.domain.audit import Auditor, AuditRecord, AuditRequest
@@ -69,7 +70,9 @@ def _seconds(stamp: Any) -> float:
 def audit_record_message(record: AuditRecord) -> pb.AuditRecord:
     return pb.AuditRecord(
         id=record.id,
-        time=timestamp(record.time),
+        time=timestamp_pb2.Timestamp(
+            seconds=record.time_us // 1_000_000, nanos=record.time_us % 1_000_000 * 1000
+        ),
         event_type=pb.EventType.ValueType(record.event_type),
         session_id=record.session_id,
         user_id=record.user_id,
@@ -87,6 +90,7 @@ def audit_record_message(record: AuditRecord) -> pb.AuditRecord:
         detail=record.detail,
         prev_hash=record.prev_hash,
         hash=record.hash,
+        chain_id=record.chain_id,
     )
 
 

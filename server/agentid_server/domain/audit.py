@@ -28,7 +28,7 @@ MAX_LIMIT = 10_000
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     id: int
-    time: float
+    time_us: int
     event_type: EventType
     session_id: str
     user_id: str
@@ -75,7 +75,7 @@ class AuditQuery:
             return False
         if self.event_types and record.event_type not in self.event_types:
             return False
-        time_us = int(record.time * 1_000_000)
+        time_us = record.time_us
         if self.since_us is not None and time_us < self.since_us:
             return False
         return self.until_us is None or time_us < self.until_us

@@ -110,7 +110,7 @@ def record_from_row(row: Any) -> AuditRecord:
      digest) = values  # fmt: skip
     return AuditRecord(
         id=record_id,
-        time=time_us / 1_000_000,
+        time_us=time_us,
         event_type=EventType(event_type),
         session_id=session_id,
         user_id=user_id,

@@ -762,6 +762,7 @@ class AuditRecord(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Increasing."""
     event_type: Global___EventType.ValueType
@@ -784,6 +785,8 @@ class AuditRecord(_message.Message):
     prev_hash: _builtins.bytes
     """Hash chain: hash = SHA-256(prev_hash || canonical record)."""
     hash: _builtins.bytes
+    chain_id: _builtins.str
+    """The writer's chain this record belongs to (each writer keeps its own; docs/audit.md)."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -814,10 +817,11 @@ class AuditRecord(_message.Message):
         detail: _builtins.str = ...,
         prev_hash: _builtins.bytes = ...,
         hash: _builtins.bytes = ...,
+        chain_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor_id", b"actor_id", "actor_kind", b"actor_kind", "agent_id", b"agent_id", "context", b"context", "decision", b"decision", "detail", b"detail", "event_type", b"event_type", "hash", b"hash", "id", b"id", "parent_session_id", b"parent_session_id", "prev_hash", b"prev_hash", "reason", b"reason", "resource", b"resource", "scopes", b"scopes", "session_id", b"session_id", "step_up_id", b"step_up_id", "time", b"time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor_id", b"actor_id", "actor_kind", b"actor_kind", "agent_id", b"agent_id", "chain_id", b"chain_id", "context", b"context", "decision", b"decision", "detail", b"detail", "event_type", b"event_type", "hash", b"hash", "id", b"id", "parent_session_id", b"parent_session_id", "prev_hash", b"prev_hash", "reason", b"reason", "resource", b"resource", "scopes", b"scopes", "session_id", b"session_id", "step_up_id", b"step_up_id", "time", b"time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

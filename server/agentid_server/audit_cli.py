@@ -1,0 +1,172 @@
+"""`agentid audit`: the audit trail from a terminal. "What did this agent do" (--session), "what
+did this user authorise" (--user U --authorised), verification and JSON Lines export."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import json
+import os
+import sys
+from typing import Any
+
+from agentid.v1 import agentid_pb2 as pb
+from agentid_client import AgentIdClient, AgentIdError
+from google.protobuf import json_format, timestamp_pb2
+
+TOKEN_ENV = "AGENTID_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "audit",
+        help="read, verify or export the audit trail",
+        description=f"The credential (a service API key with role audit, or your IdP token) "
+        f"comes from --token or ${TOKEN_ENV}.",
+    )
+    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of agentid")
+    parser.add_argument("--token", default=None, help=f"credential (default: ${TOKEN_ENV})")
+    parser.add_argument("--session", default="", help="what did this agent session do")
+    parser.add_argument("--descendants", action="store_true", help="... and its sub-agents")
+    parser.add_argument("--user", default="", help="records on behalf of this user")
+    parser.add_argument("--authorised", action="store_true", help="only what the user did")
+    parser.add_argument("--since", default=None, help="ISO 8601 time, inclusive")
+    parser.add_argument("--until", default=None, help="ISO 8601 time, exclusive")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many (server max 10000)")
+    parser.add_argument("--follow", action="store_true", help="keep printing new records")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    actions = parser.add_subparsers(dest="audit_command")
+    verify = actions.add_parser("verify", help="recompute the hash chain")
+    verify.add_argument("--from-id", type=int, default=0)
+    verify.add_argument("--to-id", type=int, default=0)
+    export = actions.add_parser("export", help="JSON Lines of a time range, chain fields included")
+    export.add_argument("--since", dest="export_since", default=None)
+    export.add_argument("--until", dest="export_until", default=None)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(TOKEN_ENV, "")
+    if not token:
+        print(f"agentid audit: give a credential with --token or ${TOKEN_ENV}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(args, token))
+    except AgentIdError as error:
+        print(f"agentid audit: {error.code.name} {error.reason}: {error.message}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"agentid audit: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(args: argparse.Namespace, token: str) -> int:
+    async with AgentIdClient(args.target, token) as client:
+        if args.audit_command == "verify":
+            result = await client.verify_audit(args.from_id, args.to_id)
+            head = result.head_hash.hex()
+            if result.ok:
+                print(f"ok: {result.verified} records verified, head {head}")
+                return 0
+            print(f"BROKEN at record {result.first_bad_id} ({result.verified} verified before it)")
+            return 1
+        if args.audit_command == "export":
+            return await _export(client, args.export_since, args.export_until)
+        request = pb.AuditRequest(
+            session_id=args.session,
+            include_descendants=args.descendants,
+            user_id=args.user,
+            actor_kind=pb.ACTOR_KIND_USER if args.authorised else pb.ACTOR_KIND_UNSPECIFIED,
+            limit=args.limit,
+            follow=args.follow,
+        )
+        _set_time(request.since, args.since)
+        _set_time(request.until, args.until)
+        if not args.json:
+            print(HEADER)
+        async for record in client.audit(request):
+            print(json.dumps(record_json(record)) if args.json else row(record), flush=True)
+    return 0
+
+
+async def _export(client: AgentIdClient, since: str | None, until: str | None) -> int:
+    """Every record of [since, until), page by page, as JSON Lines an auditor can re-chain."""
+    after = 0
+    while True:
+        request = pb.AuditRequest(after_id=after, limit=10_000)
+        _set_time(request.since, since)
+        _set_time(request.until, until)
+        count = 0
+        async for record in client.audit(request):
+            print(json.dumps(export_json(record), ensure_ascii=False))
+            after, count = record.id, count + 1
+        if count < 10_000:
+            return 0
+
+
+def _set_time(target: timestamp_pb2.Timestamp, text: str | None) -> None:
+    if text:
+        moment = datetime.datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        target.FromDatetime(moment)
+
+
+def export_json(record: pb.AuditRecord) -> dict[str, Any]:
+    """A record as docs/audit.md describes the export: the values the chain hashes, typed."""
+    context = json_format.MessageToDict(record.context) if record.HasField("context") else None
+    return {
+        "id": record.id,
+        "chain_id": record.chain_id,
+        "time_us": record.time.seconds * 1_000_000 + record.time.nanos // 1000,
+        "event_type": record.event_type,
+        "session_id": record.session_id,
+        "user_id": record.user_id,
+        "scopes": list(record.scopes),
+        "agent_id": record.agent_id,
+        "actor_kind": record.actor_kind,
+        "actor_id": record.actor_id,
+        "action": record.action,
+        "resource": record.resource,
+        "decision": record.decision,
+        "reason": record.reason,
+        "parent_session_id": record.parent_session_id,
+        "step_up_id": record.step_up_id,
+        "context": context,
+        "detail": record.detail,
+        "prev_hash": record.prev_hash.hex(),
+        "hash": record.hash.hex(),
+    }
+
+
+def record_json(record: pb.AuditRecord) -> dict[str, Any]:
+    data: dict[str, Any] = json_format.MessageToDict(
+        record, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    data["prev_hash"] = base64.b64encode(record.prev_hash).decode()
+    data["hash"] = base64.b64encode(record.hash).decode()
+    return data
+
+
+HEADER = (
+    f"{'ID':>7} {'WHEN (UTC)':<19} {'EVENT':<18} {'WHO':<32} {'WHAT':<28} {'DECISION':<16} REASON"
+)
+
+
+def row(record: pb.AuditRecord) -> str:
+    when = record.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+    event = pb.EventType.Name(record.event_type).removeprefix("EVENT_TYPE_")
+    actor = pb.ActorKind.Name(record.actor_kind).removeprefix("ACTOR_KIND_").lower()
+    who = f"{actor}:{record.actor_id}"
+    what = record.action + (f" {record.resource}" if record.resource else "")
+    decision = pb.Decision.Name(record.decision).removeprefix("DECISION_")
+    reason = pb.Reason.Name(record.reason).removeprefix("REASON_")
+    if decision == "UNSPECIFIED":
+        decision = reason = "-"
+    return (
+        f"{record.id:>7} {when:<19} {event:<18} {who:<32.32} {what:<28.28} {decision:<16} {reason}"
+    )
