@@ -21,7 +21,13 @@ from agentid_server.config import Settings, is_loopback
 from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import Delegator, TtlPolicy
-from agentid_server.domain.model import AgentKind, ServicePrincipal
+from agentid_server.domain.model import (
+    ActorKind,
+    AgentKind,
+    AuditEvent,
+    EventType,
+    ServicePrincipal,
+)
 from agentid_server.domain.ports import Clock, SystemClock
 from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
@@ -47,9 +53,9 @@ from agentid_server.tokens.callers import CallerAuthenticator
 from agentid_server.tokens.dpop import DpopVerifier
 from agentid_server.tokens.idp import IdpConfig, IdpVerifier
 from agentid_server.tokens.keys import (
+    KeyRing,
     SigningKey,
     generate_signing_key,
-    jwks_json,
     load_kek,
     seal,
     unseal,
@@ -92,6 +98,7 @@ async def _housekeeping(
     revocations: RevocationSet,
     repo: RevocationRepository,
     step_ups: StepUpRepository,
+    keys: _KeyRotation,
     clock: Clock,
 ) -> None:
     """Periodically drops expired entries from the bitmap and old history from the table, and
@@ -105,6 +112,7 @@ async def _housekeeping(
             pruned_until = now
             deleted = await repo.prune_history(int(now - settings.revocation.history_retention))
             await step_ups.expire_due(now)
+            await keys.run(now)
         except Exception as exc:  # housekeeping outlives a failing store; it retries next time
             log.warning("pruning revocations failed (will retry): %s", type(exc).__name__)
             continue
@@ -112,7 +120,9 @@ async def _housekeeping(
             log.info("pruned %d expired revocations (%d history rows)", forgotten, deleted)
 
 
-async def _signing_keys(settings: Settings, repo: KeyRepository, now: int) -> list[SigningKey]:
+async def _signing_keys(
+    settings: Settings, repo: KeyRepository, now: int
+) -> tuple[list[SigningKey], bytes]:
     kek = load_kek(settings.tokens.kek_file, settings.tokens.kek_env)
     keys = [
         unseal(kid, alg, sealed, kek, created, retired)
@@ -123,7 +133,37 @@ async def _signing_keys(settings: Settings, repo: KeyRepository, now: int) -> li
         await repo.add(key.kid, key.alg, seal(key, kek), now)
         log.info("generated signing key %s (%s)", key.kid, key.alg)
         keys.append(key)
-    return keys
+    return keys, kek
+
+
+class _KeyRotation:
+    """Rotates the signing key every `tokens.rotation_period`, with overlap: the retired key
+    keeps verifying (and stays in the JWKS) until every token it signed has expired."""
+
+    def __init__(
+        self, ring: KeyRing, kek: bytes, repo: KeyRepository, journal: Journal, settings: Settings
+    ) -> None:
+        self._ring, self._kek, self._repo, self._journal = ring, kek, repo, journal
+        self._algorithm = settings.tokens.algorithm
+        self._period = settings.tokens.rotation_period
+
+    async def run(self, now: int) -> None:
+        self._ring.drop_expired(now)
+        old = self._ring.active
+        if now - old.created_at < self._period:
+            return
+        new = generate_signing_key(self._algorithm, now)
+        event = AuditEvent(
+            time=now,
+            event_type=EventType.KEY_ROTATED,
+            actor_kind=ActorKind.SERVICE,
+            actor_id="agentid",
+            action="agentid.keys.rotate",
+            detail=f"{old.kid} -> {new.kid}",
+        )
+        await self._journal.run(self._repo.rotation_job(new, seal(new, self._kek), old.kid, event))
+        self._ring.rotate(new, now)
+        log.info("rotated the signing key: %s retired, %s active", old.kid, new.kid)
 
 
 async def build_server(settings: Settings, *, clock: Clock | None = None) -> Running:
@@ -140,7 +180,8 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     engine = engines.main
     try:
         await migrate(engine)
-        keys = await _signing_keys(settings, KeyRepository(engine), now)
+        keys, kek = await _signing_keys(settings, KeyRepository(engine), now)
+        ring = KeyRing(keys, settings.tokens.algorithm, int(settings.tokens.max_ttl))
         revocations = RevocationSet()
         reader = RevocationRepository(engine, journal=None)
         for revocation in await reader.live(now):
@@ -167,13 +208,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         await engines.dispose()
         raise
 
-    active = max(
-        (k for k in keys if k.retired_at is None and k.alg == settings.tokens.algorithm),
-        key=lambda k: k.created_at,
-    )
-    verifier = AgentTokenVerifier(
-        settings.tokens.issuer, {k.kid: k for k in keys}, settings.server.token_cache_size
-    )
+    verifier = AgentTokenVerifier(settings.tokens.issuer, ring, settings.server.token_cache_size)
     health_servicer = AsyncHealthServicer()
     health_updates: set[asyncio.Task[None]] = set()
 
@@ -226,7 +261,6 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     revoker = Revoker(
         store=revocation_repo, sessions=sessions, revoked=revocations, hub=hub, clock=clock
     )
-    public_jwks = jwks_json(keys)
     agents = {
         a.id: AgentKind(
             a.id, ScopeSet.parse(a.max_scopes), int(a.max_ttl or settings.tokens.max_ttl)
@@ -246,7 +280,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
                 int(settings.tokens.max_ttl),
             ),
             sessions=sessions,
-            tokens=AgentTokenIssuer(active),
+            tokens=AgentTokenIssuer(ring),
             audit=journal,
             clock=clock,
         ),
@@ -264,7 +298,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         revoker=revoker,
         step_ups=step_ups,
         auditor=Auditor(store=AuditRepository(engine), hub=audit_hub),
-        jwks=lambda: public_jwks,
+        jwks=ring.jwks,
         max_consistency_wait=settings.server.max_consistency_wait,
     )
     authn = CallerAuthenticator(
@@ -285,7 +319,14 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     housekeeping = asyncio.create_task(
-        _housekeeping(settings, revocations, revocation_repo, step_up_repo, clock),
+        _housekeeping(
+            settings,
+            revocations,
+            revocation_repo,
+            step_up_repo,
+            _KeyRotation(ring, kek, KeyRepository(engine), journal, settings),
+            clock,
+        ),
         name="housekeeping",
     )
     return Running(

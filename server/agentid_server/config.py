@@ -19,7 +19,7 @@ from agentid_server.domain.scopes import Scope, ScopeSyntaxError
 
 T = TypeVar("T")
 
-_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 IDP_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 SIGNING_ALGORITHMS = ("EdDSA", "ES256")
@@ -36,13 +36,13 @@ class ConfigError(Exception):
 
 
 def parse_duration(text: str) -> float:
-    """'15m', '1h30m', '90s', '250ms' -> seconds. Raises ValueError on anything else."""
+    """'15m', '1h30m', '90s', '250ms', '30d' -> seconds. Raises ValueError on anything else."""
     text = text.strip()
     match = _DURATION.fullmatch(text)
     if not text or match is None or not any(match.groups()):
-        raise ValueError(f"{text!r} is not a duration like 15m, 1h30m, 90s or 500ms")
-    hours, minutes, seconds, millis = (int(g) if g else 0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds + millis / 1000
+        raise ValueError(f"{text!r} is not a duration like 15m, 1h30m, 90s, 500ms or 30d")
+    days, hours, minutes, seconds, millis = (int(g) if g else 0 for g in match.groups())
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class TokenSettings:
     algorithm: str = "EdDSA"
     kek_file: str = ""
     kek_env: str = "AGENTID_KEK"
+    rotation_period: float = 30 * 86400
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "tokens": {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
-        "algorithm": "str", "kek_file": "str", "kek_env": "str",
+        "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",

@@ -42,13 +42,21 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("15m", 900), ("1h", 3600), ("1h30m", 5400), ("90s", 90), ("500ms", 0.5), ("2m30s", 150)],
+    [
+        ("15m", 900),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("90s", 90),
+        ("500ms", 0.5),
+        ("2m30s", 150),
+        ("30d", 2592000),
+    ],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "15", "m", "15 m", "1d", "-5m", "1m1h"])
+@pytest.mark.parametrize("text", ["", "15", "m", "15 m", "1w", "-5m", "1m1h", "1h1d"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)

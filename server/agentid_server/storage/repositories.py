@@ -15,6 +15,7 @@ from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
 from agentid_server.storage.journal import JobResult, Journal
 from agentid_server.storage.stepups import expire_for_sessions
+from agentid_server.tokens.keys import SigningKey
 
 SESSION_SERIAL = "session_serial"
 REVOCATION_SEQUENCE = "revocation_sequence"
@@ -241,6 +242,26 @@ class KeyRepository:
         async with self._engine.connect() as connection:
             rows = (await connection.execute(select(k).order_by(k.c.created_at))).all()
         return [(r.kid, r.alg, r.sealed_private_key, r.created_at, r.retired_at) for r in rows]
+
+    @staticmethod
+    def rotation_job(
+        new: SigningKey, sealed: bytes, retire_kid: str, event: AuditEvent
+    ) -> Callable[[Connection], JobResult[None]]:
+        """Stores the new key and retires the old one, with the KEY_ROTATED record, at once."""
+
+        def job(connection: Connection) -> JobResult[None]:
+            k = tables.signing_keys
+            connection.execute(
+                k.insert().values(
+                    kid=new.kid, alg=new.alg, sealed_private_key=sealed, created_at=new.created_at
+                )
+            )
+            connection.execute(
+                update(k).where(k.c.kid == retire_kid).values(retired_at=new.created_at)
+            )
+            return JobResult(None, [event])
+
+        return job
 
     async def add(self, kid: str, alg: str, sealed: bytes, created_at: int) -> None:
         async with self._engine.begin() as connection:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from agentid_server.domain.model import AgentClaims, Reason
 from agentid_server.domain.ports import TokenRejected
 from agentid_server.domain.scopes import ScopeSet, ScopeSyntaxError
-from agentid_server.tokens.keys import SigningKey
+from agentid_server.tokens.keys import KeyRing, SigningKey
 
 AGENT_TOKEN_TYPE = "agent+jwt"  # noqa: S105 - a media type, not a secret
 SERIAL_LIMIT = 1 << 32
@@ -28,27 +28,27 @@ _REQUIRED = ["iss", "sub", "act", "jti", "sn", "iat", "nbf", "exp", "scope"]
 class AgentTokenIssuer:
     """Signs agent token claims with the active key."""
 
-    def __init__(self, active: SigningKey) -> None:
-        if active.private_key is None:
-            raise ValueError("the active signing key has no private half")
-        self._key = active
-        self._private = active.private_key
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
 
     def issue(self, claims: dict[str, Any]) -> str:
+        key = self._keys.active
+        if key.private_key is None:
+            raise ValueError("the active signing key has no private half")
         return jwt.encode(
             claims,
-            self._private,
-            algorithm=self._key.alg,
-            headers={"kid": self._key.kid, "typ": AGENT_TOKEN_TYPE},
+            key.private_key,
+            algorithm=key.alg,
+            headers={"kid": key.kid, "typ": AGENT_TOKEN_TYPE},
         )
 
 
 class AgentTokenVerifier:
     """Verifies agent tokens against our own public keys; caches verified claims per token."""
 
-    def __init__(self, issuer: str, keys: Mapping[str, SigningKey], cache_size: int) -> None:
+    def __init__(self, issuer: str, keys: KeyRing, cache_size: int) -> None:
         self._issuer = issuer
-        self._keys = dict(keys)
+        self._keys = keys
         self._cache: dict[str, AgentClaims] = {}
         self._cache_size = max(1, cache_size)
 
@@ -62,9 +62,6 @@ class AgentTokenVerifier:
             del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
         cache[token] = claims
         return claims
-
-    def add_key(self, key: SigningKey) -> None:
-        self._keys[key.kid] = key
 
     def _verify_signature_and_shape(self, token: str) -> AgentClaims:
         """The cold path: one signature verification with `cryptography`, nothing else costly.

@@ -8,7 +8,7 @@ import binascii
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -114,3 +114,52 @@ def jwks_json(keys: list[SigningKey]) -> str:
     """The RFC 7517 JWK Set of the public keys, newest first."""
     ordered = sorted(keys, key=lambda k: k.created_at, reverse=True)
     return json.dumps({"keys": [k.jwk() for k in ordered]}, separators=(",", ":"))
+
+
+class KeyRing:
+    """Our signing keys in use: the active one signs; retired ones still verify until every token
+    they signed has expired (``max_token_ttl`` after retirement), then leave the JWKS."""
+
+    def __init__(self, keys: list[SigningKey], algorithm: str, max_token_ttl: int) -> None:
+        self._keys = {key.kid: key for key in keys}
+        self._algorithm = algorithm
+        self._max_token_ttl = max_token_ttl
+        self._refresh()
+
+    @property
+    def active(self) -> SigningKey:
+        return self._active
+
+    def get(self, kid: str) -> SigningKey | None:
+        return self._keys.get(kid)
+
+    def jwks(self) -> str:
+        return self._jwks
+
+    def rotate(self, new: SigningKey, now: int) -> SigningKey:
+        """Makes ``new`` the active key; returns the one it retires."""
+        old = self._active
+        self._keys[old.kid] = replace(old, retired_at=now)
+        self._keys[new.kid] = new
+        self._refresh()
+        return old
+
+    def drop_expired(self, now: int) -> list[str]:
+        """Forgets retired keys whose tokens have all expired; returns their kids."""
+        gone = [
+            kid
+            for kid, key in self._keys.items()
+            if key.retired_at is not None and key.retired_at + self._max_token_ttl <= now
+        ]
+        for kid in gone:
+            del self._keys[kid]
+        if gone:
+            self._refresh()
+        return gone
+
+    def _refresh(self) -> None:
+        live = [k for k in self._keys.values() if k.retired_at is None and k.alg == self._algorithm]
+        if not live:
+            raise KeyMaterialError(f"no active {self._algorithm} signing key")
+        self._active = max(live, key=lambda k: k.created_at)
+        self._jwks = jwks_json(list(self._keys.values()))
