@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import math
 import os
@@ -171,6 +173,8 @@ async def watch_many(kind: str, port: int, watchers: int, metadata_file: Path, o
         grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
         for _ in range(watchers)
     ]
+    gc.collect()
+    gc.disable()  # a collection in this process would delay receipts: client noise, not server
     tasks = [asyncio.create_task(watch(channel)) for channel in channels]
     everything: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait()), *tasks]
     try:
@@ -451,6 +455,13 @@ async def measure_all(
     return results
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` on ``cpus`` (threads started later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 def check_server_log(path: Path, name: str) -> None:
     text = path.read_text(errors="replace")
     if "Traceback" in text or " ERROR " in text:
@@ -480,13 +491,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ):
             log(f"agentid pid {server.pid} on 127.0.0.1:{server.port}")
             log(f"baseline pid {baseline.pid} on 127.0.0.1:{baseline.port}")
+            if args.pin:
+                pin(server.pid, {0})
+                pin(baseline.pid, {0})
+                pin(os.getpid(), {1})  # the watcher processes inherit it
             session_ids = harness.delegate_sessions(server.port, deployment.user_token(), needed)
             log(f"minted {len(session_ids)} sessions through Delegate")
             targets = {
                 "agentid": Target("agentid", server, deployment.metadata_file),
                 "baseline": Target("baseline", baseline, deployment.metadata_file),
             }
-            blocks = asyncio.run(measure_all(targets, session_ids, args))
+            gc.collect()
+            gc.disable()  # nor in the publisher (a few MB of garbage at most)
+            try:
+                blocks = asyncio.run(measure_all(targets, session_ids, args))
+            finally:
+                gc.enable()
         check_server_log(directory / "agentid.log", "agentid")
         check_server_log(directory / "baseline.log", "baseline")
 
@@ -498,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ratios": ratios(figures["agentid"], figures["baseline"], watchers),
             "per_round_p99_ratios": per_round_p99_ratios(kinds),
         }
-    return {
+    report: dict[str, Any] = {
         "benchmark": "revocation_push",
         "machine": machine,
         "code": code,
@@ -521,6 +541,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "watchers": by_watchers,
     }
+    few, many = min(blocks), max(blocks)
+    if many > few:  # what one more watcher costs the server per call
+        report["server_cpu_us_per_extra_watcher"] = {
+            kind: round(
+                (
+                    by_watchers[str(many)][kind]["server_cpu_us_per_call"]
+                    - by_watchers[str(few)][kind]["server_cpu_us_per_call"]
+                )
+                / (many - few),
+                1,
+            )
+            for kind in KINDS
+        }
+    return report
 
 
 def _fmt(value: float | None) -> str:
@@ -555,6 +589,12 @@ def print_summary(report: dict[str, Any]) -> None:
             verdict = "met" if r["bar"]["met"] else "NOT MET"
             line += f"; bar {r['bar']['bar']}: {verdict}"
         print(line)
+    if "server_cpu_us_per_extra_watcher" in report:
+        extra = report["server_cpu_us_per_extra_watcher"]
+        print(
+            "server CPU per extra watcher per call: "
+            + ", ".join(f"{kind} {extra[kind]:.0f} us" for kind in KINDS)
+        )
     print("(p50+/p99+: of max(0, latency); last: the last of the N watchers; call: the call's own")
     print(" round trip; CPU: the server process's, per counted call)")
 
@@ -580,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-no-yield",
         action="store_true",
         help="the baseline answers Publish before its subscribers' streams write (diagnostic)",
+    )
+    parser.add_argument(
+        "--pin", action="store_true", help="servers on CPU 0, publisher and watchers on CPU 1"
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=100, help="counted calls per round")
