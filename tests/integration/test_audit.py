@@ -294,3 +294,41 @@ async def test_the_audit_command(harness: Harness) -> None:
     code, _, err = await cli(harness, harness.idp.token(sub="bob"), "--user", "alice")
     assert code == 1
     assert "NOT_YOUR_RECORDS" in err
+
+
+async def test_a_slow_follower_is_ended_and_resumes_by_cursor(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    from tests.conftest import make_settings
+
+    def small_buffer(config: dict[str, Any]) -> None:
+        config["revocation"] = {"watch_buffer": 2}
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, small_buffer))
+    try:
+        for _ in range(6):
+            await h.delegate()
+        stream = h.stub.Audit(
+            pb.AuditRequest(event_types=[pb.EVENT_TYPE_REVOKE], follow=True),
+            metadata=bearer(ADMIN_KEY),
+        )
+        await asyncio.sleep(0.2)  # the follower is subscribed, the backlog is empty
+        # One Revoke of six sessions commits six records at once: more than the buffer holds.
+        await h.stub.Revoke(pb.RevokeRequest(user_id="alice"), metadata=bearer(ADMIN_KEY))
+        seen: list[int] = []
+
+        async def drain() -> None:
+            while True:
+                item = await asyncio.wait_for(stream.read(), 5)
+                assert item is not grpc.aio.EOF
+                seen.append(item.record.id)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await drain()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(seen) == 2
+        rest = await audit(h, event_types=[pb.EVENT_TYPE_REVOKE], after_id=seen[-1])
+        assert len(seen) + len(rest) == 6
+    finally:
+        await h.channel.close()
+        await h.running.stop(grace=1)

@@ -400,3 +400,20 @@ async def test_no_allow_after_revoke_returned_under_concurrent_load(harness: Har
     assert all(decision == pb.DECISION_DENY for *_, decision in late)
     survivor = [r for r in records if r[2] == sessions[3].session_id]
     assert all(decision == pb.DECISION_ALLOW for *_, decision in survivor)
+
+
+async def test_a_sequence_written_elsewhere_but_not_applied_here_is_waited_for(
+    harness: Harness,
+) -> None:
+    """As when another replica wrote it: the sequence exists in the store, this process has not
+    applied it, so Check waits (bounded by its deadline) and then answers UNAVAILABLE."""
+    session = await harness.delegate()
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        db.execute("UPDATE counters SET value = value + 1 WHERE name = 'revocation_sequence'")
+    request = pb.CheckRequest(token=session.token, action="tickets.read", min_revocation_sequence=1)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Check(request, metadata=bearer(CHECK_KEY), timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "REVOCATION_SEQUENCE_NOT_APPLIED"
+    assert time.monotonic() - started < 0.5  # answered before the deadline, not cut off by it
