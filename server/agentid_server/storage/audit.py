@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -13,6 +12,7 @@ from agentid_server.domain.audit import AuditQuery, AuditRecord, Verification
 from agentid_server.domain.model import ActorKind, Decision, EventType, Reason
 from agentid_server.storage import tables
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
+from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import AUDIT_COLUMNS
 
 VERIFY_PAGE = 5000
@@ -95,11 +95,7 @@ class AuditRepository:
         return bytes(rows[0][0]) if rows else GENESIS
 
     async def _read(self, statement: Select[Any]) -> list[Row[Any]]:
-        async def run() -> list[Row[Any]]:
-            async with self._engine.connect() as connection:
-                return list((await connection.execute(statement)).all())
-
-        return await asyncio.shield(run())  # a cancelled stream never abandons a query
+        return await read_all(self._engine, statement)
 
 
 def record_from_row(row: Any) -> AuditRecord:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Row, Select, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -84,3 +85,14 @@ async def migrate(engine: AsyncEngine) -> None:
     """Applies every pending Alembic migration."""
     async with engine.begin() as connection:
         await connection.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "head"))
+
+
+async def read_all(engine: AsyncEngine, statement: Select[Any]) -> list[Row[Any]]:
+    """Runs a read on its own pooled connection. Shielded: streams are cancelled whenever their
+    caller goes away, and a cancellation must never abandon a connection in mid-query."""
+
+    async def run() -> list[Row[Any]]:
+        async with engine.connect() as connection:
+            return list((await connection.execute(statement)).all())
+
+    return await asyncio.shield(run())

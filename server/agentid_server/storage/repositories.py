@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,7 @@ from agentid_server.domain.model import AuditEvent, SessionRecord
 from agentid_server.domain.revocation import Revocation
 from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
+from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
 from agentid_server.storage.stepups import expire_for_sessions
 from agentid_server.tokens.keys import SigningKey
@@ -34,17 +34,14 @@ class SessionRepository:
 
     async def get(self, session_id: str) -> SessionRecord | None:
         s = tables.sessions
-        async with self._engine.connect() as connection:
-            row = (await connection.execute(select(s).where(s.c.id == session_id))).first()
-        return None if row is None else _session(row)
+        rows = await read_all(self._engine, select(s).where(s.c.id == session_id))
+        return _session(rows[0]) if rows else None
 
     async def lineage(self, session_id: str) -> list[str]:
         s = tables.sessions
         up = select(s.c.id, s.c.parent_id).where(s.c.id == session_id).cte("up", recursive=True)
         up = up.union_all(select(s.c.id, s.c.parent_id).where(s.c.id == up.c.parent_id))
-        async with self._engine.connect() as connection:
-            rows = (await connection.execute(select(up.c.id))).all()
-        return [row.id for row in rows]
+        return [row.id for row in await read_all(self._engine, select(up.c.id))]
 
 
 def _allocate_serial(connection: Connection) -> JobResult[int]:
@@ -129,39 +126,32 @@ class RevocationRepository:
         """Revocations whose token has not expired yet, in sequence order (the bitmap at start)."""
         r = tables.revocations
         statement = select(r).where(r.c.expires_at > now).order_by(r.c.sequence)
-        async with self._engine.connect() as connection:
-            rows = (await connection.execute(statement)).all()
-        return [_revocation(row) for row in rows]
-
-    # Watch streams read these and are cancelled whenever a watcher goes away; the reads are
-    # shielded so a cancellation never abandons a connection in the middle of a query.
+        return [_revocation(row) for row in await self._all(statement)]
 
     async def events_after(self, sequence: int, limit: int) -> list[Revocation]:
         r = tables.revocations
         statement = select(r).where(r.c.sequence > sequence).order_by(r.c.sequence).limit(limit)
-        rows = await asyncio.shield(self._all(statement))
-        return [_revocation(row) for row in rows]
+        return [_revocation(row) for row in await self._all(statement)]
 
     async def oldest_sequence(self) -> int | None:
-        rows = await asyncio.shield(self._all(select(func.min(tables.revocations.c.sequence))))
+        rows = await self._all(select(func.min(tables.revocations.c.sequence)))
         value = rows[0][0] if rows else None
         return None if value is None else int(value)
 
     async def last_sequence(self) -> int:
         c = tables.counters
         statement = select(c.c.value).where(c.c.name == REVOCATION_SEQUENCE)
-        rows = await asyncio.shield(self._all(statement))
+        rows = await self._all(statement)
         return int(rows[0][0])
 
     async def _all(self, statement: Select[Any]) -> list[Row[Any]]:
-        async with self._engine.connect() as connection:
-            return list((await connection.execute(statement)).all())
+        return await read_all(self._engine, statement)
 
     async def expired_serials(self, after: int, until: int) -> list[int]:
         """Serials of revoked sessions whose token expired in (after, until]."""
         r = tables.revocations
         statement = select(r.c.serial).where(r.c.expires_at > after, r.c.expires_at <= until)
-        return [int(row[0]) for row in await asyncio.shield(self._all(statement))]
+        return [int(row[0]) for row in await self._all(statement)]
 
     async def prune_history(self, expired_before: int) -> int:
         """Deletes revocation rows of tokens that expired before the given time."""
@@ -239,8 +229,7 @@ class KeyRepository:
 
     async def all(self) -> list[tuple[str, str, bytes, int, int | None]]:
         k = tables.signing_keys
-        async with self._engine.connect() as connection:
-            rows = (await connection.execute(select(k).order_by(k.c.created_at))).all()
+        rows = await read_all(self._engine, select(k).order_by(k.c.created_at))
         return [(r.kid, r.alg, r.sealed_private_key, r.created_at, r.retired_at) for r in rows]
 
     @staticmethod

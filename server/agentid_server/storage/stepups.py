@@ -3,7 +3,6 @@ commit together; watchers hear of each change after the commit."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -14,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from agentid_server.domain.model import AuditEvent, Decision, Reason
 from agentid_server.domain.stepup import Binding, Settlement, StepUp, StepUpState
 from agentid_server.storage import tables
+from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
 
 OnChange = Callable[[list[StepUp]], None]
@@ -140,11 +140,7 @@ class StepUpRepository:
         return await self._journal.run(job)
 
     async def _read(self, statement: Select[Any]) -> list[Row[Any]]:
-        async def run() -> list[Row[Any]]:
-            async with self._engine.connect() as connection:
-                return list((await connection.execute(statement)).all())
-
-        return await asyncio.shield(run())  # a cancelled watcher never abandons a query
+        return await read_all(self._engine, statement)
 
 
 def expire_for_sessions(connection: Connection, session_ids: Sequence[str]) -> list[StepUp]:
