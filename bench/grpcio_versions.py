@@ -224,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT / "grpcio_versions.json")
     args = parser.parse_args(argv)
     harness.exit_on_signals()
-    report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    harness.write_json_file(args.out, report)
-    print_summary(report)
-    print(f"(written to {args.out})")
-    return 0
+    return harness.finish(run(args), args.out, print_summary)
 
 
 if __name__ == "__main__":

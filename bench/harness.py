@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -605,3 +605,14 @@ def machine_info(ghz: Path | None = None) -> dict[str, Any]:
     if ghz is None:
         del info["ghz"]  # no ghz in this benchmark
     return info
+
+
+def finish(
+    report: dict[str, Any], out: Path, print_summary: Callable[[dict[str, Any]], None]
+) -> int:
+    """Writes a benchmark's report to ``out`` and prints its summary; the exit status."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_file(out, report)
+    print_summary(report)
+    print(f"(written to {out})")
+    return 0
