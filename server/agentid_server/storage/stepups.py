@@ -147,13 +147,8 @@ def expire_for_sessions(connection: Connection, session_ids: Sequence[str]) -> l
     """In a revocation's transaction: the sessions' pending and approved step-ups expire."""
     s = tables.step_ups
     live = s.c.session_id.in_(list(session_ids)) & s.c.state.in_(_LIVE)
-    expired = [
-        _with_state(_step_up(row), StepUpState.EXPIRED)
-        for row in connection.execute(select(s).where(live))
-    ]
-    if expired:
-        connection.execute(update(s).where(live).values(state=int(StepUpState.EXPIRED)))
-    return expired
+    statement = update(s).where(live).values(state=int(StepUpState.EXPIRED)).returning(*s.c)
+    return [_step_up(row) for row in connection.execute(statement)]
 
 
 def _binding(step_up: StepUp) -> Binding:
