@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LINGER_PASSES = 4
+LINGER_GROUP = 8
+# Under load (the last batch had company), wait this long more for a group of 8: gRPC aio hands
+# calls to Python about one per loop pass, so passes alone gather few. Measured on this 2-core
+# machine: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74; 1 ms was worse.
+LINGER_SECONDS = 0.0003
 
 
 @dataclass
@@ -173,6 +178,7 @@ class Journal:
         self._sqlite_insert = f"INSERT INTO audit_records ({names}) VALUES ({marks})"  # noqa: S608
         self._insert = tables.audit_records.insert()
         self._pending_records: list[AuditRecordRow] = []  # written, not yet committed
+        self._busy = False
         self.healthy = True
         self._on_health = on_health
         self._probe_interval = probe_interval
@@ -249,8 +255,11 @@ class Journal:
                 await asyncio.sleep(0)
                 if queue.qsize() == waiting:
                     break
+            if self._busy and len(batch) + queue.qsize() < LINGER_GROUP:
+                await asyncio.sleep(LINGER_SECONDS)
             while len(batch) < self._max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
+            self._busy = len(batch) > 1
             try:
                 await self._commit(batch)
             finally:
