@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 MAX_SCOPE_LENGTH = 512
 MAX_SEGMENT_LENGTH = 128
@@ -66,6 +67,7 @@ def _check_resource_segments(resource: str, *, allow_wildcard: bool) -> tuple[st
     return segments
 
 
+@lru_cache(maxsize=4096)
 def validate_action(action: str) -> tuple[str, ...]:
     """Validates a concrete action (as in a Check) and returns its segments."""
     if len(action) > MAX_SCOPE_LENGTH:
@@ -73,6 +75,7 @@ def validate_action(action: str) -> tuple[str, ...]:
     return _check_action_segments(action, allow_wildcard=False)
 
 
+@lru_cache(maxsize=16384)
 def validate_resource(resource: str) -> tuple[str, ...]:
     """Validates a concrete resource (empty allowed) and returns its segments (empty for none)."""
     if not resource:

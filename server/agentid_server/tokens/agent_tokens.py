@@ -7,6 +7,7 @@ import base64
 import json
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any, cast
 
 import jwt
@@ -139,6 +140,12 @@ def _signature_valid(key: SigningKey, signature: bytes, signing_input: bytes) ->
     return True
 
 
+@lru_cache(maxsize=4096)
+def _scope_set(scope: str) -> ScopeSet:
+    """Parsed and compiled once per distinct scope claim (sessions of one kind share theirs)."""
+    return ScopeSet.parse(scope.split())
+
+
 def claims_from_payload(payload: Mapping[str, Any]) -> AgentClaims:
     """Checks the claim shapes of api.md and builds AgentClaims; TOKEN_MALFORMED otherwise."""
     act = payload.get("act")
@@ -160,7 +167,7 @@ def claims_from_payload(payload: Mapping[str, Any]) -> AgentClaims:
     ):
         raise TokenRejected(Reason.TOKEN_MALFORMED, "claims do not have the agent token shape")
     try:
-        scopes = ScopeSet.parse(scope.split())
+        scopes = _scope_set(scope)
     except ScopeSyntaxError:
         raise TokenRejected(Reason.TOKEN_MALFORMED, "the scope claim is invalid") from None
     audiences: frozenset[str] | None = None

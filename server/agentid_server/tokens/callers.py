@@ -56,6 +56,7 @@ class CallerAuthenticator:
         clock: Clock,
     ) -> None:
         self._services = dict(services)
+        self._known_keys: dict[str, ServicePrincipal] = {}
         self._users = users
         self._agents = agents
         self._revocations = revocations
@@ -89,8 +90,14 @@ class CallerAuthenticator:
     def _service(self, key: str) -> ServicePrincipal:
         if len(key) > MAX_API_KEY_LENGTH:
             raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
-        # Looked up by digest: only the SHA-256 of each key is known to the server.
+        principal = self._known_keys.get(key)
+        if principal is not None:
+            return principal
+        # Looked up by digest: only the SHA-256 of each key is configured. Keys that matched are
+        # remembered (a handful, one per service), so each call need not hash its key again.
         principal = self._services.get(api_key_digest(key))
         if principal is None:
             raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
+        if len(self._known_keys) < len(self._services):
+            self._known_keys[key] = principal
         return principal
