@@ -250,11 +250,12 @@ class Journal:
             batch = [await queue.get()]
             # Group commit needs a group: while other calls are still arriving (each loop pass
             # brought more), give them a few more passes before writing.
-            for _ in range(LINGER_PASSES):
-                waiting = queue.qsize()
-                await asyncio.sleep(0)
-                if queue.qsize() == waiting:
-                    break
+            if self._busy or not queue.empty():  # alone (1 in flight): write at once
+                for _ in range(LINGER_PASSES):
+                    waiting = queue.qsize()
+                    await asyncio.sleep(0)
+                    if queue.qsize() == waiting:
+                        break
             if self._busy and len(batch) + queue.qsize() < LINGER_GROUP:
                 await asyncio.sleep(LINGER_SECONDS)
             while len(batch) < self._max_batch and not queue.empty():
