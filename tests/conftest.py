@@ -3,6 +3,7 @@ gRPC with a real SQLite file, service API keys, and an injectable clock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -227,11 +228,20 @@ async def start_harness(
     )
 
 
-@pytest.fixture
-async def harness(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> AsyncIterator[Harness]:
-    h = await start_harness(tmp_path, idp, clock)
+@contextlib.asynccontextmanager
+async def running_harness(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, settings: Settings | None = None
+) -> AsyncIterator[Harness]:
+    """A started harness, closed and stopped on the way out."""
+    h = await start_harness(tmp_path, idp, clock, settings)
     try:
         yield h
     finally:
         await h.channel.close()
         await h.running.stop(grace=1)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> AsyncIterator[Harness]:
+    async with running_harness(tmp_path, idp, clock) as h:
+        yield h

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from agentid_server import audit_cli, stepups_cli
-from agentid_server.config import ConfigError, load_settings, parse_duration
+from agentid_server.config import ConfigError, Settings, load_settings, parse_duration
 from agentid_server.tokens.keys import KeyMaterialError
 
 DEV_DIR = Path("var/dev")
@@ -80,11 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
         return runner.run(_serve_until_signalled(settings))
 
 
-async def _serve_until_signalled(settings: object) -> int:
-    from agentid_server.app import build_server
-    from agentid_server.config import Settings
+async def _serve_until_signalled(settings: Settings) -> int:
+    from agentid_server.app import build_server  # imported here: the dev commands need none of it
 
-    assert isinstance(settings, Settings)
     running = await build_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ from tests.conftest import (
     IdpFixture,
     bearer,
     error_info,
+    running_harness,
     start_harness,
 )
 
@@ -198,15 +199,11 @@ async def test_the_chain_continues_across_a_restart(
     await scenario(first)
     await first.channel.close()
     await first.running.stop(grace=1)
-    second = await start_harness(tmp_path, idp, clock)
-    try:
+    async with running_harness(tmp_path, idp, clock) as second:
         await scenario(second)
         result = await verify(second)
         assert result.ok
         assert result.verified == len(await audit(second))
-    finally:
-        await second.channel.close()
-        await second.running.stop(grace=1)
 
 
 # -- the terminal tool and the export ------------------------------------------------------------------
@@ -304,8 +301,9 @@ async def test_a_slow_follower_is_ended_and_resumes_by_cursor(
     def small_buffer(config: dict[str, Any]) -> None:
         config["revocation"] = {"watch_buffer": 2}
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, small_buffer))
-    try:
+    async with running_harness(
+        tmp_path, idp, clock, make_settings(tmp_path, idp, small_buffer)
+    ) as h:
         for _ in range(6):
             await h.delegate()
         stream = h.stub.Audit(
@@ -329,6 +327,3 @@ async def test_a_slow_follower_is_ended_and_resumes_by_cursor(
         assert len(seen) == 2
         rest = await audit(h, event_types=[pb.EVENT_TYPE_REVOKE], after_id=seen[-1])
         assert len(seen) + len(rest) == 6
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)

@@ -25,7 +25,7 @@ from tests.conftest import (
     bearer,
     error_info,
     make_settings,
-    start_harness,
+    running_harness,
 )
 
 
@@ -277,8 +277,7 @@ async def test_es256_signing_keys_work_end_to_end(
     def es256(config: dict[str, Any]) -> None:
         config["tokens"]["algorithm"] = "ES256"
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, es256))
-    try:
+    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, es256)) as h:
         delegated = await h.delegate()
         jwks = json.loads((await h.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
         assert [k["alg"] for k in jwks["keys"]] == ["ES256"]
@@ -289,6 +288,3 @@ async def test_es256_signing_keys_work_end_to_end(
         flipped = signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB")
         bad = await h.check(f"{header}.{payload}.{flipped}", "tickets.read")
         assert bad.reason == pb.REASON_SIGNATURE_INVALID
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)

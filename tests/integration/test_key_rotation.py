@@ -11,7 +11,14 @@ from typing import Any
 
 from agentid.v1 import agentid_pb2 as pb
 
-from tests.conftest import ADMIN_KEY, FakeClock, IdpFixture, bearer, make_settings, start_harness
+from tests.conftest import (
+    ADMIN_KEY,
+    FakeClock,
+    IdpFixture,
+    bearer,
+    make_settings,
+    running_harness,
+)
 
 
 def kid_of(token: str) -> str:
@@ -24,8 +31,9 @@ async def test_rotation_with_overlap(tmp_path: Path, idp: IdpFixture, clock: Fak
         config["tokens"]["rotation_period"] = "10m"
         config["revocation"] = {"prune_interval": "20ms"}
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, rotate_often))
-    try:
+    async with running_harness(
+        tmp_path, idp, clock, make_settings(tmp_path, idp, rotate_often)
+    ) as h:
 
         async def kids() -> list[str]:
             jwks = json.loads((await h.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
@@ -57,6 +65,3 @@ async def test_rotation_with_overlap(tmp_path: Path, idp: IdpFixture, clock: Fak
         remaining = await kids()
         assert old_kid not in remaining
         assert new_kid in remaining  # retired now, but its tokens may still be live
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)

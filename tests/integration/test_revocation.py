@@ -24,6 +24,7 @@ from tests.conftest import (
     bearer,
     error_info,
     make_settings,
+    running_harness,
     start_harness,
 )
 
@@ -257,8 +258,9 @@ async def test_a_slow_watcher_is_ended_and_resumes(
     def small_buffer(config: dict[str, Any]) -> None:
         config["revocation"] = {"watch_buffer": 2}
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, small_buffer))
-    try:
+    async with running_harness(
+        tmp_path, idp, clock, make_settings(tmp_path, idp, small_buffer)
+    ) as h:
         stream = watch(h)
         assert (await next_item(stream)).WhichOneof("kind") == "snapshot"
         for _ in range(6):
@@ -279,9 +281,6 @@ async def test_a_slow_watcher_is_ended_and_resumes(
         resumed = watch(h, after=seen[-1])
         assert [(await next_item(resumed)).event.sequence for _ in range(4)] == [3, 4, 5, 6]
         resumed.cancel()
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)
 
 
 async def test_shutdown_ends_watch_streams_cleanly(
@@ -303,8 +302,7 @@ async def test_expired_entries_are_pruned(
     def fast_prune(config: dict[str, Any]) -> None:
         config["revocation"] = {"prune_interval": "20ms", "history_retention": "1s"}
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_prune))
-    try:
+    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_prune)) as h:
         short = await h.delegate(ttl=Duration(seconds=60))
         long = await h.delegate(ttl=Duration(seconds=900))
         for s in (short, long):
@@ -318,12 +316,9 @@ async def test_expired_entries_are_pruned(
         assert snapshot.sequence == 2
         stream.cancel()
         assert set(revoked_in_db(h)) == {long.session_id}  # history past retention is deleted
-        resumed = watch(h, after=0 + 0)
+        resumed = watch(h, after=0)
         assert (await next_item(resumed)).WhichOneof("kind") == "snapshot"
         resumed.cancel()
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)
 
 
 async def test_history_older_than_kept_yields_a_snapshot_first(
@@ -332,25 +327,30 @@ async def test_history_older_than_kept_yields_a_snapshot_first(
     def fast_prune(config: dict[str, Any]) -> None:
         config["revocation"] = {"prune_interval": "20ms", "history_retention": "1s"}
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_prune))
-    try:
-        short = await h.delegate(ttl=Duration(seconds=60))
-        await revoke(h, ADMIN_KEY, session_id=short.session_id)  # sequence 1, pruned below
+    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_prune)) as h:
+        for _ in range(2):  # sequences 1 and 2: short-lived, their history is pruned below
+            short = await h.delegate(ttl=Duration(seconds=60))
+            await revoke(h, ADMIN_KEY, session_id=short.session_id)
         clock.advance(120)
-        await asyncio.sleep(0.2)
         kept = await h.delegate()
-        await revoke(h, ADMIN_KEY, session_id=kept.session_id)  # sequence 2
-        later = await h.delegate()
-        await revoke(h, ADMIN_KEY, session_id=later.session_id)  # sequence 3
-        stream = watch(h, after=0 + 0)
-        assert (await next_item(stream)).snapshot.sequence == 3
-        stream.cancel()
-        gap = watch(h, after=0 + 1)  # event 2 is kept: no snapshot needed
-        assert (await next_item(gap)).event.sequence == 2
+        for _ in range(100):  # wait for the pruning pass
+            if len(revoked_in_db(h)) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert revoked_in_db(h) == {}
+        await revoke(h, ADMIN_KEY, session_id=kept.session_id)  # sequence 3, kept
+        # Resuming after 1 needs event 2, which is gone: a snapshot comes first, then live events.
+        gap = watch(h, after=1)
+        first = await next_item(gap)
+        assert first.WhichOneof("kind") == "snapshot"
+        assert first.snapshot.sequence == 3
+        assert list(BitMap.deserialize(first.snapshot.revoked_serials)) == [kept.serial]
         gap.cancel()
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)
+        # Resuming after 2 needs only event 3, which is kept: no snapshot.
+        exact = watch(h, after=2)
+        item = await next_item(exact)
+        assert (item.WhichOneof("kind"), item.event.sequence) == ("event", 3)
+        exact.cancel()
 
 
 # -- consistency ---------------------------------------------------------------------------------

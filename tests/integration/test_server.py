@@ -21,7 +21,16 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from tests.conftest import FakeClock, Harness, IdpFixture, make_settings, start_harness
+from tests.conftest import (
+    CHECK_KEY,
+    FakeClock,
+    Harness,
+    IdpFixture,
+    bearer,
+    make_settings,
+    running_harness,
+    start_harness,
+)
 
 AGENTID = [sys.executable, "-m", "agentid_server"]
 
@@ -90,14 +99,29 @@ async def test_graceful_stop_lets_in_flight_calls_finish(
 ) -> None:
     h = await start_harness(tmp_path, idp, clock)
     token = (await h.delegate()).token
-    calls = [asyncio.create_task(h.check(token, "tickets.read")) for _ in range(50)]
-    await asyncio.sleep(0)  # the calls are on the wire
-    await h.running.stop(grace=5)
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    finished = [r for r in results if isinstance(r, pb.CheckResponse)]
-    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert len(finished) + len(refused) == 50
-    assert all(r.decision == pb.DECISION_ALLOW for r in finished)
+    # Hold five Checks in flight for sure: each waits for revocation sequence 1, which the store
+    # says exists (as another replica would have written it) but this process has not applied.
+    with sqlite3.connect(tmp_path / "agentid.db") as db:
+        db.execute("UPDATE counters SET value = 1 WHERE name = 'revocation_sequence'")
+    request = pb.CheckRequest(token=token, action="tickets.read", min_revocation_sequence=1)
+
+    async def held_check() -> pb.CheckResponse:
+        return await h.stub.Check(request, metadata=bearer(CHECK_KEY), timeout=10)
+
+    calls = [asyncio.create_task(held_check()) for _ in range(5)]
+    for _ in range(200):  # until all five are waiting inside the server
+        if len(h.running.revocations._waiters) == 5:
+            break
+        await asyncio.sleep(0.01)
+    assert len(h.running.revocations._waiters) == 5
+    stopping = asyncio.create_task(h.running.stop(grace=5))
+    await asyncio.sleep(0.2)
+    with pytest.raises(grpc.aio.AioRpcError):  # a new call during the grace period is refused
+        await h.check(token, "tickets.read")
+    h.running.revocations.advance(1)  # the "notification" arrives: the held calls finish
+    finished = await asyncio.gather(*calls)
+    await stopping
+    assert [r.decision for r in finished] == [pb.DECISION_ALLOW] * 5
     # Every answered decision is in the audit trail after the stop.
     with sqlite3.connect(tmp_path / "agentid.db") as db:
         ids = {row[0] for row in db.execute("SELECT id FROM audit_records WHERE event_type = 2")}
@@ -114,14 +138,10 @@ async def test_restart_keeps_keys_sessions_and_serials(
     await first.channel.close()
     await first.running.stop(grace=1)
 
-    second = await start_harness(tmp_path, idp, clock)
-    try:
+    async with running_harness(tmp_path, idp, clock) as second:
         assert (await second.stub.GetJwks(pb.GetJwksRequest())).jwks_json == jwks_before
         assert (await second.check(delegated.token, "tickets.read")).decision == pb.DECISION_ALLOW
         assert (await second.delegate()).serial > delegated.serial
-    finally:
-        await second.channel.close()
-        await second.running.stop(grace=1)
 
 
 async def test_revocations_in_the_database_are_loaded_at_start(
@@ -141,14 +161,10 @@ async def test_revocations_in_the_database_are_loaded_at_start(
                 delegated.expires_at.seconds,
             ),
         )
-    second = await start_harness(tmp_path, idp, clock)
-    try:
+    async with running_harness(tmp_path, idp, clock) as second:
         response = await second.check(delegated.token, "tickets.read")
         assert (response.decision, response.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
         assert response.revocation_sequence == 1
-    finally:
-        await second.channel.close()
-        await second.running.stop(grace=1)
 
 
 async def test_a_wrong_kek_stops_the_start(

@@ -23,7 +23,7 @@ from tests.conftest import (
     bearer,
     error_info,
     make_settings,
-    start_harness,
+    running_harness,
 )
 
 RULES = [
@@ -46,12 +46,10 @@ async def h(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> AsyncIterator[
         config["step_up"] = {"pending_ttl": "10m", "approval_ttl": "5m", "max_auth_age": "5m"}
         config["agents"][0]["max_scopes"].append("identity.*")
 
-    harness = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, with_rules))
-    try:
+    async with running_harness(
+        tmp_path, idp, clock, make_settings(tmp_path, idp, with_rules)
+    ) as harness:
         yield harness
-    finally:
-        await harness.channel.close()
-        await harness.running.stop(grace=1)
 
 
 def fresh_user(h: Harness, sub: str = "alice", age: float = 0, **claims: Any) -> str:
@@ -256,8 +254,7 @@ async def test_accepted_acr_is_required_when_configured(
         config["risk"] = RULES
         config["step_up"] = {"accepted_acr": ["urn:mfa", "phr"]}
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, acr))
-    try:
+    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, acr)) as h:
         session = await agent(h, scopes=["payments.transfer"])
         pending = await step_up(h, session.token)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -269,9 +266,6 @@ async def test_accepted_acr_is_required_when_configured(
         assert (
             await resolve(h, pending.id, credential=fresh_user(h, acr="urn:mfa"))
         ).state == pb.STEP_UP_STATE_APPROVED
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)
 
 
 async def test_resolving_twice_or_late_fails_precondition(h: Harness) -> None:

@@ -28,7 +28,7 @@ from tests.conftest import (
     bearer,
     error_info,
     make_settings,
-    start_harness,
+    running_harness,
 )
 
 
@@ -113,8 +113,9 @@ async def test_unknown_idp_kid_refetches_the_jwks(
     def fast_refresh(config: dict[str, Any]) -> None:
         config["idp"][0]["jwks_min_refresh"] = "1ms"
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_refresh))
-    try:
+    async with running_harness(
+        tmp_path, idp, clock, make_settings(tmp_path, idp, fast_refresh)
+    ) as h:
         await expect_unauthenticated(h, idp.token(kid="rotated-in"), "UNKNOWN_KEY")
         # The IdP rotates: the new key appears in its JWKS and is found without a restart.
         new_key = rsa.generate_private_key(65537, 2048)
@@ -125,9 +126,6 @@ async def test_unknown_idp_kid_refetches_the_jwks(
         await asyncio.sleep(0.01)
         delegated = await h.delegate(idp.token(kid="rotated-in", key=new_key))
         assert delegated.user_id == "alice"
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)
 
 
 def b64int(value: int) -> str:
@@ -232,8 +230,7 @@ async def test_jwks_from_a_url_is_fetched_cached_and_refetched(
         config["idp"][0]["jwks_url"] = url
         config["idp"][0]["jwks_min_refresh"] = "1ms"
 
-    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, from_url))
-    try:
+    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, from_url)) as h:
         assert fetches == ["/jwks.json"]  # loaded once at start
         for _ in range(3):
             assert (await h.delegate()).user_id == "alice"
@@ -246,7 +243,4 @@ async def test_jwks_from_a_url_is_fetched_cached_and_refetched(
         await asyncio.sleep(0.01)
         assert (await h.delegate(idp.token(kid="rotated", key=new_key))).user_id == "alice"
         assert len(fetches) == 2  # an unknown kid refetched the set
-    finally:
-        await h.channel.close()
-        await h.running.stop(grace=1)
         httpd.shutdown()

@@ -90,7 +90,3 @@ class Unavailable(AgentIdError):
     """A dependency (the database, the audit store) cannot serve right now; retry later."""
 
     default_reason = "UNAVAILABLE"
-
-
-class Unimplemented(AgentIdError):
-    default_reason = "UNIMPLEMENTED"

@@ -52,8 +52,6 @@ class SessionStore(Protocol):
         """A new, never reused session serial (monotonic)."""
         ...
 
-    async def get(self, session_id: str) -> SessionRecord | None: ...
-
 
 class AuditLog(Protocol):
     async def append(self, event: AuditEvent, *, new_session: SessionRecord | None = None) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ class JwksCache:
             self._keys = parse_jwks(document)
         except (OSError, ValueError) as exc:
             # Keep serving with the keys we have; the next unknown kid tries again.
-            log.warning("could not load IdP JWKS from %s: %s", self._file or self._url, exc)
+            source = self._file or _without_secrets(self._url)
+            log.warning("could not load IdP JWKS from %s: %s", source, type(exc).__name__)
 
     def _read(self) -> Any:
         if self._file:
@@ -89,6 +91,14 @@ class JwksCache:
 class IdpKey:
     material: Any
     declared_alg: str | None
+
+
+def _without_secrets(url: str) -> str:
+    """The URL as logged: no credentials, query or fragment (they may carry a secret)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def parse_jwks(document: Any) -> dict[str, IdpKey]:
