@@ -51,7 +51,7 @@ from agentid_server.storage.stepups import StepUpRepository
 from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
 from agentid_server.tokens.callers import CallerAuthenticator
 from agentid_server.tokens.dpop import DpopVerifier
-from agentid_server.tokens.idp import IdpConfig, IdpVerifier
+from agentid_server.tokens.idp import IdpVerifier
 from agentid_server.tokens.keys import (
     KeyRing,
     SigningKey,
@@ -188,19 +188,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             revocations.apply(revocation)
         revocations.advance(await reader.last_sequence())
         idp = IdpVerifier(
-            [
-                IdpConfig(
-                    i.issuer,
-                    i.audience,
-                    i.jwks_file,
-                    i.jwks_url,
-                    i.scope_claim,
-                    i.leeway,
-                    i.algorithms,
-                    i.jwks_min_refresh,
-                )
-                for i in settings.idps
-            ],
+            settings.idps,
             settings.server.max_token_bytes,
         )
         await idp.load()

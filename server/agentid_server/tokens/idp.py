@@ -20,6 +20,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from agentid_server.config import IdpSettings
 from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import UserPrincipal
 from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
@@ -28,18 +29,6 @@ log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class IdpConfig:
-    issuer: str
-    audience: str
-    jwks_file: str
-    jwks_url: str
-    scope_claim: str
-    leeway: float
-    algorithms: tuple[str, ...]
-    jwks_min_refresh: float = 30.0
 
 
 class JwksCache:
@@ -139,7 +128,7 @@ def _key_fits(alg: str, key: IdpKey) -> bool:
 class IdpVerifier:
     """Turns an IdP token into a UserPrincipal, or raises Unauthenticated with a reason."""
 
-    def __init__(self, idps: Sequence[IdpConfig], max_token_bytes: int) -> None:
+    def __init__(self, idps: Sequence[IdpSettings], max_token_bytes: int) -> None:
         self._idps = {idp.issuer: idp for idp in idps}
         self._jwks = {
             idp.issuer: JwksCache(idp.jwks_file, idp.jwks_url, idp.jwks_min_refresh) for idp in idps
@@ -212,7 +201,7 @@ class IdpVerifier:
         return _principal(idp, claims)
 
 
-def _principal(idp: IdpConfig, claims: dict[str, Any]) -> UserPrincipal:
+def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise Unauthenticated("the IdP token has no subject", reason="TOKEN_INVALID")
