@@ -154,3 +154,39 @@ async def test_health_follows_the_store_and_recovers_by_itself(harness: Harness)
         locker.execute("ROLLBACK")
         locker.close()
     await until(health_pb2.HealthCheckResponse.SERVING)  # no call needed: the journal probes
+
+
+async def test_a_write_stuck_past_the_append_timeout_is_answered_unavailable(
+    tmp_path: Path,
+) -> None:
+    engines = create_engines(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
+    await migrate(engines.main)
+    journal = Journal(engines.main, engines.sqlite_writer, max_batch=10, append_timeout=0.1)
+    journal.start()
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def stuck(connection: Connection) -> JobResult[None]:  # holds the writer thread
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        return JobResult(None)
+
+    try:
+        blocked = asyncio.ensure_future(journal.run(stuck))
+        waiting = asyncio.ensure_future(journal.append(event(1)))
+        started = time.monotonic()
+        for pending in (blocked, waiting):
+            with pytest.raises(Unavailable) as caught:
+                await pending
+            assert caught.value.reason == "AUDIT_UNAVAILABLE"
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        await journal.stop()
+        await engines.dispose()
+
+
+async def test_writes_after_stop_are_refused(journal: Journal) -> None:
+    assert await journal.append(event(1)) == 1
+    await journal.stop()
+    with pytest.raises(Unavailable):
+        await journal.append(event(2))

@@ -22,7 +22,8 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -68,6 +69,7 @@ class _Item:
     session: SessionRecord | None = None
     job: Job[Any] | None = None
     with_ids: bool = False
+    queued: float = 0.0  # loop time of submission
 
 
 @dataclass
@@ -162,8 +164,13 @@ class Journal:
         )
         self._max_batch = max_batch
         self._timeout = append_timeout
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop  # the running loop, from start()
+        self._pending: deque[_Item] = deque()  # submitted, not yet taken into a batch
+        self._writing: Sequence[_Item] = ()  # the batch being written
+        self._wakeup: asyncio.Future[None] | None = None  # set while the writer waits for work
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._sync_connection: Connection | None = None
         self._async_connection: AsyncConnection | None = None
         # Records are numbered and chained here, before the insert, so the hash can cover the id.
@@ -187,19 +194,24 @@ class Journal:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="journal")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="journal")
+        self._watchdog = self._loop.create_task(self._expire_overdue(), name="journal-watchdog")
 
     async def stop(self) -> None:
-        """Writes what is queued, then ends the writer and closes its connection."""
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        """Writes what is queued, then ends the writer and closes its connection. Writes submitted
+        after this are refused as UNAVAILABLE. Stopping twice is harmless."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for task in (self._probe, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._task is not None:
-            await self._queue.join()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._wake()
+            await self._task
             self._task = None
         if self._executor is not None:
             await asyncio.get_running_loop().run_in_executor(
@@ -232,46 +244,73 @@ class Journal:
 
     # -- internals -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _future() -> asyncio.Future[Any]:
-        return asyncio.get_running_loop().create_future()
+    def _future(self) -> asyncio.Future[Any]:
+        return self._loop.create_future()
 
-    async def _submit(self, item: _Item) -> Any:
-        self._queue.put_nowait(item)
-        timer = asyncio.get_running_loop().call_later(self._timeout, _give_up, item.future)
-        try:
-            return await item.future
-        finally:
-            timer.cancel()
+    def _submit(self, item: _Item) -> asyncio.Future[Any]:
+        if self._stopping:
+            raise Unavailable("the server is shutting down", reason="AUDIT_UNAVAILABLE")
+        item.queued = self._loop.time()
+        self._pending.append(item)
+        if self._wakeup is not None:
+            self._wake()
+        return item.future
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _expire_overdue(self) -> None:
+        """Answers UNAVAILABLE to every write still waiting after the append timeout (the store
+        is stuck, say, behind another process's lock). One timer for all, not one per write."""
+        period = min(max(self._timeout / 4, 0.01), 1.0)
+        while True:
+            await asyncio.sleep(period)
+            overdue = self._loop.time() - self._timeout
+            for item in self._writing:
+                if item.queued > overdue:
+                    break
+                _give_up(item.future)
+            for item in self._pending:
+                if item.queued > overdue:
+                    break
+                _give_up(item.future)
 
     async def _run(self) -> None:
-        queue = self._queue
+        pending = self._pending
         while True:
-            batch = [await queue.get()]
+            if not pending:
+                if self._stopping:
+                    return
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
+                continue
             # Group commit needs a group: while other calls are still arriving (each loop pass
             # brought more), give them a few more passes before writing.
-            if self._busy or not queue.empty():  # alone (1 in flight): write at once
+            if self._busy or len(pending) > 1:  # alone (1 in flight): write at once
                 for _ in range(LINGER_PASSES):
-                    waiting = queue.qsize()
+                    waiting = len(pending)
                     await asyncio.sleep(0)
-                    if queue.qsize() == waiting:
+                    if len(pending) == waiting:
                         break
-            if self._busy and len(batch) + queue.qsize() < LINGER_GROUP:
+            if self._busy and len(pending) < LINGER_GROUP:
                 await asyncio.sleep(LINGER_SECONDS)
-            while len(batch) < self._max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-            self._busy = len(batch) > 1
+            take = min(len(pending), self._max_batch)
+            batch = [pending.popleft() for _ in range(take)]
+            self._busy = take > 1
+            self._writing = batch
             try:
                 await self._commit(batch)
             finally:
-                for _ in batch:
-                    queue.task_done()
+                self._writing = ()
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
             if self._executor is not None:
-                loop = asyncio.get_running_loop()
-                outcomes = await loop.run_in_executor(self._executor, self._write_sqlite, batch)
+                outcomes = await self._loop.run_in_executor(
+                    self._executor, self._write_sqlite, batch
+                )
             elif self._sync_engine is not None:
                 outcomes = self._write_sqlite(batch)
             else:
@@ -294,7 +333,8 @@ class Journal:
                         Unavailable("the store is unavailable", reason="AUDIT_UNAVAILABLE")
                     )
             return
-        self._set_health(True)
+        if not self.healthy:
+            self._set_health(True)
         if self._pending_records:
             self._published(self._pending_records)
             self._pending_records = []
