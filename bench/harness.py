@@ -458,7 +458,9 @@ class Ghz:
         concurrency: int,
         seconds: float,
         server: ServerProcess | None = None,
+        rps: int = 0,
     ) -> LoadResult:
+        """``rps`` > 0 holds the request rate there instead of sending as fast as answered."""
         argv = [
             str(self.binary), "--insecure", "--protoset", str(self.protoset), "--call", method,
             "--data-file", str(data_file), "--metadata-file", str(self.metadata_file),
@@ -468,6 +470,8 @@ class Ghz:
         ]  # fmt: skip
         if self.cpus:
             argv[1:1] = ["--cpus", str(self.cpus)]
+        if rps:
+            argv[1:1] = ["--rps", str(rps)]
         cpu_before = server.cpu_seconds() if server else 0.0
         finished = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
         cpu_after = server.cpu_seconds() if server else 0.0
