@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -172,6 +173,7 @@ async def test_a_write_stuck_past_the_append_timeout_is_answered_unavailable(
 
     try:
         blocked = asyncio.ensure_future(journal.run(stuck))
+        await asyncio.sleep(0.02)  # the writer has taken the stuck job
         waiting = asyncio.ensure_future(journal.append(event(1)))
         started = time.monotonic()
         for pending in (blocked, waiting):
@@ -179,6 +181,8 @@ async def test_a_write_stuck_past_the_append_timeout_is_answered_unavailable(
                 await pending
             assert caught.value.reason == "AUDIT_UNAVAILABLE"
         assert time.monotonic() - started < 5
+        release.set()
+        assert await journal.append(event(2)) == 1  # the refused append was never written
     finally:
         release.set()
         await journal.stop()
@@ -190,3 +194,61 @@ async def test_writes_after_stop_are_refused(journal: Journal) -> None:
     await journal.stop()
     with pytest.raises(Unavailable):
         await journal.append(event(2))
+
+
+async def test_a_failing_after_commit_fails_its_caller_only(journal: Journal) -> None:
+    def broken(connection: Connection) -> JobResult[str]:
+        return JobResult("written", events=[event(1)], after_commit=lambda ids: 1 / 0)
+
+    results = await asyncio.gather(
+        journal.run(broken), journal.append(event(2)), return_exceptions=True
+    )
+    assert isinstance(results[0], ZeroDivisionError)
+    assert isinstance(results[1], int)
+    assert await journal.append(event(3)) > results[1]  # the writer lives on
+    assert journal.healthy
+
+
+async def test_records_are_published_on_the_loop_and_a_failing_listener_costs_nothing(
+    tmp_path: Path,
+) -> None:
+    engines = create_engines(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
+    await migrate(engines.main)
+    threads: list[threading.Thread] = []
+
+    def listener(rows: list[tuple[object, ...]]) -> None:
+        threads.append(threading.current_thread())
+        raise RuntimeError("a broken follower")
+
+    journal = Journal(engines.main, engines.sqlite_writer, max_batch=10, on_records=listener)
+    journal.start()  # the thread writer: records must still reach listeners on the loop
+    try:
+        ids = await asyncio.gather(*(journal.append(event(n)) for n in range(5)))
+        assert sorted(ids) == [1, 2, 3, 4, 5]
+        assert await journal.append(event(6)) == 6
+        assert threads
+        assert set(threads) == {threading.main_thread()}
+    finally:
+        await journal.stop()
+        await engines.dispose()
+
+
+async def test_a_failing_last_batch_at_stop_leaves_no_probe_behind(tmp_path: Path) -> None:
+    engines = create_engines(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}", writer_busy_timeout=0.1)
+    await migrate(engines.main)
+    journal = Journal(engines.main, engines.sqlite_writer, max_batch=10, probe_interval=0.01)
+    journal.start()
+    locker = sqlite3.connect(tmp_path / "j.db", timeout=0.1, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        queued = asyncio.ensure_future(journal.append(event(1)))
+        await asyncio.sleep(0)
+        await journal.stop()
+        with pytest.raises(Unavailable):
+            await queued
+        await asyncio.sleep(0.05)
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "journal-probe"]
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        await engines.dispose()

@@ -44,19 +44,23 @@ def create_engines(
     writer_busy_timeout: float | None = None,
 ) -> Engines:
     """Engines for ``url``. For SQLite the file's folder is created, and WAL, a busy timeout and
-    the chosen `synchronous` level are set on every connection."""
+    the chosen `synchronous` level are set on every connection. Statement parameters (sealed keys,
+    audit contexts) are kept out of error messages and logs."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        main = create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        main = create_async_engine(
+            url, pool_pre_ping=True, pool_size=10, max_overflow=10, hide_parameters=True
+        )
         return Engines(main, None)
     database = parsed.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    main = create_async_engine(url, connect_args={"timeout": busy_timeout})
+    main = create_async_engine(url, connect_args={"timeout": busy_timeout}, hide_parameters=True)
     writer_timeout = busy_timeout if writer_busy_timeout is None else writer_busy_timeout
     writer = create_engine(
         parsed.set(drivername="sqlite"),
         connect_args={"timeout": writer_timeout, "check_same_thread": False},
+        hide_parameters=True,
     )
     _set_pragmas(main.sync_engine, sqlite_synchronous.upper(), int(busy_timeout * 1000))
     _set_pragmas(writer, sqlite_synchronous.upper(), int(writer_timeout * 1000))

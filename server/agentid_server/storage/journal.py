@@ -85,6 +85,8 @@ AUDIT_COLUMNS = (
     "actor_id", "action", "resource", "decision", "reason", "parent_session_id", "step_up_id",
     "context", "detail",
 )  # fmt: skip
+# A record as written: the id, its columns, then its place in the hash chain.
+SEALED_COLUMNS = ("id", *AUDIT_COLUMNS, "chain_id", "prev_hash", "hash")
 AuditRow = tuple[Any, ...]
 AuditRecordRow = tuple[Any, ...]  # (id, *AUDIT_COLUMNS, chain_id, prev_hash, hash)
 
@@ -156,7 +158,6 @@ class Journal:
         writer) or, with ``sqlite_inline``, on the event loop itself."""
         self._engine = engine
         self._sync_engine = sync_engine
-        self._inline = sqlite_inline
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
             if sync_engine is not None and not sqlite_inline
@@ -180,8 +181,8 @@ class Journal:
         self._on_records = on_records
         self._next_id: int | None = None
         self._chain_head: bytes | None = None
-        names = ", ".join(("id", *AUDIT_COLUMNS, "chain_id", "prev_hash", "hash"))
-        marks = ", ".join("?" for _ in range(len(AUDIT_COLUMNS) + 4))
+        names = ", ".join(SEALED_COLUMNS)
+        marks = ", ".join("?" for _ in SEALED_COLUMNS)
         self._sqlite_insert = f"INSERT INTO audit_records ({names}) VALUES ({marks})"  # noqa: S608
         self._insert = tables.audit_records.insert()
         self._pending_records: list[AuditRecordRow] = []  # written, not yet committed
@@ -268,14 +269,13 @@ class Journal:
         while True:
             await asyncio.sleep(period)
             overdue = self._loop.time() - self._timeout
-            for item in self._writing:
+            for item in self._writing:  # being written: answered, may still commit
                 if item.queued > overdue:
                     break
                 _give_up(item.future)
-            for item in self._pending:
-                if item.queued > overdue:
-                    break
-                _give_up(item.future)
+            pending = self._pending
+            while pending and pending[0].queued <= overdue:  # not written yet: never will be
+                _give_up(pending.popleft().future)
 
     async def _run(self) -> None:
         pending = self._pending
@@ -322,8 +322,12 @@ class Journal:
                 self._close_connections()
             else:
                 self._executor.submit(self._close_connections)
+            if self._async_connection is not None:  # PostgreSQL: start over on a new connection
+                with contextlib.suppress(Exception):
+                    await self._async_connection.invalidate()
+                self._async_connection = None
             self._set_health(False)
-            if isinstance(exc, SQLAlchemyError | OSError):
+            if isinstance(exc, SQLAlchemyError | sqlite3.Error | OSError):
                 log.error("write batch of %d items failed: %s", len(batch), type(exc).__name__)
             else:
                 log.exception("write batch of %d items failed", len(batch))
@@ -336,11 +340,20 @@ class Journal:
         if not self.healthy:
             self._set_health(True)
         if self._pending_records:
-            self._published(self._pending_records)
-            self._pending_records = []
+            records, self._pending_records = self._pending_records, []
+            try:
+                self._published(records)
+            except Exception:  # a listener's fault must not cost the writer or the callers
+                log.exception("publishing %d committed audit records failed", len(records))
         for item, outcome in zip(batch, outcomes, strict=True):
             if outcome.after_commit is not None:
-                outcome.after_commit(outcome.ids)
+                try:
+                    outcome.after_commit(outcome.ids)
+                except Exception as exc:  # committed, but not applied here: not a success
+                    log.exception("applying a committed write failed")
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                    continue
             if item.future.done():
                 continue
             if outcome.error is not None:
@@ -357,13 +370,13 @@ class Journal:
         log.warning("the store is %s", "writable again" if healthy else "failing writes")
         if self._on_health is not None:
             self._on_health(healthy)
-        if not healthy and (self._probe is None or self._probe.done()):
+        if not healthy and not self._stopping and (self._probe is None or self._probe.done()):
             self._probe = asyncio.create_task(self._recover(), name="journal-probe")
 
     async def _recover(self) -> None:
         """While the store fails, try a small write now and then, so health recovers by itself
         even when no call comes in to try."""
-        while not self.healthy:
+        while not self.healthy and not self._stopping:
             await asyncio.sleep(self._probe_interval)
             with contextlib.suppress(Unavailable):
                 await self.run(_probe_write)
@@ -394,7 +407,7 @@ class Journal:
             raw.rollback()
             self._next_id = self._chain_head = None
             raise
-        self._published(sealed)
+        self._pending_records.extend(sealed)  # published on the loop, after the commit
         return [_Outcome(value=row[0], ids=[row[0]]) for row in sealed]
 
     async def _write_async(self, batch: list[_Item]) -> list[_Outcome]:
@@ -444,23 +457,26 @@ class Journal:
                 text("SELECT nextval('audit_records_id_seq') FROM generate_series(1, :n)"),
                 {"n": len(rows)},
             ).scalars()
+            ids = sorted(int(i) for i in reserved)  # the chain runs in id order; rows come in any
             if self._chain_head is None:
                 self._load_head(connection)
-            sealed = self._seal_numbered(list(zip([int(i) for i in reserved], rows, strict=True)))
+            sealed = self._seal_numbered(list(zip(ids, rows, strict=True)))
         else:
             if self._next_id is None or self._chain_head is None:
                 self._load_head(connection)
             sealed = self._seal(rows)
-        columns = ("id", *AUDIT_COLUMNS, "chain_id", "prev_hash", "hash")
-        connection.execute(self._insert, [dict(zip(columns, row, strict=True)) for row in sealed])
+        connection.execute(
+            self._insert, [dict(zip(SEALED_COLUMNS, row, strict=True)) for row in sealed]
+        )
         self._pending_records.extend(sealed)
         return [row[0] for row in sealed]
 
     def _load_head(self, connection: Connection) -> None:
         """This chain's last hash (and, for SQLite, the next id) from the table."""
         a = tables.audit_records
-        top = connection.execute(select(func.max(a.c.id))).scalar()
-        self._next_id = int(top or 0) + 1
+        if self._sync_engine is not None:  # PostgreSQL reserves ids from the sequence instead
+            top = connection.execute(select(func.max(a.c.id))).scalar()
+            self._next_id = int(top or 0) + 1
         head = connection.execute(
             select(a.c.hash).where(a.c.chain_id == self._chain_id).order_by(a.c.id.desc()).limit(1)
         ).scalar()
