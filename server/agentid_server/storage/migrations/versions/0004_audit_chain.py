@@ -6,8 +6,6 @@ Revises: 0003
 Create Date: 2026-11-30
 """
 
-import json
-
 import sqlalchemy as sa
 from alembic import op
 
@@ -33,17 +31,15 @@ def upgrade() -> None:
         batch.add_column(sa.Column("prev_hash", sa.LargeBinary, nullable=True))
         batch.add_column(sa.Column("hash", sa.LargeBinary, nullable=True))
     connection = op.get_bind()
+    # The JSON columns are read as their stored text (a driver may parse json columns, and
+    # encoding them again need not give the same bytes).
+    selected = ", ".join(f"CAST({c} AS TEXT)" if c in ("scopes", "context") else c for c in COLUMNS)
     rows = connection.execute(
-        sa.text(f"SELECT id, {', '.join(COLUMNS)} FROM audit_records ORDER BY id")  # noqa: S608
+        sa.text(f"SELECT id, {selected} FROM audit_records ORDER BY id")  # noqa: S608
     ).all()
     head = GENESIS
     for row in rows:
-        # Stored JSON columns come back parsed on some drivers: chain their stored text.
-        values = [
-            json.dumps(v, separators=(",", ":")) if isinstance(v, list | dict) else v
-            for v in row[1:]
-        ]
-        digest = link(head, canonical_bytes(row[0], "main", values))
+        digest = link(head, canonical_bytes(row[0], "main", list(row[1:])))
         connection.execute(
             sa.text("UPDATE audit_records SET prev_hash = :p, hash = :h WHERE id = :i"),
             {"p": head, "h": digest, "i": row[0]},

@@ -1,0 +1,114 @@
+"""The same service on PostgreSQL (asyncpg), two replicas sharing one database: the core loop,
+the audit trail with one hash chain per replica, and an approval consumed exactly once across
+replicas. Runs when AGENTID_TEST_POSTGRES_URL names a database the tests may wipe (`.ci/run`
+starts one); skipped otherwise, saying so."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentid.v1 import agentid_pb2 as pb
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tests.conftest import (
+    ADMIN_KEY,
+    FakeClock,
+    Harness,
+    IdpFixture,
+    bearer,
+    make_settings,
+    running_harness,
+)
+from tests.integration.test_step_up import RULES, agent, resolve, step_up, transfer
+
+URL = os.environ.get("AGENTID_TEST_POSTGRES_URL", "")
+
+pytestmark = pytest.mark.skipif(
+    not URL, reason="set AGENTID_TEST_POSTGRES_URL to a database the tests may wipe"
+)
+
+
+async def wipe(url: str) -> None:
+    engine = create_async_engine(url)
+    async with engine.begin() as connection:
+        await connection.execute(text("DROP SCHEMA public CASCADE"))
+        await connection.execute(text("CREATE SCHEMA public"))
+    await engine.dispose()
+
+
+@pytest.fixture
+async def replicas(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> AsyncIterator[tuple[Harness, Harness]]:
+    await wipe(URL)
+
+    def replica(chain: str) -> Any:
+        def mutate(config: dict[str, Any]) -> None:
+            config["database"] = {"url": URL}
+            config["audit"] = {"chain_id": chain}
+            config["risk"] = RULES
+            config["agents"][0]["max_scopes"].append("identity.*")
+
+        return make_settings(tmp_path, idp, mutate)
+
+    async with (
+        running_harness(tmp_path, idp, clock, replica("replica-a")) as a,
+        running_harness(tmp_path, idp, clock, replica("replica-b")) as b,
+    ):
+        yield a, b
+
+
+async def audit(h: Harness, **fields: Any) -> list[pb.AuditRecord]:
+    stream = h.stub.Audit(pb.AuditRequest(**fields), metadata=bearer(ADMIN_KEY))
+    return [response.record async for response in stream]
+
+
+async def test_the_core_loop_and_the_audit_trail(replicas: tuple[Harness, Harness]) -> None:
+    a, b = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    assert (await b.check(session.token, "tickets.read", "t/1")).decision == pb.DECISION_ALLOW
+    assert (await a.check(session.token, "tickets.delete")).decision == pb.DECISION_DENY
+    revoked = await a.stub.Revoke(
+        pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY)
+    )
+    assert list(revoked.session_ids) == [session.session_id]
+    denied = await a.check(session.token, "tickets.read")
+    assert (denied.decision, denied.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+
+    records = await audit(b, session_id=session.session_id)
+    kinds = [(r.event_type, r.decision) for r in records]
+    assert kinds == [
+        (pb.EVENT_TYPE_DELEGATE, pb.DECISION_UNSPECIFIED),
+        (pb.EVENT_TYPE_CHECK, pb.DECISION_ALLOW),
+        (pb.EVENT_TYPE_CHECK, pb.DECISION_DENY),
+        (pb.EVENT_TYPE_REVOKE, pb.DECISION_UNSPECIFIED),
+        (pb.EVENT_TYPE_CHECK, pb.DECISION_DENY),
+    ]
+    assert {r.chain_id for r in records} == {"replica-a", "replica-b"}
+    assert [r.id for r in records] == sorted(r.id for r in records)
+    assert list(records[1].scopes) == ["tickets.read"]
+    verified = await a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
+    assert verified.ok
+    assert verified.verified == len(await audit(a))
+
+
+async def test_an_approval_is_consumed_once_across_replicas(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    a, b = replicas
+    session = await agent(a)
+    pending = await step_up(a, session.token)
+    await resolve(b, pending.id)
+    responses = await asyncio.gather(
+        *(transfer(h, session.token) for _ in range(15) for h in (a, b))
+    )
+    allowed = [r for r in responses if r.decision == pb.DECISION_ALLOW]
+    assert len(allowed) == 1
+    assert allowed[0].step_up_id == pending.id
+    assert all(r.decision == pb.DECISION_STEP_UP_REQUIRED for r in responses if r is not allowed[0])
