@@ -88,11 +88,15 @@ async def test_what_did_this_user_authorise(harness: Harness) -> None:
 
 
 async def test_who_may_read(harness: Harness) -> None:
-    await scenario(harness)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await audit(harness, harness.idp.token(sub="bob"), user_id="alice")
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert error_info(caught.value).reason == "NOT_YOUR_RECORDS"
+    s = await scenario(harness)
+    bob = harness.idp.token(sub="bob")
+    for fields in ({"user_id": "alice"}, {"session_id": s["root"].session_id}):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await audit(harness, bob, **fields)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(caught.value).reason == "NOT_YOUR_RECORDS"
+    own = await audit(harness, harness.idp.token(), session_id=s["root"].session_id)
+    assert own  # alice may ask about her own session
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await audit(harness, CHECK_KEY)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -111,10 +115,12 @@ async def test_cursor_limit_and_filters(harness: Harness) -> None:
     assert {r.event_type for r in checks} == {pb.EVENT_TYPE_CHECK}
     assert len(checks) == 4
     middle = everything[3].time
-    since = await audit(harness, since=middle)
-    assert all(r.id >= everything[3].id for r in since)
-    until = await audit(harness, until=middle)
-    assert all(r.time.ToNanoseconds() < middle.ToNanoseconds() for r in until)
+    since = await audit(harness, since=middle)  # inclusive
+    assert since == [r for r in everything if r.time.ToNanoseconds() >= middle.ToNanoseconds()]
+    assert since[0].id == everything[3].id
+    until = await audit(harness, until=middle)  # exclusive
+    assert until == [r for r in everything if r.time.ToNanoseconds() < middle.ToNanoseconds()]
+    assert until
 
 
 @pytest.mark.parametrize(
@@ -125,6 +131,9 @@ async def test_cursor_limit_and_filters(harness: Harness) -> None:
         {"since": Timestamp(seconds=2000), "until": Timestamp(seconds=1000)},
         {"actor_kind": 42},
         {"event_types": [99]},
+        {"since": Timestamp(seconds=2**62)},
+        {"until": Timestamp(seconds=-(2**62))},
+        {"since": Timestamp(seconds=5, nanos=-1)},
     ],
 )
 async def test_bad_audit_requests(harness: Harness, fields: dict[str, Any]) -> None:

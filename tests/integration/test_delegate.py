@@ -115,17 +115,21 @@ async def test_agent_kind_limits_apply_too(harness: Harness) -> None:
     [
         ("support-bot", 0, 15 * 60),  # default_ttl
         ("support-bot", 10, 60),  # min_ttl
+        ("support-bot", 0.5, 60),  # a fraction of a second is raised to min_ttl, not the default
+        ("support-bot", 1200.25, 1201),  # and rounded up
         ("support-bot", 20 * 60, 20 * 60),
         ("support-bot", 4 * 3600, 30 * 60),  # the agent's max_ttl
         ("sub-bot", 4 * 3600, 60 * 60),  # tokens.max_ttl
         ("narrow-bot", 3600, 5 * 60),
     ],
 )
-async def test_ttl_is_clamped(harness: Harness, agent: str, requested: int, expected: int) -> None:
+async def test_ttl_is_clamped(
+    harness: Harness, agent: str, requested: float, expected: int
+) -> None:
     user = harness.idp.token(scope="*")
     fields: dict[str, Any] = {"agent_id": agent, "scopes": ["tickets.read"]}
     if requested:
-        fields["ttl"] = Duration(seconds=requested)
+        fields["ttl"] = Duration(seconds=int(requested), nanos=round(requested % 1 * 1e9))
     delegated = await harness.delegate(user, **fields)
     claims = jose_jwt.decode(
         delegated.token,
@@ -234,6 +238,8 @@ async def test_unknown_agent_is_not_found(harness: Harness) -> None:
         ({"scopes": ["tickets.read:a//b"]}, "scopes[0]"),
         ({"scopes": ["t" * 600]}, "scopes[0]"),
         ({"ttl": Duration(seconds=-5)}, "ttl"),
+        ({"ttl": Duration(nanos=-500_000_000)}, "ttl"),
+        ({"ttl": Duration(seconds=1, nanos=-5)}, "ttl"),
         ({"jkt": "not-a-thumbprint"}, "jkt"),
         ({"audiences": [""]}, "audiences[0]"),
         ({"task": "x" * 5000}, "task"),
@@ -288,3 +294,15 @@ async def test_es256_signing_keys_work_end_to_end(
         flipped = signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB")
         bad = await h.check(f"{header}.{payload}.{flipped}", "tickets.read")
         assert bad.reason == pb.REASON_SIGNATURE_INVALID
+
+
+async def test_serials_wrap_into_the_32_bit_sn_claim(harness: Harness) -> None:
+    """After 2^32 sessions the token's `sn` wraps (api.md), so tokens keep verifying."""
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        db.execute("UPDATE counters SET value = ? WHERE name = 'session_serial'", (2**32 + 6,))
+    delegated = await harness.delegate()
+    assert delegated.serial > 2**32
+    payload = delegated.token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["sn"] == delegated.serial % 2**32
+    assert (await harness.check(delegated.token, "tickets.read")).decision == pb.DECISION_ALLOW

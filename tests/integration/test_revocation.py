@@ -238,7 +238,9 @@ async def test_watch_from_the_future_is_out_of_range(harness: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await next_item(watch(harness, after=99))
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert error_info(caught.value).reason == "SEQUENCE_IN_THE_FUTURE"
+    info = error_info(caught.value)
+    assert info.reason == "SEQUENCE_IN_THE_FUTURE"
+    assert info.metadata["last_sequence"] == "0"
 
 
 async def test_who_may_watch(harness: Harness) -> None:
@@ -417,3 +419,7 @@ async def test_a_sequence_written_elsewhere_but_not_applied_here_is_waited_for(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(caught.value).reason == "REVOCATION_SEQUENCE_NOT_APPLIED"
     assert time.monotonic() - started < 0.5  # answered before the deadline, not cut off by it
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await next_item(watch(harness, after=5))
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert error_info(caught.value).metadata["last_sequence"] == "1"  # written, not applied

@@ -205,6 +205,16 @@ async def test_deny_denies_until_a_new_request(h: Harness) -> None:
     assert (await transfer(h, session.token)).decision == pb.DECISION_STEP_UP_REQUIRED
 
 
+async def test_a_denial_holds_until_its_expiry(h: Harness) -> None:
+    session = await agent(h)
+    denied = await resolve(h, (await step_up(h, session.token)).id, approve=False)
+    h.clock.advance(denied.expires_at.seconds - h.clock.now() - 1)
+    assert (await transfer(h, session.token)).reason == pb.REASON_STEP_UP_DENIED
+    h.clock.advance(2)  # past expires_at: back to asking for a step-up
+    after = await transfer(h, session.token)
+    assert (after.decision, after.reason) == (pb.DECISION_STEP_UP_REQUIRED, pb.REASON_HIGH_RISK)
+
+
 async def test_exactly_once_under_concurrent_checks(h: Harness) -> None:
     session = await agent(h)
     pending = await step_up(h, session.token)

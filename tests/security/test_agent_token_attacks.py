@@ -279,6 +279,7 @@ async def test_oversized_request_is_refused_and_the_server_keeps_serving(h: Harn
 async def test_deny_records_reach_the_audit_trail_without_the_token(h: Harness) -> None:
     import sqlite3
 
+    assert (await h.check(h.good_token, "tickets.read")).decision == pb.DECISION_ALLOW
     await h.check("a.b.c", "tickets.read", "ticket/1")
     with sqlite3.connect(h.tmp_path / "agentid.db") as db:
         rows = db.execute("SELECT * FROM audit_records").fetchall()
@@ -286,3 +287,16 @@ async def test_deny_records_reach_the_audit_trail_without_the_token(h: Harness) 
     assert h.good_token not in dump
     assert h.good_token.split(".")[2] not in dump
     assert "a.b.c" not in dump
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+async def test_a_context_that_is_not_json_is_invalid_argument(h: Harness, number: float) -> None:
+    from google.protobuf import struct_pb2
+
+    context = struct_pb2.Struct()
+    context.update({"amount": number})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.check(h.good_token, "tickets.read", context=context)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["context"]
+    assert (await h.check(h.good_token, "tickets.read")).decision == pb.DECISION_ALLOW

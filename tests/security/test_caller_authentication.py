@@ -244,3 +244,72 @@ async def test_jwks_from_a_url_is_fetched_cached_and_refetched(
         assert (await h.delegate(idp.token(kid="rotated", key=new_key))).user_id == "alice"
         assert len(fetches) == 2  # an unknown kid refetched the set
         httpd.shutdown()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _forged(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
+    return ".".join(
+        (_b64(json.dumps(header).encode()), _b64(json.dumps(payload).encode()), _b64(signature))
+    )
+
+
+async def test_forged_agent_tokens_are_refused_as_credentials(harness: Harness) -> None:
+    """An agent token used as the caller's credential (Delegate, Revoke, StepUp) is verified as
+    strictly as in Check: a forged one never acts."""
+    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"])
+    header_part, payload_part, signature_part = parent.token.split(".")
+    header = json.loads(base64.urlsafe_b64decode(header_part + "=" * (-len(header_part) % 4)))
+    payload = json.loads(base64.urlsafe_b64decode(payload_part + "=" * (-len(payload_part) % 4)))
+    jwks = json.loads((await harness.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
+    public_x = jwks["keys"][0]["x"].encode()
+    widened = {**payload, "scope": "*"}
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(widened).encode())}"
+    forgeries = {
+        "alg none": _forged({**header, "alg": "none"}, widened),
+        "tampered payload": f"{header_part}.{_b64(json.dumps(widened).encode())}.{signature_part}",
+        "HS256 keyed with the public key": _forged(
+            {**header, "alg": "HS256"},
+            widened,
+            hmac.new(public_x, signing_input.encode(), hashlib.sha256).digest(),
+        ),
+        "unknown kid": _forged({**header, "kid": "someone-else"}, widened, b"\x00" * 64),
+    }
+    for name, forged in forgeries.items():
+        for call in (
+            harness.stub.Delegate(
+                pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
+                metadata=bearer(forged),
+            ),
+            harness.stub.Revoke(
+                pb.RevokeRequest(session_id=parent.session_id), metadata=bearer(forged)
+            ),
+            harness.stub.StepUp(pb.StepUpRequest(action="tickets.read"), metadata=bearer(forged)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            assert error_info(caught.value).reason == "SIGNATURE_INVALID", name
+    # The genuine token still acts, and nothing was revoked by the forgeries.
+    child = await harness.stub.Delegate(
+        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
+        metadata=bearer(parent.token),
+    )
+    assert child.parent_session_id == parent.session_id
+
+
+async def test_an_agent_token_not_yet_valid_is_refused_as_a_credential(harness: Harness) -> None:
+    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"])
+    harness.clock.advance(-3600)  # the token's nbf/iat lie an hour ahead of the server
+    error = await delegate_as(harness, parent.token)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(error).reason == "TOKEN_NOT_YET_VALID"
+
+
+async def test_a_deeply_nested_credential_header_is_unauthenticated(harness: Harness) -> None:
+    header = _b64(b"[" * 768 + b"]" * 768)  # 2048 characters, the most that is decoded
+    error = await delegate_as(harness, f"{header}.e30.sig")
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await harness.delegate()).session_id  # and the server keeps serving

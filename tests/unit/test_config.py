@@ -104,6 +104,11 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
         ("[step_up]", "[stepup]", "stepup", "unknown section"),
         ('when = "context.amount > 1000"', 'when = "context.amount >"', "risk[0].when", "large-transfer"),
         ('action = "payments.transfer"', 'action = "Payments"', "risk[0].action", "action pattern"),
+        ('action = "payments.transfer"', 'action = "payments.transfer:account/*"', "risk[0].action", "no resource part"),
+        ('jwks_file = "var/dev/idp-jwks.json"', 'jwks_url = "http://localhost.evil.example/jwks"', "idp[0].jwks_url", "https"),
+        ('jwks_file = "var/dev/idp-jwks.json"', 'jwks_url = "http://127.0.0.1.evil.example/jwks"', "idp[0].jwks_url", "https"),
+        ("[step_up]", "[audit]\nmax_batch = 0\n[step_up]", "audit.max_batch", "at least 1"),
+        ("[tokens]", "token_cache_size = 0\n[tokens]", "server.token_cache_size", "at least 1"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_the_key(
@@ -135,3 +140,17 @@ def test_duplicate_service_keys_are_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         settings_from_mapping({"services": [service, {**service, "name": "b"}]}, "x.toml", {})
     assert caught.value.key == "services[1].key_sha256"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://idp.example/jwks",
+        "http://127.0.0.1:8080/jwks",
+        "http://localhost/jwks",
+        "http://[::1]/jwks",
+    ],
+)
+def test_jwks_urls_that_are_https_or_loopback_are_accepted(tmp_path: Path, url: str) -> None:
+    text = GOOD.replace('jwks_file = "var/dev/idp-jwks.json"', f'jwks_url = "{url}"')
+    assert load_settings(write(tmp_path, text), environ={}).idps[0].jwks_url == url

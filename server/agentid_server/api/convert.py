@@ -7,9 +7,31 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from agentid_server.domain.errors import InvalidArgument
 
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+
+def context_of(message: Any) -> dict[str, Any] | None:
+    """A request's optional ``context`` Struct as a dict (None when unset). JSON has no NaN or
+    infinity, and neither may a context: it is hashed and recorded as JSON."""
+    if not message.HasField("context"):
+        return None
+    try:
+        return json_format.MessageToDict(message.context)
+    except ValueError:
+        raise InvalidArgument.field("context", "numbers must be finite") from None
+
+
+def seconds_of(message: Any, field: str) -> float | None:
+    """An optional Timestamp field as seconds (None when unset); INVALID_ARGUMENT outside the
+    range a Timestamp may hold (years 1 to 9999)."""
+    if not message.HasField(field):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, field)
+    try:
+        stamp.ToDatetime()  # validates seconds and nanos
+    except (ValueError, OverflowError):
+        raise InvalidArgument.field(field, "is not a valid timestamp") from None
+    return stamp.seconds + stamp.nanos / 1e9
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:

@@ -4,6 +4,7 @@ Callers are already authenticated and authorised (handlers.py) and arrive as ``p
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -11,7 +12,7 @@ import grpc
 from agentid.v1 import agentid_pb2 as pb
 from google.protobuf import timestamp_pb2
 
-from agentid_server.api.convert import dict_to_struct, struct_to_dict, timestamp
+from agentid_server.api.convert import context_of, dict_to_struct, seconds_of, timestamp
 from agentid_server.domain.audit import Auditor, AuditRecord, AuditRequest
 from agentid_server.domain.check import Checker, CheckInput
 from agentid_server.domain.delegation import DelegateInput, Delegator
@@ -63,8 +64,17 @@ def _enum(cls: type[E], value: int, field: str) -> E:
         raise InvalidArgument.field(field, f"unknown value {value}") from None
 
 
-def _seconds(stamp: Any) -> float:
-    return float(stamp.seconds) + float(stamp.nanos) / 1e9
+def _ttl_seconds(request: pb.DelegateRequest) -> int | None:
+    """The requested TTL in whole seconds, a fraction rounded up (then clamped by the domain)."""
+    if not request.HasField("ttl"):
+        return None
+    whole, nanos = request.ttl.seconds, request.ttl.nanos
+    if abs(nanos) >= 1_000_000_000 or (whole > 0 > nanos) or (whole < 0 < nanos):
+        raise InvalidArgument.field("ttl", "is not a valid duration (seconds and nanos disagree)")
+    seconds = whole + nanos / 1e9
+    if seconds < 0:
+        raise InvalidArgument.field("ttl", "must not be negative")
+    return math.ceil(seconds)
 
 
 def audit_record_message(record: AuditRecord) -> pb.AuditRecord:
@@ -130,13 +140,13 @@ class AgentIdentityServicer:
         self, request: pb.DelegateRequest, context: Context, principal: Principal
     ) -> pb.DelegateResponse:
         assert isinstance(principal, UserPrincipal | AgentPrincipal)  # the method policy ensures it
-        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else None
+        ttl = _ttl_seconds(request)
         result = await self._delegator.delegate(
             principal,
             DelegateInput(
                 agent_id=request.agent_id,
                 scopes=list(request.scopes),
-                ttl_seconds=int(ttl) if ttl is not None else None,
+                ttl_seconds=ttl,
                 task=request.task,
                 audiences=list(request.audiences),
                 jkt=request.jkt,
@@ -163,7 +173,7 @@ class AgentIdentityServicer:
                 token=request.token,
                 action=request.action,
                 resource=request.resource,
-                context=struct_to_dict(request.context) if request.HasField("context") else None,
+                context=context_of(request),
                 pop_proof=request.pop_proof,
                 pop_method=request.pop_method,
                 pop_uri=request.pop_uri,
@@ -199,7 +209,7 @@ class AgentIdentityServicer:
             principal,
             action=request.action,
             resource=request.resource,
-            context=struct_to_dict(request.context) if request.HasField("context") else None,
+            context=context_of(request),
             binding_message=request.binding_message,
         )
         return pb.StepUpResponse(step_up=step_up_message(step_up))
@@ -280,8 +290,8 @@ class AgentIdentityServicer:
             user_id=request.user_id,
             actor_kind=_enum(ActorKind, request.actor_kind, "actor_kind"),
             event_types=tuple(_enum(EventType, t, "event_types") for t in request.event_types),
-            since=_seconds(request.since) if request.HasField("since") else None,
-            until=_seconds(request.until) if request.HasField("until") else None,
+            since=seconds_of(request, "since"),
+            until=seconds_of(request, "until"),
             after_id=request.after_id,
             limit=request.limit,
             follow=request.follow,

@@ -96,6 +96,10 @@ class AuditStore(Protocol):
         """The session's id and all its descendants' ids."""
         ...
 
+    async def session_user(self, session_id: str) -> str | None:
+        """The delegating user of a session, None for an unknown session."""
+        ...
+
     async def verify(self, from_id: int, to_id: int) -> Verification: ...
 
 
@@ -186,6 +190,13 @@ class Auditor:
         session_ids: tuple[str, ...] = ()
         if request.session_id:
             validate_session_id("session_id", request.session_id)
+            if isinstance(caller, UserPrincipal) and await self._store.session_user(
+                request.session_id
+            ) not in (None, caller.user_id):
+                raise PermissionDenied(  # never a silently filtered answer
+                    "a user may only read the records of their own sessions",
+                    reason="NOT_YOUR_RECORDS",
+                )
             session_ids = (request.session_id,)
             if request.include_descendants:
                 session_ids = tuple(await self._store.subtree(request.session_id))

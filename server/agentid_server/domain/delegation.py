@@ -22,6 +22,7 @@ from agentid_server.domain.model import (
     UserPrincipal,
 )
 from agentid_server.domain.ports import AgentTokenIssuer, AuditLog, Clock, SessionStore
+from agentid_server.domain.revocation import serial_bit
 from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
 
 DELEGATE_ACTION = "agentid.delegate"
@@ -160,7 +161,7 @@ class Delegator:
             "act": act,
             "scope": " ".join(session.scopes),
             "jti": session.id,
-            "sn": session.serial,
+            "sn": serial_bit(session.serial),
             "iat": session.created_at,
             "nbf": session.created_at,
             "exp": session.expires_at,

@@ -125,13 +125,14 @@ class Revoker:
     async def watch(self, after_sequence: int) -> AsyncIterator[Snapshot | Revocation]:
         """A snapshot (when asked for, or when the history needed is gone), then every event in
         sequence order, without gaps or duplicates, then live events as they are applied."""
-        applied = self._revoked.applied_sequence
-        if after_sequence > applied and after_sequence > await self._store.last_sequence():
-            raise OutOfRange(
-                f"after_sequence {after_sequence} is beyond the last revocation written",
-                reason="SEQUENCE_IN_THE_FUTURE",
-                metadata={"last_sequence": str(applied)},
-            )
+        if after_sequence > self._revoked.applied_sequence:
+            written = await self._store.last_sequence()
+            if after_sequence > written:
+                raise OutOfRange(
+                    f"after_sequence {after_sequence} is beyond the last revocation written",
+                    reason="SEQUENCE_IN_THE_FUTURE",
+                    metadata={"last_sequence": str(written)},
+                )
         subscription = self._hub.subscribe()  # first, so nothing published from now is missed
         try:
             last = after_sequence

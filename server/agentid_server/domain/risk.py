@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class RiskRuleError(ValueError):
-    """A rule that cannot be compiled; names the rule."""
+    """A rule that cannot be compiled; names the rule and its faulty key (action or when)."""
 
-    def __init__(self, index: int, name: str, problem: str) -> None:
+    def __init__(self, key: str, name: str, problem: str) -> None:
         super().__init__(f"risk rule {name!r}: {problem}")
-        self.index = index
+        self.key = key
         self.name = name
         self.problem = problem
 
@@ -50,17 +50,19 @@ class RiskRules:
     def compile(cls, specs: Sequence[tuple[str, str, str]]) -> RiskRules:
         """Compiles (name, action pattern, CEL condition) triples; RiskRuleError names a bad one."""
         rules = []
-        for index, (name, action, when) in enumerate(specs):
+        for name, action, when in specs:
             try:
                 pattern = Scope.parse(action)
             except ValueError as exc:
-                raise RiskRuleError(index, name, f"action pattern: {exc}") from None
+                raise RiskRuleError("action", name, f"action pattern: {exc}") from None
             if pattern.resource is not None:
-                raise RiskRuleError(index, name, "the action pattern takes no resource part")
+                raise RiskRuleError("action", name, "the action pattern takes no resource part")
             try:
                 program = cel.compile(when)
             except (ValueError, RuntimeError) as exc:
-                raise RiskRuleError(index, name, f"CEL condition does not compile: {exc}") from None
+                raise RiskRuleError(
+                    "when", name, f"CEL condition does not compile: {exc}"
+                ) from None
             rules.append(RiskRule(name, pattern, when, program))
         return cls(rules)
 

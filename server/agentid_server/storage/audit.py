@@ -56,6 +56,11 @@ class AuditRepository:
         rows = await self._read(select(tree.c.id))
         return [row[0] for row in rows] or [session_id]
 
+    async def session_user(self, session_id: str) -> str | None:
+        s = tables.sessions
+        rows = await self._read(select(s.c.user_id).where(s.c.id == session_id))
+        return str(rows[0][0]) if rows else None
+
     async def verify(self, from_id: int, to_id: int) -> Verification:
         """Recomputes each record's hash from its stored values and its chain predecessor."""
         a = tables.audit_records

@@ -102,7 +102,11 @@ class StepUpRepository:
                 if consumed == 1:  # the conditional update: one Check, once, across replicas
                     outcome = (Decision.ALLOW, Reason.STEP_UP_APPROVED, step_up.id)
                     changed.append(_with_state(step_up, StepUpState.CONSUMED))
-            elif step_up is not None and step_up.state is StepUpState.DENIED:
+            elif (
+                step_up is not None
+                and step_up.state is StepUpState.DENIED
+                and now < step_up.expires_at  # a denial holds until its expires_at
+            ):
                 outcome = (Decision.DENY, Reason.STEP_UP_DENIED, step_up.id)
             return JobResult(outcome, [event(*outcome)], self._changed(changed))
 

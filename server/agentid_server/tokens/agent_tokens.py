@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from agentid_server.domain.model import AgentClaims, Reason
 from agentid_server.domain.ports import TokenRejected
+from agentid_server.domain.revocation import SERIAL_SPACE
 from agentid_server.domain.scopes import ScopeSet, ScopeSyntaxError
 from agentid_server.tokens.keys import KeyRing, SigningKey
 
 AGENT_TOKEN_TYPE = "agent+jwt"  # noqa: S105 - a media type, not a secret
-SERIAL_LIMIT = 1 << 32
 _REQUIRED = ["iss", "sub", "act", "jti", "sn", "iat", "nbf", "exp", "scope"]
 
 
@@ -75,7 +75,7 @@ class AgentTokenVerifier:
         if len(parts) != 3 or not all(_B64URL.fullmatch(p) for p in parts):
             raise TokenRejected(Reason.TOKEN_MALFORMED, "not a well-formed compact JWS")
         header_part, payload_part, signature_part = parts
-        header = _json_object(header_part)
+        header = json_object(header_part)
         if header is None:
             raise TokenRejected(Reason.TOKEN_MALFORMED, "not a well-formed compact JWS")
         if header.get("typ") != AGENT_TOKEN_TYPE:
@@ -97,7 +97,7 @@ class AgentTokenVerifier:
             raise TokenRejected(Reason.SIGNATURE_INVALID, "bad signature") from None
         if not _signature_valid(key, signature, signing_input):
             raise TokenRejected(Reason.SIGNATURE_INVALID, "bad signature")
-        payload = _json_object(payload_part)
+        payload = json_object(payload_part)
         if payload is None:
             raise TokenRejected(Reason.TOKEN_MALFORMED, "the payload is not a JSON object")
         missing = [claim for claim in _REQUIRED if claim not in payload]
@@ -117,7 +117,8 @@ def _b64decode(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
-def _json_object(part: str) -> dict[str, Any] | None:
+def json_object(part: str) -> dict[str, Any] | None:
+    """A base64url JOSE part decoded as a JSON object; None when it is not one."""
     try:
         value = json.loads(_b64decode(part))
     except (ValueError, RecursionError):  # binascii.Error, JSON and UTF-8 errors are ValueErrors
@@ -161,7 +162,7 @@ def claims_from_payload(payload: Mapping[str, Any]) -> AgentClaims:
         and isinstance(payload.get("jti"), str)
         and isinstance(sn, int)
         and not isinstance(sn, bool)
-        and 0 <= sn < SERIAL_LIMIT
+        and 0 <= sn < SERIAL_SPACE
         and all(isinstance(t, int) and not isinstance(t, bool) for t in times)
         and isinstance(scope, str)
     ):

@@ -7,10 +7,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 from collections.abc import Iterable
 
 from agentid_server.domain.check import check_token_times
@@ -18,7 +15,7 @@ from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal
 from agentid_server.domain.ports import AgentTokenVerifier, Clock, TokenRejected
 from agentid_server.domain.revocation import RevocationSet
-from agentid_server.tokens.agent_tokens import AGENT_TOKEN_TYPE
+from agentid_server.tokens.agent_tokens import AGENT_TOKEN_TYPE, json_object
 from agentid_server.tokens.idp import IdpVerifier
 
 MAX_API_KEY_LENGTH = 256
@@ -37,11 +34,8 @@ def _jwt_type(credential: str) -> str | None:
     head = credential.partition(".")[0]
     if len(head) > 2048:
         return ""
-    try:
-        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (binascii.Error, ValueError):
-        return ""
-    typ = header.get("typ", "") if isinstance(header, dict) else ""
+    header = json_object(head)
+    typ = header.get("typ", "") if header is not None else ""
     return typ if isinstance(typ, str) else ""
 
 
