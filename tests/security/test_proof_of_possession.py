@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+import grpc
 import jwt
 import pytest
 from agentid.v1 import agentid_pb2 as pb
@@ -94,3 +95,32 @@ async def test_bad_proofs_are_denied(
 async def test_unbound_tokens_need_no_proof(harness: Harness) -> None:
     delegated = await harness.delegate(scopes=["payments.transfer"])
     assert (await harness.check(delegated.token, "payments.transfer")).decision == pb.DECISION_ALLOW
+
+
+async def test_a_sub_agent_of_a_bound_session_stays_bound_to_the_same_key(
+    harness: Harness, agent_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """A stolen bound token is useless for Check without the key; it must not mint a child that
+    is unbound or bound to the thief's key."""
+    from agentid_server.tokens.agent_tokens import json_object
+
+    from tests.conftest import bearer, error_info
+
+    jkt = thumbprint(public_jwk(agent_key.public_key()))
+    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], jkt=jkt)
+    child = await harness.stub.Delegate(
+        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
+        metadata=bearer(parent.token),
+    )
+    claims = json_object(child.token.split(".")[1])
+    assert claims is not None
+    assert claims["cnf"] == {"jkt": jkt}  # inherited
+    assert (await harness.check(child.token, "tickets.read")).decision == pb.DECISION_DENY
+    thief = thumbprint(public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Delegate(
+            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"], jkt=thief),
+            metadata=bearer(parent.token),
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "KEY_BINDING_ESCALATION"

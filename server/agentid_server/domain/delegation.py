@@ -101,6 +101,7 @@ class Delegator:
             agent.max_scopes, requested, "AGENT_SCOPE_EXCEEDED", f"agent {agent.id!r} may hold"
         )
         audiences = _narrow_audiences(parent, tuple(dict.fromkeys(request.audiences)))
+        jkt = _narrow_binding(parent, request.jkt)
 
         now = int(self._clock.now())
         ttl = self._granted_ttl(request.ttl_seconds, agent, parent, now)
@@ -113,7 +114,7 @@ class Delegator:
             scopes=tuple(s.text for s in requested),
             audiences=audiences,
             task=request.task,
-            jkt=request.jkt,
+            jkt=jkt,
             created_at=now,
             expires_at=now + ttl,
             parent_id=parent.session_id if parent else "",
@@ -240,6 +241,20 @@ def _require_covered(holder: ScopeSet, requested: list[Scope], reason: str, whos
             reason=reason,
             metadata={"scopes": names},
         )
+
+
+def _narrow_binding(parent: AgentClaims | None, requested: str) -> str:
+    """A sub-agent of a key-bound session is bound to the same key: otherwise a stolen bound
+    token, useless for Check without the key, could mint an unbound (or self-bound) child."""
+    if parent is None or not parent.jkt:
+        return requested
+    if requested and requested != parent.jkt:
+        raise PermissionDenied(
+            "a sub-agent of a key-bound session must be bound to the same key",
+            reason="KEY_BINDING_ESCALATION",
+            metadata={"field": "jkt"},
+        )
+    return parent.jkt
 
 
 def _narrow_audiences(parent: AgentClaims | None, requested: tuple[str, ...]) -> tuple[str, ...]:
