@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, select, update
+from sqlalchemy import ColumnElement, Connection, Row, Select, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, Decision, Reason
@@ -62,7 +62,7 @@ class StepUpRepository:
     ) -> StepUp | None:
         def job(connection: Connection) -> JobResult[StepUp | None]:
             s = tables.step_ups
-            changed = connection.execute(
+            row = connection.execute(
                 update(s)
                 .where(
                     s.c.id == step_up_id,
@@ -72,10 +72,11 @@ class StepUpRepository:
                 .values(
                     state=int(state), comment=comment, resolved_at=int(now), expires_at=expires_at
                 )
-            ).rowcount
-            if changed != 1:
+                .returning(*s.c)
+            ).first()
+            if row is None:
                 return JobResult(None)
-            resolved = _step_up(connection.execute(select(s).where(s.c.id == step_up_id)).one())
+            resolved = _step_up(row)
             return JobResult(resolved, [event(resolved)], self._changed([resolved]))
 
         return await self._journal.run(job)
@@ -132,13 +133,7 @@ class StepUpRepository:
     async def expire_due(self, now: float) -> list[StepUp]:
         def job(connection: Connection) -> JobResult[list[StepUp]]:
             s = tables.step_ups
-            due = s.c.state.in_(_LIVE) & (s.c.expires_at <= now)
-            expired = [
-                _with_state(_step_up(row), StepUpState.EXPIRED)
-                for row in connection.execute(select(s).where(due))
-            ]
-            if expired:
-                connection.execute(update(s).where(due).values(state=int(StepUpState.EXPIRED)))
+            expired = _expire(connection, s.c.state.in_(_LIVE) & (s.c.expires_at <= now))
             return JobResult(expired, [], self._changed(expired))
 
         return await self._journal.run(job)
@@ -150,8 +145,14 @@ class StepUpRepository:
 def expire_for_sessions(connection: Connection, session_ids: Sequence[str]) -> list[StepUp]:
     """In a revocation's transaction: the sessions' pending and approved step-ups expire."""
     s = tables.step_ups
-    live = s.c.session_id.in_(list(session_ids)) & s.c.state.in_(_LIVE)
-    statement = update(s).where(live).values(state=int(StepUpState.EXPIRED)).returning(*s.c)
+    return _expire(connection, s.c.session_id.in_(list(session_ids)) & s.c.state.in_(_LIVE))
+
+
+def _expire(connection: Connection, which: ColumnElement[bool]) -> list[StepUp]:
+    """Marks the step-ups ``which`` selects EXPIRED in one statement; returns them as changed (a
+    row consumed meanwhile by another replica is not matched, so never announced as expired)."""
+    s = tables.step_ups
+    statement = update(s).where(which).values(state=int(StepUpState.EXPIRED)).returning(*s.c)
     return [_step_up(row) for row in connection.execute(statement)]
 
 
