@@ -107,17 +107,24 @@ async def _housekeeping(
     while True:
         await asyncio.sleep(settings.revocation.prune_interval)
         now = int(clock.now())
+        # Each chore on its own: one failing (the store, say) must not hold back the others;
+        # every one of them retries next time.
         try:
             forgotten = revocations.forget(await repo.expired_serials(pruned_until, now))
             pruned_until = now
             deleted = await repo.prune_history(int(now - settings.revocation.history_retention))
-            await step_ups.expire_due(now)
-            await keys.run(now)
-        except Exception as exc:  # housekeeping outlives a failing store; it retries next time
+            if forgotten or deleted:
+                log.info("pruned %d expired revocations (%d history rows)", forgotten, deleted)
+        except Exception as exc:
             log.warning("pruning revocations failed (will retry): %s", type(exc).__name__)
-            continue
-        if forgotten or deleted:
-            log.info("pruned %d expired revocations (%d history rows)", forgotten, deleted)
+        try:
+            await step_ups.expire_due(now)
+        except Exception as exc:
+            log.warning("expiring step-ups failed (will retry): %s", type(exc).__name__)
+        try:
+            await keys.run(now)
+        except Exception as exc:
+            log.warning("rotating signing keys failed (will retry): %s", type(exc).__name__)
 
 
 async def _signing_keys(

@@ -241,7 +241,7 @@ def _dev_user_token(args: argparse.Namespace) -> int:
         "sub": args.sub,
         "scope": args.scope,
         "iat": now,
-        "auth_time": now - int(parse_duration(args.auth_age)) if args.auth_age != "0s" else now,
+        "auth_time": now - int(parse_duration(args.auth_age)),
         "exp": now + int(parse_duration(args.ttl)),
     }
     if args.acr:

@@ -178,7 +178,9 @@ class AgentIdentityServicer:
                 pop_method=request.pop_method,
                 pop_uri=request.pop_uri,
                 min_revocation_sequence=request.min_revocation_sequence,
-                consistency_wait=self._consistency_wait(context),
+                consistency_wait=(
+                    self._consistency_wait(context) if request.min_revocation_sequence else 0.0
+                ),
             ),
         )
         claims = outcome.claims
@@ -249,7 +251,7 @@ class AgentIdentityServicer:
     async def VerifyAudit(
         self, request: pb.VerifyAuditRequest, context: Context, principal: Principal
     ) -> pb.VerifyAuditResponse:
-        result = await self._auditor.verify(principal, request.from_id, request.to_id)
+        result = await self._auditor.verify(request.from_id, request.to_id)
         return pb.VerifyAuditResponse(
             ok=result.ok,
             verified=result.verified,

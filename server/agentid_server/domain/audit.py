@@ -161,7 +161,7 @@ class Auditor:
             if subscription is not None:
                 self._hub.unsubscribe(subscription)
 
-    async def verify(self, caller: Principal, from_id: int, to_id: int) -> Verification:
+    async def verify(self, from_id: int, to_id: int) -> Verification:
         if to_id and to_id < from_id:
             raise InvalidArgument.field("to_id", "must not be below from_id")
         return await self._store.verify(from_id, to_id)

@@ -7,7 +7,7 @@ precompiled scope matchers. The only await is the audit append, which group-comm
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agentid_server.domain.errors import InvalidArgument
@@ -36,11 +36,11 @@ from agentid_server.domain.stepup import StepUpStore, binding_for
 
 @dataclass(frozen=True, slots=True)
 class CheckInput:
-    token: str
+    token: str = field(repr=False)  # a secret: kept out of any repr that reaches a log
     action: str
     resource: str
     context: Mapping[str, Any] | None = None
-    pop_proof: str = ""
+    pop_proof: str = field(default="", repr=False)
     pop_method: str = ""
     pop_uri: str = ""
     min_revocation_sequence: int = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ulid import ULID
@@ -54,7 +54,7 @@ class DelegateInput:
 @dataclass(frozen=True, slots=True)
 class Delegation:
     session: SessionRecord
-    token: str
+    token: str = field(repr=False)  # a secret: kept out of any repr that reaches a log
 
 
 def new_session_id() -> str:

@@ -104,18 +104,18 @@ class AuditRepository:
 
 
 def record_from_row(row: Any) -> AuditRecord:
-    """From a table row, or from the journal's sealed tuple (same column order)."""
-    values = row if isinstance(row, tuple) else tuple(row)
+    """From a table row, or from the journal's sealed tuple (same column order; the JSON
+    columns are text in both, as hashed)."""
     (record_id, time_us, event_type, session_id, user_id, scopes, agent_id, actor_kind, actor_id,
      action, resource, decision, reason, parent, step_up_id, context, detail, chain_id, prev_hash,
-     digest) = values  # fmt: skip
+     digest) = row  # fmt: skip
     return AuditRecord(
         id=record_id,
         time_us=time_us,
         event_type=EventType(event_type),
         session_id=session_id,
         user_id=user_id,
-        scopes=tuple(json.loads(scopes)) if isinstance(scopes, str) else tuple(scopes or ()),
+        scopes=tuple(json.loads(scopes)),
         agent_id=agent_id,
         actor_kind=ActorKind(actor_kind),
         actor_id=actor_id,
@@ -125,7 +125,7 @@ def record_from_row(row: Any) -> AuditRecord:
         reason=Reason(reason),
         parent_session_id=parent or "",
         step_up_id=step_up_id,
-        context=json.loads(context) if isinstance(context, str) else context,
+        context=json.loads(context) if context is not None else None,
         detail=detail,
         chain_id=chain_id,
         prev_hash=bytes(prev_hash or b""),

@@ -54,14 +54,13 @@ class AgentTokenVerifier:
         self._cache_size = max(1, cache_size)
 
     def verify(self, token: str) -> AgentClaims:
-        claims = self._cache.get(token)
-        if claims is not None:
-            return claims
-        claims = self._verify_signature_and_shape(token)
         cache = self._cache
-        if len(cache) >= self._cache_size:
-            del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
-        cache[token] = claims
+        claims = cache.pop(token, None)
+        if claims is None:
+            claims = self._verify_signature_and_shape(token)
+            if len(cache) >= self._cache_size:
+                del cache[next(iter(cache))]  # least recently used first: dicts keep order
+        cache[token] = claims  # (re)inserted last: the most recently used
         return claims
 
     def _verify_signature_and_shape(self, token: str) -> AgentClaims:

@@ -139,9 +139,6 @@ class IdpVerifier:
         """Loads every JWKS once at start."""
         await asyncio.gather(*(cache.refresh() for cache in self._jwks.values()))
 
-    def is_trusted_issuer(self, issuer: object) -> bool:
-        return isinstance(issuer, str) and issuer in self._idps
-
     async def verify(self, token: str) -> UserPrincipal:
         if len(token) > self._max_token_bytes:
             raise Unauthenticated("the token is too large", reason="TOKEN_TOO_LARGE")

@@ -1,0 +1,35 @@
+"""The verified-token cache: bounded, and the tokens in use stay in it (least recently used go
+first), so a busy token is not verified again while idle ones fill the cache."""
+
+from __future__ import annotations
+
+import pytest
+from agentid_server.domain.ports import TokenRejected
+from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
+from agentid_server.tokens.keys import KeyRing, generate_signing_key
+
+ISSUER = "https://agentid.test"
+
+
+def token(issuer: AgentTokenIssuer, n: int) -> str:
+    return issuer.issue(
+        {
+            "iss": ISSUER, "sub": "alice", "act": {"sub": "bot", "sid": f"ses_{n}"},
+            "scope": "tickets.read", "jti": f"ses_{n}", "sn": n, "iat": 1, "nbf": 1, "exp": 2,
+        }
+    )  # fmt: skip
+
+
+def test_the_least_recently_used_token_leaves_the_cache_first() -> None:
+    ring = KeyRing([generate_signing_key("EdDSA", now=0)], "EdDSA", max_token_ttl=10)
+    issuer = AgentTokenIssuer(ring)
+    a, b, c = (token(issuer, n) for n in (1, 2, 3))
+    verifier = AgentTokenVerifier(ISSUER, ring, cache_size=2)
+    for used in (a, b, a, c):  # a is used again before c arrives: b is the least recently used
+        verifier.verify(used)
+    ring.rotate(generate_signing_key("EdDSA", now=100), now=100)
+    ring.drop_expired(now=1000)  # the key that signed a, b and c is gone: only cached ones pass
+    assert verifier.verify(a).session_id == "ses_1"
+    assert verifier.verify(c).session_id == "ses_3"
+    with pytest.raises(TokenRejected):
+        verifier.verify(b)
