@@ -4,6 +4,7 @@ one-time consumption, WatchStepUps, and the audit records of each."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -447,6 +448,13 @@ async def test_each_step_is_audited(h: Harness) -> None:
         ),
     ]
     assert rows[2][0] == int(allowed.decision_id)
+    with sqlite3.connect(h.tmp_path / "agentid.db") as db:
+        identifiers = db.execute(
+            "SELECT session_id, user_id, scopes FROM audit_records WHERE step_up_id = ?",
+            (pending.id,),
+        ).fetchall()
+    expected = (session.session_id, "alice", ["payments.transfer", "identity.*"])
+    assert [(s, u, json.loads(scopes)) for s, u, scopes in identifiers] == [expected] * 3
 
 
 # -- the human's terminal tool -----------------------------------------------------------------------

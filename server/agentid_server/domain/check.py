@@ -30,7 +30,7 @@ from agentid_server.domain.ports import (
 )
 from agentid_server.domain.revocation import RevocationSet
 from agentid_server.domain.risk import RiskRules
-from agentid_server.domain.scopes import ScopeSyntaxError, validate_action, validate_resource
+from agentid_server.domain.scopes import parse_concrete
 from agentid_server.domain.stepup import StepUpStore, binding_for
 
 
@@ -217,12 +217,4 @@ def check_token_times(claims: AgentClaims, now: float) -> None:
 def _parse_request(request: CheckInput) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if not request.token:
         raise InvalidArgument.field("token", "required")
-    try:
-        action = validate_action(request.action)
-    except ScopeSyntaxError as exc:
-        raise InvalidArgument.field("action", str(exc)) from None
-    try:
-        resource = validate_resource(request.resource)
-    except ScopeSyntaxError as exc:
-        raise InvalidArgument.field("resource", str(exc)) from None
-    return action, resource
+    return parse_concrete(request.action, request.resource)

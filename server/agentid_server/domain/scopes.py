@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from agentid_server.domain.errors import InvalidArgument
+
 MAX_SCOPE_LENGTH = 512
 MAX_SEGMENT_LENGTH = 128
 
@@ -83,6 +85,18 @@ def validate_resource(resource: str) -> tuple[str, ...]:
     if len(resource) > MAX_SCOPE_LENGTH:
         raise ScopeSyntaxError(f"the resource is longer than {MAX_SCOPE_LENGTH} characters")
     return _check_resource_segments(resource, allow_wildcard=False)
+
+
+def parse_concrete(action: str, resource: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A request's concrete action and resource as segments; INVALID_ARGUMENT names the field."""
+    try:
+        action_segments = validate_action(action)
+    except ScopeSyntaxError as exc:
+        raise InvalidArgument.field("action", str(exc)) from None
+    try:
+        return action_segments, validate_resource(resource)
+    except ScopeSyntaxError as exc:
+        raise InvalidArgument.field("resource", str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

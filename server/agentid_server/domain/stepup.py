@@ -37,7 +37,7 @@ from agentid_server.domain.model import (
 )
 from agentid_server.domain.ports import Clock
 from agentid_server.domain.risk import RiskRules
-from agentid_server.domain.scopes import ScopeSyntaxError, validate_action, validate_resource
+from agentid_server.domain.scopes import parse_concrete
 
 STEP_UP_ID = re.compile(r"stp_[0-9A-HJKMNP-TV-Z]{26}")
 MAX_BINDING_MESSAGE = 1024
@@ -78,6 +78,36 @@ class StepUp:
     resolved_at: int | None = None
     risk_rule: str = ""
     comment: str = ""
+    scopes: tuple[str, ...] = ()  # the session's, for the audit records of its steps
+    parent_session_id: str = ""
+
+    def event(
+        self,
+        time: float,
+        event_type: EventType,
+        actor_kind: ActorKind,
+        actor_id: str,
+        detail: str,
+        decision: Decision = Decision.UNSPECIFIED,
+    ) -> AuditEvent:
+        """The audit record of a step in this step-up's life (requested, resolved)."""
+        return AuditEvent(
+            time=time,
+            event_type=event_type,
+            actor_kind=actor_kind,
+            actor_id=actor_id,
+            session_id=self.session_id,
+            user_id=self.user_id,
+            scopes=self.scopes,
+            agent_id=self.agent_id,
+            action=self.action,
+            resource=self.resource,
+            decision=decision,
+            parent_session_id=self.parent_session_id,
+            step_up_id=self.id,
+            context=self.context,
+            detail=detail,
+        )
 
     def seen_at(self, now: float) -> StepUp:
         """As of ``now``: a PENDING or APPROVED step-up past its expiry is EXPIRED."""
@@ -189,14 +219,7 @@ class StepUps:
         binding_message: str,
     ) -> StepUp:
         claims = agent.claims
-        try:
-            action_segments = validate_action(action)
-        except ScopeSyntaxError as exc:
-            raise InvalidArgument.field("action", str(exc)) from None
-        try:
-            resource_segments = validate_resource(resource)
-        except ScopeSyntaxError as exc:
-            raise InvalidArgument.field("resource", str(exc)) from None
+        action_segments, resource_segments = parse_concrete(action, resource)
         if len(binding_message) > MAX_BINDING_MESSAGE:
             raise InvalidArgument.field(
                 "binding_message", f"at most {MAX_BINDING_MESSAGE} characters"
@@ -227,22 +250,11 @@ class StepUps:
             created_at=now,
             expires_at=int(now + self._policy.pending_ttl),
             risk_rule=rule,
-        )
-        event = AuditEvent(
-            time=now,
-            event_type=EventType.STEP_UP_REQUESTED,
-            actor_kind=ActorKind.AGENT,
-            actor_id=claims.session_id,
-            session_id=claims.session_id,
-            user_id=claims.user_id,
             scopes=claims.scopes.texts,
-            agent_id=claims.agent_id,
-            action=action,
-            resource=resource,
             parent_session_id=claims.parent_session_id,
-            step_up_id=candidate.id,
-            context=context,
-            detail=binding_message,
+        )
+        event = candidate.event(
+            now, EventType.STEP_UP_REQUESTED, ActorKind.AGENT, claims.session_id, binding_message
         )
         return await self._store.request(candidate, event, now)
 
@@ -265,20 +277,9 @@ class StepUps:
         state = StepUpState.APPROVED if approve else StepUpState.DENIED
 
         def event(resolved: StepUp) -> AuditEvent:
-            return AuditEvent(
-                time=now,
-                event_type=EventType.STEP_UP_RESOLVED,
-                actor_kind=ActorKind.USER,
-                actor_id=user.user_id,
-                session_id=resolved.session_id,
-                user_id=resolved.user_id,
-                agent_id=resolved.agent_id,
-                action=resolved.action,
-                resource=resolved.resource,
-                decision=Decision.ALLOW if approve else Decision.DENY,
-                step_up_id=resolved.id,
-                context=resolved.context,
-                detail=comment,
+            decision = Decision.ALLOW if approve else Decision.DENY
+            return resolved.event(
+                now, EventType.STEP_UP_RESOLVED, ActorKind.USER, user.user_id, comment, decision
             )
 
         resolved = await self._store.resolve(

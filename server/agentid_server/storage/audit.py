@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Row, Select, and_, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.audit import AuditQuery, AuditRecord, Verification
@@ -14,6 +14,7 @@ from agentid_server.storage import tables
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import AUDIT_COLUMNS
+from agentid_server.storage.repositories import session_subtree
 
 VERIFY_PAGE = 5000
 
@@ -47,18 +48,15 @@ class AuditRepository:
         if query.until_us is not None:
             conditions.append(a.c.time_us < query.until_us)
         statement = select(a).where(*conditions).order_by(a.c.id).limit(query.limit)
-        return [record_from_row(row) for row in await self._read(statement)]
+        return [record_from_row(row) for row in await read_all(self._engine, statement)]
 
     async def subtree(self, session_id: str) -> list[str]:
-        s = tables.sessions
-        tree = select(s.c.id).where(s.c.id == session_id).cte("tree", recursive=True)
-        tree = tree.union_all(select(s.c.id).where(s.c.parent_id == tree.c.id))
-        rows = await self._read(select(tree.c.id))
+        rows = await read_all(self._engine, session_subtree(session_id))
         return [row[0] for row in rows] or [session_id]
 
     async def session_user(self, session_id: str) -> str | None:
         s = tables.sessions
-        rows = await self._read(select(s.c.user_id).where(s.c.id == session_id))
+        rows = await read_all(self._engine, select(s.c.user_id).where(s.c.id == session_id))
         return str(rows[0][0]) if rows else None
 
     async def verify(self, from_id: int, to_id: int) -> Verification:
@@ -72,7 +70,7 @@ class AuditRepository:
             page_query = select(a).where(a.c.id > cursor).order_by(a.c.id).limit(VERIFY_PAGE)
             if to_id:
                 page_query = page_query.where(a.c.id <= to_id)
-            page = await self._read(page_query)
+            page = await read_all(self._engine, page_query)
             for row in page:
                 if row.chain_id not in heads:
                     heads[row.chain_id] = await self._predecessor_hash(row.chain_id, row.id)
@@ -96,11 +94,8 @@ class AuditRepository:
             .order_by(a.c.id.desc())
             .limit(1)
         )
-        rows = await self._read(statement)
+        rows = await read_all(self._engine, statement)
         return bytes(rows[0][0]) if rows else GENESIS
-
-    async def _read(self, statement: Select[Any]) -> list[Row[Any]]:
-        return await read_all(self._engine, statement)
 
 
 def record_from_row(row: Any) -> AuditRecord:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, Select, delete, func, select, update
+from sqlalchemy import ColumnElement, Connection, Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, SessionRecord
@@ -45,14 +45,27 @@ class SessionRepository:
 
 
 def _allocate_serial(connection: Connection) -> JobResult[int]:
+    return JobResult(bump_counter(connection, SESSION_SERIAL))
+
+
+def bump_counter(connection: Connection, name: str, by: int = 1) -> int:
+    """Adds ``by`` to a counter in the job's transaction; its new value."""
     counters = tables.counters
     statement = (
         update(counters)
-        .where(counters.c.name == SESSION_SERIAL)
-        .values(value=counters.c.value + 1)
+        .where(counters.c.name == name)
+        .values(value=counters.c.value + by)
         .returning(counters.c.value)
     )
-    return JobResult(int(connection.execute(statement).scalar_one()))
+    return int(connection.execute(statement).scalar_one())
+
+
+def session_subtree(root: str) -> Select[Any]:
+    """The ids of a session and all its descendants (a recursive CTE, portable SQL)."""
+    s = tables.sessions
+    tree = select(s.c.id).where(s.c.id == root).cte("tree", recursive=True)
+    tree = tree.union_all(select(s.c.id).where(s.c.parent_id == tree.c.id))
+    return select(tree.c.id)
 
 
 class RevocationRepository:
@@ -88,14 +101,8 @@ class RevocationRepository:
             sessions = _live_targets(connection, root_session_id, user_id, int(now))
             if not sessions:
                 return JobResult([])
-            counters = tables.counters
-            last = connection.execute(
-                update(counters)
-                .where(counters.c.name == REVOCATION_SEQUENCE)
-                .values(value=counters.c.value + len(sessions))
-                .returning(counters.c.value)
-            ).scalar_one()
-            first = int(last) - len(sessions) + 1
+            last = bump_counter(connection, REVOCATION_SEQUENCE, len(sessions))
+            first = last - len(sessions) + 1
             revocations = [
                 Revocation(first + i, s.id, s.serial, s.user_id, reason, now, s.expires_at)
                 for i, s in enumerate(sessions)
@@ -126,32 +133,29 @@ class RevocationRepository:
         """Revocations whose token has not expired yet, in sequence order (the bitmap at start)."""
         r = tables.revocations
         statement = select(r).where(r.c.expires_at > now).order_by(r.c.sequence)
-        return [_revocation(row) for row in await self._all(statement)]
+        return [_revocation(row) for row in await read_all(self._engine, statement)]
 
     async def events_after(self, sequence: int, limit: int) -> list[Revocation]:
         r = tables.revocations
         statement = select(r).where(r.c.sequence > sequence).order_by(r.c.sequence).limit(limit)
-        return [_revocation(row) for row in await self._all(statement)]
+        return [_revocation(row) for row in await read_all(self._engine, statement)]
 
     async def oldest_sequence(self) -> int | None:
-        rows = await self._all(select(func.min(tables.revocations.c.sequence)))
+        rows = await read_all(self._engine, select(func.min(tables.revocations.c.sequence)))
         value = rows[0][0] if rows else None
         return None if value is None else int(value)
 
     async def last_sequence(self) -> int:
         c = tables.counters
         statement = select(c.c.value).where(c.c.name == REVOCATION_SEQUENCE)
-        rows = await self._all(statement)
+        rows = await read_all(self._engine, statement)
         return int(rows[0][0])
-
-    async def _all(self, statement: Select[Any]) -> list[Row[Any]]:
-        return await read_all(self._engine, statement)
 
     async def expired_serials(self, after: int, until: int) -> list[int]:
         """Serials of revoked sessions whose token expired in (after, until]."""
         r = tables.revocations
         statement = select(r.c.serial).where(r.c.expires_at > after, r.c.expires_at <= until)
-        return [int(row[0]) for row in await self._all(statement)]
+        return [int(row[0]) for row in await read_all(self._engine, statement)]
 
     async def prune_history(self, expired_before: int) -> int:
         """Deletes revocation rows of tokens that expired before the given time."""
@@ -168,13 +172,9 @@ def _live_targets(
     connection: Connection, root: str | None, user_id: str | None, now: int
 ) -> list[SessionRecord]:
     s = tables.sessions
-    scope: ColumnElement[bool]
-    if root is not None:
-        tree = select(s.c.id).where(s.c.id == root).cte("tree", recursive=True)
-        tree = tree.union_all(select(s.c.id).where(s.c.parent_id == tree.c.id))
-        scope = s.c.id.in_(select(tree.c.id))
-    else:
-        scope = s.c.user_id == user_id
+    scope: ColumnElement[bool] = (
+        s.c.id.in_(session_subtree(root)) if root is not None else s.c.user_id == user_id
+    )
     statement = (
         select(s).where(scope, s.c.revoked_at.is_(None), s.c.expires_at > now).order_by(s.c.serial)
     )

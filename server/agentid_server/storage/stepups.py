@@ -3,11 +3,12 @@ commit together; watchers hear of each change after the commit."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, Select, select, update
+from sqlalchemy import ColumnElement, Connection, Select, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, Decision, Reason
@@ -48,7 +49,7 @@ class StepUpRepository:
 
     async def get(self, step_up_id: str) -> StepUp | None:
         s = tables.step_ups
-        rows = await self._read(select(s).where(s.c.id == step_up_id))
+        rows = await read_all(self._engine, select(s).where(s.c.id == step_up_id))
         return _step_up(rows[0]) if rows else None
 
     async def resolve(
@@ -123,12 +124,12 @@ class StepUpRepository:
             )
             .order_by(s.c.created_at_us)
         )
-        return [_step_up(row) for row in await self._read(statement)]
+        return [_step_up(row) for row in await read_all(self._engine, statement)]
 
     async def for_session(self, session_id: str) -> list[StepUp]:
         s = tables.step_ups
         statement = select(s).where(s.c.session_id == session_id).order_by(s.c.created_at_us)
-        return [_step_up(row) for row in await self._read(statement)]
+        return [_step_up(row) for row in await read_all(self._engine, statement)]
 
     async def expire_due(self, now: float) -> list[StepUp]:
         def job(connection: Connection) -> JobResult[list[StepUp]]:
@@ -137,9 +138,6 @@ class StepUpRepository:
             return JobResult(expired, [], self._changed(expired))
 
         return await self._journal.run(job)
-
-    async def _read(self, statement: Select[Any]) -> list[Row[Any]]:
-        return await read_all(self._engine, statement)
 
 
 def expire_for_sessions(connection: Connection, session_ids: Sequence[str]) -> list[StepUp]:
@@ -191,6 +189,8 @@ def _row(step_up: StepUp) -> dict[str, Any]:
         "created_at_us": int(step_up.created_at * 1_000_000),
         "expires_at": step_up.expires_at,
         "resolved_at": step_up.resolved_at,
+        "scopes": json.dumps(list(step_up.scopes)),
+        "parent_session_id": step_up.parent_session_id,
     }
 
 
@@ -211,6 +211,8 @@ def _step_up(row: Any) -> StepUp:
         resolved_at=row.resolved_at,
         risk_rule=row.risk_rule,
         comment=row.comment,
+        scopes=tuple(json.loads(row.scopes)),
+        parent_session_id=row.parent_session_id,
     )
 
 

@@ -121,6 +121,8 @@ step_ups = Table(
     Column("created_at_us", BigInteger, nullable=False),
     Column("expires_at", BigInteger, nullable=False),
     Column("resolved_at", BigInteger, nullable=True),
+    Column("scopes", Text, nullable=False),  # the session's scopes, JSON text (for the audit)
+    Column("parent_session_id", String(40), nullable=False),
     Index(
         "ix_step_ups_binding", "session_id", "action", "resource", "context_digest", "created_at_us"
     ),
