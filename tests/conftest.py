@@ -3,8 +3,12 @@ gRPC with a real SQLite file, service API keys, and an injectable clock."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -155,6 +159,13 @@ def make_settings(
     return settings_from_mapping(data, str(tmp_path / "agentid.toml"), {})
 
 
+def free_port() -> int:
+    """A loopback port free right now (for a server started in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def bearer(credential: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {credential}"),)
 
@@ -201,11 +212,35 @@ class Harness:
         credential = user_token or self.idp.token()
         return await self.stub.Delegate(pb.DelegateRequest(**fields), metadata=bearer(credential))
 
+    async def sub_delegate(self, parent_token: str, **fields: Any) -> pb.DelegateResponse:
+        """An agent (its token given) delegating to a sub-agent; sub-bot reading tickets unless
+        the fields say otherwise."""
+        fields.setdefault("agent_id", "sub-bot")
+        fields.setdefault("scopes", ["tickets.read"])
+        request = pb.DelegateRequest(**fields)
+        return await self.stub.Delegate(request, metadata=bearer(parent_token))
+
     async def check(
         self, token: str, action: str, resource: str = "", key: str = CHECK_KEY, **fields: Any
     ) -> pb.CheckResponse:
         request = pb.CheckRequest(token=token, action=action, resource=resource, **fields)
         return await self.stub.Check(request, metadata=bearer(key))
+
+
+async def agentid_cli(
+    h: Harness, command: str, credential: str, *args: str
+) -> tuple[int, str, str]:
+    """`agentid <command> --target <h> <args>` in a subprocess, the credential in $AGENTID_TOKEN
+    (never on a command line); its exit code, stdout and stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentid_server", command, "--target", f"127.0.0.1:{h.running.port}",
+        *args, env={**env, "AGENTID_TOKEN": credential},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture

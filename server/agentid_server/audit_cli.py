@@ -4,19 +4,16 @@ did this user authorise" (--user U --authorised), verification and JSON Lines ex
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import datetime
 import json
-import os
-import sys
 from typing import Any
 
 from agentid.v1 import agentid_pb2 as pb
-from agentid_client import AgentIdClient, AgentIdError
+from agentid_client import AgentIdClient
 from google.protobuf import json_format, timestamp_pb2
 
-TOKEN_ENV = "AGENTID_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+from agentid_server.client_cli import TOKEN_ENV, add_connection_arguments, run_with_credential
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,8 +23,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=f"The credential (a service API key with role audit, or your IdP token) "
         f"comes from --token or ${TOKEN_ENV}.",
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of agentid")
-    parser.add_argument("--token", default=None, help=f"credential (default: ${TOKEN_ENV})")
+    add_connection_arguments(parser, "the credential")
     parser.add_argument("--session", default="", help="what did this agent session do")
     parser.add_argument("--descendants", action="store_true", help="... and its sub-agents")
     parser.add_argument("--user", default="", help="records on behalf of this user")
@@ -48,20 +44,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get(TOKEN_ENV, "")
-    if not token:
-        print(f"agentid audit: give a credential with --token or ${TOKEN_ENV}", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(_run(args, token))
-    except AgentIdError as error:
-        print(f"agentid audit: {error.code.name} {error.reason}: {error.message}", file=sys.stderr)
-        return 1
-    except ValueError as error:
-        print(f"agentid audit: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_with_credential("audit", args, lambda token: _run(args, token))
 
 
 async def _run(args: argparse.Namespace, token: str) -> int:

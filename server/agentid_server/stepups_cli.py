@@ -4,15 +4,12 @@ with their IdP token (for trying agentid out, and for operators)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
-import os
-import sys
 
 from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdClient, AgentIdError
 
-TOKEN_ENV = "AGENTID_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+from agentid_server.client_cli import TOKEN_ENV, add_connection_arguments, run_with_credential
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,8 +18,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="list, watch, approve or deny step-ups with your IdP token",
         description=f"Your IdP token comes from --token or the environment variable {TOKEN_ENV}.",
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of agentid")
-    parser.add_argument("--token", default=None, help=f"your IdP token (default: ${TOKEN_ENV})")
+    add_connection_arguments(parser, "your IdP token")
     actions = parser.add_subparsers(dest="step_up_command", required=True)
     actions.add_parser("list", help="your pending step-ups")
     actions.add_parser("watch", help="your pending step-ups, then every change as it happens")
@@ -34,19 +30,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get(TOKEN_ENV, "")
-    if not token:
-        print(
-            f"agentid step-ups: give your IdP token with --token or ${TOKEN_ENV}", file=sys.stderr
-        )
-        return 2
-    try:
-        return asyncio.run(_run(args, token))
-    except AgentIdError as error:
-        print(f"agentid step-ups: {_explain(error)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_with_credential("step-ups", args, lambda token: _run(args, token), _explain)
 
 
 async def _run(args: argparse.Namespace, token: str) -> int:

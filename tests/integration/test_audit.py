@@ -20,6 +20,7 @@ from tests.conftest import (
     FakeClock,
     Harness,
     IdpFixture,
+    agentid_cli,
     bearer,
     error_info,
     running_harness,
@@ -37,9 +38,7 @@ async def scenario(h: Harness) -> dict[str, Any]:
     too; alice revokes the child."""
     alice = h.idp.token()
     root = await h.delegate(alice, scopes=["tickets.*", "agentid.delegate"], task="root task")
-    child = await h.stub.Delegate(
-        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]), metadata=bearer(root.token)
-    )
+    child = await h.sub_delegate(root.token)
     for token, action, resource in (
         (root.token, "tickets.read", "t/1"),
         (child.token, "tickets.read", "t/2"),
@@ -219,17 +218,7 @@ async def test_the_chain_continues_across_a_restart(
 
 
 async def cli(h: Harness, credential: str, *args: str) -> tuple[int, str, str]:
-    import os
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentid_server", "audit", "--target", f"127.0.0.1:{h.running.port}",
-        "--token", credential, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await agentid_cli(h, "audit", credential, *args)
 
 
 def rechain(line: dict[str, Any]) -> str:

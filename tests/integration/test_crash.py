@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,13 +15,9 @@ import grpc
 from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
 
+from tests.conftest import free_port
+
 AGENTID = [sys.executable, "-m", "agentid_server"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

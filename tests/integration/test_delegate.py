@@ -145,9 +145,8 @@ async def test_sub_agent_nests_act_and_narrows(harness: Harness) -> None:
     parent = await harness.delegate(
         scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=600)
     )
-    child = await harness.stub.Delegate(
-        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"], ttl=Duration(seconds=3600)),
-        metadata=bearer(parent.token),
+    child = await harness.sub_delegate(
+        parent.token, scopes=["tickets.read"], ttl=Duration(seconds=3600)
     )
     assert child.parent_session_id == parent.session_id
     assert child.user_id == "alice"
@@ -168,10 +167,7 @@ async def test_sub_agent_nests_act_and_narrows(harness: Harness) -> None:
 async def test_sub_agent_cannot_widen(harness: Harness) -> None:
     parent = await harness.delegate(scopes=["tickets.read", "agentid.delegate"])
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.stub.Delegate(
-            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.comment.add"]),
-            metadata=bearer(parent.token),
-        )
+        await harness.sub_delegate(parent.token, scopes=["tickets.comment.add"])
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "SCOPE_ESCALATION"
 
@@ -179,10 +175,7 @@ async def test_sub_agent_cannot_widen(harness: Harness) -> None:
 async def test_agent_without_delegate_scope_cannot_sub_delegate(harness: Harness) -> None:
     parent = await harness.delegate(scopes=["tickets.*"])
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.stub.Delegate(
-            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
-            metadata=bearer(parent.token),
-        )
+        await harness.sub_delegate(parent.token)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "DELEGATION_NOT_GRANTED"
 
@@ -191,17 +184,11 @@ async def test_sub_agent_audiences_stay_within_the_parent(harness: Harness) -> N
     parent = await harness.delegate(
         scopes=["tickets.*", "agentid.delegate"], audiences=["payments-api"]
     )
-    inherited = await harness.stub.Delegate(
-        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
-        metadata=bearer(parent.token),
-    )
+    inherited = await harness.sub_delegate(parent.token)
     inherited_check = await harness.check(inherited.token, "tickets.read", key=CHECK_KEY)
     assert inherited_check.decision == pb.DECISION_ALLOW  # payments-api: the parent's audience
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.stub.Delegate(
-            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"], audiences=["crm"]),
-            metadata=bearer(parent.token),
-        )
+        await harness.sub_delegate(parent.token, scopes=["tickets.read"], audiences=["crm"])
     assert error_info(caught.value).reason == "AUDIENCE_ESCALATION"
 
 
@@ -211,10 +198,7 @@ async def test_expired_parent_cannot_delegate(harness: Harness) -> None:
     )
     harness.clock.advance(61)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.stub.Delegate(
-            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
-            metadata=bearer(parent.token),
-        )
+        await harness.sub_delegate(parent.token)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_info(caught.value).reason == "TOKEN_EXPIRED"
 

@@ -38,7 +38,7 @@ async def sub_delegate(
 ) -> pb.DelegateResponse:
     fields.setdefault("agent_id", "support-bot")
     fields.setdefault("scopes", ["tickets.read", "agentid.delegate"])
-    return await h.stub.Delegate(pb.DelegateRequest(**fields), metadata=bearer(parent.token))
+    return await h.sub_delegate(parent.token, **fields)
 
 
 async def family(

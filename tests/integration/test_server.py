@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from tests.conftest import (
     Harness,
     IdpFixture,
     bearer,
+    free_port,
     make_settings,
     running_harness,
     start_harness,
@@ -201,12 +201,6 @@ def test_a_bad_config_stops_the_start_naming_file_and_key(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert f"{config}: tokens.default_ttl:" in result.stderr
     assert "duration" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])

@@ -20,6 +20,7 @@ from tests.conftest import (
     FakeClock,
     Harness,
     IdpFixture,
+    agentid_cli,
     bad_request,
     bearer,
     error_info,
@@ -460,18 +461,8 @@ async def test_each_step_is_audited(h: Harness) -> None:
 # -- the human's terminal tool -----------------------------------------------------------------------
 
 
-async def cli(h: Harness, token: str, *args: str) -> tuple[int, str, str]:
-    import os
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentid_server", "step-ups", "--target", f"127.0.0.1:{h.running.port}",
-        "--token", token, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+async def cli(h: Harness, credential: str, *args: str) -> tuple[int, str, str]:
+    return await agentid_cli(h, "step-ups", credential, *args)
 
 
 async def test_the_step_ups_command(h: Harness) -> None:

@@ -279,10 +279,7 @@ async def test_forged_agent_tokens_are_refused_as_credentials(harness: Harness) 
     }
     for name, forged in forgeries.items():
         for call in (
-            harness.stub.Delegate(
-                pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
-                metadata=bearer(forged),
-            ),
+            harness.sub_delegate(forged),
             harness.stub.Revoke(
                 pb.RevokeRequest(session_id=parent.session_id), metadata=bearer(forged)
             ),
@@ -293,10 +290,7 @@ async def test_forged_agent_tokens_are_refused_as_credentials(harness: Harness) 
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
             assert error_info(caught.value).reason == "SIGNATURE_INVALID", name
     # The genuine token still acts, and nothing was revoked by the forgeries.
-    child = await harness.stub.Delegate(
-        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
-        metadata=bearer(parent.token),
-    )
+    child = await harness.sub_delegate(parent.token)
     assert child.parent_session_id == parent.session_id
 
 

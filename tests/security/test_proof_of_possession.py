@@ -104,23 +104,17 @@ async def test_a_sub_agent_of_a_bound_session_stays_bound_to_the_same_key(
     is unbound or bound to the thief's key."""
     from agentid_server.tokens.agent_tokens import json_object
 
-    from tests.conftest import bearer, error_info
+    from tests.conftest import error_info
 
     jkt = thumbprint(public_jwk(agent_key.public_key()))
     parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], jkt=jkt)
-    child = await harness.stub.Delegate(
-        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
-        metadata=bearer(parent.token),
-    )
+    child = await harness.sub_delegate(parent.token)
     claims = json_object(child.token.split(".")[1])
     assert claims is not None
     assert claims["cnf"] == {"jkt": jkt}  # inherited
     assert (await harness.check(child.token, "tickets.read")).decision == pb.DECISION_DENY
     thief = thumbprint(public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.stub.Delegate(
-            pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"], jkt=thief),
-            metadata=bearer(parent.token),
-        )
+        await harness.sub_delegate(parent.token, scopes=["tickets.read"], jkt=thief)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "KEY_BINDING_ESCALATION"
