@@ -5,7 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 GEN := gen/python
-PROTO_FILES := $(shell find protos -name '*.proto' 2>/dev/null)
 DEV_CONFIG := var/dev/agentid.toml
 
 .PHONY: run test install proto proto-check lint typecheck unit bench clean

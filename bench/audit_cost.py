@@ -3,72 +3,65 @@ chain, on disk before the answer) against the same warm Check in a benchmark bui
 journal's append answers at once without writing, and grpc.health.v1 Check as the baseline, all
 from ghz at 64 in flight against servers of one run, rounds interleaved.
 
-The benchmark build is this file's `--serve-without-audit` mode: it starts the real server after
-replacing Journal.append with a counter. It exists only here, never in the service.
+The two servers are bench/check_cost's `durable` and `no_audit` builds (the latter replaces
+Journal.append with a counter, in the benchmark's process only); check_cost measures the same pair
+at a fixed rate, this one at saturation. A round runs the two in alternating order.
 
-usage: bench/audit_cost [--rounds 3] [--seconds 3]
+usage: bench/audit_cost [--rounds 3] [--seconds 3] [--commit REV]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import harness as H
 
-ROOT = Path(__file__).resolve().parent.parent
+CHECK_COST = Path(__file__).resolve().parent / "check_cost.py"  # where the two builds live
 
 
-def serve_without_audit(config: str) -> int:
-    from agentid_server.cli import main
-    from agentid_server.storage.journal import Journal
-
-    numbers = itertools.count(1)
-
-    async def append(self: Journal, event: Any, *, new_session: Any = None) -> int:
-        return next(numbers)
-
-    Journal.append = append  # type: ignore[method-assign]
-    return int(main(["serve", "--config", config]))
-
-
-def measure(rounds: int, seconds: float) -> dict[str, Any]:
+def measure(rounds: int, seconds: float, commit: str | None) -> dict[str, Any]:
     ghz = H.ensure_ghz()
-    python = ROOT / ".venv" / "bin" / "python"
+    python = H.MAIN_VENV / "bin" / "python"
     results: dict[str, list[dict[str, float]]] = {"durable": [], "no_audit": []}
     with H.temporary_directory("agentid-audit-cost-") as folder:
+        source = H.export_commit(commit, folder / "src") if commit else None
         protoset = folder / "agentid.protoset"
         H.write_protoset(protoset)
+        health = folder / "health.json"
+        health.write_text(json.dumps({"service": ""}))
         for round_number in range(rounds):
-            for variant in ("durable", "no_audit"):
+            order = ("durable", "no_audit") if round_number % 2 == 0 else ("no_audit", "durable")
+            for variant in order:
                 deployment = H.create_deployment(
                     folder / f"{variant}-{round_number}", token_cache_size=1000
                 )
-                argv = (
-                    [str(python), str(Path(__file__).resolve()), "--serve-without-audit",
-                     str(deployment.config)]
-                    if variant == "no_audit"
-                    else H.serve_argv(ROOT / ".venv", deployment.config)
-                )  # fmt: skip
+                argv = [str(python), str(CHECK_COST), "--serve", variant, str(deployment.config)]
                 log = folder / f"{variant}-{round_number}.log"
-                with H.running_server(argv, log) as server:
+                with H.running_server(argv, log, source) as server:
                     tokens = H.delegate_tokens(server.port, deployment.user_token(), 1)
-                    check = folder / "check.json"
+                    check = folder / f"check-{variant}-{round_number}.json"
                     check.write_text(json.dumps(H.check_messages(tokens)))
-                    health = folder / "health.json"
-                    health.write_text(json.dumps({"service": ""}))
                     load = H.Ghz(ghz, server.port, deployment.metadata_file, protoset, cpus=1)
-                    load.run("warm-up", CHECK, check, concurrency=64, seconds=1)
+                    load.run("warm-up", H.CHECK_METHOD, check, concurrency=64, seconds=1)
                     h = load.run(
-                        "health", HEALTH, health, concurrency=64, seconds=seconds, server=server
+                        "health",
+                        H.HEALTH_METHOD,
+                        health,
+                        concurrency=64,
+                        seconds=seconds,
+                        server=server,
                     )
                     w = load.run(
-                        "check", CHECK, check, concurrency=64, seconds=seconds, server=server
+                        "check",
+                        H.CHECK_METHOD,
+                        check,
+                        concurrency=64,
+                        seconds=seconds,
+                        server=server,
                     )
                     results[variant].append(
                         {
@@ -90,27 +83,38 @@ def measure(rounds: int, seconds: float) -> dict[str, Any]:
         durable["check_vs_health"] / free["check_vs_health"], 3
     )
     summary["audit_cpu_us_per_check"] = round(durable["check_cpu_us"] - free["check_cpu_us"], 1)
+    summary["rounds"] = results
     return summary
 
 
-CHECK = "agentid.v1.AgentIdentityService.Check"
-HEALTH = "grpc.health.v1.Health.Check"
+def print_summary(report: dict[str, Any]) -> None:
+    for variant in ("durable", "no_audit"):
+        row = report[variant]
+        print(
+            f"{variant:9s} health {row['health_rps']:7.0f}/s  check {row['check_rps']:7.0f}/s  "
+            f"check/health {row['check_vs_health']:.2f}  check CPU {row['check_cpu_us']:.0f} µs"
+        )
+    print(
+        f"durable / no_audit check calls/s: {report['durable_vs_no_audit_check_rps']:.2f}; "
+        f"the audit costs {report['audit_cpu_us_per_check']:.0f} µs of server CPU per Check"
+    )
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--serve-without-audit":
-        return serve_without_audit(sys.argv[2])
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/out/audit_cost.json")
-    parser.add_argument("--commit", help="ignored: this benchmark measures the work tree")
+    parser.add_argument("--out", type=Path, default=H.OUT / "audit_cost.json")
+    parser.add_argument("--commit", help="measure this revision's server/ (git archive)")
     args = parser.parse_args()
-    summary = measure(args.rounds, args.seconds)
-    print(json.dumps(summary, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "audit_cost", **summary}, indent=2))
-    return 0
+    H.exit_on_signals()
+    report = {
+        "benchmark": "audit_cost",
+        "code": H.code_under_test(args.commit),
+        "machine": H.machine_info(),
+        **measure(args.rounds, args.seconds, args.commit),
+    }
+    return H.finish(report, args.out, print_summary)
 
 
 if __name__ == "__main__":

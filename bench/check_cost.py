@@ -15,13 +15,17 @@ The builds are this file's `--serve BUILD CONFIG` mode; they exist only here, ne
   only the SQLite insert and commit left out;
 * durable: the service as shipped.
 
-usage: bench/check_cost [--rounds 6] [--seconds 2] [--rate 1200]
+The builds patch the service's internals as they are in this file's revision; `--commit` runs
+them against another revision's server/, which works as long as those internals are unchanged.
+
+usage: bench/check_cost [--rounds 6] [--seconds 2] [--rate 1200] [--commit REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import statistics
@@ -31,10 +35,7 @@ from typing import Any
 
 import harness as H
 
-ROOT = Path(__file__).resolve().parent.parent
 BUILDS = ("bare", "authenticated", "no_audit", "no_store", "durable")
-CHECK = "agentid.v1.AgentIdentityService.Check"
-HEALTH = "grpc.health.v1.Health.Check"
 
 
 def serve(build: str, config: str) -> int:
@@ -44,6 +45,7 @@ def serve(build: str, config: str) -> int:
     from agentid_server.api import handlers, servicer
     from agentid_server.cli import main
     from agentid_server.storage import journal
+    from agentid_server.storage.audit_chain import GENESIS
 
     async def empty_check(*_args: Any) -> pb.CheckResponse:
         return pb.CheckResponse()
@@ -75,7 +77,7 @@ def serve(build: str, config: str) -> int:
             if any(item.job is not None or item.session is not None for item in batch):
                 return original_write(self, batch)  # Delegate's session must exist
             if self._next_id is None:
-                self._next_id, self._chain_head = 1 << 40, journal.GENESIS
+                self._next_id, self._chain_head = 1 << 40, GENESIS
             sealed = self._seal([journal.audit_row(item.event) for item in batch])
             return [journal._Outcome(value=row[0], ids=[row[0]]) for row in sealed]
 
@@ -85,11 +87,12 @@ def serve(build: str, config: str) -> int:
     return int(main(["serve", "--config", config]))
 
 
-def measure(rounds: int, seconds: float, rate: int) -> dict[str, Any]:
+def measure(rounds: int, seconds: float, rate: int, commit: str | None) -> dict[str, Any]:
     ghz = H.ensure_ghz()
-    python = ROOT / ".venv" / "bin" / "python"
+    python = H.MAIN_VENV / "bin" / "python"
     samples: dict[str, list[tuple[float, float]]] = {build: [] for build in BUILDS}
     with H.temporary_directory("agentid-check-cost-") as folder, contextlib.ExitStack() as stack:
+        source = H.export_commit(commit, folder / "src") if commit else None
         protoset = folder / "agentid.protoset"
         H.write_protoset(protoset)
         health = folder / "health.json"
@@ -99,25 +102,22 @@ def measure(rounds: int, seconds: float, rate: int) -> dict[str, Any]:
             deployment = H.create_deployment(folder / build, token_cache_size=1000)
             argv = [str(python), str(Path(__file__).resolve()), "--serve", build,
                     str(deployment.config)]  # fmt: skip
-            server = stack.enter_context(H.running_server(argv, folder / f"{build}.log"))
+            server = stack.enter_context(H.running_server(argv, folder / f"{build}.log", source))
             tokens = H.delegate_tokens(server.port, deployment.user_token(), 1)
             check = folder / f"{build}-check.json"
             check.write_text(json.dumps(H.check_messages(tokens)))
             load = H.Ghz(ghz, server.port, deployment.metadata_file, protoset, cpus=1)
-            load.run("warm-up", CHECK, check, concurrency=32, seconds=1, rps=rate)
+            load.run("warm-up", H.CHECK_METHOD, check, concurrency=32, seconds=1, rps=rate)
             servers[build] = (server, load, check)
         for round_number in range(rounds):
             order = BUILDS if round_number % 2 == 0 else BUILDS[::-1]
             for build in order:
                 server, load, check = servers[build]
-                h = load.run(
-                    "health", HEALTH, health, concurrency=32, seconds=seconds, server=server,
-                    rps=rate,
-                )  # fmt: skip
-                c = load.run(
-                    "check", CHECK, check, concurrency=32, seconds=seconds, server=server,
-                    rps=rate,
-                )  # fmt: skip
+                run = functools.partial(
+                    load.run, concurrency=32, seconds=seconds, server=server, rps=rate
+                )
+                h = run("health", H.HEALTH_METHOD, health)
+                c = run("check", H.CHECK_METHOD, check)
                 samples[build].append((h.server_cpu_us_per_call, c.server_cpu_us_per_call))
             H.log(f"round {round_number + 1}/{rounds} done")
     summary: dict[str, Any] = {}
@@ -127,6 +127,7 @@ def measure(rounds: int, seconds: float, rate: int) -> dict[str, Any]:
             "check_cpu_us": round(statistics.median(c for _, c in pairs), 1),
             "check_minus_health_us": round(statistics.median(c - h for h, c in pairs), 1),
             "health_over_check_cpu": round(statistics.median(h / c for h, c in pairs), 3),
+            "rounds": [{"health_cpu_us": h, "check_cpu_us": c} for h, c in pairs],
         }
     return summary
 
@@ -149,8 +150,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rate", type=int, default=1200, help="calls per second, both kinds")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/out/check_cost.json")
-    parser.add_argument("--commit", help="ignored: this benchmark measures the work tree")
+    parser.add_argument("--out", type=Path, default=H.OUT / "check_cost.json")
+    parser.add_argument("--commit", help="measure this revision's server/ (git archive)")
     args = parser.parse_args()
     H.exit_on_signals()
     report = {
@@ -158,8 +159,9 @@ def main() -> int:
         "rate": args.rate,
         "rounds": args.rounds,
         "seconds": args.seconds,
+        "code": H.code_under_test(args.commit),
         "machine": H.machine_info(),
-        "builds": measure(args.rounds, args.seconds, args.rate),
+        "builds": measure(args.rounds, args.seconds, args.rate, args.commit),
     }
     return H.finish(report, args.out, print_summary)
 

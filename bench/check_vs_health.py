@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,16 +35,6 @@ def _bar(name: str, value: float) -> dict[str, Any]:
     op, limit = BARS[name]
     met = value >= limit if op == ">=" else value <= limit
     return {"ratio": round(value, 3), "bar": f"{op} {limit}", "met": met}
-
-
-def _round_ratio(
-    rounds: dict[str, list[LoadResult]], numerator: str, denominator: str, figure: str
-) -> float:
-    """The median over rounds of numerator/denominator, each pair measured in the same round
-    (seconds apart), so slow drift of a shared machine cancels out."""
-    pairs = zip(rounds[numerator], rounds[denominator], strict=True)
-    values = [float(getattr(a, figure)) / float(getattr(b, figure)) for a, b in pairs]
-    return statistics.median(values)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,8 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             files: dict[str, Path] = {}
             for name, (_, messages) in data.items():
                 files[name] = directory / f"{name}.json"
-                files[name].write_text(json.dumps(messages))
-                files[name].chmod(0o600)
+                harness.write_private(files[name], json.dumps(messages))
             protoset = directory / "agentid.protoset"
             harness.write_protoset(protoset)
             ghz = harness.Ghz(
@@ -101,30 +89,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for name in order:
                         result = measure(name, concurrency, seconds)
                         raw[str(concurrency)].setdefault(name, []).append(result)
-        server_log = (directory / "server.log").read_text(errors="replace")
-        if "Traceback" in server_log or " ERROR " in server_log:
-            log("the server logged errors during the run:\n" + server_log[-3000:])
+        harness.check_server_log(directory / "server.log")
 
     at64 = {name: harness.median_result(results) for name, results in raw["64"].items()}
     at1 = {name: harness.median_result(results) for name, results in raw["1"].items()}
     ratios = {
         "warm_vs_health_rps": _bar(
-            "warm_vs_health_rps", _round_ratio(raw["64"], "warm", "health", "rps")
+            "warm_vs_health_rps", harness.round_ratio(raw["64"]["warm"], raw["64"]["health"], "rps")
         ),
         "cold_vs_health_rps": _bar(
-            "cold_vs_health_rps", _round_ratio(raw["64"], "cold", "health", "rps")
+            "cold_vs_health_rps", harness.round_ratio(raw["64"]["cold"], raw["64"]["health"], "rps")
         ),
         "check_vs_health_p50_1_in_flight": _bar(
-            "check_vs_health_p50_1_in_flight", _round_ratio(raw["1"], "warm", "health", "p50_ms")
+            "check_vs_health_p50_1_in_flight",
+            harness.round_ratio(raw["1"]["warm"], raw["1"]["health"], "p50_ms"),
         ),
         "cold_check_vs_health_p50_1_in_flight": round(
-            _round_ratio(raw["1"], "cold", "health", "p50_ms"), 3
+            harness.round_ratio(raw["1"]["cold"], raw["1"]["health"], "p50_ms"), 3
         ),
         "health_vs_warm_server_cpu_per_call": round(
-            _round_ratio(raw["64"], "health", "warm", "server_cpu_us_per_call"), 3
+            harness.round_ratio(raw["64"]["health"], raw["64"]["warm"], "server_cpu_us_per_call"), 3
         ),
         "health_vs_cold_server_cpu_per_call": round(
-            _round_ratio(raw["64"], "health", "cold", "server_cpu_us_per_call"), 3
+            harness.round_ratio(raw["64"]["health"], raw["64"]["cold"], "server_cpu_us_per_call"), 3
         ),
     }
     return {

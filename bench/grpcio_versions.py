@@ -15,7 +15,6 @@ import hashlib
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -97,10 +96,8 @@ def measure_variant(
             protoset = directory / "agentid.protoset"
             harness.write_protoset(protoset)
             files = {"health": directory / "health.json", "warm": directory / "warm.json"}
-            files["health"].write_text(json.dumps([{"service": ""}]))
-            files["warm"].write_text(json.dumps(harness.check_messages([token])))
-            for path in files.values():
-                path.chmod(0o600)
+            harness.write_private(files["health"], json.dumps([{"service": ""}]))
+            harness.write_private(files["warm"], json.dumps(harness.check_messages([token])))
             ghz = harness.Ghz(
                 ghz_binary, server.port, deployment.metadata_file, protoset, cpus=args.ghz_cpus
             )
@@ -142,10 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "health": health,
             "warm": warm,
             "warm_vs_health_rps": round(
-                statistics.median(
-                    w.rps / h.rps for w, h in zip(by_kind["warm"], by_kind["health"], strict=True)
-                ),
-                3,
+                harness.round_ratio(by_kind["warm"], by_kind["health"], "rps"), 3
             ),
         }
     baseline = summary[f"grpcio {args.versions[0]} + asyncio"]

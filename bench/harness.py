@@ -69,7 +69,7 @@ def exit_on_signals() -> None:
 # -- a throwaway deployment ------------------------------------------------------------------------
 
 
-def _write_private(path: Path, data: str) -> None:
+def write_private(path: Path, data: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(data)
@@ -112,7 +112,7 @@ def create_deployment(
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     directory.mkdir(parents=True, exist_ok=True)
-    _write_private(directory / "kek", base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+    write_private(directory / "kek", base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
     idp_key = ed25519.Ed25519PrivateKey.generate()
     pem = idp_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -161,7 +161,7 @@ max_ttl = "60m"
 """
     )
     metadata_file = directory / "ghz-metadata.json"
-    _write_private(metadata_file, json.dumps({"authorization": f"Bearer {api_key}"}))
+    write_private(metadata_file, json.dumps({"authorization": f"Bearer {api_key}"}))
     return Deployment(directory, config, metadata_file, api_key, pem)
 
 
@@ -498,6 +498,24 @@ class Ghz:
             p99_ms=round(percentiles.get(99, float("nan")), 3),
             server_cpu_s=round(cpu_after - cpu_before, 3),
         )
+
+
+def round_ratio(
+    numerators: Sequence[LoadResult], denominators: Sequence[LoadResult], figure: str
+) -> float:
+    """The median over rounds of numerator/denominator of ``figure``, each pair measured in the
+    same round (seconds apart), so slow drift of a shared machine cancels out."""
+    pairs = zip(numerators, denominators, strict=True)
+    return statistics.median(
+        float(getattr(a, figure)) / float(getattr(b, figure)) for a, b in pairs
+    )
+
+
+def check_server_log(path: Path, name: str = "") -> None:
+    """Says so when a benchmark's server logged errors: its figures may not mean much."""
+    text = path.read_text(errors="replace")
+    if "Traceback" in text or " ERROR " in text:
+        log(f"the {name or 'agentid'} server logged errors during the run:\n" + text[-3000:])
 
 
 def median_result(results: Sequence[LoadResult]) -> dict[str, Any]:

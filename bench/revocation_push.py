@@ -462,12 +462,6 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task.name), cpus)
 
 
-def check_server_log(path: Path, name: str) -> None:
-    text = path.read_text(errors="replace")
-    if "Traceback" in text or " ERROR " in text:
-        log(f"the {name} server logged errors during the run:\n" + text[-3000:])
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = harness.machine_info()
     code = harness.code_under_test(args.commit)
@@ -507,8 +501,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 blocks = asyncio.run(measure_all(targets, session_ids, args))
             finally:
                 gc.enable()
-        check_server_log(directory / "agentid.log", "agentid")
-        check_server_log(directory / "baseline.log", "baseline")
+        harness.check_server_log(directory / "agentid.log", "agentid")
+        harness.check_server_log(directory / "baseline.log", "baseline")
 
     by_watchers: dict[str, Any] = {}
     for watchers, kinds in blocks.items():
