@@ -205,15 +205,18 @@ class Journal:
         if self._stopping:
             return
         self._stopping = True
-        for task in (self._probe, self._watchdog):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._task is not None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self._task is not None:  # the watchdog still answers writes stuck in the last batches
             self._wake()
             await self._task
             self._task = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         if self._executor is not None:
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._close_connections
