@@ -26,6 +26,7 @@ from agentid_server.tokens.callers import api_key_digest
 from agentid_server.tokens.jwk import b64url
 from agentid_server.tokens.keys import new_kek
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -39,7 +40,7 @@ WATCH_KEY = "test-watch-key-0123456789"
 OTHER_AUDIENCE_KEY = "test-other-audience-key-0123456789"
 
 
-def _int_b64(value: int) -> str:
+def int_b64(value: int) -> str:
     return b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
 
 
@@ -67,7 +68,7 @@ class IdpFixture:
         ed_raw = self.ed_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         return {
             "keys": [
-                {"kty": "RSA", "kid": "rsa-1", "use": "sig", "n": _int_b64(rsa_numbers.n), "e": _int_b64(rsa_numbers.e)},
+                {"kty": "RSA", "kid": "rsa-1", "use": "sig", "n": int_b64(rsa_numbers.n), "e": int_b64(rsa_numbers.e)},
                 {
                     "kty": "EC", "kid": "ec-1", "crv": "P-256", "alg": "ES256",
                     "x": b64url(ec_numbers.x.to_bytes(32, "big")), "y": b64url(ec_numbers.y.to_bytes(32, "big")),
@@ -157,6 +158,13 @@ def make_settings(
     if mutate:
         mutate(data)
     return settings_from_mapping(data, str(tmp_path / "agentid.toml"), {})
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    """A google.protobuf.Struct (a Check's or StepUp's context) from a dict."""
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
 
 
 def free_port() -> int:
@@ -263,11 +271,31 @@ async def start_harness(
     )
 
 
+Mutator = Callable[[dict[str, Any]], None]
+
+
+def with_config(**sections: dict[str, Any]) -> Mutator:
+    """A config change setting whole sections, e.g. ``with_config(revocation={...})``."""
+
+    def mutate(config: dict[str, Any]) -> None:
+        config.update(sections)
+
+    return mutate
+
+
 @contextlib.asynccontextmanager
 async def running_harness(
-    tmp_path: Path, idp: IdpFixture, clock: FakeClock, settings: Settings | None = None
+    tmp_path: Path,
+    idp: IdpFixture,
+    clock: FakeClock,
+    settings: Settings | None = None,
+    *,
+    mutate: Mutator | None = None,
 ) -> AsyncIterator[Harness]:
-    """A started harness, closed and stopped on the way out."""
+    """A started harness (the test config, changed by ``mutate``), closed and stopped on the
+    way out."""
+    if mutate is not None:
+        settings = make_settings(tmp_path, idp, mutate)
     h = await start_harness(tmp_path, idp, clock, settings)
     try:
         yield h

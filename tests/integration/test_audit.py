@@ -25,6 +25,7 @@ from tests.conftest import (
     error_info,
     running_harness,
     start_harness,
+    with_config,
 )
 
 
@@ -294,13 +295,9 @@ async def test_the_audit_command(harness: Harness) -> None:
 async def test_a_slow_follower_is_ended_and_resumes_by_cursor(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
-    from tests.conftest import make_settings
-
-    def small_buffer(config: dict[str, Any]) -> None:
-        config["revocation"] = {"watch_buffer": 2}
 
     async with running_harness(
-        tmp_path, idp, clock, make_settings(tmp_path, idp, small_buffer)
+        tmp_path, idp, clock, mutate=with_config(revocation={"watch_buffer": 2})
     ) as h:
         for _ in range(6):
             await h.delegate()

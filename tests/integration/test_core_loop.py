@@ -6,7 +6,7 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 
-from tests.conftest import Harness, error_info
+from tests.conftest import Harness, error_info, struct
 
 
 async def test_delegate_then_check_allows_granted_scope(harness: Harness) -> None:
@@ -65,7 +65,7 @@ async def test_the_decision_is_on_disk_when_check_answers(harness: Harness) -> N
 
     delegated = await harness.delegate(scopes=["tickets.read"])
     response = await harness.check(
-        delegated.token, "tickets.read", "ticket/9", context=_struct({"n": 1})
+        delegated.token, "tickets.read", "ticket/9", context=struct({"n": 1})
     )
     with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
         row = db.execute(
@@ -78,11 +78,3 @@ async def test_the_decision_is_on_disk_when_check_answers(harness: Harness) -> N
     assert row[4:8] == (pb.ACTOR_KIND_SERVICE, "payments-api", "tickets.read", "ticket/9")
     assert row[8:10] == (pb.DECISION_ALLOW, pb.REASON_GRANTED)
     assert json.loads(row[10]) == {"n": 1}
-
-
-def _struct(values: dict[str, object]) -> object:
-    from google.protobuf import struct_pb2
-
-    struct = struct_pb2.Struct()
-    struct.update(values)
-    return struct

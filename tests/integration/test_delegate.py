@@ -24,7 +24,6 @@ from tests.conftest import (
     bad_request,
     bearer,
     error_info,
-    make_settings,
     running_harness,
 )
 
@@ -267,7 +266,7 @@ async def test_es256_signing_keys_work_end_to_end(
     def es256(config: dict[str, Any]) -> None:
         config["tokens"]["algorithm"] = "ES256"
 
-    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, es256)) as h:
+    async with running_harness(tmp_path, idp, clock, mutate=es256) as h:
         delegated = await h.delegate()
         jwks = json.loads((await h.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
         assert [k["alg"] for k in jwks["keys"]] == ["ES256"]

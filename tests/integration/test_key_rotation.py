@@ -16,7 +16,6 @@ from tests.conftest import (
     FakeClock,
     IdpFixture,
     bearer,
-    make_settings,
     running_harness,
 )
 
@@ -31,9 +30,7 @@ async def test_rotation_with_overlap(tmp_path: Path, idp: IdpFixture, clock: Fak
         config["tokens"]["rotation_period"] = "10m"
         config["revocation"] = {"prune_interval": "20ms"}
 
-    async with running_harness(
-        tmp_path, idp, clock, make_settings(tmp_path, idp, rotate_often)
-    ) as h:
+    async with running_harness(tmp_path, idp, clock, mutate=rotate_often) as h:
 
         async def kids() -> list[str]:
             jwks = json.loads((await h.stub.GetJwks(pb.GetJwksRequest())).jwks_json)

@@ -23,10 +23,12 @@ from tests.conftest import (
     IdpFixture,
     bearer,
     error_info,
-    make_settings,
     running_harness,
     start_harness,
+    with_config,
 )
+
+FAST_PRUNE = with_config(revocation={"prune_interval": "20ms", "history_retention": "1s"})
 
 
 async def revoke(h: Harness, credential: str, **target: Any) -> pb.RevokeResponse:
@@ -257,11 +259,8 @@ async def test_who_may_watch(harness: Harness) -> None:
 async def test_a_slow_watcher_is_ended_and_resumes(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
-    def small_buffer(config: dict[str, Any]) -> None:
-        config["revocation"] = {"watch_buffer": 2}
-
     async with running_harness(
-        tmp_path, idp, clock, make_settings(tmp_path, idp, small_buffer)
+        tmp_path, idp, clock, mutate=with_config(revocation={"watch_buffer": 2})
     ) as h:
         stream = watch(h)
         assert (await next_item(stream)).WhichOneof("kind") == "snapshot"
@@ -301,10 +300,7 @@ async def test_shutdown_ends_watch_streams_cleanly(
 async def test_expired_entries_are_pruned(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
-    def fast_prune(config: dict[str, Any]) -> None:
-        config["revocation"] = {"prune_interval": "20ms", "history_retention": "1s"}
-
-    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_prune)) as h:
+    async with running_harness(tmp_path, idp, clock, mutate=FAST_PRUNE) as h:
         short = await h.delegate(ttl=Duration(seconds=60))
         long = await h.delegate(ttl=Duration(seconds=900))
         for s in (short, long):
@@ -326,10 +322,7 @@ async def test_expired_entries_are_pruned(
 async def test_history_older_than_kept_yields_a_snapshot_first(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
-    def fast_prune(config: dict[str, Any]) -> None:
-        config["revocation"] = {"prune_interval": "20ms", "history_retention": "1s"}
-
-    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, fast_prune)) as h:
+    async with running_harness(tmp_path, idp, clock, mutate=FAST_PRUNE) as h:
         for _ in range(2):  # sequences 1 and 2: short-lived, their history is pruned below
             short = await h.delegate(ttl=Duration(seconds=60))
             await revoke(h, ADMIN_KEY, session_id=short.session_id)

@@ -13,7 +13,6 @@ from typing import Any
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
-from google.protobuf import struct_pb2
 
 from tests.conftest import (
     ADMIN_KEY,
@@ -24,8 +23,8 @@ from tests.conftest import (
     bad_request,
     bearer,
     error_info,
-    make_settings,
     running_harness,
+    struct,
 )
 
 RULES = [
@@ -35,12 +34,6 @@ RULES = [
 ]
 
 
-def struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(values)
-    return s
-
-
 @pytest.fixture
 async def h(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> AsyncIterator[Harness]:
     def with_rules(config: dict[str, Any]) -> None:
@@ -48,9 +41,7 @@ async def h(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> AsyncIterator[
         config["step_up"] = {"pending_ttl": "10m", "approval_ttl": "5m", "max_auth_age": "5m"}
         config["agents"][0]["max_scopes"].append("identity.*")
 
-    async with running_harness(
-        tmp_path, idp, clock, make_settings(tmp_path, idp, with_rules)
-    ) as harness:
+    async with running_harness(tmp_path, idp, clock, mutate=with_rules) as harness:
         yield harness
 
 
@@ -266,7 +257,7 @@ async def test_accepted_acr_is_required_when_configured(
         config["risk"] = RULES
         config["step_up"] = {"accepted_acr": ["urn:mfa", "phr"]}
 
-    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, acr)) as h:
+    async with running_harness(tmp_path, idp, clock, mutate=acr) as h:
         session = await agent(h, scopes=["payments.transfer"])
         pending = await step_up(h, session.token)
         with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -16,7 +16,15 @@ import pytest
 from agentid.v1 import agentid_pb2 as pb
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.conftest import ISSUER, OTHER_AUDIENCE_KEY, Harness, bad_request, bearer, error_info
+from tests.conftest import (
+    ISSUER,
+    OTHER_AUDIENCE_KEY,
+    Harness,
+    bad_request,
+    bearer,
+    error_info,
+    struct,
+)
 
 
 def b64(data: bytes) -> str:
@@ -291,10 +299,7 @@ async def test_deny_records_reach_the_audit_trail_without_the_token(h: Harness) 
 
 @pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
 async def test_a_context_that_is_not_json_is_invalid_argument(h: Harness, number: float) -> None:
-    from google.protobuf import struct_pb2
-
-    context = struct_pb2.Struct()
-    context.update({"amount": number})
+    context = struct({"amount": number})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await h.check(h.good_token, "tickets.read", context=context)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -27,7 +27,7 @@ from tests.conftest import (
     IdpFixture,
     bearer,
     error_info,
-    make_settings,
+    int_b64,
     running_harness,
 )
 
@@ -113,27 +113,17 @@ async def test_unknown_idp_kid_refetches_the_jwks(
     def fast_refresh(config: dict[str, Any]) -> None:
         config["idp"][0]["jwks_min_refresh"] = "1ms"
 
-    async with running_harness(
-        tmp_path, idp, clock, make_settings(tmp_path, idp, fast_refresh)
-    ) as h:
+    async with running_harness(tmp_path, idp, clock, mutate=fast_refresh) as h:
         await expect_unauthenticated(h, idp.token(kid="rotated-in"), "UNKNOWN_KEY")
         # The IdP rotates: the new key appears in its JWKS and is found without a restart.
         new_key = rsa.generate_private_key(65537, 2048)
         numbers = new_key.public_key().public_numbers()
         idp.write_jwks(
-            [{"kty": "RSA", "kid": "rotated-in", "n": b64int(numbers.n), "e": b64int(numbers.e)}]
+            [{"kty": "RSA", "kid": "rotated-in", "n": int_b64(numbers.n), "e": int_b64(numbers.e)}]
         )
         await asyncio.sleep(0.01)
         delegated = await h.delegate(idp.token(kid="rotated-in", key=new_key))
         assert delegated.user_id == "alice"
-
-
-def b64int(value: int) -> str:
-    return (
-        base64.urlsafe_b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big"))
-        .rstrip(b"=")
-        .decode()
-    )
 
 
 async def test_oversized_and_garbage_credentials(harness: Harness) -> None:
@@ -230,7 +220,7 @@ async def test_jwks_from_a_url_is_fetched_cached_and_refetched(
         config["idp"][0]["jwks_url"] = url
         config["idp"][0]["jwks_min_refresh"] = "1ms"
 
-    async with running_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, from_url)) as h:
+    async with running_harness(tmp_path, idp, clock, mutate=from_url) as h:
         assert fetches == ["/jwks.json"]  # loaded once at start
         for _ in range(3):
             assert (await h.delegate()).user_id == "alice"
@@ -238,7 +228,7 @@ async def test_jwks_from_a_url_is_fetched_cached_and_refetched(
         new_key = rsa.generate_private_key(65537, 2048)
         numbers = new_key.public_key().public_numbers()
         idp.write_jwks(
-            [{"kty": "RSA", "kid": "rotated", "n": b64int(numbers.n), "e": b64int(numbers.e)}]
+            [{"kty": "RSA", "kid": "rotated", "n": int_b64(numbers.n), "e": int_b64(numbers.e)}]
         )
         await asyncio.sleep(0.01)
         assert (await h.delegate(idp.token(kid="rotated", key=new_key))).user_id == "alice"
