@@ -295,7 +295,6 @@ async def test_the_audit_command(harness: Harness) -> None:
 async def test_a_slow_follower_is_ended_and_resumes_by_cursor(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
-
     async with running_harness(
         tmp_path, idp, clock, mutate=with_config(revocation={"watch_buffer": 2})
     ) as h:
