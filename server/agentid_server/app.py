@@ -295,6 +295,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         auditor=Auditor(store=AuditRepository(engine), hub=audit_hub),
         jwks=ring.jwks,
         max_consistency_wait=settings.server.max_consistency_wait,
+        max_context_bytes=settings.server.max_context_bytes,
     )
     authn = CallerAuthenticator(
         services=services, users=idp, agents=verifier, revocations=revocations, clock=clock

@@ -58,6 +58,8 @@ class ServerSettings:
     shutdown_grace: float = 10.0
     token_cache_size: int = 50_000
     event_loop: str = "asyncio"
+    # A request's `context` (Check, StepUp) is recorded with every decision: its size is capped.
+    max_context_bytes: int = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "listen": "str", "tls_cert": "str", "tls_key": "str", "client_ca": "str",
         "max_token_bytes": "int", "max_message_bytes": "int",
         "max_consistency_wait": "duration", "shutdown_grace": "duration",
-        "token_cache_size": "int", "event_loop": "str",
+        "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
     },
     "database": {
         "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
@@ -403,6 +405,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     for reader, key, value in (
         (server, "token_cache_size", s.server.token_cache_size),
         (server, "max_message_bytes", s.server.max_message_bytes),
+        (server, "max_context_bytes", s.server.max_context_bytes),
         (sections["audit"], "max_batch", s.audit.max_batch),
     ):
         if value < 1:

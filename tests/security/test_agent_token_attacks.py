@@ -305,3 +305,22 @@ async def test_a_context_that_is_not_json_is_invalid_argument(h: Harness, number
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in bad_request(caught.value).field_violations] == ["context"]
     assert (await h.check(h.good_token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def test_an_oversized_context_is_invalid_argument_and_recorded_nowhere(h: Harness) -> None:
+    import sqlite3
+
+    def records() -> int:
+        with sqlite3.connect(h.tmp_path / "agentid.db") as db:
+            return int(db.execute("SELECT count(*) FROM audit_records").fetchone()[0])
+
+    before = records()
+    big = struct({"note": "x" * (16 * 1024)})  # the default server.max_context_bytes is 16 KiB
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.check(h.good_token, "tickets.read", context=big)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["context"]
+    assert records() == before
+    fits = struct({"note": "x" * (15 * 1024)})
+    assert (await h.check(h.good_token, "tickets.read", context=fits)).decision == pb.DECISION_ALLOW
+    assert records() == before + 1

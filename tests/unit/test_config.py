@@ -109,6 +109,7 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
         ('jwks_file = "var/dev/idp-jwks.json"', 'jwks_url = "http://127.0.0.1.evil.example/jwks"', "idp[0].jwks_url", "https"),
         ("[step_up]", "[audit]\nmax_batch = 0\n[step_up]", "audit.max_batch", "at least 1"),
         ("[tokens]", "token_cache_size = 0\n[tokens]", "server.token_cache_size", "at least 1"),
+        ("[tokens]", "max_context_bytes = 0\n[tokens]", "server.max_context_bytes", "at least 1"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_the_key(

@@ -10,11 +10,14 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from agentid_server.domain.errors import InvalidArgument
 
 
-def context_of(message: Any) -> dict[str, Any] | None:
-    """A request's optional ``context`` Struct as a dict (None when unset). JSON has no NaN or
-    infinity, and neither may a context: it is hashed and recorded as JSON."""
+def context_of(message: Any, max_bytes: int) -> dict[str, Any] | None:
+    """A request's optional ``context`` Struct as a dict (None when unset). It is recorded with
+    the decision, so its encoded size is capped at ``max_bytes``. JSON has no NaN or infinity,
+    and neither may a context: it is hashed and recorded as JSON."""
     if not message.HasField("context"):
         return None
+    if message.context.ByteSize() > max_bytes:
+        raise InvalidArgument.field("context", f"is larger than {max_bytes} bytes encoded")
     try:
         return json_format.MessageToDict(message.context)
     except ValueError:

@@ -127,6 +127,7 @@ class AgentIdentityServicer:
         auditor: Auditor,
         jwks: Callable[[], str],
         max_consistency_wait: float,
+        max_context_bytes: int,
     ) -> None:
         self._delegator = delegator
         self._checker = checker
@@ -135,6 +136,7 @@ class AgentIdentityServicer:
         self._auditor = auditor
         self._jwks = jwks
         self._max_wait = max_consistency_wait
+        self._max_context_bytes = max_context_bytes
 
     async def Delegate(
         self, request: pb.DelegateRequest, context: Context, principal: Principal
@@ -173,7 +175,7 @@ class AgentIdentityServicer:
                 token=request.token,
                 action=request.action,
                 resource=request.resource,
-                context=context_of(request),
+                context=context_of(request, self._max_context_bytes),
                 pop_proof=request.pop_proof,
                 pop_method=request.pop_method,
                 pop_uri=request.pop_uri,
@@ -211,7 +213,7 @@ class AgentIdentityServicer:
             principal,
             action=request.action,
             resource=request.resource,
-            context=context_of(request),
+            context=context_of(request, self._max_context_bytes),
             binding_message=request.binding_message,
         )
         return pb.StepUpResponse(step_up=step_up_message(step_up))
