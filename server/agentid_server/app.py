@@ -228,6 +228,12 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         chain_id=settings.audit.chain_id,
         on_records=record_listener(audit_hub, record_from_row),
     )
+    try:
+        await journal.claim()
+    except BaseException:
+        await journal.stop()
+        await engines.dispose()
+        raise
     journal.start()
     step_up_hub = StepUpHub(settings.revocation.watch_buffer)
 

@@ -81,9 +81,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signalled(settings: Settings) -> int:
-    from agentid_server.app import build_server  # imported here: the dev commands need none of it
+    # imported here: the dev commands need none of it
+    from agentid_server.app import build_server
+    from agentid_server.storage.journal import WriterInUse
 
-    running = await build_server(settings)
+    try:
+        running = await build_server(settings)
+    except WriterInUse as exc:
+        print(f"agentid: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

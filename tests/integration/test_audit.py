@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
+from agentid_server.storage.journal import WriterInUse
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tests.conftest import (
@@ -213,6 +214,16 @@ async def test_the_chain_continues_across_a_restart(
         result = await verify(second)
         assert result.ok
         assert result.verified == len(await audit(second))
+
+
+async def test_a_second_server_on_the_same_sqlite_file_is_refused(
+    harness: Harness, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Two writers of one file would number records alike and fork the chain."""
+    with pytest.raises(WriterInUse, match="written by another agentid server"):
+        await start_harness(harness.tmp_path, idp, clock)
+    await scenario(harness)  # the first one is undisturbed
+    assert (await verify(harness)).ok
 
 
 # -- the terminal tool and the export ------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from agentid.v1 import agentid_pb2 as pb
+from agentid_server.config import Settings
+from agentid_server.storage.journal import WriterInUse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -24,6 +26,7 @@ from tests.conftest import (
     bearer,
     make_settings,
     running_harness,
+    start_harness,
 )
 from tests.integration.test_step_up import RULES, agent, resolve, step_up, transfer
 
@@ -42,24 +45,24 @@ async def wipe(url: str) -> None:
     await engine.dispose()
 
 
+def replica(tmp_path: Path, idp: IdpFixture, chain: str) -> Settings:
+    def mutate(config: dict[str, Any]) -> None:
+        config["database"] = {"url": URL}
+        config["audit"] = {"chain_id": chain}
+        config["risk"] = RULES
+        config["agents"][0]["max_scopes"].append("identity.*")
+
+    return make_settings(tmp_path, idp, mutate)
+
+
 @pytest.fixture
 async def replicas(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> AsyncIterator[tuple[Harness, Harness]]:
     await wipe(URL)
-
-    def replica(chain: str) -> Any:
-        def mutate(config: dict[str, Any]) -> None:
-            config["database"] = {"url": URL}
-            config["audit"] = {"chain_id": chain}
-            config["risk"] = RULES
-            config["agents"][0]["max_scopes"].append("identity.*")
-
-        return make_settings(tmp_path, idp, mutate)
-
     async with (
-        running_harness(tmp_path, idp, clock, replica("replica-a")) as a,
-        running_harness(tmp_path, idp, clock, replica("replica-b")) as b,
+        running_harness(tmp_path, idp, clock, replica(tmp_path, idp, "replica-a")) as a,
+        running_harness(tmp_path, idp, clock, replica(tmp_path, idp, "replica-b")) as b,
     ):
         yield a, b
 
@@ -112,3 +115,16 @@ async def test_an_approval_is_consumed_once_across_replicas(
     assert len(allowed) == 1
     assert allowed[0].step_up_id == pending.id
     assert all(r.decision == pb.DECISION_STEP_UP_REQUIRED for r in responses if r is not allowed[0])
+
+
+async def test_a_replica_may_not_share_another_ones_chain(
+    replicas: tuple[Harness, Harness], idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Two writers of one chain would fork it: the chain id is locked while its writer lives."""
+    a, _ = replicas
+    with pytest.raises(WriterInUse, match="replica-a"):
+        await start_harness(a.tmp_path, idp, clock, replica(a.tmp_path, idp, "replica-a"))
+    session = await a.delegate(scopes=["tickets.read"])
+    assert (await a.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    verified = await a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
+    assert verified.ok
