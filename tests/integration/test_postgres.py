@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid_server.config import Settings
@@ -128,3 +130,31 @@ async def test_a_replica_may_not_share_another_ones_chain(
     assert (await a.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
     verified = await a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
     assert verified.ok
+
+
+async def test_a_hanging_store_does_not_hang_the_shutdown(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """A PostgreSQL statement waiting on another session's lock never ends by itself: the Check
+    is answered UNAVAILABLE (never an unaudited ALLOW) and stop() still returns."""
+    a, b = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    engine = create_async_engine(URL)
+    try:
+        async with engine.connect() as dba:  # say, a migration holding the table
+            await dba.execute(text("LOCK TABLE audit_records IN ACCESS EXCLUSIVE MODE"))
+            check = asyncio.ensure_future(a.check(session.token, "tickets.read"))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            await a.running.stop(grace=0.5)
+            assert time.monotonic() - started < 10  # the append timeout (5 s), then it gives up
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await check
+            assert caught.value.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,  # the grace period ended the call first
+            )
+            await dba.rollback()
+    finally:
+        await engine.dispose()
+    assert (await b.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW

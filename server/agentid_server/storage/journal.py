@@ -235,8 +235,7 @@ class Journal:
                 await self._probe
         if self._task is not None:  # the watchdog still answers writes stuck in the last batches
             self._wake()
-            await self._task
-            self._task = None
+            await self._finish_writer()
         if self._watchdog is not None:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -249,11 +248,36 @@ class Journal:
         else:
             self._close_connections()
         if self._async_connection is not None:
-            await self._async_connection.close()
-            self._async_connection = None
+            connection, self._async_connection = self._async_connection, None
+            try:  # a connection stuck in a statement may not close either
+                await asyncio.wait_for(connection.close(), timeout=1.0)
+            except (TimeoutError, SQLAlchemyError, OSError) as exc:
+                log.warning("closing the writer's connection failed: %s", type(exc).__name__)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
+
+    async def _finish_writer(self) -> None:
+        """Lets the writer write what is queued, for as long as a write may take (the append
+        timeout): a store that hangs (a PostgreSQL statement waiting on another session's lock
+        has no end of its own) must not hang the shutdown. What is left is answered UNAVAILABLE."""
+        task = self._task
+        assert task is not None
+        done, _ = await asyncio.wait({task}, timeout=self._timeout)
+        if not done:
+            log.error(
+                "the store did not take the last writes within %.1f s; stopping without them",
+                self._timeout,
+            )
+            stuck = (*self._writing, *self._pending)
+            self._pending.clear()
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+            for item in stuck:
+                _give_up(item.future)
+        else:
+            task.result()  # the writer's own failure, if any, as before
+        self._task = None
 
     # -- the ports -------------------------------------------------------------------------------
 
