@@ -268,9 +268,9 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         )
         for a in settings.agents
     }
-    services = [
-        (s.key_sha256, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services
-    ]
+    principals = [(s, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services]
+    services = [(s.key_sha256, principal) for s, principal in principals if s.key_sha256]
+    certified = {s.cert_identity: principal for s, principal in principals if s.cert_identity}
     servicer = AgentIdentityServicer(
         delegator=Delegator(
             issuer=settings.tokens.issuer,
@@ -304,7 +304,12 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         max_context_bytes=settings.server.max_context_bytes,
     )
     authn = CallerAuthenticator(
-        services=services, users=idp, agents=verifier, revocations=revocations, clock=clock
+        services=services,
+        certified=certified,
+        users=idp,
+        agents=verifier,
+        revocations=revocations,
+        clock=clock,
     )
 
     server = grpc.aio.server(

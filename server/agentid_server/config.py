@@ -97,9 +97,10 @@ class IdpSettings:
 @dataclass(frozen=True)
 class ServiceSettings:
     name: str
-    key_sha256: str
+    key_sha256: str  # "" when the service calls with a client certificate only
     roles: frozenset[Role]
     audience: str
+    cert_identity: str = ""  # its client certificate's identity (a SAN, else the CN) under mTLS
 
 
 @dataclass(frozen=True)
@@ -344,10 +345,13 @@ def _idp(r: _Reader) -> IdpSettings:
 
 
 def _service(r: _Reader) -> ServiceSettings:
-    r.reject_unknown({"name", "key_sha256", "roles", "audience"})
+    r.reject_unknown({"name", "key_sha256", "roles", "audience", "cert_identity"})
     name = r.required("name")
-    key = r.required("key_sha256").lower()
-    if not _SHA256_HEX.fullmatch(key):
+    cert_identity = r.get("cert_identity", "str", "")
+    key = r.get("key_sha256", "str", "").lower()
+    if not key and not cert_identity:
+        raise r.fail("key_sha256", "is required (or cert_identity, for a service using mTLS)")
+    if key and not _SHA256_HEX.fullmatch(key):
         raise r.fail("key_sha256", "must be the 64 hex digits of the API key's SHA-256")
     roles: set[Role] = set()
     for role in r.get("roles", "list", ()):
@@ -357,7 +361,8 @@ def _service(r: _Reader) -> ServiceSettings:
             raise r.fail(
                 "roles", f"unknown role {role!r}; use check, watch, audit, admin"
             ) from None
-    return ServiceSettings(name, key, frozenset(roles), r.get("audience", "str", "") or name)
+    audience = r.get("audience", "str", "") or name
+    return ServiceSettings(name, key, frozenset(roles), audience, cert_identity)
 
 
 def _agent(r: _Reader) -> AgentSettings:
@@ -418,6 +423,12 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise sections["database"].fail("sqlite_writer", "must be inline or thread")
     _unique(s, "services", [x.name for x in s.services], "name")
     _unique(s, "services", [x.key_sha256 for x in s.services], "key_sha256")
+    _unique(s, "services", [x.cert_identity for x in s.services], "cert_identity")
+    if any(x.cert_identity for x in s.services) and not s.server.client_ca:
+        index = next(i for i, x in enumerate(s.services) if x.cert_identity)
+        raise ConfigError(
+            s.source, f"services[{index}].cert_identity", "needs mTLS: set server.client_ca"
+        )
     _unique(s, "agents", [x.id for x in s.agents], "id")
     _unique(s, "idp", [x.issuer for x in s.idps], "issuer")
     _unique(s, "risk", [x.name for x in s.risk], "name")
@@ -452,6 +463,8 @@ def _loopback_host(host: str) -> bool:
 def _unique(s: Settings, array: str, values: list[str], key: str) -> None:
     seen: set[str] = set()
     for index, value in enumerate(values):
+        if not value:  # an optional key left out
+            continue
         if value in seen:
             raise ConfigError(s.source, f"{array}[{index}].{key}", f"duplicate {value!r}")
         seen.add(value)

@@ -143,6 +143,29 @@ def test_duplicate_service_keys_are_refused() -> None:
     assert caught.value.key == "services[1].key_sha256"
 
 
+def test_a_service_identified_by_certificate_needs_mtls() -> None:
+    service = {"name": "mesh", "cert_identity": "spiffe://example.org/checker", "roles": ["check"]}
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"services": [service]}, "x.toml", {})
+    assert (caught.value.key, caught.value.problem) == (
+        "services[0].cert_identity",
+        "needs mTLS: set server.client_ca",
+    )
+    mtls = {"tls_cert": "s.crt", "tls_key": "s.key", "client_ca": "ca.crt"}
+    settings = settings_from_mapping({"server": mtls, "services": [service]}, "x.toml", {})
+    assert (settings.services[0].cert_identity, settings.services[0].key_sha256) == (
+        "spiffe://example.org/checker",
+        "",
+    )
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"services": [{"name": "nobody"}]}, "x.toml", {})
+    assert caught.value.key == "services[0].key_sha256"
+    twice = {"server": mtls, "services": [service, {**service, "name": "other"}]}
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(twice, "x.toml", {})
+    assert caught.value.key == "services[1].cert_identity"
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import grpc
@@ -25,7 +25,9 @@ BEARER = "bearer "
 
 
 class Authenticator(Protocol):
-    async def authenticate(self, credential: str | None) -> Principal: ...
+    async def authenticate(
+        self, credential: str | None, peer_identities: Iterable[bytes] | None = None
+    ) -> Principal: ...
 
 
 def bearer_credential(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
@@ -65,7 +67,10 @@ class _Call:
     ) -> tuple[Message, Principal | None]:
         principal: Principal | None = None
         if self.rule is None or not self.rule.public:
-            principal = await self.authn.authenticate(bearer_credential(context))
+            credential = bearer_credential(context)
+            # Without a bearer credential, a verified client certificate (mTLS) may name a service.
+            peer = context.peer_identities() if credential is None else None
+            principal = await self.authn.authenticate(credential, peer)
         authorize(self.name, self.rule, principal)
         try:
             request = self.request_type.FromString(raw)

@@ -2,13 +2,14 @@
 
 * a JWT with `typ: agent+jwt` is one of our agent tokens (signature, times, revocation);
 * any other JWT is a user's IdP token (a trusted `[[idp]]`);
-* anything else is a service API key, known only by its SHA-256.
+* anything else is a service API key, known only by its SHA-256;
+* no credential at all, over mTLS: the service its client certificate names (`cert_identity`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from agentid_server.domain.check import check_token_times
 from agentid_server.domain.errors import Unauthenticated
@@ -44,20 +45,28 @@ class CallerAuthenticator:
         self,
         *,
         services: Iterable[tuple[str, ServicePrincipal]],
+        certified: Mapping[str, ServicePrincipal] | None = None,
         users: IdpVerifier,
         agents: AgentTokenVerifier,
         revocations: RevocationSet,
         clock: Clock,
     ) -> None:
         self._services = dict(services)
+        self._certified = dict(certified or {})
         self._known_keys: dict[str, ServicePrincipal] = {}
         self._users = users
         self._agents = agents
         self._revocations = revocations
         self._clock = clock
 
-    async def authenticate(self, credential: str | None) -> Principal:
+    async def authenticate(
+        self, credential: str | None, peer_identities: Iterable[bytes] | None = None
+    ) -> Principal:
+        """``peer_identities``: the verified client certificate's identities (mTLS), if any. A
+        bearer credential, when sent, decides; a certificate alone identifies a service."""
         if not credential:
+            if peer_identities:
+                return self._certified_service(peer_identities)
             raise Unauthenticated(
                 "missing credential: send 'authorization: Bearer <credential>'",
                 reason="CREDENTIAL_MISSING",
@@ -80,6 +89,17 @@ class CallerAuthenticator:
         if claims.serial in self._revocations:
             raise Unauthenticated("the agent session has been revoked", reason="SESSION_REVOKED")
         return AgentPrincipal(claims)
+
+    def _certified_service(self, identities: Iterable[bytes]) -> ServicePrincipal:
+        for identity in identities:
+            principal = self._certified.get(identity.decode("utf-8", "replace"))
+            if principal is not None:
+                return principal
+        raise Unauthenticated(
+            "the client certificate names no configured service; send"
+            " 'authorization: Bearer <credential>'",
+            reason="CERTIFICATE_UNKNOWN",
+        )
 
     def _service(self, key: str) -> ServicePrincipal:
         if len(key) > MAX_API_KEY_LENGTH:
