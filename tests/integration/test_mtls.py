@@ -16,12 +16,12 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
+from agentid_server.app import build_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agentid_server.app import build_server
 from tests.conftest import (
     ADMIN_KEY,
     CHECK_KEY,
@@ -122,7 +122,7 @@ async def mtls(tmp_path: Path, idp: IdpFixture, clock: FakeClock) -> AsyncIterat
                 "cert_identity": CHECKER,
                 "roles": ["check"],
                 "audience": "payments-api",
-            }  # fmt: skip
+            }
         )
 
     running = await build_server(make_settings(tmp_path, idp, mutate), clock=clock)
