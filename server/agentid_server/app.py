@@ -268,6 +268,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         )
         for a in settings.agents
     }
+    proofs = DpopVerifier()  # one replay cache for Check's proofs and callers' proofs
     principals = [(s, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services]
     services = [(s.key_sha256, principal) for s, principal in principals if s.key_sha256]
     certified = {s.cert_identity: principal for s, principal in principals if s.cert_identity}
@@ -287,7 +288,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         ),
         checker=Checker(
             verifier=verifier,
-            proofs=DpopVerifier(),
+            proofs=proofs,
             revocations=revocations,
             consistency=revoker,
             risks=risks,
@@ -308,6 +309,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         certified=certified,
         users=idp,
         agents=verifier,
+        proofs=proofs,
         revocations=revocations,
         clock=clock,
     )

@@ -1,5 +1,6 @@
 """Sender-constrained agent tokens: a token bound to the agent's key (cnf.jkt) needs a DPoP proof
-(RFC 9449) in every Check; without it, or with a wrong one, Check denies."""
+(RFC 9449) in every Check (without it, or with a wrong one, Check denies) and whenever the agent
+uses it as its own credential (then the call is UNAUTHENTICATED)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.conftest import Harness
 
 URI = "https://payments.example/transfers"
+# A proof for one of agentid's own methods names the method's path (any host).
+STEP_UP = "/agentid.v1.AgentIdentityService/StepUp"
+DELEGATE = "/agentid.v1.AgentIdentityService/Delegate"
 
 
 def ath(token: str) -> str:
@@ -100,21 +104,69 @@ async def test_unbound_tokens_need_no_proof(harness: Harness) -> None:
 async def test_a_sub_agent_of_a_bound_session_stays_bound_to_the_same_key(
     harness: Harness, agent_key: ec.EllipticCurvePrivateKey
 ) -> None:
-    """A stolen bound token is useless for Check without the key; it must not mint a child that
-    is unbound or bound to the thief's key."""
+    """A bound session's child is bound to the same key: never unbound, never rebound to another
+    key (a thief without the key cannot call at all: see the next test)."""
     from agentid_server.tokens.agent_tokens import json_object
 
-    from tests.conftest import error_info
+    from tests.conftest import bearer, error_info
 
     jkt = thumbprint(public_jwk(agent_key.public_key()))
     parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], jkt=jkt)
-    child = await harness.sub_delegate(parent.token)
+
+    async def sub_delegate(**fields: Any) -> pb.DelegateResponse:
+        pop = proof(agent_key, parent.token, htu=DELEGATE)
+        request = pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"], **fields)
+        return await harness.stub.Delegate(request, metadata=(*bearer(parent.token), ("dpop", pop)))
+
+    child = await sub_delegate()
     claims = json_object(child.token.split(".")[1])
     assert claims is not None
     assert claims["cnf"] == {"jkt": jkt}  # inherited
     assert (await harness.check(child.token, "tickets.read")).decision == pb.DECISION_DENY
-    thief = thumbprint(public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    other = thumbprint(public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.sub_delegate(parent.token, scopes=["tickets.read"], jkt=thief)
+        await sub_delegate(jkt=other)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "KEY_BINDING_ESCALATION"
+
+
+async def test_a_bound_token_calls_agentid_only_with_a_proof(
+    harness: Harness, agent_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """A bound token as the caller's own credential (StepUp, sub-Delegate, Revoke...) needs its
+    DPoP proof in the `dpop` metadata, as in Check: htm POST, htu naming the method's path."""
+    from tests.conftest import bearer, error_info
+
+    jkt = thumbprint(public_jwk(agent_key.public_key()))
+    parent = await harness.delegate(scopes=["tickets.*", "agentid.delegate"], jkt=jkt)
+    token = parent.token
+    request = pb.StepUpRequest(action="tickets.read", resource="ticket/1")
+
+    def with_proof(pop: str) -> tuple[tuple[str, str], ...]:
+        return (*bearer(token), ("dpop", pop))
+
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    good = proof(agent_key, token, htu="https://agentid.example" + STEP_UP)
+    refused = {
+        "no proof": bearer(token),
+        "another method's proof": with_proof(proof(agent_key, token, htu=DELEGATE)),
+        "another key's proof": with_proof(proof(stranger, token, htu=STEP_UP)),
+        "a Check proof": with_proof(proof(agent_key, token)),
+        "a stale proof": with_proof(proof(agent_key, token, htu=STEP_UP, iat=1)),
+        "garbage": with_proof("not.a.proof"),
+    }
+    for name, metadata in refused.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await harness.stub.StepUp(request, metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+        assert error_info(caught.value).reason == "PROOF_OF_POSSESSION_FAILED", name
+    assert (await harness.stub.StepUp(request, metadata=with_proof(good))).step_up.id
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # one use per proof
+        await harness.stub.StepUp(request, metadata=with_proof(good))
+    assert error_info(caught.value).reason == "PROOF_OF_POSSESSION_FAILED"
+    # The host is the deployment's business: the path names the method.
+    child = await harness.stub.Delegate(
+        pb.DelegateRequest(agent_id="sub-bot", scopes=["tickets.read"]),
+        metadata=with_proof(proof(agent_key, token, htu=DELEGATE)),
+    )
+    assert child.session_id

@@ -26,17 +26,29 @@ BEARER = "bearer "
 
 class Authenticator(Protocol):
     async def authenticate(
-        self, credential: str | None, peer_identities: Iterable[bytes] | None = None
+        self,
+        credential: str | None,
+        peer_identities: Iterable[bytes] | None = None,
+        *,
+        proof: str = "",
+        method: str = "",
     ) -> Principal: ...
 
 
-def bearer_credential(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+def call_credentials(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str | None, str]:
+    """The call's bearer credential (None when there is none) and its DPoP proof ("" when none),
+    read in one pass over the metadata."""
+    credential: str | None = None
+    proof = ""
+    seen = False
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
+        if key == "authorization" and not seen and isinstance(value, str):
+            seen = True
             if value[: len(BEARER)].lower() == BEARER:
-                return value[len(BEARER) :].strip()
-            return None
-    return None
+                credential = value[len(BEARER) :].strip()
+        elif key == "dpop" and isinstance(value, str):
+            proof = value
+    return credential, proof
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
@@ -58,6 +70,7 @@ class _Call:
         self, name: str, request_type: type[Message], rule: Rule | None, authn: Authenticator
     ) -> None:
         self.name = name
+        self.path = f"/{SERVICE}/{name}"  # a DPoP proof's htu names it
         self.request_type = request_type
         self.rule = rule
         self.authn = authn
@@ -67,10 +80,12 @@ class _Call:
     ) -> tuple[Message, Principal | None]:
         principal: Principal | None = None
         if self.rule is None or not self.rule.public:
-            credential = bearer_credential(context)
+            credential, proof = call_credentials(context)
             # Without a bearer credential, a verified client certificate (mTLS) may name a service.
             peer = context.peer_identities() if credential is None else None
-            principal = await self.authn.authenticate(credential, peer)
+            principal = await self.authn.authenticate(
+                credential, peer, proof=proof, method=self.path
+            )
         authorize(self.name, self.rule, principal)
         try:
             request = self.request_type.FromString(raw)

@@ -34,10 +34,18 @@ class AgentTokenVerifier(Protocol):
 
 class ProofVerifier(Protocol):
     def verify(
-        self, proof: str, *, jkt: str, method: str, uri: str, token: str, now: float
+        self,
+        proof: str,
+        *,
+        jkt: str,
+        method: str,
+        uri: str,
+        token: str,
+        now: float,
+        path_only: bool = False,
     ) -> None:
         """Checks a DPoP proof (RFC 9449) for a token bound to ``jkt``; raises TokenRejected with
-        REASON_PROOF_OF_POSSESSION_FAILED."""
+        REASON_PROOF_OF_POSSESSION_FAILED. With ``path_only`` only the path of its htu counts."""
         ...
 
 

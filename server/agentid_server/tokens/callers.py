@@ -1,6 +1,7 @@
 """Caller authentication: turns the bearer credential of a call into a Principal.
 
-* a JWT with `typ: agent+jwt` is one of our agent tokens (signature, times, revocation);
+* a JWT with `typ: agent+jwt` is one of our agent tokens (signature, times, revocation, and a
+  DPoP proof in the `dpop` metadata when the token is bound to a key);
 * any other JWT is a user's IdP token (a trusted `[[idp]]`);
 * anything else is a service API key, known only by its SHA-256;
 * no credential at all, over mTLS: the service its client certificate names (`cert_identity`).
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from agentid_server.domain.check import check_token_times
 from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal
-from agentid_server.domain.ports import AgentTokenVerifier, Clock, TokenRejected
+from agentid_server.domain.ports import AgentTokenVerifier, Clock, ProofVerifier, TokenRejected
 from agentid_server.domain.revocation import RevocationSet
 from agentid_server.tokens.agent_tokens import AGENT_TOKEN_TYPE, json_object
 from agentid_server.tokens.idp import IdpVerifier
@@ -48,6 +49,7 @@ class CallerAuthenticator:
         certified: Mapping[str, ServicePrincipal] | None = None,
         users: IdpVerifier,
         agents: AgentTokenVerifier,
+        proofs: ProofVerifier,
         revocations: RevocationSet,
         clock: Clock,
     ) -> None:
@@ -56,14 +58,21 @@ class CallerAuthenticator:
         self._known_keys: dict[str, ServicePrincipal] = {}
         self._users = users
         self._agents = agents
+        self._proofs = proofs
         self._revocations = revocations
         self._clock = clock
 
     async def authenticate(
-        self, credential: str | None, peer_identities: Iterable[bytes] | None = None
+        self,
+        credential: str | None,
+        peer_identities: Iterable[bytes] | None = None,
+        *,
+        proof: str = "",
+        method: str = "",
     ) -> Principal:
         """``peer_identities``: the verified client certificate's identities (mTLS), if any. A
-        bearer credential, when sent, decides; a certificate alone identifies a service."""
+        bearer credential, when sent, decides; a certificate alone identifies a service.
+        ``proof`` is the call's DPoP proof and ``method`` the gRPC method path it must name."""
         if not credential:
             if peer_identities:
                 return self._certified_service(peer_identities)
@@ -73,15 +82,23 @@ class CallerAuthenticator:
             )
         typ = _jwt_type(credential)
         if typ == AGENT_TOKEN_TYPE:
-            return self._agent(credential)
+            return self._agent(credential, proof, method)
         if typ is not None:
             return await self._users.verify(credential)
         return self._service(credential)
 
-    def _agent(self, token: str) -> AgentPrincipal:
+    def _agent(self, token: str, proof: str, method: str) -> AgentPrincipal:
+        """A bound token (cnf.jkt) is the agent's only with a proof of its key, as in Check:
+        htm POST (gRPC runs on HTTP POST) and htu whose path is the method's path."""
+        now = self._clock.now()
         try:
             claims = self._agents.verify(token)
-            check_token_times(claims, self._clock.now())
+            check_token_times(claims, now)
+            if claims.jkt:
+                self._proofs.verify(
+                    proof, jkt=claims.jkt, method="POST", uri=method, token=token, now=now,
+                    path_only=True,
+                )  # fmt: skip
         except TokenRejected as rejected:
             raise Unauthenticated(
                 f"agent token refused: {rejected.message}", reason=rejected.reason.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 
@@ -24,6 +25,15 @@ def _strip_uri(uri: str) -> str:
     return uri.split("#", 1)[0].split("?", 1)[0]
 
 
+def _same_target(htu: str, uri: str, path_only: bool) -> bool:
+    if not path_only:
+        return _strip_uri(htu) == _strip_uri(uri)
+    try:
+        return urlsplit(htu).path == uri
+    except ValueError:
+        return False
+
+
 class DpopVerifier:
     """Verifies proofs: key thumbprint, signature, htm, htu, ath, freshness, and one use per jti."""
 
@@ -33,8 +43,18 @@ class DpopVerifier:
         self._capacity = replay_capacity
 
     def verify(
-        self, proof: str, *, jkt: str, method: str, uri: str, token: str, now: float
+        self,
+        proof: str,
+        *,
+        jkt: str,
+        method: str,
+        uri: str,
+        token: str,
+        now: float,
+        path_only: bool = False,
     ) -> None:
+        """``path_only``: ``uri`` is a path, and only the path of the proof's htu must equal it
+        (agentid's own methods, reached under whatever host a deployment gives it)."""
         if not proof:
             raise _fail("the token is bound to a key: a DPoP proof is required")
         if len(proof) > MAX_PROOF_BYTES:
@@ -64,7 +84,8 @@ class DpopVerifier:
             raise _fail("the DPoP proof does not verify") from None
         if claims.get("htm") != method or not method:
             raise _fail("the DPoP proof is for another method")
-        if not isinstance(claims.get("htu"), str) or _strip_uri(claims["htu"]) != _strip_uri(uri):
+        htu = claims.get("htu")
+        if not isinstance(htu, str) or not _same_target(htu, uri, path_only):
             raise _fail("the DPoP proof is for another URI")
         expected_ath = b64url(hashlib.sha256(token.encode("ascii", "replace")).digest())
         if claims.get("ath") != expected_ath:
