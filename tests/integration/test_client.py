@@ -75,3 +75,29 @@ async def test_watcher_stays_in_sync_across_a_restart(
         await channel.close()
         await h.channel.close()
         await h.running.stop(grace=1)
+
+
+@pytest.mark.parametrize("curve", ["P-256", "Ed25519"])
+async def test_a_key_bound_agent_calls_with_its_proof_key(harness: Harness, curve: str) -> None:
+    from agentid_server.tokens.jwk import public_jwk, thumbprint
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    key = (
+        ec.generate_private_key(ec.SECP256R1())
+        if curve == "P-256"
+        else ed25519.Ed25519PrivateKey.generate()
+    )
+    async with AgentIdClient(target(harness), harness.idp.token()) as user:
+        session = await user.delegate(
+            "support-bot", ["tickets.read"], jkt=thumbprint(public_jwk(key.public_key()))
+        )
+    async with AgentIdClient(target(harness), session.token) as thief:
+        with pytest.raises(AgentIdError) as caught:
+            await thief.step_up("tickets.read", "ticket/1")
+        assert caught.value.reason == "PROOF_OF_POSSESSION_FAILED"
+    async with AgentIdClient(target(harness), session.token, proof_key=key) as agent:
+        assert (await agent.step_up("tickets.read", "ticket/1")).id
+        mine = [s async for s in agent.watch_step_ups(current_only=True)]
+        assert len(mine) == 1
+        done = await agent.revoke(session_id=session.session_id, reason="task_complete")
+    assert list(done.session_ids) == [session.session_id]

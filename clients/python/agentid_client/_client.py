@@ -2,31 +2,52 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import grpc
+import jwt
 from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf import duration_pb2, struct_pb2
+from jwt.algorithms import get_default_algorithms
 
 from agentid_client._errors import AgentIdError
+
+SERVICE_PATH = "/agentid.v1.AgentIdentityService/"
+ProofKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
 class AgentIdClient:
     """Calls agentid with one credential (a user's IdP token, an agent token or an API key).
 
+    ``proof_key``: for an agent token bound to the agent's key (Delegate's ``jkt``), that private
+    key (P-256 or Ed25519); every call then carries a fresh DPoP proof of it (RFC 9449), which
+    agentid requires of a bound token.
+
     Use as an async context manager, or call ``close()``.
     """
 
     def __init__(
-        self, target: str, credential: str, *, channel: grpc.aio.Channel | None = None
+        self,
+        target: str,
+        credential: str,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        proof_key: ProofKey | None = None,
     ) -> None:
         self._own_channel = channel is None
         self._channel = channel or grpc.aio.insecure_channel(target)
         self._stub = agentid_pb2_grpc.AgentIdentityServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {credential}"),)
+        self._credential = credential
+        self._authority = target
+        self._proof_key = proof_key
 
     async def __aenter__(self) -> AgentIdClient:
         return self
@@ -54,7 +75,7 @@ class AgentIdClient:
         )
         if ttl is not None:
             request.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl.total_seconds())))
-        response: pb.DelegateResponse = await self._call(self._stub.Delegate, request)
+        response: pb.DelegateResponse = await self._call("Delegate", request)
         return response
 
     async def check(
@@ -75,7 +96,7 @@ class AgentIdClient:
         )
         if context is not None:
             request.context.CopyFrom(_struct(context))
-        response: pb.CheckResponse = await self._call(self._stub.Check, request)
+        response: pb.CheckResponse = await self._call("Check", request)
         return response
 
     async def revoke(
@@ -87,7 +108,7 @@ class AgentIdClient:
             request.session_id = session_id
         if user_id:
             request.user_id = user_id
-        response: pb.RevokeResponse = await self._call(self._stub.Revoke, request)
+        response: pb.RevokeResponse = await self._call("Revoke", request)
         return response
 
     async def step_up(
@@ -104,7 +125,7 @@ class AgentIdClient:
         )
         if context is not None:
             request.context.CopyFrom(_struct(context))
-        response: pb.StepUpResponse = await self._call(self._stub.StepUp, request)
+        response: pb.StepUpResponse = await self._call("StepUp", request)
         return response.step_up
 
     async def resolve_step_up(
@@ -112,7 +133,7 @@ class AgentIdClient:
     ) -> pb.StepUp:
         """As the delegating user (with a fresh IdP login): approves or denies a step-up."""
         request = pb.ResolveStepUpRequest(step_up_id=step_up_id, approve=approve, comment=comment)
-        response: pb.ResolveStepUpResponse = await self._call(self._stub.ResolveStepUp, request)
+        response: pb.ResolveStepUpResponse = await self._call("ResolveStepUp", request)
         return response.step_up
 
     async def watch_step_ups(
@@ -121,7 +142,8 @@ class AgentIdClient:
         """The caller's step-ups (a user's inbox, an agent's own): current state, then changes."""
         request = pb.WatchStepUpsRequest(step_up_id=step_up_id, current_only=current_only)
         try:
-            async for response in self._stub.WatchStepUps(request, metadata=self._metadata):
+            metadata = self._metadata("WatchStepUps")
+            async for response in self._stub.WatchStepUps(request, metadata=metadata):
                 yield response.step_up
         except grpc.aio.AioRpcError as error:
             raise AgentIdError.from_rpc_error(error) from None
@@ -129,7 +151,7 @@ class AgentIdClient:
     async def audit(self, request: pb.AuditRequest) -> AsyncIterator[pb.AuditRecord]:
         """Audit records matching ``request`` (by session, by user, filters, cursor, follow)."""
         try:
-            async for response in self._stub.Audit(request, metadata=self._metadata):
+            async for response in self._stub.Audit(request, metadata=self._metadata("Audit")):
                 yield response.record
         except grpc.aio.AioRpcError as error:
             raise AgentIdError.from_rpc_error(error) from None
@@ -137,19 +159,43 @@ class AgentIdClient:
     async def verify_audit(self, from_id: int = 0, to_id: int = 0) -> pb.VerifyAuditResponse:
         """Recomputes the hash chain over [from_id, to_id] (0 = from the first / to the last)."""
         request = pb.VerifyAuditRequest(from_id=from_id, to_id=to_id)
-        response: pb.VerifyAuditResponse = await self._call(self._stub.VerifyAudit, request)
+        response: pb.VerifyAuditResponse = await self._call("VerifyAudit", request)
         return response
 
     async def jwks(self) -> str:
         """The JWK Set (JSON) that verifies agent tokens."""
-        response: pb.GetJwksResponse = await self._call(self._stub.GetJwks, pb.GetJwksRequest())
+        response: pb.GetJwksResponse = await self._call("GetJwks", pb.GetJwksRequest())
         return response.jwks_json
 
-    async def _call(self, method: Any, request: Any) -> Any:
+    async def _call(self, name: str, request: Any) -> Any:
+        method = getattr(self._stub, name)
         try:
-            return await method(request, metadata=self._metadata)
+            return await method(request, metadata=self._metadata(name))
         except grpc.aio.AioRpcError as error:
             raise AgentIdError.from_rpc_error(error) from None
+
+    def _metadata(self, method: str) -> tuple[tuple[str, str], ...]:
+        bearer = ("authorization", f"Bearer {self._credential}")
+        if self._proof_key is None:
+            return (bearer,)
+        return bearer, ("dpop", self._proof(method))
+
+    def _proof(self, method: str) -> str:
+        """A DPoP proof for one call: htm POST, htu the method's URL, ath the token's hash."""
+        key = self._proof_key
+        assert key is not None
+        algorithm = "EdDSA" if isinstance(key, ed25519.Ed25519PrivateKey) else "ES256"
+        public = get_default_algorithms()[algorithm].to_jwk(key.public_key(), as_dict=True)
+        token_hash = hashlib.sha256(self._credential.encode()).digest()
+        claims = {
+            "jti": uuid.uuid4().hex,
+            "htm": "POST",
+            "htu": f"https://{self._authority}{SERVICE_PATH}{method}",
+            "iat": int(time.time()),
+            "ath": base64.urlsafe_b64encode(token_hash).rstrip(b"=").decode(),
+        }
+        header = {"typ": "dpop+jwt", "jwk": public}
+        return jwt.encode(claims, key, algorithm=algorithm, headers=header)
 
 
 def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
