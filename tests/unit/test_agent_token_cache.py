@@ -33,3 +33,25 @@ def test_the_least_recently_used_token_leaves_the_cache_first() -> None:
     assert verifier.verify(c).session_id == "ses_3"
     with pytest.raises(TokenRejected):
         verifier.verify(b)
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256"])
+def test_signatures_of_the_wrong_length_or_bits_are_refused(alg: str) -> None:
+    """Ed25519 is checked through libsodium, ES256 through `cryptography`: both refuse a
+    signature cut short, lengthened, or with one bit flipped, as SIGNATURE_INVALID."""
+    import base64
+
+    from agentid_server.domain.model import Reason
+
+    ring = KeyRing([generate_signing_key(alg, now=0)], alg, max_token_ttl=10)
+    good = token(AgentTokenIssuer(ring), 1)
+    head, body, signature = good.split(".")
+    raw = base64.urlsafe_b64decode(signature + "==")
+    forged = [raw[:-1], raw + b"\0", bytes([raw[0] ^ 1]) + raw[1:], b"", bytes(64)]
+    for bad in forged:
+        part = base64.urlsafe_b64encode(bad).rstrip(b"=").decode()
+        verifier = AgentTokenVerifier(ISSUER, ring, cache_size=8)
+        with pytest.raises(TokenRejected) as caught:
+            verifier.verify(f"{head}.{body}.{part}")
+        assert caught.value.reason == Reason.SIGNATURE_INVALID
+    assert AgentTokenVerifier(ISSUER, ring, cache_size=8).verify(good).session_id == "ses_1"
