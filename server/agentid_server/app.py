@@ -42,6 +42,7 @@ from agentid_server.storage.database import (
     migrate,
 )
 from agentid_server.storage.journal import Journal
+from agentid_server.storage.notify import RevocationListener
 from agentid_server.storage.repositories import (
     KeyRepository,
     RevocationRepository,
@@ -78,6 +79,7 @@ class Running:
     revocations: RevocationSet
     hubs: list[RevocationHub | StepUpHub | AuditHub]
     housekeeping: asyncio.Task[None]
+    listener: RevocationListener | None = None  # PostgreSQL: other replicas' revocations
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: stop taking calls, end watch streams cleanly, let in-flight calls finish,
@@ -89,6 +91,8 @@ class Running:
         self.housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.housekeeping
+        if self.listener is not None:
+            await self.listener.stop()
         await self.journal.stop()
         await self.engines.dispose()
 
@@ -327,6 +331,10 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    listener = None
+    if engines.sqlite_writer is None:  # several replicas may write: hear of their revocations
+        listener = RevocationListener(engine, revoker.catch_up, settings.revocation.poll_interval)
+        listener.start()
     housekeeping = asyncio.create_task(
         _housekeeping(
             settings,
@@ -348,6 +356,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         revocations,
         [hub, step_up_hub, audit_hub],
         housekeeping,
+        listener,
     )
 
 

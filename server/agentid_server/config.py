@@ -131,6 +131,9 @@ class RevocationSettings:
     watch_buffer: int = 4096
     prune_interval: float = 60.0
     history_retention: float = 3600.0
+    # PostgreSQL replicas: how often each reads revocations the others committed, in case a
+    # NOTIFY was lost (they are read at once when notified).
+    poll_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     "audit": {"max_batch": "int", "chain_id": "str"},
     "revocation": {
         "watch_buffer": "int", "prune_interval": "duration", "history_retention": "duration",
+        "poll_interval": "duration",
     },
 }  # fmt: skip
 _ARRAYS = {"idp", "services", "agents", "risk"}

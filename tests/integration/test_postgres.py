@@ -1,11 +1,14 @@
 """The same service on PostgreSQL (asyncpg), two replicas sharing one database: the core loop,
-the audit trail with one hash chain per replica, and an approval consumed exactly once across
-replicas. Runs when AGENTID_TEST_POSTGRES_URL names a database the tests may wipe (`.ci/run`
+the audit trail with one hash chain per replica (a chain never shared), an approval consumed
+exactly once across replicas, revocations reaching the other replica (NOTIFY, polls, on demand
+by sequence, in one gap-free order for watchers, after a dropped connection), and a shutdown
+that a hanging store cannot hold. Runs when AGENTID_TEST_POSTGRES_URL names a database the tests may wipe (`.ci/run`
 starts one); skipped otherwise, saying so."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
@@ -158,3 +161,122 @@ async def test_a_hanging_store_does_not_hang_the_shutdown(
     finally:
         await engine.dispose()
     assert (await b.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def listening(h: Harness) -> None:
+    """Until the replica's LISTEN is in place."""
+    assert h.running.listener is not None
+    await asyncio.wait_for(h.running.listener.listening.wait(), 10)
+
+
+async def test_a_revocation_on_one_replica_reaches_the_other(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """Told by NOTIFY: the other replica denies within moments, without any hint."""
+    a, b = replicas
+    await listening(b)
+    session = await a.delegate(scopes=["tickets.read"])
+    assert (await b.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    await a.stub.Revoke(pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY))
+    for _ in range(100):
+        answer = await b.check(session.token, "tickets.read")
+        if answer.decision == pb.DECISION_DENY:
+            break
+        await asyncio.sleep(0.02)
+    assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+
+
+async def test_min_revocation_sequence_reads_the_other_replicas_revocation_at_once(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """With notifications and polls out of the way (a listener that never hears, a poll once an
+    hour), a Check carrying the sequence from RevokeResponse still never allows."""
+    await wipe(URL)
+
+    def deaf(chain: str) -> Settings:
+        settings = replica(tmp_path, idp, chain)
+        revocation = dataclasses.replace(settings.revocation, poll_interval=3600.0)
+        return dataclasses.replace(settings, revocation=revocation)
+
+    async with (
+        running_harness(tmp_path, idp, clock, deaf("replica-a")) as a,
+        running_harness(tmp_path, idp, clock, deaf("replica-b")) as b,
+    ):
+        assert b.running.listener is not None
+        await b.running.listener.stop()  # hears nothing from now on
+        session = await a.delegate(scopes=["tickets.read"])
+        revoked = await a.stub.Revoke(
+            pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY)
+        )
+        answer = await b.check(
+            session.token, "tickets.read", min_revocation_sequence=revoked.revocation_sequence
+        )
+        assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+
+
+async def test_watchers_on_every_replica_see_one_gap_free_order(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """Revocations committed on both replicas reach a watcher of either in sequence order."""
+    a, b = replicas
+    for h in (a, b):
+        await listening(h)
+    sessions = [await a.delegate(scopes=["tickets.read"]) for _ in range(6)]
+    streams = [
+        h.stub.WatchRevocations(pb.WatchRevocationsRequest(), metadata=bearer(ADMIN_KEY))
+        for h in (a, b)
+    ]
+    firsts = [await stream.read() for stream in streams]  # the snapshots
+    assert [f.snapshot.count for f in firsts] == [0, 0]
+
+    async def revoke(h: Harness, session: pb.DelegateResponse) -> None:
+        await h.stub.Revoke(
+            pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY)
+        )
+
+    await asyncio.gather(*(revoke((a, b)[n % 2], s) for n, s in enumerate(sessions)))
+    for stream in streams:
+        events = [(await asyncio.wait_for(stream.read(), 10)).event for _ in sessions]
+        assert [e.sequence for e in events] == [1, 2, 3, 4, 5, 6]
+        assert {e.session_id for e in events} == {s.session_id for s in sessions}
+        stream.cancel()
+
+
+async def test_a_replica_whose_listening_connection_drops_listens_again(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    a, b = replicas
+    await listening(b)
+    engine = create_async_engine(URL)
+    listeners = text(
+        "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+    )
+    try:
+        async with engine.connect() as dba:
+            before = {row[0] for row in await dba.execute(listeners)}
+            assert len(before) == 2  # one listener per replica
+            for pid in before:
+                await dba.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            session = await a.delegate(scopes=["tickets.read"])
+            await a.stub.Revoke(
+                pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY)
+            )
+            for _ in range(250):  # the next poll (1 s) reads it
+                answer = await b.check(session.token, "tickets.read")
+                if answer.decision == pb.DECISION_DENY:
+                    break
+                await asyncio.sleep(0.02)
+            assert (answer.decision, answer.reason) == (
+                pb.DECISION_DENY,
+                pb.REASON_SESSION_REVOKED,
+            )
+            for _ in range(250):  # and both listen again, on new connections
+                after = {row[0] for row in await dba.execute(listeners)}
+                await dba.rollback()
+                if len(after) == 2 and not after & before:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(after) == 2
+            assert not after & before
+    finally:
+        await engine.dispose()

@@ -3,12 +3,21 @@
 A revocation is committed (rows with a global gap-free sequence), applied to the in-memory set and
 handed to every watcher before Revoke answers, so a Check that starts after Revoke returned never
 allows the session.
+
+Several replicas on one database share the sequence. Each applies revocations strictly in
+sequence order: what another replica committed is read from the store (``catch_up``), when told
+of it (PostgreSQL NOTIFY), every poll interval, or on demand (a Revoke that found a gap before its
+own sequences, a Check with ``min_revocation_sequence``). Watchers therefore see one gap-free
+order on every replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from agentid_server.domain.errors import (
@@ -31,6 +40,8 @@ from agentid_server.domain.model import (
 )
 from agentid_server.domain.ports import Clock, RevocationStore, SessionReader
 from agentid_server.domain.revocation import Revocation, RevocationHub, RevocationSet, Snapshot
+
+log = logging.getLogger(__name__)
 
 SESSION_ID = re.compile(r"ses_[0-9A-HJKMNP-TV-Z]{26}")
 MAX_REASON_LENGTH = 512
@@ -66,6 +77,8 @@ class Revoker:
         self._revoked = revoked
         self._hub = hub
         self._clock = clock
+        self._ahead: dict[int, Revocation] = {}  # committed, waiting for an earlier sequence
+        self._catching_up = asyncio.Lock()
 
     # -- Revoke ----------------------------------------------------------------------------------
 
@@ -92,13 +105,47 @@ class Revoker:
             on_commit=self._applied,
         )
         sequence = revocations[-1].sequence if revocations else self._revoked.applied_sequence
+        if sequence > self._revoked.applied_sequence:  # another replica's revocations come first
+            await self.catch_up(until=sequence)
         return RevokeOutcome([r.session_id for r in revocations], sequence)
 
     def _applied(self, revocations: list[Revocation]) -> None:
-        """After the commit, in commit order: the Check path and every watcher see it now."""
+        """After the commit, in commit order: the Check path and every watcher see it now (or,
+        after a gap, as soon as the revocations before it are read: see catch_up)."""
+        self.deliver(revocations)
+
+    def deliver(self, revocations: Iterable[Revocation]) -> None:
+        """Applies revocations in sequence order, each exactly once: the Check path sees them and
+        every watcher is handed them. One that comes before its predecessors waits for them."""
+        applied = self._revoked.applied_sequence
         for revocation in revocations:
+            if revocation.sequence > applied:
+                self._ahead[revocation.sequence] = revocation
+        following = applied + 1
+        while following in self._ahead:
+            revocation = self._ahead.pop(following)
             self._revoked.apply(revocation)
             self._hub.publish(revocation)
+            following += 1
+
+    async def catch_up(self, until: int | None = None) -> None:
+        """Reads and applies, in order, what the store holds beyond what this process applied
+        (revocations other replicas committed); with ``until``, stops once that is applied."""
+        async with self._catching_up:
+            while until is None or self._revoked.applied_sequence < until:
+                applied = self._revoked.applied_sequence
+                page = await self._store.events_after(applied, HISTORY_PAGE)
+                if page and page[0].sequence != applied + 1:
+                    # Only history of expired tokens is ever pruned: nothing to apply there.
+                    log.warning(
+                        "revocations %d-%d were pruned before this process applied them",
+                        applied + 1,
+                        page[0].sequence - 1,
+                    )
+                    self._revoked.advance(page[0].sequence - 1)
+                self.deliver(page)
+                if len(page) < HISTORY_PAGE:
+                    return
 
     async def _authorize_session(self, caller: Principal, session_id: str) -> None:
         session = await self._sessions.get(session_id)
@@ -184,7 +231,12 @@ class Revoker:
                 f"revocation sequence {sequence} has not been written",
                 reason="SEQUENCE_IN_THE_FUTURE",
             )
-        if not await self._revoked.wait_applied(sequence, budget):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        if budget > 0:  # written by another replica: read it now rather than wait to be told
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.catch_up(until=sequence), budget)
+        if not await self._revoked.wait_applied(sequence, deadline - loop.time()):
             raise Unavailable(
                 f"revocation sequence {sequence} is not applied here yet",
                 reason="REVOCATION_SEQUENCE_NOT_APPLIED",

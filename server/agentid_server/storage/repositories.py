@@ -14,6 +14,7 @@ from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
+from agentid_server.storage.notify import notify_revocations
 from agentid_server.storage.stepups import expire_for_sessions
 from agentid_server.tokens.keys import SigningKey
 
@@ -110,6 +111,7 @@ class RevocationRepository:
             connection.execute(
                 tables.revocations.insert(), [_revocation_row(r) for r in revocations]
             )
+            notify_revocations(connection, last)  # the other replicas, once this commits
             s = tables.sessions
             connection.execute(
                 update(s)
