@@ -416,3 +416,32 @@ async def test_a_sequence_written_elsewhere_but_not_applied_here_is_waited_for(
         await next_item(watch(harness, after=5))
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert error_info(caught.value).metadata["last_sequence"] == "1"  # written, not applied
+
+
+async def test_a_revocation_written_elsewhere_is_read_in_order(harness: Harness) -> None:
+    """As when another replica committed it (its row in the store, not applied here): a Check
+    with that min_revocation_sequence reads it at once and denies, and this process's next
+    revocation reaches watchers after it, in one gap-free order."""
+    elsewhere, here = await harness.delegate(), await harness.delegate()
+    watcher = watch(harness)
+    assert (await next_item(watcher)).snapshot.sequence == 0
+    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
+        serial, user, expires = db.execute(
+            "SELECT serial, user_id, expires_at FROM sessions WHERE id = ?",
+            (elsewhere.session_id,),
+        ).fetchone()
+        db.execute("UPDATE counters SET value = value + 1 WHERE name = 'revocation_sequence'")
+        db.execute(
+            "INSERT INTO revocations VALUES (1, ?, ?, ?, 'elsewhere', ?, ?)",
+            (elsewhere.session_id, serial, user, int(time.time()), expires),
+        )
+    answer = await harness.check(elsewhere.token, "tickets.read", min_revocation_sequence=1)
+    assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+    done = await revoke(harness, ADMIN_KEY, session_id=here.session_id)
+    assert done.revocation_sequence == 2
+    events = [(await next_item(watcher)).event for _ in range(2)]
+    assert [(e.sequence, e.session_id) for e in events] == [
+        (1, elsewhere.session_id),
+        (2, here.session_id),
+    ]
+    watcher.cancel()
