@@ -42,7 +42,7 @@ from agentid_server.storage.database import (
     migrate,
 )
 from agentid_server.storage.journal import Journal
-from agentid_server.storage.notify import RevocationListener
+from agentid_server.storage.notify import PeerListener
 from agentid_server.storage.repositories import (
     KeyRepository,
     RevocationRepository,
@@ -79,7 +79,7 @@ class Running:
     revocations: RevocationSet
     hubs: list[RevocationHub | StepUpHub | AuditHub]
     housekeeping: asyncio.Task[None]
-    listener: RevocationListener | None = None  # PostgreSQL: other replicas' revocations
+    listener: PeerListener | None = None  # PostgreSQL: what the other replicas committed
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: stop taking calls, end watch streams cleanly, let in-flight calls finish,
@@ -332,8 +332,18 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     listener = None
-    if engines.sqlite_writer is None:  # several replicas may write: hear of their revocations
-        listener = RevocationListener(engine, revoker.catch_up, settings.revocation.poll_interval)
+    if engines.sqlite_writer is None:  # several replicas may write: hear of their changes
+
+        async def step_ups_changed_elsewhere(ids: list[str]) -> None:
+            step_ups_changed(await step_up_repo.get_many(ids))
+
+        listener = PeerListener(
+            engine,
+            on_revocations=revoker.catch_up,
+            on_step_ups=step_ups_changed_elsewhere,
+            own_pid=lambda: journal.backend_pid,
+            poll_interval=settings.revocation.poll_interval,
+        )
         listener.start()
     housekeeping = asyncio.create_task(
         _housekeeping(

@@ -33,7 +33,14 @@ from tests.conftest import (
     running_harness,
     start_harness,
 )
-from tests.integration.test_step_up import RULES, agent, resolve, step_up, transfer
+from tests.integration.test_step_up import (
+    RULES,
+    agent,
+    fresh_user,
+    resolve,
+    step_up,
+    transfer,
+)
 
 URL = os.environ.get("AGENTID_TEST_POSTGRES_URL", "")
 
@@ -280,3 +287,32 @@ async def test_a_replica_whose_listening_connection_drops_listens_again(
             assert not after & before
     finally:
         await engine.dispose()
+
+
+async def test_step_up_changes_reach_watchers_on_the_other_replica(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """The agent waits on one replica, its user answers through another: both streams hear of
+    every change, each exactly once."""
+    a, b = replicas
+    for h in (a, b):
+        await listening(h)
+    session = await agent(a)
+    agent_stream = b.stub.WatchStepUps(pb.WatchStepUpsRequest(), metadata=bearer(session.token))
+    inbox = a.stub.WatchStepUps(pb.WatchStepUpsRequest(), metadata=bearer(fresh_user(a)))
+    pending = await step_up(b, session.token)  # requested on b: a's inbox hears of it
+
+    async def next_state(stream: Any) -> tuple[str, int]:
+        item = await asyncio.wait_for(stream.read(), 10)
+        return item.step_up.id, item.step_up.state
+
+    assert await next_state(inbox) == (pending.id, pb.STEP_UP_STATE_PENDING)
+    assert await next_state(agent_stream) == (pending.id, pb.STEP_UP_STATE_PENDING)
+    await resolve(a, pending.id)  # approved on a: the agent's stream on b hears of it
+    assert await next_state(agent_stream) == (pending.id, pb.STEP_UP_STATE_APPROVED)
+    assert (await transfer(a, session.token)).decision == pb.DECISION_ALLOW  # consumed on a
+    assert await next_state(agent_stream) == (pending.id, pb.STEP_UP_STATE_CONSUMED)
+    with pytest.raises(TimeoutError):  # and nothing twice
+        await asyncio.wait_for(agent_stream.read(), 0.5)
+    agent_stream.cancel()
+    inbox.cancel()

@@ -199,6 +199,7 @@ class Journal:
         self._probe_interval = probe_interval
         self._probe: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None  # SQLite: the writer's lock file, held until stop
+        self.backend_pid: int | None = None  # PostgreSQL: the writer connection's server process
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -568,9 +569,11 @@ class Journal:
         key = int.from_bytes(digest[:8], "big", signed=True)
         connection = await self._engine.connect()
         try:
-            acquired = (
-                await connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key})
-            ).scalar()
+            acquired, pid = (
+                await connection.execute(
+                    text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": key}
+                )
+            ).one()
             await connection.commit()  # the lock is the session's; the transaction can end
         except BaseException:
             await connection.close()
@@ -581,6 +584,7 @@ class Journal:
                 f"audit chain {self._chain_id!r} is written by another server on this database;"
                 " give each replica its own audit.chain_id"
             )
+        self.backend_pid = int(pid)
         return connection
 
     def _close_connections(self) -> None:

@@ -1,11 +1,16 @@
-"""Revocations committed by other replicas, on PostgreSQL: LISTEN/NOTIFY, with a poll behind it.
+"""What other replicas committed, on PostgreSQL: LISTEN/NOTIFY, with a poll behind it.
 
-A Revoke's transaction sends ``NOTIFY agentid_revocations`` (delivered at its commit, never
-before). Every replica listens on a connection of its own and, when notified, reads what it has
-not applied yet (``on_news``, the Revoker's catch-up, which keeps the sequence order). A
-notification can be lost with its connection, so the same catch-up also runs every
-``poll_interval``, and the listening connection is replaced when it drops. SQLite has one writer
-and needs none of this.
+* Revocations: a Revoke's transaction sends ``NOTIFY agentid_revocations`` (delivered at its
+  commit, never before). Every replica listens on a connection of its own and, when notified,
+  reads what it has not applied yet (``on_revocations``: the Revoker's catch-up, which keeps the
+  sequence order). A notification can be lost with its connection, so the same catch-up also
+  runs every ``poll_interval``, and the listening connection is replaced when it drops.
+* Step-up changes (requested, approved, denied, consumed, expired): the changing transaction
+  sends the step-up ids on ``agentid_step_ups``; the other replicas read those step-ups and hand
+  them to their WatchStepUps streams (``on_step_ups``). A stream that reconnects starts from the
+  current state, so a change missed with a dropped connection is seen then.
+
+SQLite has one writer and needs none of this.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -22,7 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 log = logging.getLogger(__name__)
 
 REVOCATIONS_CHANNEL = "agentid_revocations"
+STEP_UPS_CHANNEL = "agentid_step_ups"
 RECONNECT_DELAY = 1.0
+MAX_PAYLOAD = 7000  # PostgreSQL's limit is 8000 bytes per notification
 
 
 def notify_revocations(connection: Connection, last_sequence: int) -> None:
@@ -34,16 +41,44 @@ def notify_revocations(connection: Connection, last_sequence: int) -> None:
         )
 
 
-class RevocationListener:
-    """Runs ``on_news`` whenever another replica may have committed revocations."""
+def notify_step_ups(connection: Connection, step_up_ids: Sequence[str]) -> None:
+    """In a job's transaction: tells the other replicas which step-ups changed (PostgreSQL)."""
+    if connection.dialect.name != "postgresql" or not step_up_ids:
+        return
+    payloads: list[list[str]] = [[]]
+    for step_up_id in step_up_ids:
+        if sum(len(i) + 1 for i in payloads[-1]) + len(step_up_id) > MAX_PAYLOAD:
+            payloads.append([])
+        payloads[-1].append(step_up_id)
+    for ids in payloads:
+        connection.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": STEP_UPS_CHANNEL, "payload": ",".join(ids)},
+        )
+
+
+class PeerListener:
+    """Runs ``on_revocations`` whenever another replica may have committed revocations, and
+    ``on_step_ups`` with the ids of step-ups another replica changed."""
 
     def __init__(
-        self, engine: AsyncEngine, on_news: Callable[[], Awaitable[None]], poll_interval: float
+        self,
+        engine: AsyncEngine,
+        *,
+        on_revocations: Callable[[], Awaitable[None]],
+        on_step_ups: Callable[[list[str]], Awaitable[None]],
+        own_pid: Callable[[], int | None],
+        poll_interval: float,
     ) -> None:
+        """``own_pid``: the backend process of this replica's writer, whose notifications are
+        this replica's own (already handed to its watchers)."""
         self._engine = engine
-        self._on_news = on_news
+        self._on_news = on_revocations
+        self._on_step_ups = on_step_ups
+        self._own_pid = own_pid
         self._poll_interval = poll_interval
         self._news = asyncio.Event()
+        self._step_ups: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while a LISTEN is in place (tests wait for it)
 
@@ -57,7 +92,11 @@ class RevocationListener:
                 await self._task
             self._task = None
 
-    def _notified(self, *_args: Any) -> None:  # asyncpg: (connection, pid, channel, payload)
+    def _notified(self, _connection: Any, pid: int, channel: str, payload: str) -> None:
+        if channel == STEP_UPS_CHANNEL:
+            if pid == self._own_pid():
+                return
+            self._step_ups.update(i for i in payload.split(",") if i)
         self._news.set()
 
     async def _run(self) -> None:
@@ -77,6 +116,7 @@ class RevocationListener:
             listener = raw.driver_connection  # the asyncpg connection
             assert listener is not None
             await listener.add_listener(REVOCATIONS_CHANNEL, self._notified)
+            await listener.add_listener(STEP_UPS_CHANNEL, self._notified)
             self.listening.set()
             await self._on_news()  # what was committed before this LISTEN took effect
             while not listener.is_closed():
@@ -84,4 +124,7 @@ class RevocationListener:
                     await asyncio.wait_for(self._news.wait(), self._poll_interval)
                 self._news.clear()
                 await self._on_news()
+                if self._step_ups:
+                    changed, self._step_ups = sorted(self._step_ups), set()
+                    await self._on_step_ups(changed)
             raise ConnectionError("the listening connection closed")

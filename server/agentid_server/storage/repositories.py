@@ -14,7 +14,7 @@ from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
-from agentid_server.storage.notify import notify_revocations
+from agentid_server.storage.notify import notify_revocations, notify_step_ups
 from agentid_server.storage.stepups import expire_for_sessions
 from agentid_server.tokens.keys import SigningKey
 
@@ -120,6 +120,7 @@ class RevocationRepository:
             )
             # Revoking a session expires its pending and approved step-ups.
             expired = expire_for_sessions(connection, [x.id for x in sessions])
+            notify_step_ups(connection, [x.id for x in expired])
             events = [audit(x, r) for x, r in zip(sessions, revocations, strict=True)]
 
             def after_commit(_ids: list[int]) -> None:

@@ -16,6 +16,7 @@ from agentid_server.domain.stepup import Binding, Settlement, StepUp, StepUpStat
 from agentid_server.storage import tables
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
+from agentid_server.storage.notify import notify_step_ups
 
 OnChange = Callable[[list[StepUp]], None]
 _LIVE = (int(StepUpState.PENDING), int(StepUpState.APPROVED))
@@ -27,9 +28,14 @@ class StepUpRepository:
         self._journal = journal
         self._on_change = on_change
 
-    def _changed(self, step_ups: list[StepUp]) -> Callable[[list[int]], None] | None:
+    def _changed(
+        self, connection: Connection, step_ups: list[StepUp]
+    ) -> Callable[[list[int]], None] | None:
+        """In the job: the other replicas are told (at the commit); after it, this one's
+        watchers."""
         if not step_ups:
             return None
+        notify_step_ups(connection, [s.id for s in step_ups])
         return lambda _ids: self._on_change(step_ups)
 
     async def request(self, candidate: StepUp, event: AuditEvent, now: float) -> StepUp:
@@ -43,7 +49,7 @@ class StepUpRepository:
             if pending is not None:
                 return JobResult(_step_up(pending))
             connection.execute(s.insert().values(**_row(candidate)))
-            return JobResult(candidate, [event], self._changed([candidate]))
+            return JobResult(candidate, [event], self._changed(connection, [candidate]))
 
         return await self._journal.run(job)
 
@@ -78,7 +84,7 @@ class StepUpRepository:
             if row is None:
                 return JobResult(None)
             resolved = _step_up(row)
-            return JobResult(resolved, [event(resolved)], self._changed([resolved]))
+            return JobResult(resolved, [event(resolved)], self._changed(connection, [resolved]))
 
         return await self._journal.run(job)
 
@@ -110,10 +116,15 @@ class StepUpRepository:
                 and now < step_up.expires_at  # a denial holds until its expires_at
             ):
                 outcome = (Decision.DENY, Reason.STEP_UP_DENIED, step_up.id)
-            return JobResult(outcome, [event(*outcome)], self._changed(changed))
+            return JobResult(outcome, [event(*outcome)], self._changed(connection, changed))
 
         (decision, reason, step_up_id), ids = await self._journal.run_recorded(job)
         return Settlement(decision, reason, step_up_id, ids[0])
+
+    async def get_many(self, step_up_ids: Sequence[str]) -> list[StepUp]:
+        s = tables.step_ups
+        rows = await read_all(self._engine, select(s).where(s.c.id.in_(list(step_up_ids))))
+        return [_step_up(row) for row in rows]
 
     async def pending_for_user(self, user_id: str, now: float) -> list[StepUp]:
         s = tables.step_ups
@@ -135,7 +146,7 @@ class StepUpRepository:
         def job(connection: Connection) -> JobResult[list[StepUp]]:
             s = tables.step_ups
             expired = _expire(connection, s.c.state.in_(_LIVE) & (s.c.expires_at <= now))
-            return JobResult(expired, [], self._changed(expired))
+            return JobResult(expired, [], self._changed(connection, expired))
 
         return await self._journal.run(job)
 
