@@ -195,9 +195,13 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         ring = KeyRing(keys, settings.tokens.algorithm, int(settings.tokens.max_ttl))
         revocations = RevocationSet()
         reader = RevocationRepository(engine, journal=None)
+        # The sequence first, then the live rows: a revocation another replica commits between
+        # the two reads is in the rows, never only counted (counted but missing, it would stay
+        # unapplied here: the catch-up reads only beyond what is applied).
+        written = await reader.last_sequence()
         for revocation in await reader.live(now):
             revocations.apply(revocation)
-        revocations.advance(await reader.last_sequence())
+        revocations.advance(written)
         idp = IdpVerifier(
             settings.idps,
             settings.server.max_token_bytes,
