@@ -52,7 +52,8 @@ async def test_watcher_stays_in_sync_across_a_restart(
     import grpc
 
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    watcher = RevocationWatcher(channel, CHECK_KEY, retry_delay=0.05)
+    # Short retries: the server is down for a restart, not failing (its backoff would outlast it).
+    watcher = RevocationWatcher(channel, CHECK_KEY, retry_delay=0.05, max_retry_delay=0.2)
     watcher.start()
     try:
         sessions = [await h.delegate() for _ in range(4)]
