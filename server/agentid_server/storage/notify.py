@@ -46,10 +46,13 @@ def notify_step_ups(connection: Connection, step_up_ids: Sequence[str]) -> None:
     if connection.dialect.name != "postgresql" or not step_up_ids:
         return
     payloads: list[list[str]] = [[]]
+    size = 0
     for step_up_id in step_up_ids:
-        if sum(len(i) + 1 for i in payloads[-1]) + len(step_up_id) > MAX_PAYLOAD:
+        if size + len(step_up_id) + 1 > MAX_PAYLOAD:
             payloads.append([])
+            size = 0
         payloads[-1].append(step_up_id)
+        size += len(step_up_id) + 1
     for ids in payloads:
         connection.execute(
             text("SELECT pg_notify(:channel, :payload)"),
@@ -83,7 +86,7 @@ class PeerListener:
         self.listening = asyncio.Event()  # set while a LISTEN is in place (tests wait for it)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="revocation-listener")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="peer-listener")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -106,7 +109,7 @@ class PeerListener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database went away: listen again, catching up first
-                log.warning("revocation listener: %s; listening again", type(exc).__name__)
+                log.warning("listening to the other replicas: %s; again", type(exc).__name__)
             self.listening.clear()
             await asyncio.sleep(RECONNECT_DELAY)
 
@@ -115,16 +118,23 @@ class PeerListener:
             raw = await connection.get_raw_connection()
             listener = raw.driver_connection  # the asyncpg connection
             assert listener is not None
-            await listener.add_listener(REVOCATIONS_CHANNEL, self._notified)
-            await listener.add_listener(STEP_UPS_CHANNEL, self._notified)
-            self.listening.set()
-            await self._on_news()  # what was committed before this LISTEN took effect
-            while not listener.is_closed():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._news.wait(), self._poll_interval)
-                self._news.clear()
-                await self._on_news()
-                if self._step_ups:
-                    changed, self._step_ups = sorted(self._step_ups), set()
-                    await self._on_step_ups(changed)
-            raise ConnectionError("the listening connection closed")
+            channels = (REVOCATIONS_CHANNEL, STEP_UPS_CHANNEL)
+            for channel in channels:
+                await listener.add_listener(channel, self._notified)
+            try:
+                self.listening.set()
+                await self._on_news()  # what was committed before this LISTEN took effect
+                while not listener.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._news.wait(), self._poll_interval)
+                    self._news.clear()
+                    await self._on_news()
+                    if self._step_ups:
+                        changed, self._step_ups = sorted(self._step_ups), set()
+                        await self._on_step_ups(changed)
+                raise ConnectionError("the listening connection closed")
+            finally:  # the connection goes back to the pool: not listening any more
+                if not listener.is_closed():
+                    for channel in channels:
+                        with contextlib.suppress(Exception):
+                            await listener.remove_listener(channel, self._notified)
