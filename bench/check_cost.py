@@ -44,7 +44,7 @@ def serve(build: str, config: str) -> int:
     from agentid.v1 import agentid_pb2 as pb
     from agentid_server.api import handlers, servicer
     from agentid_server.cli import main
-    from agentid_server.storage import journal
+    from agentid_server.storage import journal, rows
     from agentid_server.storage.audit_chain import GENESIS
 
     async def empty_check(*_args: Any) -> pb.CheckResponse:
@@ -78,7 +78,7 @@ def serve(build: str, config: str) -> int:
                 return original_write(self, batch)  # Delegate's session must exist
             if self._next_id is None:
                 self._next_id, self._chain_head = 1 << 40, GENESIS
-            sealed = self._seal([journal.audit_row(item.event) for item in batch])
+            sealed = self._seal([rows.audit_row(item.event) for item in batch])
             return [journal._Outcome(value=row[0], ids=[row[0]]) for row in sealed]
 
         journal.Journal._write_sqlite = write  # type: ignore[method-assign]

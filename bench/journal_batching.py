@@ -29,7 +29,8 @@ from typing import Any
 import harness as H
 from agentid_server.domain.model import ActorKind, AuditEvent, Decision, EventType, Reason
 from agentid_server.storage.database import INLINE_WRITER_BUSY_TIMEOUT, create_engines, migrate
-from agentid_server.storage.journal import SEALED_COLUMNS, Journal
+from agentid_server.storage.journal import Journal
+from agentid_server.storage.rows import SEALED_COLUMNS
 
 CONCURRENCY = (1, 8, 64, 256)
 RAW_BATCHES = (1, 8, 64, 256, 1000)

@@ -83,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
 async def _serve_until_signalled(settings: Settings) -> int:
     # imported here: the dev commands need none of it
     from agentid_server.app import build_server
-    from agentid_server.storage.journal import WriterInUse
+    from agentid_server.storage.writer_lock import WriterInUse
 
     try:
         running = await build_server(settings)

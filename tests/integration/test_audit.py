@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
-from agentid_server.storage.journal import WriterInUse
+from agentid_server.storage.writer_lock import WriterInUse
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tests.conftest import (

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid_server.config import Settings
-from agentid_server.storage.journal import WriterInUse
+from agentid_server.storage.writer_lock import WriterInUse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 

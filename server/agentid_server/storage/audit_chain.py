@@ -31,7 +31,7 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_cir
 
 
 def canonical_bytes(record_id: int, chain_id: str, row: Sequence[Any]) -> bytes:
-    """``row`` is the record's values in journal.AUDIT_COLUMNS order."""
+    """``row`` is the record's values in rows.AUDIT_COLUMNS order."""
     return _ENCODER.encode([FORMAT_VERSION, record_id, chain_id, *row]).encode("utf-8")
 
 

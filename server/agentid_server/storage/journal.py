@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine, func, select, text, update
@@ -40,6 +36,14 @@ from agentid_server.domain.errors import AgentIdError, Unavailable
 from agentid_server.domain.model import AuditEvent, SessionRecord
 from agentid_server.storage import tables
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
+from agentid_server.storage.rows import (
+    SEALED_COLUMNS,
+    AuditRecordRow,
+    AuditRow,
+    audit_row,
+    session_row,
+)
+from agentid_server.storage.writer_lock import WriterInUse, claim_chain, lock_beside
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +54,6 @@ LINGER_GROUP = 8
 # calls to Python about one per loop pass, so passes alone gather few. Measured on this 2-core
 # machine: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74; 1 ms was worse.
 LINGER_SECONDS = 0.0003
-
-
-class WriterInUse(Exception):
-    """Another server already writes this database's audit chain (see Journal.claim)."""
 
 
 @dataclass
@@ -85,63 +85,6 @@ class _Outcome:
     error: AgentIdError | None = None
     after_commit: Callable[[list[int]], None] | None = None
     ids: list[int] = field(default_factory=list)
-
-
-AUDIT_COLUMNS = (
-    "time_us", "event_type", "session_id", "user_id", "scopes", "agent_id", "actor_kind",
-    "actor_id", "action", "resource", "decision", "reason", "parent_session_id", "step_up_id",
-    "context", "detail",
-)  # fmt: skip
-# A record as written: the id, its columns, then its place in the hash chain.
-SEALED_COLUMNS = ("id", *AUDIT_COLUMNS, "chain_id", "prev_hash", "hash")
-AuditRow = tuple[Any, ...]
-AuditRecordRow = tuple[Any, ...]  # (id, *AUDIT_COLUMNS, chain_id, prev_hash, hash)
-
-
-@lru_cache(maxsize=4096)
-def _scopes_json(scopes: tuple[str, ...]) -> str:
-    return json.dumps(list(scopes), separators=(",", ":"))
-
-
-def audit_row(event: AuditEvent) -> AuditRow:
-    """The record's column values in AUDIT_COLUMNS order, JSON already encoded."""
-    context = event.context
-    return (
-        int(event.time * 1_000_000),
-        int(event.event_type),
-        event.session_id,
-        event.user_id,
-        _scopes_json(tuple(event.scopes)),
-        event.agent_id,
-        int(event.actor_kind),
-        event.actor_id,
-        event.action,
-        event.resource,
-        int(event.decision),
-        int(event.reason),
-        event.parent_session_id,
-        event.step_up_id,
-        json.dumps(dict(context), separators=(",", ":"), sort_keys=True)
-        if isinstance(context, Mapping)
-        else None,
-        event.detail,
-    )
-
-
-def session_row(session: SessionRecord) -> dict[str, Any]:
-    return {
-        "id": session.id,
-        "serial": session.serial,
-        "user_id": session.user_id,
-        "agent_id": session.agent_id,
-        "parent_id": session.parent_id or None,
-        "scopes": list(session.scopes),
-        "audiences": list(session.audiences),
-        "task": session.task,
-        "jkt": session.jkt,
-        "created_at": session.created_at,
-        "expires_at": session.expires_at,
-    }
 
 
 class Journal:
@@ -204,18 +147,12 @@ class Journal:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def claim(self) -> None:
-        """Makes sure no other server writes what this journal writes, before it writes anything.
-        Two writers of one chain would fork it (and, on SQLite, number records alike):
-
-        * SQLite: an exclusive lock on ``<database>.lock`` beside the file, held until stop (the
-          kernel drops it when the process dies, so a crashed server never blocks its restart);
-        * PostgreSQL: a session advisory lock on the chain id, held by the writer's connection
-          and taken again whenever that connection is replaced. Replicas need distinct
-          ``audit.chain_id``s; a second one with the same id is refused.
-
-        Raises WriterInUse when the lock is held elsewhere."""
+        """Makes sure no other server writes what this journal writes, before it writes anything
+        (writer_lock: SQLite's lock file, held until stop; PostgreSQL's advisory lock on the
+        chain id, taken again whenever the writer's connection is replaced). Raises WriterInUse
+        when the lock is held elsewhere."""
         if self._sync_engine is not None:
-            self._lock_fd = _lock_beside(self._sync_engine.url.database)
+            self._lock_fd = lock_beside(self._sync_engine.url.database)
         else:
             self._async_connection = await self._connect_claimed()
 
@@ -565,26 +502,7 @@ class Journal:
 
     async def _connect_claimed(self) -> AsyncConnection:
         """PostgreSQL: a new writer connection holding this chain's advisory lock."""
-        digest = hashlib.sha256(b"agentid.audit-chain:" + self._chain_id.encode()).digest()
-        key = int.from_bytes(digest[:8], "big", signed=True)
-        connection = await self._engine.connect()
-        try:
-            acquired, pid = (
-                await connection.execute(
-                    text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": key}
-                )
-            ).one()
-            await connection.commit()  # the lock is the session's; the transaction can end
-        except BaseException:
-            await connection.close()
-            raise
-        if not acquired:
-            await connection.close()
-            raise WriterInUse(
-                f"audit chain {self._chain_id!r} is written by another server on this database;"
-                " give each replica its own audit.chain_id"
-            )
-        self.backend_pid = int(pid)
+        connection, self.backend_pid = await claim_chain(self._engine, self._chain_id)
         return connection
 
     def _close_connections(self) -> None:
@@ -592,23 +510,6 @@ class Journal:
             with contextlib.suppress(SQLAlchemyError):
                 self._sync_connection.close()
             self._sync_connection = None
-
-
-def _lock_beside(database: str | None) -> int | None:
-    """Takes the exclusive writer lock of a SQLite file (None for an in-memory database)."""
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    path = f"{database}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise WriterInUse(
-            f"{database} is written by another agentid server (it holds {path});"
-            " SQLite takes one server: use PostgreSQL to run several"
-        ) from None
-    return fd
 
 
 def _give_up(future: asyncio.Future[Any]) -> None:
