@@ -96,7 +96,9 @@ async def test_a_key_bound_agent_calls_with_its_proof_key(harness: Harness, curv
         with pytest.raises(AgentIdError) as caught:
             await thief.step_up("tickets.read", "ticket/1")
         assert caught.value.reason == "PROOF_OF_POSSESSION_FAILED"
-    async with AgentIdClient(target(harness), session.token, proof_key=key) as agent:
+    # A gRPC target with a resolver scheme, as deployments write them.
+    resolved = f"dns:///{target(harness)}"
+    async with AgentIdClient(resolved, session.token, proof_key=key) as agent:
         assert (await agent.step_up("tickets.read", "ticket/1")).id
         mine = [s async for s in agent.watch_step_ups(current_only=True)]
         assert len(mine) == 1

@@ -418,6 +418,23 @@ async def test_a_sequence_written_elsewhere_but_not_applied_here_is_waited_for(
     assert error_info(caught.value).metadata["last_sequence"] == "1"  # written, not applied
 
 
+def revoke_elsewhere(h: Harness, session: pb.DelegateResponse) -> None:
+    """What another replica's Revoke leaves in the store (the next sequence and its row), with
+    this process told nothing."""
+    with sqlite3.connect(h.tmp_path / "agentid.db") as db:
+        serial, user, expires = db.execute(
+            "SELECT serial, user_id, expires_at FROM sessions WHERE id = ?", (session.session_id,)
+        ).fetchone()
+        (sequence,) = db.execute(
+            "UPDATE counters SET value = value + 1 WHERE name = 'revocation_sequence'"
+            " RETURNING value"
+        ).fetchone()
+        db.execute(
+            "INSERT INTO revocations VALUES (?, ?, ?, ?, 'elsewhere', ?, ?)",
+            (sequence, session.session_id, serial, user, int(time.time()), expires),
+        )
+
+
 async def test_a_revocation_written_elsewhere_is_read_in_order(harness: Harness) -> None:
     """As when another replica committed it (its row in the store, not applied here): a Check
     with that min_revocation_sequence reads it at once and denies, and this process's next
@@ -425,16 +442,7 @@ async def test_a_revocation_written_elsewhere_is_read_in_order(harness: Harness)
     elsewhere, here = await harness.delegate(), await harness.delegate()
     watcher = watch(harness)
     assert (await next_item(watcher)).snapshot.sequence == 0
-    with sqlite3.connect(harness.tmp_path / "agentid.db") as db:
-        serial, user, expires = db.execute(
-            "SELECT serial, user_id, expires_at FROM sessions WHERE id = ?",
-            (elsewhere.session_id,),
-        ).fetchone()
-        db.execute("UPDATE counters SET value = value + 1 WHERE name = 'revocation_sequence'")
-        db.execute(
-            "INSERT INTO revocations VALUES (1, ?, ?, ?, 'elsewhere', ?, ?)",
-            (elsewhere.session_id, serial, user, int(time.time()), expires),
-        )
+    revoke_elsewhere(harness, elsewhere)
     answer = await harness.check(elsewhere.token, "tickets.read", min_revocation_sequence=1)
     assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
     done = await revoke(harness, ADMIN_KEY, session_id=here.session_id)
@@ -444,4 +452,22 @@ async def test_a_revocation_written_elsewhere_is_read_in_order(harness: Harness)
         (1, elsewhere.session_id),
         (2, here.session_id),
     ]
+    watcher.cancel()
+
+
+async def test_a_revoke_after_a_gap_applies_the_earlier_revocation_first(
+    harness: Harness,
+) -> None:
+    """Another writer committed sequence 1 and nobody here has read it: this process's own
+    revocation (2) waits for it, and Revoke answers only once both are applied, in order."""
+    elsewhere, here = await harness.delegate(), await harness.delegate()
+    watcher = watch(harness)
+    assert (await next_item(watcher)).snapshot.sequence == 0
+    revoke_elsewhere(harness, elsewhere)
+    done = await revoke(harness, ADMIN_KEY, session_id=here.session_id)
+    assert done.revocation_sequence == 2
+    answer = await harness.check(elsewhere.token, "tickets.read")  # no hint needed any more
+    assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+    events = [(await next_item(watcher)).event for _ in range(2)]
+    assert [e.sequence for e in events] == [1, 2]
     watcher.cancel()

@@ -46,8 +46,20 @@ class AgentIdClient:
         self._channel = channel or grpc.aio.insecure_channel(target)
         self._stub = agentid_pb2_grpc.AgentIdentityServiceStub(self._channel)
         self._credential = credential
-        self._authority = target
         self._proof_key = proof_key
+        if proof_key is not None:
+            # agentid checks the path of a proof's htu; the host is the target's (a gRPC target
+            # may carry a resolver scheme, as in dns:///host:port, which is no part of a URL).
+            self._htu = f"https://{target.rsplit('/', 1)[-1]}{SERVICE_PATH}"
+            self._proof_alg = (
+                "EdDSA" if isinstance(proof_key, ed25519.Ed25519PrivateKey) else "ES256"
+            )
+            self._proof_header = {
+                "typ": "dpop+jwt",
+                "jwk": get_default_algorithms()[self._proof_alg].to_jwk(
+                    proof_key.public_key(), as_dict=True
+                ),
+            }
 
     async def __aenter__(self) -> AgentIdClient:
         return self
@@ -182,20 +194,18 @@ class AgentIdClient:
 
     def _proof(self, method: str) -> str:
         """A DPoP proof for one call: htm POST, htu the method's URL, ath the token's hash."""
-        key = self._proof_key
-        assert key is not None
-        algorithm = "EdDSA" if isinstance(key, ed25519.Ed25519PrivateKey) else "ES256"
-        public = get_default_algorithms()[algorithm].to_jwk(key.public_key(), as_dict=True)
+        assert self._proof_key is not None
         token_hash = hashlib.sha256(self._credential.encode()).digest()
         claims = {
             "jti": uuid.uuid4().hex,
             "htm": "POST",
-            "htu": f"https://{self._authority}{SERVICE_PATH}{method}",
+            "htu": self._htu + method,
             "iat": int(time.time()),
             "ath": base64.urlsafe_b64encode(token_hash).rstrip(b"=").decode(),
         }
-        header = {"typ": "dpop+jwt", "jwk": public}
-        return jwt.encode(claims, key, algorithm=algorithm, headers=header)
+        return jwt.encode(
+            claims, self._proof_key, algorithm=self._proof_alg, headers=self._proof_header
+        )
 
 
 def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
