@@ -21,6 +21,7 @@ from agentid_server.config import Settings, is_loopback
 from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import Delegator, TtlPolicy
+from agentid_server.domain.fanout import Doorbell
 from agentid_server.domain.model import (
     ActorKind,
     AgentKind,
@@ -77,7 +78,7 @@ class Running:
     engines: Engines
     journal: Journal
     revocations: RevocationSet
-    hubs: list[RevocationHub | StepUpHub | AuditHub]
+    hubs: list[RevocationHub | StepUpHub | AuditHub | Doorbell]  # closed first: streams end
     housekeeping: asyncio.Task[None]
     listener: PeerListener | None = None  # PostgreSQL: what the other replicas committed
 
@@ -227,6 +228,10 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             update.add_done_callback(health_updates.discard)
 
     audit_hub = AuditHub(settings.revocation.watch_buffer)
+    # One writer (SQLite): followers take the records it commits, in id order, from the hub.
+    # Several (PostgreSQL): followers read every writer's records from the store when rung.
+    shared_store = engines.sqlite_writer is None
+    audit_bell = Doorbell() if shared_store else None
     journal = Journal(
         engine,
         engines.sqlite_writer,
@@ -234,7 +239,11 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         sqlite_inline=inline,
         on_health=store_health,
         chain_id=settings.audit.chain_id,
-        on_records=record_listener(audit_hub, record_from_row),
+        on_records=(
+            (lambda _rows: audit_bell.ring())
+            if audit_bell is not None
+            else record_listener(audit_hub, record_from_row)
+        ),
     )
     try:
         await journal.claim()
@@ -307,7 +316,12 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         ),
         revoker=revoker,
         step_ups=step_ups,
-        auditor=Auditor(store=AuditRepository(engine), hub=audit_hub),
+        auditor=Auditor(
+            store=AuditRepository(engine, wait_for_writers=settings.database.busy_timeout),
+            hub=audit_hub,
+            bell=audit_bell,
+            poll_interval=settings.revocation.poll_interval,
+        ),
         jwks=ring.jwks,
         max_consistency_wait=settings.server.max_consistency_wait,
         max_context_bytes=settings.server.max_context_bytes,
@@ -347,6 +361,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             on_step_ups=step_ups_changed_elsewhere,
             own_pid=lambda: journal.backend_pid,
             poll_interval=settings.revocation.poll_interval,
+            on_audit=audit_bell.ring if audit_bell is not None else None,
         )
         listener.start()
     housekeeping = asyncio.create_task(
@@ -368,7 +383,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         engines,
         journal,
         revocations,
-        [hub, step_up_hub, audit_hub],
+        [hub, step_up_hub, audit_hub, *([audit_bell] if audit_bell is not None else [])],
         housekeeping,
         listener,
     )

@@ -1,8 +1,9 @@
 """The same service on PostgreSQL (asyncpg), two replicas sharing one database: the core loop,
 the audit trail with one hash chain per replica (a chain never shared), an approval consumed
 exactly once across replicas, revocations reaching the other replica (NOTIFY, polls, on demand
-by sequence, in one gap-free order for watchers, after a dropped connection), and a shutdown
-that a hanging store cannot hold. Runs when AGENTID_TEST_POSTGRES_URL names a database the tests may wipe (`.ci/run`
+by sequence, in one gap-free order for watchers, after a dropped connection), audit readers
+that never page past a record another writer is still committing, followers that see every
+replica's records, and a shutdown that a hanging store cannot hold. Runs when AGENTID_TEST_POSTGRES_URL names a database the tests may wipe (`.ci/run`
 starts one); skipped otherwise, saying so."""
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid_server.config import Settings
+from agentid_server.domain.model import ActorKind, AuditEvent, Decision, EventType
+from agentid_server.storage import tables
+from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
+from agentid_server.storage.rows import SEALED_COLUMNS, audit_row
+from agentid_server.storage.visibility import open_id_window
 from agentid_server.storage.writer_lock import WriterInUse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -29,6 +35,7 @@ from tests.conftest import (
     Harness,
     IdpFixture,
     bearer,
+    error_info,
     make_settings,
     running_harness,
     start_harness,
@@ -316,3 +323,128 @@ async def test_step_up_changes_reach_watchers_on_the_other_replica(
         await asyncio.wait_for(agent_stream.read(), 0.5)
     agent_stream.cancel()
     inbox.cancel()
+
+
+async def test_a_cursor_never_steps_past_a_record_another_writer_is_still_committing(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """A writer takes its record's id, then another replica commits higher ids first. A reader
+    waits for the lower id's commit instead of paging past it, and the chains verify meanwhile."""
+    a, b = replicas
+    engine = create_async_engine(URL)
+    try:
+        async with engine.connect() as writer:  # a third writer, in the middle of its commit
+            await writer.run_sync(open_id_window)
+            slow_id = (
+                await writer.execute(text("SELECT nextval('audit_records_id_seq')"))
+            ).scalar()
+            event = AuditEvent(
+                time=time.time(),
+                event_type=EventType.CHECK,
+                actor_kind=ActorKind.SERVICE,
+                actor_id="payments-api",
+                session_id="ses_slow",
+                user_id="alice",
+                scopes=("tickets.read",),
+                agent_id="support-bot",
+                action="tickets.read",
+                decision=Decision.ALLOW,
+            )
+            row = audit_row(event)
+            digest = link(GENESIS, canonical_bytes(slow_id, "slow-writer", row))
+            sealed = (slow_id, *row, "slow-writer", GENESIS, digest)
+            await writer.execute(
+                tables.audit_records.insert(), dict(zip(SEALED_COLUMNS, sealed, strict=True))
+            )
+            session = await b.delegate(scopes=["tickets.read"])  # committed after slow_id
+            await b.check(session.token, "tickets.read")
+            reading = asyncio.ensure_future(audit(a))
+            verifying = asyncio.ensure_future(
+                a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
+            )
+            await asyncio.sleep(0.3)
+            assert not reading.done()  # waiting for slow_id
+            assert not verifying.done()
+            await writer.commit()
+        records = await reading
+        ids = [r.id for r in records]
+        assert slow_id in ids
+        assert ids == sorted(ids)
+        assert ids.index(slow_id) < ids.index(max(ids))
+        verified = await verifying
+        assert verified.ok
+        assert verified.verified == len(ids)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_follower_on_one_replica_sees_what_the_other_commits(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Told by NOTIFY (the polls are an hour apart): a follow stream on replica a gets the
+    records replica b commits, its sub-agents' too, in id order."""
+    await wipe(URL)
+
+    def slow_polling(chain: str) -> Settings:
+        settings = replica(tmp_path, idp, chain)
+        revocation = dataclasses.replace(settings.revocation, poll_interval=3600.0)
+        return dataclasses.replace(settings, revocation=revocation)
+
+    async with (
+        running_harness(tmp_path, idp, clock, slow_polling("replica-a")) as a,
+        running_harness(tmp_path, idp, clock, slow_polling("replica-b")) as b,
+    ):
+        await listening(a)
+        root = await a.delegate(scopes=["tickets.read", "agentid.delegate"])
+        stream = a.stub.Audit(
+            pb.AuditRequest(session_id=root.session_id, include_descendants=True, follow=True),
+            metadata=bearer(ADMIN_KEY),
+        )
+
+        async def next_record() -> pb.AuditRecord:
+            response = await asyncio.wait_for(stream.read(), 10)
+            return response.record
+
+        backlog = await next_record()
+        assert (backlog.event_type, backlog.chain_id) == (pb.EVENT_TYPE_DELEGATE, "replica-a")
+        await b.check(root.token, "tickets.read", "t/1")
+        child = await b.sub_delegate(root.token)
+        await b.check(child.token, "tickets.read", "t/2")
+        live = [await next_record() for _ in range(3)]
+        assert [(r.event_type, r.session_id, r.chain_id) for r in live] == [
+            (pb.EVENT_TYPE_CHECK, root.session_id, "replica-b"),
+            (pb.EVENT_TYPE_DELEGATE, child.session_id, "replica-b"),
+            (pb.EVENT_TYPE_CHECK, child.session_id, "replica-b"),
+        ]
+        assert [r.id for r in live] == sorted(r.id for r in live)
+        await a.check(root.token, "tickets.read", "t/3")  # and its own, as before
+        own = await next_record()
+        assert (own.resource, own.chain_id) == ("t/3", "replica-a")
+        stream.cancel()
+
+
+async def test_a_read_stuck_behind_a_hanging_writer_is_unavailable(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """A writer that took ids and never commits holds readers only for database.busy_timeout:
+    then UNAVAILABLE, never an answer with a hole in it. Its rollback frees them."""
+    await wipe(URL)
+    settings = replica(tmp_path, idp, "replica-a")
+    settings = dataclasses.replace(
+        settings, database=dataclasses.replace(settings.database, busy_timeout=0.3)
+    )
+    engine = create_async_engine(URL)
+    try:
+        async with running_harness(tmp_path, idp, clock, settings) as a:
+            await a.delegate(scopes=["tickets.read"])
+            async with engine.connect() as writer:
+                await writer.run_sync(open_id_window)
+                await writer.execute(text("SELECT nextval('audit_records_id_seq')"))
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await audit(a)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert error_info(caught.value).reason == "AUDIT_UNAVAILABLE"
+                await writer.rollback()
+            assert [r.event_type for r in await audit(a)] == [pb.EVENT_TYPE_DELEGATE]
+    finally:
+        await engine.dispose()

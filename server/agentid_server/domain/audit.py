@@ -3,12 +3,14 @@ its live follow, and chain verification."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agentid_server.domain.errors import InvalidArgument, PermissionDenied
-from agentid_server.domain.fanout import Hub
+from agentid_server.domain.fanout import Doorbell, Hub
 from agentid_server.domain.model import (
     ActorKind,
     Decision,
@@ -23,6 +25,7 @@ from agentid_server.domain.revoking import validate_session_id
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
+FOLLOW_COALESCE = 0.02  # seconds a store-reading follower waits after a ring, to read once
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +126,28 @@ class AuditRequest:
 class Auditor:
     """Answers Audit and VerifyAudit."""
 
-    def __init__(self, *, store: AuditStore, hub: AuditHub) -> None:
+    def __init__(
+        self,
+        *,
+        store: AuditStore,
+        hub: AuditHub,
+        bell: Doorbell | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        """Followers get live records from ``hub`` (the one writer's commits, in id order) or,
+        when several writers share the store, from the store itself whenever ``bell`` rings
+        (any writer committed records) and at least every ``poll_interval`` seconds."""
         self._store = store
         self._hub = hub
+        self._bell = bell
+        self._poll_interval = poll_interval
 
     async def records(self, caller: Principal, request: AuditRequest) -> AsyncIterator[AuditRecord]:
         query = await self._query(caller, request)
+        if request.follow and self._bell is not None:
+            async for record in self._follow_store(self._bell, query, request.include_descendants):
+                yield record
+            return
         live_sessions = set(query.session_ids)
         subscription = (
             self._hub.subscribe(lambda r: query.matches(r, live_sessions))
@@ -160,6 +179,44 @@ class Auditor:
         finally:
             if subscription is not None:
                 self._hub.unsubscribe(subscription)
+
+    async def _follow_store(
+        self, bell: Doorbell, query: AuditQuery, grow: bool
+    ) -> AsyncIterator[AuditRecord]:
+        """Backlog and live records alike read from the store, page after page in id order (the
+        store shows ids in order), so a follower can fall behind without losing anything: it is
+        never ended for being slow, and it sees every writer's records."""
+        sessions = list(query.session_ids)
+        known = set(sessions)
+        last, limit = query.after_id, query.limit
+        with bell.listening() as rung:
+            while True:
+                rung.clear()  # a commit from now on rings again
+                page = await self._store.query(
+                    replace(query, session_ids=tuple(sessions), after_id=last, limit=limit)
+                )
+                more, limit = len(page) >= limit, MAX_LIMIT
+                for record in page:
+                    yield record
+                    last = record.id
+                    if (
+                        grow
+                        and record.event_type is EventType.DELEGATE
+                        and record.parent_session_id in known
+                        and record.session_id not in known
+                    ):  # a new sub-agent joins the subtree: read on with it
+                        known.add(record.session_id)
+                        sessions.append(record.session_id)
+                        more = True
+                        break
+                if more:
+                    continue
+                if not bell.closed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(rung.wait(), self._poll_interval)
+                if bell.closed:
+                    return
+                await asyncio.sleep(FOLLOW_COALESCE)  # a burst of commits: one read
 
     async def verify(self, from_id: int, to_id: int) -> Verification:
         if to_id and to_id < from_id:

@@ -7,8 +7,9 @@ rather than buffered without bound; closing the hub ends every stream cleanly (s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from agentid_server.domain.errors import ResourceExhausted
@@ -84,3 +85,31 @@ class Hub(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._subscriptions)
+
+
+class Doorbell:
+    """Tells every listener that something may have changed, without saying what: each then
+    reads what it needs from the store itself, so nothing is buffered and nobody falls behind
+    (closing it wakes them to end)."""
+
+    def __init__(self) -> None:
+        self._rung: set[asyncio.Event] = set()
+        self.closed = False
+
+    def ring(self) -> None:
+        for rung in self._rung:
+            rung.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ring()
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[asyncio.Event]:
+        """An event set at each ring while the block runs (clear it before each read)."""
+        rung = asyncio.Event()
+        self._rung.add(rung)
+        try:
+            yield rung
+        finally:
+            self._rung.discard(rung)

@@ -15,17 +15,24 @@ from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
 from agentid_server.storage.database import read_all
 from agentid_server.storage.repositories import session_subtree
 from agentid_server.storage.rows import AUDIT_COLUMNS
+from agentid_server.storage.visibility import horizon
 
 VERIFY_PAGE = 5000
 
 
 class AuditRepository:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, wait_for_writers: float = 5.0) -> None:
+        """``wait_for_writers``: on PostgreSQL, how long a read may wait for the records other
+        writers are committing below the newest visible id (visibility.horizon)."""
         self._engine = engine
+        self._wait = wait_for_writers
 
     async def query(self, query: AuditQuery) -> list[AuditRecord]:
         a = tables.audit_records
         conditions = [a.c.id > query.after_id]
+        top = await horizon(self._engine, self._wait)
+        if top is not None:
+            conditions.append(a.c.id <= top)
         if query.session_ids:
             sessions = list(query.session_ids)
             conditions.append(
@@ -62,6 +69,11 @@ class AuditRepository:
     async def verify(self, from_id: int, to_id: int) -> Verification:
         """Recomputes each record's hash from its stored values and its chain predecessor."""
         a = tables.audit_records
+        top = await horizon(self._engine, self._wait)
+        if top is not None:
+            to_id = min(to_id, top) if to_id else top
+            if to_id < max(from_id, 1):  # nothing committed in the range yet
+                return Verification(True, 0, 0, b"")
         heads: dict[str, bytes] = {}
         verified = 0
         head_hash = b""

@@ -43,6 +43,7 @@ from agentid_server.storage.rows import (
     audit_row,
     session_row,
 )
+from agentid_server.storage.visibility import open_id_window
 from agentid_server.storage.writer_lock import WriterInUse, claim_chain, lock_beside
 
 log = logging.getLogger(__name__)
@@ -447,6 +448,7 @@ class Journal:
         if not rows:
             return []
         if self._sync_engine is None:  # PostgreSQL: reserve the ids, then chain
+            open_id_window(connection)
             reserved = connection.execute(
                 text("SELECT nextval('audit_records_id_seq') FROM generate_series(1, :n)"),
                 {"n": len(rows)},

@@ -9,6 +9,9 @@
   sends the step-up ids on ``agentid_step_ups``; the other replicas read those step-ups and hand
   them to their WatchStepUps streams (``on_step_ups``). A stream that reconnects starts from the
   current state, so a change missed with a dropped connection is seen then.
+* Audit records: each commit of audit records sends ``agentid_audit`` (visibility.py); the other
+  replicas' followers then read the store (``on_audit``). Followers also read every poll
+  interval, so a missed notification only delays them.
 
 SQLite has one writer and needs none of this.
 """
@@ -23,6 +26,8 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentid_server.storage.visibility import AUDIT_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +66,9 @@ def notify_step_ups(connection: Connection, step_up_ids: Sequence[str]) -> None:
 
 
 class PeerListener:
-    """Runs ``on_revocations`` whenever another replica may have committed revocations, and
-    ``on_step_ups`` with the ids of step-ups another replica changed."""
+    """Runs ``on_revocations`` whenever another replica may have committed revocations,
+    ``on_step_ups`` with the ids of step-ups another replica changed, and ``on_audit`` when
+    another replica committed audit records."""
 
     def __init__(
         self,
@@ -72,12 +78,14 @@ class PeerListener:
         on_step_ups: Callable[[list[str]], Awaitable[None]],
         own_pid: Callable[[], int | None],
         poll_interval: float,
+        on_audit: Callable[[], None] | None = None,
     ) -> None:
         """``own_pid``: the backend process of this replica's writer, whose notifications are
         this replica's own (already handed to its watchers)."""
         self._engine = engine
         self._on_news = on_revocations
         self._on_step_ups = on_step_ups
+        self._on_audit = on_audit
         self._own_pid = own_pid
         self._poll_interval = poll_interval
         self._news = asyncio.Event()
@@ -96,6 +104,10 @@ class PeerListener:
             self._task = None
 
     def _notified(self, _connection: Any, pid: int, channel: str, payload: str) -> None:
+        if channel == AUDIT_CHANNEL:
+            if self._on_audit is not None and pid != self._own_pid():
+                self._on_audit()
+            return
         if channel == STEP_UPS_CHANNEL:
             if pid == self._own_pid():
                 return
@@ -118,7 +130,7 @@ class PeerListener:
             raw = await connection.get_raw_connection()
             listener = raw.driver_connection  # the asyncpg connection
             assert listener is not None
-            channels = (REVOCATIONS_CHANNEL, STEP_UPS_CHANNEL)
+            channels = (REVOCATIONS_CHANNEL, STEP_UPS_CHANNEL, AUDIT_CHANNEL)
             for channel in channels:
                 await listener.add_listener(channel, self._notified)
             try:
