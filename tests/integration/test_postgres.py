@@ -23,6 +23,7 @@ from agentid_server.config import Settings
 from agentid_server.domain.model import ActorKind, AuditEvent, Decision, EventType
 from agentid_server.storage import tables
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
+from agentid_server.storage.notify import PeerListener, notify_step_ups
 from agentid_server.storage.rows import SEALED_COLUMNS, audit_row
 from agentid_server.storage.visibility import open_id_window
 from agentid_server.storage.writer_lock import WriterInUse
@@ -447,4 +448,45 @@ async def test_a_read_stuck_behind_a_hanging_writer_is_unavailable(
                 await writer.rollback()
             assert [r.event_type for r in await audit(a)] == [pb.EVENT_TYPE_DELEGATE]
     finally:
+        await engine.dispose()
+
+
+async def test_step_up_news_survives_a_failed_read() -> None:
+    """Another replica's step-up ids are kept until they were read and handed on: a read that
+    fails (the database gone for a moment) is tried again on the next connection."""
+    await wipe(URL)
+    engine = create_async_engine(URL)
+    handed: list[list[str]] = []
+    failures = 1
+
+    async def on_step_ups(ids: list[str]) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionError("the database went away")
+        handed.append(ids)
+
+    async def nothing() -> None:
+        return None
+
+    listener = PeerListener(
+        engine,
+        on_revocations=nothing,
+        on_step_ups=on_step_ups,
+        own_pid=lambda: None,
+        poll_interval=3600.0,
+    )
+    listener.start()
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        async with engine.connect() as other:
+            await other.run_sync(lambda c: notify_step_ups(c, ["stp_a", "stp_b"]))
+            await other.commit()
+        for _ in range(250):  # the reconnect waits RECONNECT_DELAY (1 s)
+            if handed:
+                break
+            await asyncio.sleep(0.02)
+        assert handed == [["stp_a", "stp_b"]]
+    finally:
+        await listener.stop()
         await engine.dispose()

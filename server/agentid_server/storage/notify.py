@@ -135,15 +135,15 @@ class PeerListener:
                 await listener.add_listener(channel, self._notified)
             try:
                 self.listening.set()
-                await self._on_news()  # what was committed before this LISTEN took effect
-                while not listener.is_closed():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._news.wait(), self._poll_interval)
+                while not listener.is_closed():  # first: what came before this LISTEN took effect
                     self._news.clear()
                     await self._on_news()
-                    if self._step_ups:
-                        changed, self._step_ups = sorted(self._step_ups), set()
+                    if self._step_ups:  # forgotten only once handed on: a failed read retries
+                        changed = sorted(self._step_ups)
                         await self._on_step_ups(changed)
+                        self._step_ups.difference_update(changed)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._news.wait(), self._poll_interval)
                 raise ConnectionError("the listening connection closed")
             finally:  # the connection goes back to the pool: not listening any more
                 if not listener.is_closed():

@@ -13,11 +13,9 @@ from typing import Any, cast
 import jwt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 
 from agentid_server.domain.model import AgentClaims, Reason
 from agentid_server.domain.ports import TokenRejected
@@ -55,7 +53,6 @@ class AgentTokenVerifier:
         self._keys = keys
         self._cache: dict[str, AgentClaims] = {}
         self._cache_size = max(1, cache_size)
-        self._ed25519: dict[str, VerifyKey] = {}  # by kid: libsodium's form of our public keys
 
     def verify(self, token: str) -> AgentClaims:
         cache = self._cache
@@ -111,16 +108,12 @@ class AgentTokenVerifier:
         return claims_from_payload(payload)
 
     def _signature_valid(self, key: SigningKey, signature: bytes, signing_input: bytes) -> bool:
-        public = key.public_key
-        if not isinstance(public, ed25519.Ed25519PublicKey):
-            return _es256_valid(public, signature, signing_input)
         # Ed25519 through libsodium (PyNaCl): the same check at half the CPU of `cryptography`'s
         # on the machines measured (docs/benchmarks.md), and it is the whole of a cold Check's
         # own cost.
-        verifier = self._ed25519.get(key.kid)
+        verifier = key.ed25519_verifier
         if verifier is None:
-            verifier = VerifyKey(public.public_bytes(Encoding.Raw, PublicFormat.Raw))
-            self._ed25519[key.kid] = verifier
+            return _es256_valid(key.public_key, signature, signing_input)
         try:
             verifier.verify(signing_input, signature)
         except (BadSignatureError, ValueError, TypeError):  # ValueError: not 64 bytes

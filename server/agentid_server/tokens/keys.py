@@ -9,11 +9,13 @@ import json
 import os
 import secrets
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from nacl.signing import VerifyKey
 
 from agentid_server.tokens.jwk import PublicKey, public_jwk, thumbprint
 
@@ -36,6 +38,16 @@ class SigningKey:
 
     def jwk(self) -> dict[str, str]:
         return {**public_jwk(self.public_key), "kid": self.kid, "alg": self.alg, "use": "sig"}
+
+    @cached_property
+    def ed25519_verifier(self) -> VerifyKey | None:
+        """An Ed25519 public key in libsodium's (PyNaCl's) form, made once and gone with the key;
+        None for other algorithms."""
+        public = self.public_key
+        if not isinstance(public, ed25519.Ed25519PublicKey):
+            return None
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return VerifyKey(raw)
 
 
 def generate_signing_key(alg: str, now: int) -> SigningKey:
