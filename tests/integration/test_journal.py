@@ -48,6 +48,45 @@ async def test_concurrent_appends_get_distinct_increasing_ids(journal: Journal) 
     assert ids == sorted(ids)  # queued order is id order
 
 
+@pytest.mark.parametrize("writer", ["inline", "thread"])
+async def test_concurrent_records_share_commits_and_each_caller_returns_after_its_own(
+    tmp_path: Path, writer: str
+) -> None:
+    """Group commit: 250 concurrent records go in a handful of transactions (at most max_batch
+    each), and every caller is answered only once another connection can read its record."""
+    path = tmp_path / "j.db"
+    engines = create_engines(f"sqlite+aiosqlite:///{path}", writer_busy_timeout=0.2)
+    await migrate(engines.main)
+    commits: list[int] = []
+    journal = Journal(
+        engines.main,
+        engines.sqlite_writer,
+        max_batch=100,
+        sqlite_inline=writer == "inline",
+        on_records=lambda rows: commits.append(len(rows)),
+    )
+    journal.start()
+    reader = sqlite3.connect(path)
+    unseen: list[int] = []
+
+    async def append_then_read(n: int) -> None:
+        record_id = await journal.append(event(n))
+        if reader.execute("SELECT 1 FROM audit_records WHERE id = ?", (record_id,)).fetchone():
+            return
+        unseen.append(record_id)
+
+    try:
+        await asyncio.gather(*(append_then_read(n) for n in range(250)))
+    finally:
+        reader.close()
+        await journal.stop()
+        await engines.dispose()
+    assert unseen == []
+    assert sum(commits) == 250
+    assert max(commits) <= 100
+    assert len(commits) <= 5  # not one transaction per record
+
+
 async def test_a_failing_job_rolls_back_alone(journal: Journal) -> None:
     def good(connection: Connection) -> JobResult[str]:
         connection.execute(text("INSERT INTO counters (name, value) VALUES ('good', 1)"))
