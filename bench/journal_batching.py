@@ -213,19 +213,19 @@ async def measure(records: int, rounds: int) -> dict[str, Any]:
     report: dict[str, Any] = {"sizes": {}, "raw_sqlite_us_per_row": {}}
     for n, values in raw.items():
         report["raw_sqlite_us_per_row"][n] = statistics.median(values)
-    for size, kinds in runs.items():
+    for label, kinds in runs.items():
         batched = statistics.median(r["us_per_record"] for r in kinds["batched"])
         grouped = statistics.median(r["us_per_record"] for r in kinds["group_commit"])
         ratios = [
             g["us_per_record"] / b["us_per_record"]
             for g, b in zip(kinds["group_commit"], kinds["batched"], strict=True)
         ]
-        report["sizes"][size] = {
+        report["sizes"][label] = {
             "batched_us_per_record": batched,
             "group_commit_us_per_record": grouped,
             "group_commit_vs_batched": round(statistics.median(ratios), 2),
             "mean_batch": statistics.median(r["mean_batch"] for r in kinds["group_commit"]),
-            "raw_sqlite_us_per_row": report["raw_sqlite_us_per_row"][size],
+            "raw_sqlite_us_per_row": report["raw_sqlite_us_per_row"][label],
             "rounds": kinds,
         }
     one = report["sizes"]["1"]["group_commit_us_per_record"]
