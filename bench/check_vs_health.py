@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     code = harness.code_under_test(args.commit)
     with harness.temporary_directory("agentid-bench-") as directory:
         source = harness.export_commit(args.commit, directory / "src") if args.commit else None
-        deployment = harness.create_deployment(directory, token_cache_size=1)
+        deployment = harness.create_deployment(
+            directory, token_cache_size=1, sqlite_writer=args.sqlite_writer
+        )
         argv = harness.serve_argv(args.venv, deployment.config, uvloop=args.uvloop)
         with harness.running_server(argv, directory / "server.log", source) as server:
             log(f"server pid {server.pid} on 127.0.0.1:{server.port}")
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.venv / "bin" / "python", ["grpcio", "protobuf", "uvloop", "PyJWT"]
             ),
             "event_loop": "uvloop" if args.uvloop else "asyncio",
+            "sqlite_writer": args.sqlite_writer,
             "token_cache_size": 1,
         },
         "client": {
@@ -174,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         "--commit", help="measure this revision's server/ (git archive), not the work tree"
     )
     parser.add_argument("--uvloop", action="store_true", help="run the server under uvloop")
+    parser.add_argument(
+        "--sqlite-writer",
+        choices=("inline", "thread"),
+        default="inline",
+        help="the server's database.sqlite_writer",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement, 64 in flight")
     parser.add_argument("--seconds-1", type=float, default=2.0, help="per measurement, 1 in flight")

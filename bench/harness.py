@@ -103,7 +103,11 @@ class Deployment:
 
 
 def create_deployment(
-    directory: Path, *, token_cache_size: int, roles: Sequence[str] = ("check",)
+    directory: Path,
+    *,
+    token_cache_size: int,
+    roles: Sequence[str] = ("check",),
+    sqlite_writer: str = "inline",
 ) -> Deployment:
     """Writes a KEK, a test IdP (Ed25519 key + JWKS), a service API key with ``roles`` (`check`
     by default; `admin` includes check and watch and may Revoke), an agent kind and the TOML
@@ -136,6 +140,7 @@ token_cache_size = {token_cache_size}
 
 [database]
 url = "sqlite+aiosqlite:///{directory}/agentid.db"
+sqlite_writer = "{sqlite_writer}"
 
 [tokens]
 issuer = "https://agentid.bench.invalid"
