@@ -44,6 +44,7 @@ from agentid_server.storage.database import (
 )
 from agentid_server.storage.journal import Journal
 from agentid_server.storage.notify import PeerListener
+from agentid_server.storage.proofs import ProofLedgerRepository
 from agentid_server.storage.repositories import (
     KeyRepository,
     RevocationRepository,
@@ -105,9 +106,11 @@ async def _housekeeping(
     step_ups: StepUpRepository,
     keys: _KeyRotation,
     clock: Clock,
+    ledger: ProofLedgerRepository | None = None,
 ) -> None:
-    """Periodically drops expired entries from the bitmap and old history from the table, and
-    marks step-ups past their expiry EXPIRED (their watchers hear of it)."""
+    """Periodically drops expired entries from the bitmap and old history from the table, marks
+    step-ups past their expiry EXPIRED (their watchers hear of it), rotates the signing key and
+    forgets spent proofs too old to verify again."""
     pruned_until = int(clock.now())  # the bitmap was loaded with live entries only
     while True:
         await asyncio.sleep(settings.revocation.prune_interval)
@@ -130,6 +133,11 @@ async def _housekeeping(
             await keys.run(now)
         except Exception as exc:
             log.warning("rotating signing keys failed (will retry): %s", type(exc).__name__)
+        if ledger is not None:
+            try:
+                await ledger.forget_before(now)
+            except Exception as exc:
+                log.warning("forgetting spent proofs failed (will retry): %s", type(exc).__name__)
 
 
 async def _signing_keys(
@@ -286,6 +294,8 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         for a in settings.agents
     }
     proofs = DpopVerifier()  # one replay cache for Check's proofs and callers' proofs
+    # Several replicas (PostgreSQL): a proof one of them accepted is spent for all, in the store.
+    ledger = ProofLedgerRepository(journal) if shared_store else None
     principals = [(s, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services]
     services = [(s.key_sha256, principal) for s, principal in principals if s.key_sha256]
     certified = {s.cert_identity: principal for s, principal in principals if s.cert_identity}
@@ -313,6 +323,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             audit=journal,
             clock=clock,
             max_token_bytes=settings.server.max_token_bytes,
+            proof_ledger=ledger,
         ),
         revoker=revoker,
         step_ups=step_ups,
@@ -334,6 +345,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         proofs=proofs,
         revocations=revocations,
         clock=clock,
+        proof_ledger=ledger,
     )
 
     server = grpc.aio.server(
@@ -372,6 +384,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             step_up_repo,
             _KeyRotation(ring, kek, KeyRepository(engine), journal, settings),
             clock,
+            ledger,
         ),
         name="housekeeping",
     )

@@ -27,6 +27,8 @@ from agentid_server.storage.notify import PeerListener, notify_step_ups
 from agentid_server.storage.rows import SEALED_COLUMNS, audit_row
 from agentid_server.storage.visibility import open_id_window
 from agentid_server.storage.writer_lock import WriterInUse
+from agentid_server.tokens.jwk import public_jwk, thumbprint
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -40,6 +42,7 @@ from tests.conftest import (
     make_settings,
     running_harness,
     start_harness,
+    struct,
 )
 from tests.integration.test_step_up import (
     RULES,
@@ -49,8 +52,10 @@ from tests.integration.test_step_up import (
     step_up,
     transfer,
 )
+from tests.security.test_proof_of_possession import proof
 
 URL = os.environ.get("AGENTID_TEST_POSTGRES_URL", "")
+POP_URI = "https://tickets.example/read"
 
 pytestmark = pytest.mark.skipif(
     not URL, reason="set AGENTID_TEST_POSTGRES_URL to a database the tests may wipe"
@@ -490,3 +495,73 @@ async def test_step_up_news_survives_a_failed_read() -> None:
     finally:
         await listener.stop()
         await engine.dispose()
+
+
+async def test_a_proof_one_replica_accepted_is_refused_by_the_other(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """A DPoP proof replayed to another replica (each remembers in memory only what it saw) is
+    refused there: spent in the store with the first decision, in the same commit."""
+    a, b = replicas
+    key = ec.generate_private_key(ec.SECP256R1())
+    session = await a.delegate(
+        scopes=["tickets.read"], jkt=thumbprint(public_jwk(key.public_key()))
+    )
+
+    async def check(h: Harness, pop: str) -> pb.CheckResponse:
+        return await h.check(
+            session.token, "tickets.read", pop_proof=pop, pop_method="POST", pop_uri=POP_URI
+        )
+
+    captured = proof(key, session.token, htu=POP_URI)
+    assert (await check(a, captured)).decision == pb.DECISION_ALLOW
+    replayed = await check(b, captured)
+    assert (replayed.decision, replayed.reason) == (
+        pb.DECISION_DENY,
+        pb.REASON_PROOF_OF_POSSESSION_FAILED,
+    )
+    assert replayed.matched_scope == ""
+    assert (await check(b, proof(key, session.token, htu=POP_URI))).decision == pb.DECISION_ALLOW
+    decisions = [
+        (r.decision, r.reason)
+        for r in await audit(a, session_id=session.session_id)
+        if r.event_type == pb.EVENT_TYPE_CHECK
+    ]
+    assert decisions == [
+        (pb.DECISION_ALLOW, pb.REASON_GRANTED),
+        (pb.DECISION_DENY, pb.REASON_PROOF_OF_POSSESSION_FAILED),
+        (pb.DECISION_ALLOW, pb.REASON_GRANTED),
+    ]
+
+    # A risky action (its step-up settled in a transaction of its own) spends the proof first.
+    risky = await a.delegate(
+        scopes=["payments.transfer"], jkt=thumbprint(public_jwk(key.public_key()))
+    )
+    big = proof(key, risky.token, htu=POP_URI)
+
+    async def transfer(h: Harness) -> pb.CheckResponse:
+        return await h.check(
+            risky.token, "payments.transfer", "account/42", pop_proof=big, pop_method="POST",
+            pop_uri=POP_URI, context=struct({"amount": 5000}),
+        )  # fmt: skip
+
+    assert (await transfer(a)).decision == pb.DECISION_STEP_UP_REQUIRED
+    again = await transfer(b)
+    assert (again.decision, again.reason, again.risk_rule) == (
+        pb.DECISION_DENY,
+        pb.REASON_PROOF_OF_POSSESSION_FAILED,
+        "",
+    )
+
+    # The same for the agent's own calls: a proof for WatchStepUps, replayed to the other replica.
+    def listing(pop: str) -> Any:
+        return (*bearer(session.token), ("dpop", pop))
+
+    method = "https://agentid.example/agentid.v1.AgentIdentityService/WatchStepUps"
+    used = proof(key, session.token, htu=method)
+    request = pb.WatchStepUpsRequest(current_only=True)
+    assert [r async for r in a.stub.WatchStepUps(request, metadata=listing(used))] == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        _ = [r async for r in b.stub.WatchStepUps(request, metadata=listing(used))]
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(caught.value).reason == "PROOF_OF_POSSESSION_FAILED"

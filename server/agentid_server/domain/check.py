@@ -24,6 +24,8 @@ from agentid_server.domain.ports import (
     AgentTokenVerifier,
     AuditLog,
     Clock,
+    ProofLedger,
+    ProofUse,
     ProofVerifier,
     SequenceWaiter,
     TokenRejected,
@@ -75,9 +77,13 @@ class Checker:
         audit: AuditLog,
         clock: Clock,
         max_token_bytes: int,
+        proof_ledger: ProofLedger | None = None,
     ) -> None:
+        """``proof_ledger``: where DPoP proofs are spent when several servers share the store
+        (each server's ``proofs`` remembers only what it saw itself)."""
         self._verifier = verifier
         self._proofs = proofs
+        self._ledger = proof_ledger
         self._revocations = revocations
         self._consistency = consistency
         self._risks = risks
@@ -96,9 +102,10 @@ class Checker:
         applied = self._revocations.applied_sequence
         claims: AgentClaims | None = None
         matched = rule = ""
+        proof: ProofUse | None = None
         try:
             claims = self._verified(request.token)
-            decision, reason, message, matched = self._decide(
+            decision, reason, message, matched, proof = self._decide(
                 claims, caller, request, action, resource, now
             )
             if decision is Decision.ALLOW and len(self._risks):
@@ -130,6 +137,15 @@ class Checker:
                 context=request.context,
             )
 
+        ledger = self._ledger if proof is not None else None
+        if ledger is not None and rule:  # settled below in a transaction of its own: spend first
+            assert proof is not None
+            try:
+                await ledger.spend(proof)
+            except TokenRejected as rejected:
+                decision, reason, message = Decision.DENY, rejected.reason, rejected.message
+                matched = rule = ""
+            ledger = None
         step_up_id = ""
         if rule and claims is not None:
             binding = binding_for(
@@ -139,6 +155,14 @@ class Checker:
             decision, reason, step_up_id = settled.decision, settled.reason, settled.step_up_id
             message = _STEP_UP_MESSAGES[reason].format(rule=rule)
             decision_id = settled.decision_id
+        elif ledger is not None:
+            assert proof is not None
+            spent, decision_id = await ledger.spend_and_record(
+                proof, event(decision, reason), event(Decision.DENY, _PROOF_REUSED)
+            )
+            if not spent:
+                decision, reason, message = Decision.DENY, _PROOF_REUSED, _PROOF_REUSED_MESSAGE
+                matched = ""
         else:
             decision_id = await self._audit.append(event(decision, reason))
         return CheckOutcome(
@@ -168,12 +192,14 @@ class Checker:
         action: tuple[str, ...],
         resource: tuple[str, ...],
         now: float,
-    ) -> tuple[Decision, Reason, str, str]:
+    ) -> tuple[Decision, Reason, str, str, ProofUse | None]:
+        """The decision, its reason, message and matching scope, and the proof it used."""
         check_token_times(claims, now)
         if claims.serial in self._revocations:
-            return Decision.DENY, Reason.SESSION_REVOKED, "the session has been revoked", ""
+            return Decision.DENY, Reason.SESSION_REVOKED, "the session has been revoked", "", None
+        proof = None
         if claims.jkt:
-            self._proofs.verify(
+            proof = self._proofs.verify(
                 request.pop_proof,
                 jkt=claims.jkt,
                 method=request.pop_method,
@@ -187,6 +213,7 @@ class Checker:
                 Reason.AUDIENCE_MISMATCH,
                 f"the token is not meant for audience {caller.audience!r}",
                 "",
+                proof,
             )
         scope = claims.scopes.first_match(action, resource)
         if scope is None:
@@ -195,8 +222,13 @@ class Checker:
                 Reason.SCOPE_NOT_GRANTED,
                 "no granted scope allows this action on this resource",
                 "",
+                proof,
             )
-        return Decision.ALLOW, Reason.GRANTED, f"allowed by scope {scope.text}", scope.text
+        return Decision.ALLOW, Reason.GRANTED, f"allowed by scope {scope.text}", scope.text, proof
+
+
+_PROOF_REUSED = Reason.PROOF_OF_POSSESSION_FAILED
+_PROOF_REUSED_MESSAGE = "the DPoP proof was already used"
 
 
 _STEP_UP_MESSAGES = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agentid_server.domain.model import AgentClaims, AuditEvent, Reason, SessionRecord
@@ -32,6 +33,16 @@ class AgentTokenVerifier(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ProofUse:
+    """A verified DPoP proof, used once: its key's thumbprint, its `jti`, and until when it must
+    stay spent (after that its `iat` is too old for it to verify again)."""
+
+    jkt: str
+    jti: str
+    until: float
+
+
 class ProofVerifier(Protocol):
     def verify(
         self,
@@ -43,9 +54,26 @@ class ProofVerifier(Protocol):
         token: str,
         now: float,
         path_only: bool = False,
-    ) -> None:
-        """Checks a DPoP proof (RFC 9449) for a token bound to ``jkt``; raises TokenRejected with
-        REASON_PROOF_OF_POSSESSION_FAILED. With ``path_only`` only the path of its htu counts."""
+    ) -> ProofUse:
+        """Checks a DPoP proof (RFC 9449) for a token bound to ``jkt``, and that this process has
+        not seen it before; raises TokenRejected with REASON_PROOF_OF_POSSESSION_FAILED. With
+        ``path_only`` only the path of its htu counts."""
+        ...
+
+
+class ProofLedger(Protocol):
+    """Spends each proof once across every server sharing the store (PostgreSQL replicas): a
+    proof seen by one replica must not be accepted by another. One server alone needs none."""
+
+    async def spend(self, use: ProofUse) -> None:
+        """Durably; raises TokenRejected (PROOF_OF_POSSESSION_FAILED) when already spent."""
+        ...
+
+    async def spend_and_record(
+        self, use: ProofUse, recorded: AuditEvent, refused: AuditEvent
+    ) -> tuple[bool, int]:
+        """Spends the proof and records ``recorded`` or, when it was already spent, ``refused``,
+        in one transaction; (whether it was spent now, the record's id)."""
         ...
 
 

@@ -129,3 +129,12 @@ step_ups = Table(
     Index("ix_step_ups_user_state", "user_id", "state"),
     Index("ix_step_ups_state_expiry", "state", "expires_at"),
 )
+
+spent_proofs = Table(
+    "spent_proofs",
+    metadata,
+    Column("jkt", String(64), primary_key=True),
+    Column("jti_sha256", String(64), primary_key=True),  # the proof's jti, hashed
+    Column("expires_at", BigInteger, nullable=False),  # when it may be forgotten
+    Index("ix_spent_proofs_expires", "expires_at"),
+)

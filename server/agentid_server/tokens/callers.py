@@ -15,7 +15,13 @@ from collections.abc import Iterable, Mapping
 from agentid_server.domain.check import check_token_times
 from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import AgentPrincipal, Principal, ServicePrincipal
-from agentid_server.domain.ports import AgentTokenVerifier, Clock, ProofVerifier, TokenRejected
+from agentid_server.domain.ports import (
+    AgentTokenVerifier,
+    Clock,
+    ProofLedger,
+    ProofVerifier,
+    TokenRejected,
+)
 from agentid_server.domain.revocation import RevocationSet
 from agentid_server.tokens.agent_tokens import AGENT_TOKEN_TYPE, json_object
 from agentid_server.tokens.idp import IdpVerifier
@@ -52,13 +58,16 @@ class CallerAuthenticator:
         proofs: ProofVerifier,
         revocations: RevocationSet,
         clock: Clock,
+        proof_ledger: ProofLedger | None = None,
     ) -> None:
+        """``proof_ledger``: where DPoP proofs are spent when several servers share the store."""
         self._services = dict(services)
         self._certified = dict(certified or {})
         self._known_keys: dict[str, ServicePrincipal] = {}
         self._users = users
         self._agents = agents
         self._proofs = proofs
+        self._ledger = proof_ledger
         self._revocations = revocations
         self._clock = clock
 
@@ -82,12 +91,12 @@ class CallerAuthenticator:
             )
         typ = _jwt_type(credential)
         if typ == AGENT_TOKEN_TYPE:
-            return self._agent(credential, proof, method)
+            return await self._agent(credential, proof, method)
         if typ is not None:
             return await self._users.verify(credential)
         return self._service(credential)
 
-    def _agent(self, token: str, proof: str, method: str) -> AgentPrincipal:
+    async def _agent(self, token: str, proof: str, method: str) -> AgentPrincipal:
         """A bound token (cnf.jkt) is the agent's only with a proof of its key, as in Check:
         htm POST (gRPC runs on HTTP POST) and htu whose path is the method's path."""
         now = self._clock.now()
@@ -95,10 +104,12 @@ class CallerAuthenticator:
             claims = self._agents.verify(token)
             check_token_times(claims, now)
             if claims.jkt:
-                self._proofs.verify(
+                use = self._proofs.verify(
                     proof, jkt=claims.jkt, method="POST", uri=method, token=token, now=now,
                     path_only=True,
                 )  # fmt: skip
+                if self._ledger is not None and claims.serial not in self._revocations:
+                    await self._ledger.spend(use)
         except TokenRejected as rejected:
             raise Unauthenticated(
                 f"agent token refused: {rejected.message}", reason=rejected.reason.name

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import jwt
 
 from agentid_server.domain.model import Reason
-from agentid_server.domain.ports import TokenRejected
+from agentid_server.domain.ports import ProofUse, TokenRejected
 from agentid_server.tokens.jwk import b64url, thumbprint
 
 PROOF_TYPE = "dpop+jwt"
@@ -52,7 +52,7 @@ class DpopVerifier:
         token: str,
         now: float,
         path_only: bool = False,
-    ) -> None:
+    ) -> ProofUse:
         """``path_only``: ``uri`` is a path, and only the path of the proof's htu must equal it
         (agentid's own methods, reached under whatever host a deployment gives it)."""
         if not proof:
@@ -93,9 +93,9 @@ class DpopVerifier:
         iat = claims.get("iat")
         if not isinstance(iat, int | float) or abs(now - iat) > self._max_age:
             raise _fail("the DPoP proof is stale or from the future")
-        self._remember(jkt, str(claims["jti"]), now)
+        return self._remember(jkt, str(claims["jti"]), now)
 
-    def _remember(self, jkt: str, jti: str, now: float) -> None:
+    def _remember(self, jkt: str, jti: str, now: float) -> ProofUse:
         key = (jkt, jti)
         seen = self._seen
         if key in seen and seen[key] > now:
@@ -105,4 +105,6 @@ class DpopVerifier:
                 del seen[old]
             while len(seen) >= self._capacity:
                 del seen[next(iter(seen))]
-        seen[key] = now + 2 * self._max_age
+        until = now + 2 * self._max_age  # iat may be max_age ahead, and max_age old at most
+        seen[key] = until
+        return ProofUse(jkt, jti, until)
