@@ -53,9 +53,9 @@ def serve(build: str, config: str) -> int:
     if build == "bare":
         original = handlers._unary
 
-        def unary(call: Any, behavior: Any) -> Any:
+        def unary(call: Any, behavior: Any, observer: Any) -> Any:
             if call.name != "Check":
-                return original(call, behavior)
+                return original(call, behavior, observer)
             return grpc.unary_unary_rpc_method_handler(
                 empty_check, request_deserializer=None, response_serializer=handlers._serialize
             )

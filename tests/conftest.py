@@ -22,6 +22,7 @@ from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
 from agentid_server.app import Running, build_server
 from agentid_server.config import Settings, settings_from_mapping
+from agentid_server.telemetry import Telemetry
 from agentid_server.tokens.callers import api_key_digest
 from agentid_server.tokens.jwk import b64url
 from agentid_server.tokens.keys import new_kek
@@ -262,9 +263,16 @@ def clock() -> FakeClock:
 
 
 async def start_harness(
-    tmp_path: Path, idp: IdpFixture, clock: FakeClock, settings: Settings | None = None
+    tmp_path: Path,
+    idp: IdpFixture,
+    clock: FakeClock,
+    settings: Settings | None = None,
+    *,
+    telemetry: Telemetry | None = None,
 ) -> Harness:
-    running = await build_server(settings or make_settings(tmp_path, idp), clock=clock)
+    running = await build_server(
+        settings or make_settings(tmp_path, idp), clock=clock, telemetry=telemetry
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(
         running, channel, agentid_pb2_grpc.AgentIdentityServiceStub(channel), idp, clock, tmp_path
@@ -291,12 +299,13 @@ async def running_harness(
     settings: Settings | None = None,
     *,
     mutate: Mutator | None = None,
+    telemetry: Telemetry | None = None,
 ) -> AsyncIterator[Harness]:
     """A started harness (the test config, changed by ``mutate``), closed and stopped on the
     way out."""
     if mutate is not None:
         settings = make_settings(tmp_path, idp, mutate)
-    h = await start_harness(tmp_path, idp, clock, settings)
+    h = await start_harness(tmp_path, idp, clock, settings, telemetry=telemetry)
     try:
         yield h
     finally:

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
+from agentid_server import __version__
 from agentid_server.api.handlers import build_handler
 from agentid_server.api.method_policy import SERVICE
 from agentid_server.api.reflection import enable_reflection
@@ -51,6 +52,7 @@ from agentid_server.storage.repositories import (
     SessionRepository,
 )
 from agentid_server.storage.stepups import StepUpRepository
+from agentid_server.telemetry import Telemetry
 from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
 from agentid_server.tokens.callers import CallerAuthenticator
 from agentid_server.tokens.dpop import DpopVerifier
@@ -82,6 +84,7 @@ class Running:
     hubs: list[RevocationHub | StepUpHub | AuditHub | Doorbell]  # closed first: streams end
     housekeeping: asyncio.Task[None]
     listener: PeerListener | None = None  # PostgreSQL: what the other replicas committed
+    telemetry: Telemetry | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: stop taking calls, end watch streams cleanly, let in-flight calls finish,
@@ -97,6 +100,8 @@ class Running:
             await self.listener.stop()
         await self.journal.stop()
         await self.engines.dispose()
+        if self.telemetry is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
 
 
 async def _housekeeping(
@@ -186,9 +191,15 @@ class _KeyRotation:
         log.info("rotated the signing key: %s retired, %s active", old.kid, new.kid)
 
 
-async def build_server(settings: Settings, *, clock: Clock | None = None) -> Running:
-    """Builds and starts the server described by ``settings``; port 0 picks a free port."""
+async def build_server(
+    settings: Settings, *, clock: Clock | None = None, telemetry: Telemetry | None = None
+) -> Running:
+    """Builds and starts the server described by ``settings``; port 0 picks a free port.
+    ``telemetry``: given, it observes every call; else one exporting to
+    `telemetry.otlp_endpoint` when that is set, else none."""
     clock = clock or SystemClock()
+    if telemetry is None and settings.telemetry.otlp_endpoint:
+        telemetry = Telemetry(settings.telemetry, version=__version__)
     now = int(clock.now())
     inline = settings.database.sqlite_writer == "inline"
     engines = create_engines(
@@ -336,6 +347,7 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         jwks=ring.jwks,
         max_consistency_wait=settings.server.max_consistency_wait,
         max_context_bytes=settings.server.max_context_bytes,
+        on_decision=telemetry.decided if telemetry is not None else None,
     )
     authn = CallerAuthenticator(
         services=services,
@@ -354,7 +366,9 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
             ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((build_handler(servicer, authn),))
+    server.add_generic_rpc_handlers((build_handler(servicer, authn, telemetry),))
+    if telemetry is not None:
+        _observe(telemetry, journal, revocations)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME])
     port = _listen(server, settings)
@@ -399,6 +413,35 @@ async def build_server(settings: Settings, *, clock: Clock | None = None) -> Run
         [hub, step_up_hub, audit_hub, *([audit_bell] if audit_bell is not None else [])],
         housekeeping,
         listener,
+        telemetry,
+    )
+
+
+def _observe(telemetry: Telemetry, journal: Journal, revocations: RevocationSet) -> None:
+    """The metrics read from the running parts when the exporter collects."""
+    telemetry.gauge(
+        "agentid.audit.store.healthy",
+        lambda: 1.0 if journal.healthy else 0.0,
+        "1",
+        "1 while the audit store takes writes, 0 while it fails them (health is NOT_SERVING)",
+    )
+    telemetry.counter(
+        "agentid.audit.records",
+        lambda: journal.records_committed,
+        "{record}",
+        "Audit records committed by this server",
+    )
+    telemetry.gauge(
+        "agentid.revocations.revoked",
+        lambda: float(len(revocations)),
+        "{session}",
+        "Revoked sessions not yet expired, in the revocation set",
+    )
+    telemetry.gauge(
+        "agentid.revocations.applied_sequence",
+        lambda: float(revocations.applied_sequence),
+        "1",
+        "The last revocation sequence applied here (compare replicas to see one lag)",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -143,6 +144,18 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    # OpenTelemetry export over OTLP/gRPC, e.g. "http://127.0.0.1:4317"; empty: nothing leaves
+    # the process (and calls pay nothing for telemetry).
+    otlp_endpoint: str = ""
+    service_name: str = "agentid"
+    # Of the calls whose caller sent no sampled W3C traceparent, the share traced; a caller's
+    # sampled traceparent is always followed.
+    trace_ratio: float = 0.0
+    metric_interval: float = 30.0
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str = "<defaults>"
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -151,6 +164,7 @@ class Settings:
     step_up: StepUpSettings = field(default_factory=StepUpSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     revocation: RevocationSettings = field(default_factory=RevocationSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     idps: tuple[IdpSettings, ...] = ()
     services: tuple[ServiceSettings, ...] = ()
     agents: tuple[AgentSettings, ...] = ()
@@ -181,6 +195,10 @@ _SCALARS: dict[str, dict[str, str]] = {
     "revocation": {
         "watch_buffer": "int", "prune_interval": "duration", "history_retention": "duration",
         "poll_interval": "duration",
+    },
+    "telemetry": {
+        "otlp_endpoint": "str", "service_name": "str", "trace_ratio": "float",
+        "metric_interval": "duration",
     },
 }  # fmt: skip
 _ARRAYS = {"idp", "services", "agents", "risk"}
@@ -235,6 +253,13 @@ def _convert(value: Any, kind: str) -> Any:
         if seconds <= 0:
             raise ValueError("must be positive")
         return seconds
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise TypeError("must be a number")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError("must be a finite number")
+        return number
     if kind == "list":
         if isinstance(value, str):
             return tuple(v for v in re.split(r"[\s,]+", value) if v)
@@ -273,6 +298,7 @@ def settings_from_mapping(
         step_up=_build(StepUpSettings, sections["step_up"]),
         audit=_build(AuditSettings, sections["audit"]),
         revocation=_build(RevocationSettings, sections["revocation"]),
+        telemetry=_build(TelemetrySettings, sections["telemetry"]),
         idps=tuple(_idp(r) for r in _array(data, "idp", source)),
         services=tuple(_service(r) for r in _array(data, "services", source)),
         agents=tuple(_agent(r) for r in _array(data, "agents", source)),
@@ -425,6 +451,15 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise sections["database"].fail("sqlite_synchronous", "must be NORMAL, FULL or EXTRA")
     if s.database.sqlite_writer not in ("inline", "thread"):
         raise sections["database"].fail("sqlite_writer", "must be inline or thread")
+    telemetry = sections["telemetry"]
+    if not 0.0 <= s.telemetry.trace_ratio <= 1.0:
+        raise telemetry.fail("trace_ratio", "must be between 0 and 1")
+    if s.telemetry.otlp_endpoint:
+        parts = urlsplit(s.telemetry.otlp_endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise telemetry.fail("otlp_endpoint", "must be an http(s)://host:port URL")
+    if not s.telemetry.service_name:
+        raise telemetry.fail("service_name", "is required")
     _unique(s, "services", [x.name for x in s.services], "name")
     _unique(s, "services", [x.key_sha256 for x in s.services], "key_sha256")
     _unique(s, "services", [x.cert_identity for x in s.services], "cert_identity")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agentid_server.config import ConfigError, load_settings, parse_duration, settings_from_mapping
@@ -178,3 +179,36 @@ def test_a_service_identified_by_certificate_needs_mtls() -> None:
 def test_jwks_urls_that_are_https_or_loopback_are_accepted(tmp_path: Path, url: str) -> None:
     text = GOOD.replace('jwks_file = "var/dev/idp-jwks.json"', f'jwks_url = "{url}"')
     assert load_settings(write(tmp_path, text), environ={}).idps[0].jwks_url == url
+
+
+@pytest.mark.parametrize(
+    ("telemetry", "key", "problem"),
+    [
+        ({"trace_ratio": 1.5}, "telemetry.trace_ratio", "between 0 and 1"),
+        ({"trace_ratio": "often"}, "telemetry.trace_ratio", "could not convert"),
+        ({"trace_ratio": "nan"}, "telemetry.trace_ratio", "finite"),
+        ({"otlp_endpoint": "collector:4317"}, "telemetry.otlp_endpoint", "http(s)://host:port"),
+        ({"otlp_endpoint": "ftp://collector:4317"}, "telemetry.otlp_endpoint", "http(s)"),
+        ({"service_name": ""}, "telemetry.service_name", "required"),
+        ({"metric_interval": "0s"}, "telemetry.metric_interval", "positive"),
+        ({"exporter": "zipkin"}, "telemetry.exporter", "unknown key"),
+    ],
+)
+def test_telemetry_settings_are_checked(telemetry: dict[str, Any], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"telemetry": telemetry}, "x.toml", {})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+def test_telemetry_is_off_unless_an_endpoint_is_given() -> None:
+    assert settings_from_mapping({}, "x.toml", {}).telemetry.otlp_endpoint == ""
+    settings = settings_from_mapping(
+        {"telemetry": {"otlp_endpoint": "https://otel.example:4317", "trace_ratio": 0.25}},
+        "x.toml",
+        {"AGENTID_TELEMETRY_SERVICE_NAME": "agentid-eu"},
+    )
+    assert (settings.telemetry.trace_ratio, settings.telemetry.service_name) == (
+        0.25,
+        "agentid-eu",
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 from agentid.v1 import agentid_pb2
@@ -33,6 +33,15 @@ class Authenticator(Protocol):
         proof: str = "",
         method: str = "",
     ) -> Principal: ...
+
+
+class CallObserver(Protocol):
+    """Telemetry of calls (telemetry.Telemetry): ``begin`` starts one and returns the function
+    that ends it with its status code (None: OK)."""
+
+    def begin(
+        self, method: str, metadata: Iterable[tuple[str, Any]] | None
+    ) -> Callable[[grpc.StatusCode | None], None]: ...
 
 
 def call_credentials(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str | None, str]:
@@ -103,7 +112,7 @@ class _Call:
 
 
 def _unary(
-    call: _Call, behavior: Callable[..., Awaitable[Message]]
+    call: _Call, behavior: Callable[..., Awaitable[Message]], observer: CallObserver | None
 ) -> grpc.RpcMethodHandler[Any, Any]:
     async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         try:
@@ -115,13 +124,23 @@ def _unary(
             await _fail(context, call.name, exc)
             raise  # unreachable: abort raises
 
+    async def observed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        assert observer is not None
+        finish = observer.begin(call.name, context.invocation_metadata())
+        try:
+            return await handle(raw, context)
+        finally:
+            finish(_status_code(context))
+
     return grpc.unary_unary_rpc_method_handler(
-        handle, request_deserializer=None, response_serializer=_serialize
+        handle if observer is None else observed,
+        request_deserializer=None,
+        response_serializer=_serialize,
     )
 
 
 def _server_stream(
-    call: _Call, behavior: Callable[..., AsyncIterator[Message]]
+    call: _Call, behavior: Callable[..., AsyncIterator[Message]], observer: CallObserver | None
 ) -> grpc.RpcMethodHandler[Any, Any]:
     async def handle(
         raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
@@ -135,17 +154,42 @@ def _server_stream(
         except Exception as exc:
             await _fail(context, call.name, exc)
 
+    async def observed(
+        raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Message]:
+        assert observer is not None
+        finish = observer.begin(call.name, context.invocation_metadata())
+        try:
+            async for response in handle(raw, context):
+                yield response
+        finally:
+            finish(_status_code(context))
+
     return grpc.unary_stream_rpc_method_handler(
-        handle, request_deserializer=None, response_serializer=_serialize
+        handle if observer is None else observed,
+        request_deserializer=None,
+        response_serializer=_serialize,
     )
+
+
+def _status_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
+    """The status the call ended with: set by abort; None when it ended well; CANCELLED when
+    the client went away first."""
+    code = cast("grpc.StatusCode | None", context.code())  # None until a status is set
+    if code is None and context.cancelled():
+        return grpc.StatusCode.CANCELLED
+    return code if isinstance(code, grpc.StatusCode) else None
 
 
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def build_handler(servicer: object, authn: Authenticator) -> grpc.GenericRpcHandler[Any, Any]:
-    """The generic handler for every RPC of the service descriptor, policy applied."""
+def build_handler(
+    servicer: object, authn: Authenticator, observer: CallObserver | None = None
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """The generic handler for every RPC of the service descriptor, policy applied; with an
+    ``observer``, every call is traced and timed."""
     service = agentid_pb2.DESCRIPTOR.services_by_name["AgentIdentityService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
@@ -154,7 +198,7 @@ def build_handler(servicer: object, authn: Authenticator) -> grpc.GenericRpcHand
         )
         behavior = getattr(servicer, method.name)
         if method.server_streaming:
-            handlers[method.name] = _server_stream(call, behavior)
+            handlers[method.name] = _server_stream(call, behavior, observer)
         else:
-            handlers[method.name] = _unary(call, behavior)
+            handlers[method.name] = _unary(call, behavior, observer)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)

@@ -128,8 +128,11 @@ class AgentIdentityServicer:
         jwks: Callable[[], str],
         max_consistency_wait: float,
         max_context_bytes: int,
+        on_decision: Callable[[str, str, str], None] | None = None,
     ) -> None:
+        """``on_decision``: told each Check's decision, reason and session id (telemetry)."""
         self._delegator = delegator
+        self._on_decision = on_decision
         self._checker = checker
         self._revoker = revoker
         self._step_ups = step_ups
@@ -186,6 +189,10 @@ class AgentIdentityServicer:
             ),
         )
         claims = outcome.claims
+        if self._on_decision is not None:
+            self._on_decision(
+                outcome.decision.name, outcome.reason.name, claims.session_id if claims else ""
+            )
         return pb.CheckResponse(
             decision=pb.Decision.ValueType(outcome.decision),
             reason=pb.Reason.ValueType(outcome.reason),

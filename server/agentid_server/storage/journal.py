@@ -144,6 +144,7 @@ class Journal:
         self._probe: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None  # SQLite: the writer's lock file, held until stop
         self.backend_pid: int | None = None  # PostgreSQL: the writer connection's server process
+        self.records_committed = 0  # audit records, since start (telemetry)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -336,6 +337,7 @@ class Journal:
             self._set_health(True)
         if self._pending_records:
             records, self._pending_records = self._pending_records, []
+            self.records_committed += len(records)
             try:
                 self._published(records)
             except Exception:  # a listener's fault must not cost the writer or the callers
