@@ -153,6 +153,8 @@ class TelemetrySettings:
     # sampled traceparent is always followed.
     trace_ratio: float = 0.0
     metric_interval: float = 30.0
+    # How long one export may take, retries included (it bounds the flush at shutdown too).
+    export_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "telemetry": {
         "otlp_endpoint": "str", "service_name": "str", "trace_ratio": "float",
-        "metric_interval": "duration",
+        "metric_interval": "duration", "export_timeout": "duration",
     },
 }  # fmt: skip
 _ARRAYS = {"idp", "services", "agents", "risk"}

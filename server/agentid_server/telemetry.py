@@ -67,16 +67,19 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            insecure = urlsplit(settings.otlp_endpoint).scheme == "http"
+            endpoint, timeout = settings.otlp_endpoint, settings.export_timeout
+            insecure = urlsplit(endpoint).scheme == "http"
             readers.append(
                 PeriodicExportingMetricReader(
-                    OTLPMetricExporter(endpoint=settings.otlp_endpoint, insecure=insecure),
+                    OTLPMetricExporter(endpoint=endpoint, insecure=insecure, timeout=timeout),
                     export_interval_millis=settings.metric_interval * 1000,
+                    export_timeout_millis=timeout * 1000,
                 )
             )
             processors.append(
                 BatchSpanProcessor(
-                    OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=insecure)
+                    OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout),
+                    export_timeout_millis=timeout * 1000,
                 )
             )
         self._tracer_provider = TracerProvider(

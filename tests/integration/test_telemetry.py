@@ -5,6 +5,8 @@ OTLP export itself, received by a collector of the tests' own."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from tests.conftest import (
     bearer,
     make_settings,
     running_harness,
+    start_harness,
     with_config,
 )
 
@@ -192,3 +195,29 @@ async def test_telemetry_is_exported_over_otlp(
         assert {"agentid.check.decisions", "rpc.server.duration"} <= set(collector.metrics)
     finally:
         await server.stop(None)
+
+
+async def test_a_collector_that_is_down_costs_calls_nothing_and_holds_the_stop_briefly(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Exports run beside the calls; a collector that refuses them is given up on after
+    telemetry.export_timeout, at the latest when the server stops."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    telemetry = {
+        "otlp_endpoint": f"http://127.0.0.1:{port}",
+        "trace_ratio": 1.0,
+        "export_timeout": "300ms",
+    }
+    settings = make_settings(tmp_path, idp, with_config(telemetry=telemetry))
+    h = await start_harness(tmp_path, idp, clock, settings)
+    try:
+        session = await h.delegate(scopes=["tickets.read"])
+        for _ in range(20):
+            assert (await h.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    finally:
+        await h.channel.close()
+        started = time.monotonic()
+        await h.running.stop(grace=1)
+    assert time.monotonic() - started < 10  # not the exporters' default retries of a minute
