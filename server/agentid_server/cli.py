@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from agentid_server import audit_cli, stepups_cli
 from agentid_server.config import ConfigError, Settings, load_settings, parse_duration
@@ -58,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     audit_cli.add_parser(commands)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging("text")
     try:
         return int(args.run(args))
     except (ConfigError, KeyMaterialError) as exc:
@@ -69,8 +67,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def configure_logging(log_format: str, stream: TextIO | None = None) -> None:
+    """Log lines to ``stream`` (stderr): readable text, or one JSON object per line carrying
+    the trace and span ids of the call being served when it is traced."""
+    handler = logging.StreamHandler(stream)
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter  # only the server's own logs use them
+
+        from agentid_server.telemetry import TraceIds
+
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+        handler.addFilter(TraceIds())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    configure_logging(settings.server.log_format)
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         import uvloop

@@ -61,6 +61,9 @@ class ServerSettings:
     event_loop: str = "asyncio"
     # A request's `context` (Check, StepUp) is recorded with every decision: its size is capped.
     max_context_bytes: int = 16 * 1024
+    # "text" for people, "json" (one object per line, with the trace and span ids of the call
+    # being served when it is traced) for log pipelines.
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "max_token_bytes": "int", "max_message_bytes": "int",
         "max_consistency_wait": "duration", "shutdown_grace": "duration",
         "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
+        "log_format": "str",
     },
     "database": {
         "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
@@ -425,6 +429,8 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise server.fail("tls_cert", "tls_cert and tls_key go together")
     if s.server.client_ca and not s.server.tls_cert:
         raise server.fail("client_ca", "mTLS needs tls_cert and tls_key too")
+    if s.server.log_format not in ("text", "json"):
+        raise server.fail("log_format", "must be text or json")
     if s.server.event_loop not in ("asyncio", "uvloop"):
         raise server.fail("event_loop", "must be asyncio or uvloop")
     if s.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:

@@ -12,6 +12,7 @@ session id (as the audit trail does). Never a token, API key, proof or request b
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -190,3 +191,14 @@ class Telemetry:
         """Exports what is left and stops the exporters."""
         self._tracer_provider.shutdown()
         self._meter_provider.shutdown()
+
+
+class TraceIds(logging.Filter):
+    """Adds `trace_id` and `span_id` to a log record made while a traced call is served."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            record.trace_id = f"{span_context.trace_id:032x}"
+            record.span_id = f"{span_context.span_id:016x}"
+        return True

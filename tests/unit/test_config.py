@@ -111,6 +111,7 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
         ("[step_up]", "[audit]\nmax_batch = 0\n[step_up]", "audit.max_batch", "at least 1"),
         ("[tokens]", "token_cache_size = 0\n[tokens]", "server.token_cache_size", "at least 1"),
         ("[tokens]", "max_context_bytes = 0\n[tokens]", "server.max_context_bytes", "at least 1"),
+        ("[tokens]", 'log_format = "xml"\n[tokens]', "server.log_format", "text or json"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_the_key(
