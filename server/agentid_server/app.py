@@ -363,7 +363,7 @@ async def build_server(
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.server.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.server.reuse_port else 0),
         ]
     )
     server.add_generic_rpc_handlers((build_handler(servicer, authn, telemetry),))
@@ -371,7 +371,14 @@ async def build_server(
         _observe(telemetry, journal, revocations)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME])
-    port = _listen(server, settings)
+    try:
+        port = _listen(server, settings)
+    except BaseException:
+        await journal.stop()
+        await engines.dispose()
+        if telemetry is not None:
+            telemetry.shutdown()
+        raise
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -447,17 +454,34 @@ def _observe(telemetry: Telemetry, journal: Journal, revocations: RevocationSet)
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:
     s = settings.server
-    if s.tls_cert:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
-            root_certificates=Path(s.client_ca).read_bytes() if s.client_ca else None,
-            require_client_auth=bool(s.client_ca),
-        )
-        port = server.add_secure_port(s.listen, credentials)
-    else:
-        if not is_loopback(s.listen):
-            log.warning("serving %s without TLS: set server.tls_cert and server.tls_key", s.listen)
-        port = server.add_insecure_port(s.listen)
+    try:
+        if s.tls_cert:
+            try:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
+                    root_certificates=Path(s.client_ca).read_bytes() if s.client_ca else None,
+                    require_client_auth=bool(s.client_ca),
+                )
+            except OSError as exc:
+                raise CannotListen(
+                    f"cannot read {exc.filename} (server TLS): {exc.strerror}"
+                ) from None
+            port = server.add_secure_port(s.listen, credentials)
+        else:
+            if not is_loopback(s.listen):
+                log.warning(
+                    "serving %s without TLS: set server.tls_cert and server.tls_key", s.listen
+                )
+            port = server.add_insecure_port(s.listen)
+    except RuntimeError:  # grpcio's way of saying the bind failed
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {s.listen}")
+        raise CannotListen(
+            f"cannot listen on {s.listen}: the address is taken (another server?) or not"
+            " this host's; several processes share one only with server.reuse_port = true"
+        )
     return port
+
+
+class CannotListen(Exception):
+    """The server's address cannot be bound (taken, or not an address of this host)."""

@@ -108,12 +108,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_until_signalled(settings: Settings) -> int:
     # imported here: the dev commands need none of it
-    from agentid_server.app import build_server
+    from agentid_server.app import CannotListen, build_server
     from agentid_server.storage.writer_lock import WriterInUse
 
     try:
         running = await build_server(settings)
-    except WriterInUse as exc:
+    except (WriterInUse, CannotListen) as exc:
         print(f"agentid: {exc}", file=sys.stderr)
         return 2
     stop = asyncio.Event()

@@ -64,6 +64,9 @@ class ServerSettings:
     # "text" for people, "json" (one object per line, with the trace and span ids of the call
     # being served when it is traced) for log pipelines.
     log_format: str = "text"
+    # SO_REUSEPORT: several processes of one host serve one address (PostgreSQL, one
+    # audit.chain_id each); off, a second server on a taken address stops at start.
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "max_token_bytes": "int", "max_message_bytes": "int",
         "max_consistency_wait": "duration", "shutdown_grace": "duration",
         "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
-        "log_format": "str",
+        "log_format": "str", "reuse_port": "bool",
     },
     "database": {
         "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
@@ -259,6 +262,12 @@ def _convert(value: Any, kind: str) -> Any:
         if seconds <= 0:
             raise ValueError("must be positive")
         return seconds
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"  # from the environment
+        raise TypeError("must be true or false")
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise TypeError("must be a number")

@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
+from agentid.v1 import agentid_pb2_grpc
+from agentid_server.app import CannotListen
 from agentid_server.config import Settings
 from agentid_server.domain.model import ActorKind, AuditEvent, Decision, EventType
 from agentid_server.storage import tables
@@ -34,11 +36,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import (
     ADMIN_KEY,
+    CHECK_KEY,
     FakeClock,
     Harness,
     IdpFixture,
     bearer,
     error_info,
+    free_port,
     make_settings,
     running_harness,
     start_harness,
@@ -565,3 +569,43 @@ async def test_a_proof_one_replica_accepted_is_refused_by_the_other(
         _ = [r async for r in b.stub.WatchStepUps(request, metadata=listing(used))]
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_info(caught.value).reason == "PROOF_OF_POSSESSION_FAILED"
+
+
+async def test_processes_of_one_host_share_an_address_with_reuse_port(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """SO_REUSEPORT: two processes' servers (each its own chain) on one address, the kernel
+    spreading connections over them; without it, the second stops at start."""
+    await wipe(URL)
+    address = f"127.0.0.1:{free_port()}"
+
+    def on_the_address(chain: str, reuse_port: bool) -> Settings:
+        settings = replica(tmp_path, idp, chain)
+        server = dataclasses.replace(settings.server, listen=address, reuse_port=reuse_port)
+        return dataclasses.replace(settings, server=server)
+
+    async with (
+        running_harness(tmp_path, idp, clock, on_the_address("host-1", True)) as a,
+        running_harness(tmp_path, idp, clock, on_the_address("host-2", True)) as b,
+    ):
+        assert a.running.port == b.running.port
+        session = await a.delegate(scopes=["tickets.read"])
+        for _ in range(24):  # new connections, spread by the kernel (all on one: p = 2^-23)
+            async with grpc.aio.insecure_channel(
+                address, options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as channel:
+                stub = agentid_pb2_grpc.AgentIdentityServiceStub(channel)
+                answer = await stub.Check(
+                    pb.CheckRequest(token=session.token, action="tickets.read"),
+                    metadata=bearer(CHECK_KEY),
+                )
+                assert answer.decision == pb.DECISION_ALLOW
+        checks = [
+            r
+            for r in await audit(a, session_id=session.session_id)
+            if r.event_type == pb.EVENT_TYPE_CHECK
+        ]
+        assert len(checks) == 24
+        assert {r.chain_id for r in checks} == {"host-1", "host-2"}  # both served
+        with pytest.raises(CannotListen):
+            await start_harness(tmp_path, idp, clock, on_the_address("host-3", False))

@@ -4,9 +4,11 @@ and the dev helpers `make run` uses."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
+from agentid_server.app import CannotListen
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
@@ -262,3 +265,45 @@ def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path, event_loop: str) 
     assert "stopped" in stderr
     assert key not in stderr  # no secret in the log
     assert token.stdout.strip() not in stderr
+
+
+async def test_a_taken_address_stops_the_start_cleanly(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Not a traceback: a clear error (the CLI prints it and exits 2), and nothing left held,
+    so the same database serves at once from a free address."""
+    settings = make_settings(tmp_path, idp)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        busy = dataclasses.replace(
+            settings, server=dataclasses.replace(settings.server, listen=address)
+        )
+        with pytest.raises(CannotListen, match=f"cannot listen on {address}"):
+            await start_harness(tmp_path, idp, clock, busy)
+    async with running_harness(tmp_path, idp, clock, settings) as h:  # the lock was let go
+        session = await h.delegate(scopes=["tickets.read"])
+        assert (await h.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+def test_serve_on_a_taken_address_exits_2_saying_so(tmp_path: Path) -> None:
+    assert run_cli("dev", "init", cwd=tmp_path).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
+        env["AGENTID_SERVER_LISTEN"] = address
+        result = subprocess.run(
+            [*AGENTID, "serve", "--config", "var/dev/agentid.toml"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert f"agentid: cannot listen on {address}" in result.stderr
+    assert "Traceback" not in result.stderr
