@@ -213,3 +213,15 @@ def test_telemetry_is_off_unless_an_endpoint_is_given() -> None:
         0.25,
         "agentid-eu",
     )
+
+
+def test_reuse_port_is_a_boolean_also_from_the_environment() -> None:
+    assert not settings_from_mapping({}, "x.toml", {}).server.reuse_port
+    on = settings_from_mapping({}, "x.toml", {"AGENTID_SERVER_REUSE_PORT": "true"})
+    assert on.server.reuse_port
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"server": {"reuse_port": "yes"}}, "x.toml", {})
+    assert (caught.value.key, caught.value.problem) == (
+        "server.reuse_port",
+        "must be true or false",
+    )
