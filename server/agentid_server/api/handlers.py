@@ -181,8 +181,11 @@ def _status_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode
     return code if isinstance(code, grpc.StatusCode) else None
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+def _serialize(message: Message | bytes) -> bytes:
+    """A response; bytes are one already serialized (a revocation sent to every watcher)."""
+    if type(message) is bytes:
+        return message
+    return cast(Message, message).SerializeToString()
 
 
 def build_handler(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import grpc
@@ -114,6 +115,13 @@ def revocation_event(revocation: Revocation) -> pb.RevocationEvent:
         revoked_at=timestamp(revocation.revoked_at),
         expires_at=timestamp(revocation.expires_at),
     )
+
+
+@lru_cache(maxsize=4096)
+def watched_event_bytes(revocation: Revocation) -> bytes:
+    """A live revocation as every watcher's stream sends it, built and serialized once for all of
+    them (the stream's serializer passes bytes through)."""
+    return pb.WatchRevocationsResponse(event=revocation_event(revocation)).SerializeToString()
 
 
 class AgentIdentityServicer:
@@ -279,7 +287,7 @@ class AgentIdentityServicer:
 
     async def WatchRevocations(
         self, request: pb.WatchRevocationsRequest, context: Context, principal: Principal
-    ) -> AsyncIterator[pb.WatchRevocationsResponse]:
+    ) -> AsyncIterator[pb.WatchRevocationsResponse | bytes]:
         async for item in self._revoker.watch(request.after_sequence):
             if isinstance(item, Snapshot):
                 yield pb.WatchRevocationsResponse(
@@ -290,7 +298,7 @@ class AgentIdentityServicer:
                     )
                 )
             else:
-                yield pb.WatchRevocationsResponse(event=revocation_event(item))
+                yield watched_event_bytes(item)
 
     async def Audit(
         self, request: pb.AuditRequest, context: Context, principal: Principal
