@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, and_, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.audit import AuditQuery, AuditRecord, Verification
@@ -28,9 +28,14 @@ class AuditRepository:
         self._wait = wait_for_writers
 
     async def query(self, query: AuditQuery) -> list[AuditRecord]:
+        statement = self.statement(query, await horizon(self._engine, self._wait))
+        return [record_from_row(row) for row in await read_all(self._engine, statement)]
+
+    @staticmethod
+    def statement(query: AuditQuery, top: int | None) -> Select[Any]:
+        """The SELECT answering ``query``, up to id ``top`` when one is given."""
         a = tables.audit_records
         conditions = [a.c.id > query.after_id]
-        top = await horizon(self._engine, self._wait)
         if top is not None:
             conditions.append(a.c.id <= top)
         if query.session_ids:
@@ -39,7 +44,8 @@ class AuditRepository:
                 or_(
                     a.c.session_id.in_(sessions),
                     and_(
-                        a.c.event_type == int(EventType.DELEGATE),
+                        # A literal: PostgreSQL's generic plans see the partial index's condition.
+                        a.c.event_type == literal_column(str(int(EventType.DELEGATE))),
                         a.c.parent_session_id.in_(sessions),
                     ),
                 )
@@ -54,8 +60,7 @@ class AuditRepository:
             conditions.append(a.c.time_us >= query.since_us)
         if query.until_us is not None:
             conditions.append(a.c.time_us < query.until_us)
-        statement = select(a).where(*conditions).order_by(a.c.id).limit(query.limit)
-        return [record_from_row(row) for row in await read_all(self._engine, statement)]
+        return select(a).where(*conditions).order_by(a.c.id).limit(query.limit)
 
     async def subtree(self, session_id: str) -> list[str]:
         rows = await read_all(self._engine, session_subtree(session_id))

@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -98,7 +99,14 @@ audit_records = Table(
     Column("hash", LargeBinary, nullable=True),
     Index("ix_audit_session", "session_id", "id"),
     Index("ix_audit_user_actor", "user_id", "actor_kind", "id"),
-    Index("ix_audit_parent", "parent_session_id", "id"),
+    # DELEGATE records only (event_type 1): the sub-agents a session created (migration 0008).
+    Index(
+        "ix_audit_parent",
+        "parent_session_id",
+        "id",
+        sqlite_where=text("event_type = 1"),
+        postgresql_where=text("event_type = 1"),
+    ),
     Index("ix_audit_chain", "chain_id", "id"),
     Index("ix_audit_time", "time_us"),
 )
