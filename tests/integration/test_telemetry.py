@@ -14,11 +14,13 @@ from typing import Any
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
+from agentid_client import AgentIdClient
 from agentid_server.config import TelemetrySettings
 from agentid_server.telemetry import Telemetry
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -221,3 +223,20 @@ async def test_a_collector_that_is_down_costs_calls_nothing_and_holds_the_stop_b
         started = time.monotonic()
         await h.running.stop(grace=1)
     assert time.monotonic() - started < 10  # not the exporters' default retries of a minute
+
+
+async def test_the_python_client_carries_the_callers_trace(untraced: Observed) -> None:
+    """A service's Check through AgentIdClient, made inside one of its own spans, shows up in
+    agentid as a child of that span (nothing else is traced: trace_ratio is 0)."""
+    h = untraced.h
+    session = await h.delegate(scopes=["tickets.read"])
+    caller = TracerProvider().get_tracer("payments-api")
+    async with AgentIdClient(f"127.0.0.1:{h.running.port}", CHECK_KEY) as client:
+        await client.check(session.token, "tickets.read")  # outside any span: not traced
+        with caller.start_as_current_span("refund") as parent:
+            assert (await client.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    (span,) = untraced.spans.get_finished_spans()
+    assert span.name == CHECK
+    assert span.context.trace_id == parent.get_span_context().trace_id
+    assert span.parent is not None
+    assert span.parent.span_id == parent.get_span_context().span_id

@@ -17,11 +17,13 @@ from agentid.v1 import agentid_pb2_grpc
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf import duration_pb2, struct_pb2
 from jwt.algorithms import get_default_algorithms
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from agentid_client._errors import AgentIdError
 
 SERVICE_PATH = "/agentid.v1.AgentIdentityService/"
 ProofKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 class AgentIdClient:
@@ -187,10 +189,15 @@ class AgentIdClient:
             raise AgentIdError.from_rpc_error(error) from None
 
     def _metadata(self, method: str) -> tuple[tuple[str, str], ...]:
-        bearer = ("authorization", f"Bearer {self._credential}")
-        if self._proof_key is None:
-            return (bearer,)
-        return bearer, ("dpop", self._proof(method))
+        metadata = [("authorization", f"Bearer {self._credential}")]
+        if self._proof_key is not None:
+            metadata.append(("dpop", self._proof(method)))
+        # The caller's trace, when it has one (OpenTelemetry), so agentid's span of this call
+        # joins it: W3C traceparent/tracestate only, never baggage.
+        trace_context: dict[str, str] = {}
+        _TRACE_CONTEXT.inject(trace_context)
+        metadata.extend(trace_context.items())
+        return tuple(metadata)
 
     def _proof(self, method: str) -> str:
         """A DPoP proof for one call: htm POST, htu the method's URL, ath the token's hash."""
