@@ -295,9 +295,7 @@ async def build_server(
         hub=step_up_hub,
         clock=clock,
     )
-    revoker = Revoker(
-        store=revocation_repo, sessions=sessions, revoked=revocations, hub=hub, clock=clock
-    )
+    revoker = Revoker(store=revocation_repo, revoked=revocations, hub=hub, clock=clock)
     agents = {
         a.id: AgentKind(
             a.id, ScopeSet.parse(a.max_scopes), int(a.max_ttl or settings.tokens.max_ttl)

@@ -138,6 +138,28 @@ async def test_who_may_revoke_a_session(harness: Harness) -> None:
     ]
 
 
+async def test_a_refused_revoke_writes_nothing(harness: Harness) -> None:
+    """Refused in the revoking transaction itself (unknown session, not the caller's): no
+    revocation, no sequence taken, no audit record."""
+    root, child, _ = await family(harness)
+    before = harness.running.revocations.applied_sequence
+    unknown = "ses_" + "0" * 26
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await revoke(harness, ADMIN_KEY, session_id=unknown)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value).reason == "SESSION_NOT_FOUND"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await revoke(harness, harness.idp.token(sub="bob"), session_id=child.session_id)
+    assert error_info(caught.value).reason == "NOT_YOUR_SESSION"
+    assert harness.running.revocations.applied_sequence == before
+    assert revoked_in_db(harness) == {}
+    records = harness.stub.Audit(pb.AuditRequest(), metadata=bearer(ADMIN_KEY))
+    assert pb.EVENT_TYPE_REVOKE not in [r.record.event_type async for r in records]
+    # The next revocation takes the next sequence: none was used up by the refusals.
+    response = await revoke(harness, ADMIN_KEY, session_id=root.session_id)
+    assert response.revocation_sequence == before + 3  # root, child and grandchild
+
+
 async def test_revoke_every_session_of_a_user(harness: Harness) -> None:
     mine = [await harness.delegate() for _ in range(3)]
     bobs = await harness.delegate(harness.idp.token(sub="bob"))

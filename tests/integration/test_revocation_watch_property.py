@@ -23,7 +23,7 @@ from agentid_server.domain.revoking import Revoker
 from agentid_server.storage import tables
 from agentid_server.storage.database import create_engines, migrate
 from agentid_server.storage.journal import Journal
-from agentid_server.storage.repositories import RevocationRepository, SessionRepository
+from agentid_server.storage.repositories import RevocationRepository
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
@@ -94,7 +94,6 @@ async def scenario(parents: list[int | None], operations: list[tuple[str, int]])
         revoked = RevocationSet()
         revoker = Revoker(
             store=RevocationRepository(engines.main, journal),
-            sessions=SessionRepository(engines.main, journal),
             revoked=revoked,
             hub=RevocationHub(capacity=1000),
             clock=SystemClock(),

@@ -110,14 +110,6 @@ class SequenceWaiter(Protocol):
         ...
 
 
-class SessionReader(Protocol):
-    async def get(self, session_id: str) -> SessionRecord | None: ...
-
-    async def lineage(self, session_id: str) -> list[str]:
-        """The session's id and every ancestor's id (in no particular order)."""
-        ...
-
-
 class RevocationStore(Protocol):
     async def revoke(
         self,
@@ -128,11 +120,15 @@ class RevocationStore(Protocol):
         now: float,
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
+        authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
     ) -> list[Revocation]:
         """Revokes, in one transaction, the live sessions of the subtree rooted at
         ``root_session_id`` (or every live session of ``user_id``): revocation rows with the next
         gap-free sequences, sessions marked, one audit record each. ``on_commit`` runs after the
-        commit, before this returns, in commit order."""
+        commit, before this returns, in commit order. ``authorize`` is first handed, in the same
+        transaction, the root session (None when there is none) and a function reading its
+        lineage (its id and its ancestors'); what it raises refuses the revocation, nothing
+        written."""
         ...
 
     async def events_after(self, sequence: int, limit: int) -> list[Revocation]:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from agentid_server.domain.errors import (
@@ -38,7 +38,7 @@ from agentid_server.domain.model import (
     SessionRecord,
     UserPrincipal,
 )
-from agentid_server.domain.ports import Clock, RevocationStore, SessionReader
+from agentid_server.domain.ports import Clock, RevocationStore
 from agentid_server.domain.revocation import Revocation, RevocationHub, RevocationSet, Snapshot
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,11 @@ class Revoker:
         self,
         *,
         store: RevocationStore,
-        sessions: SessionReader,
         revoked: RevocationSet,
         hub: RevocationHub,
         clock: Clock,
     ) -> None:
         self._store = store
-        self._sessions = sessions
         self._revoked = revoked
         self._hub = hub
         self._clock = clock
@@ -89,9 +87,13 @@ class Revoker:
             raise InvalidArgument.field("target", "set exactly one of session_id and user_id")
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidArgument.field("reason", f"at most {MAX_REASON_LENGTH} characters")
+        authorize = None
         if session_id:
             validate_session_id("session_id", session_id)
-            await self._authorize_session(caller, session_id)
+
+            def authorize(session: SessionRecord | None, lineage: Callable[[], list[str]]) -> None:
+                _authorize_session(caller, session_id, session, lineage)
+
         else:
             if len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
                 raise InvalidArgument.field("user_id", "not a valid user id")
@@ -103,6 +105,7 @@ class Revoker:
             now=self._clock.now(),
             audit=lambda session, revocation: _audit_event(caller, session, revocation),
             on_commit=self._applied,
+            authorize=authorize,
         )
         sequence = revocations[-1].sequence if revocations else self._revoked.applied_sequence
         if sequence > self._revoked.applied_sequence:  # another replica's revocations come first
@@ -146,26 +149,6 @@ class Revoker:
                 self.deliver(page)
                 if len(page) < HISTORY_PAGE:
                     return
-
-    async def _authorize_session(self, caller: Principal, session_id: str) -> None:
-        session = await self._sessions.get(session_id)
-        if session is None:
-            raise NotFound(f"no session {session_id}", reason="SESSION_NOT_FOUND")
-        if isinstance(caller, ServicePrincipal):
-            if caller.has_role(Role.ADMIN):
-                return
-        elif isinstance(caller, UserPrincipal):
-            if caller.user_id == session.user_id:
-                return
-        elif isinstance(caller, AgentPrincipal):
-            own = caller.claims.session_id
-            if own == session_id or own in await self._sessions.lineage(session_id):
-                return
-        raise PermissionDenied(
-            "only the delegating user, the session itself or an ancestor, or an admin service "
-            "may revoke this session",
-            reason="NOT_YOUR_SESSION",
-        )
 
     # -- WatchRevocations ------------------------------------------------------------------------
 
@@ -241,6 +224,33 @@ class Revoker:
                 f"revocation sequence {sequence} is not applied here yet",
                 reason="REVOCATION_SEQUENCE_NOT_APPLIED",
             )
+
+
+def _authorize_session(
+    caller: Principal,
+    session_id: str,
+    session: SessionRecord | None,
+    lineage: Callable[[], list[str]],
+) -> None:
+    """Who may revoke a session: the delegating user, the session itself or an ancestor (its
+    lineage is read only for an agent), an admin service."""
+    if session is None:
+        raise NotFound(f"no session {session_id}", reason="SESSION_NOT_FOUND")
+    if isinstance(caller, ServicePrincipal):
+        if caller.has_role(Role.ADMIN):
+            return
+    elif isinstance(caller, UserPrincipal):
+        if caller.user_id == session.user_id:
+            return
+    elif isinstance(caller, AgentPrincipal):
+        own = caller.claims.session_id
+        if own == session_id or own in lineage():
+            return
+    raise PermissionDenied(
+        "only the delegating user, the session itself or an ancestor, or an admin service "
+        "may revoke this session",
+        reason="NOT_YOUR_SESSION",
+    )
 
 
 def _authorize_user(caller: Principal, user_id: str) -> None:

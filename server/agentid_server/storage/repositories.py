@@ -23,7 +23,8 @@ REVOCATION_SEQUENCE = "revocation_sequence"
 
 
 class SessionRepository:
-    """Sessions: reads straight from the database, writes through the journal."""
+    """Session serials, allocated through the journal (sessions themselves are written with
+    their Delegate's audit record; Revoke reads them in its own transaction)."""
 
     def __init__(self, engine: AsyncEngine, journal: Journal) -> None:
         self._engine = engine
@@ -32,17 +33,6 @@ class SessionRepository:
     async def allocate_serial(self) -> int:
         """The next session serial: monotonic, never reused (a refused Delegate leaves a gap)."""
         return await self._journal.run(_allocate_serial)
-
-    async def get(self, session_id: str) -> SessionRecord | None:
-        s = tables.sessions
-        rows = await read_all(self._engine, select(s).where(s.c.id == session_id))
-        return _session(rows[0]) if rows else None
-
-    async def lineage(self, session_id: str) -> list[str]:
-        s = tables.sessions
-        up = select(s.c.id, s.c.parent_id).where(s.c.id == session_id).cte("up", recursive=True)
-        up = up.union_all(select(s.c.id, s.c.parent_id).where(s.c.id == up.c.parent_id))
-        return [row.id for row in await read_all(self._engine, select(up.c.id))]
 
 
 def _allocate_serial(connection: Connection) -> JobResult[int]:
@@ -59,6 +49,14 @@ def bump_counter(connection: Connection, name: str, by: int = 1) -> int:
         .returning(counters.c.value)
     )
     return int(connection.execute(statement).scalar_one())
+
+
+def session_lineage(session_id: str) -> Select[Any]:
+    """The ids of a session and all its ancestors (a recursive CTE, portable SQL)."""
+    s = tables.sessions
+    up = select(s.c.id, s.c.parent_id).where(s.c.id == session_id).cte("up", recursive=True)
+    up = up.union_all(select(s.c.id, s.c.parent_id).where(s.c.id == up.c.parent_id))
+    return select(up.c.id)
 
 
 def session_subtree(root: str) -> Select[Any]:
@@ -97,8 +95,16 @@ class RevocationRepository:
         now: float,
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
+        authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
     ) -> list[Revocation]:
         def job(connection: Connection) -> JobResult[list[Revocation]]:
+            if authorize is not None and root_session_id is not None:
+                s = tables.sessions
+                row = connection.execute(select(s).where(s.c.id == root_session_id)).first()
+                authorize(
+                    _session(row) if row is not None else None,
+                    lambda: [r.id for r in connection.execute(session_lineage(root_session_id))],
+                )
             sessions = _live_targets(connection, root_session_id, user_id, int(now))
             if not sessions:
                 return JobResult([])
