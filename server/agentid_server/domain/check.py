@@ -137,15 +137,15 @@ class Checker:
                 context=request.context,
             )
 
-        ledger = self._ledger if proof is not None else None
-        if ledger is not None and rule:  # settled below in a transaction of its own: spend first
-            assert proof is not None
+        # Several servers share the store: a proof is spent there, once for all of them.
+        ledger = self._ledger
+        if ledger is not None and proof is not None and rule:  # the step-up settles on its own
             try:
                 await ledger.spend(proof)
             except TokenRejected as rejected:
                 decision, reason, message = Decision.DENY, rejected.reason, rejected.message
                 matched = rule = ""
-            ledger = None
+            proof = None  # spent
         step_up_id = ""
         if rule and claims is not None:
             binding = binding_for(
@@ -155,8 +155,7 @@ class Checker:
             decision, reason, step_up_id = settled.decision, settled.reason, settled.step_up_id
             message = _STEP_UP_MESSAGES[reason].format(rule=rule)
             decision_id = settled.decision_id
-        elif ledger is not None:
-            assert proof is not None
+        elif ledger is not None and proof is not None:  # spent with the decision's record
             spent, decision_id = await ledger.spend_and_record(
                 proof, event(decision, reason), event(Decision.DENY, _PROOF_REUSED)
             )
