@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, delete, func, select, update
+from sqlalchemy import BindParameter, Connection, Select, bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, SessionRecord
@@ -51,7 +51,10 @@ def bump_counter(connection: Connection, name: str, by: int = 1) -> int:
     return int(connection.execute(statement).scalar_one())
 
 
-def session_lineage(session_id: str) -> Select[Any]:
+SessionId = str | BindParameter[str]  # a value, or a parameter of a statement built once
+
+
+def session_lineage(session_id: SessionId) -> Select[Any]:
     """The ids of a session and all its ancestors (a recursive CTE, portable SQL)."""
     s = tables.sessions
     up = select(s.c.id, s.c.parent_id).where(s.c.id == session_id).cte("up", recursive=True)
@@ -59,12 +62,33 @@ def session_lineage(session_id: str) -> Select[Any]:
     return select(up.c.id)
 
 
-def session_subtree(root: str) -> Select[Any]:
+def session_subtree(root: SessionId) -> Select[Any]:
     """The ids of a session and all its descendants (a recursive CTE, portable SQL)."""
     s = tables.sessions
     tree = select(s.c.id).where(s.c.id == root).cte("tree", recursive=True)
     tree = tree.union_all(select(s.c.id).where(s.c.parent_id == tree.c.id))
     return select(tree.c.id)
+
+
+def _revoke_statements() -> dict[str, Any]:
+    """The revoke job's statements, built once with bind parameters (building them per call was
+    most of a Revoke's CPU)."""
+    s = tables.sessions
+    root: BindParameter[str] = bindparam("root")
+    live = (s.c.revoked_at.is_(None), s.c.expires_at > bindparam("now"))
+    return {
+        "session": select(s).where(s.c.id == root),
+        "lineage": session_lineage(root),
+        "subtree": select(s).where(s.c.id.in_(session_subtree(root)), *live).order_by(s.c.serial),
+        "of_user": select(s).where(s.c.user_id == bindparam("user"), *live).order_by(s.c.serial),
+        "insert": tables.revocations.insert(),
+        "mark": update(s)
+        .where(s.c.id.in_(bindparam("ids", expanding=True)))
+        .values(revoked_at=bindparam("at"), revoke_reason=bindparam("reason")),
+    }
+
+
+_REVOKE = _revoke_statements()
 
 
 class RevocationRepository:
@@ -98,14 +122,18 @@ class RevocationRepository:
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
     ) -> list[Revocation]:
         def job(connection: Connection) -> JobResult[list[Revocation]]:
+            root = {"root": root_session_id}
             if authorize is not None and root_session_id is not None:
-                s = tables.sessions
-                row = connection.execute(select(s).where(s.c.id == root_session_id)).first()
+                row = connection.execute(_REVOKE["session"], root).first()
                 authorize(
                     _session(row) if row is not None else None,
-                    lambda: [r.id for r in connection.execute(session_lineage(root_session_id))],
+                    lambda: [r.id for r in connection.execute(_REVOKE["lineage"], root)],
                 )
-            sessions = _live_targets(connection, root_session_id, user_id, int(now))
+            if root_session_id is not None:
+                targets = connection.execute(_REVOKE["subtree"], {**root, "now": int(now)})
+            else:
+                targets = connection.execute(_REVOKE["of_user"], {"user": user_id, "now": int(now)})
+            sessions = [_session(row) for row in targets]
             if not sessions:
                 return JobResult([])
             last = bump_counter(connection, REVOCATION_SEQUENCE, len(sessions))
@@ -114,15 +142,10 @@ class RevocationRepository:
                 Revocation(first + i, s.id, s.serial, s.user_id, reason, now, s.expires_at)
                 for i, s in enumerate(sessions)
             ]
-            connection.execute(
-                tables.revocations.insert(), [_revocation_row(r) for r in revocations]
-            )
+            connection.execute(_REVOKE["insert"], [_revocation_row(r) for r in revocations])
             notify_revocations(connection, last)  # the other replicas, once this commits
-            s = tables.sessions
             connection.execute(
-                update(s)
-                .where(s.c.id.in_([x.id for x in sessions]))
-                .values(revoked_at=int(now), revoke_reason=reason)
+                _REVOKE["mark"], {"ids": [x.id for x in sessions], "at": int(now), "reason": reason}
             )
             # Revoking a session expires its pending and approved step-ups.
             expired = expire_for_sessions(connection, [x.id for x in sessions])
@@ -175,19 +198,6 @@ class RevocationRepository:
             return JobResult(int(result.rowcount or 0))
 
         return await self._writer().run(job)
-
-
-def _live_targets(
-    connection: Connection, root: str | None, user_id: str | None, now: int
-) -> list[SessionRecord]:
-    s = tables.sessions
-    scope: ColumnElement[bool] = (
-        s.c.id.in_(session_subtree(root)) if root is not None else s.c.user_id == user_id
-    )
-    statement = (
-        select(s).where(scope, s.c.revoked_at.is_(None), s.c.expires_at > now).order_by(s.c.serial)
-    )
-    return [_session(row) for row in connection.execute(statement)]
 
 
 def _revocation_row(r: Revocation) -> dict[str, object]:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, select, update
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, Decision, Reason
@@ -153,8 +153,8 @@ class StepUpRepository:
 
 def expire_for_sessions(connection: Connection, session_ids: Sequence[str]) -> list[StepUp]:
     """In a revocation's transaction: the sessions' pending and approved step-ups expire."""
-    s = tables.step_ups
-    return _expire(connection, s.c.session_id.in_(list(session_ids)) & s.c.state.in_(_LIVE))
+    rows = connection.execute(_EXPIRE_FOR_SESSIONS, {"ids": list(session_ids)})
+    return [_step_up(row) for row in rows]
 
 
 def _expire(connection: Connection, which: ColumnElement[bool]) -> list[StepUp]:
@@ -163,6 +163,17 @@ def _expire(connection: Connection, which: ColumnElement[bool]) -> list[StepUp]:
     s = tables.step_ups
     statement = update(s).where(which).values(state=int(StepUpState.EXPIRED)).returning(*s.c)
     return [_step_up(row) for row in connection.execute(statement)]
+
+
+_EXPIRE_FOR_SESSIONS = (  # built once: every Revoke runs it
+    update(tables.step_ups)
+    .where(
+        tables.step_ups.c.session_id.in_(bindparam("ids", expanding=True)),
+        tables.step_ups.c.state.in_(_LIVE),
+    )
+    .values(state=int(StepUpState.EXPIRED))
+    .returning(*tables.step_ups.c)
+)
 
 
 def _binding(step_up: StepUp) -> Binding:
