@@ -609,3 +609,33 @@ async def test_processes_of_one_host_share_an_address_with_reuse_port(
         assert {r.chain_id for r in checks} == {"host-1", "host-2"}  # both served
         with pytest.raises(CannotListen):
             await start_harness(tmp_path, idp, clock, on_the_address("host-3", False))
+
+
+async def test_reads_while_the_database_is_unreachable_are_unavailable(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """Not INTERNAL: a read that cannot reach the database is UNAVAILABLE / STORE_UNAVAILABLE,
+    and reads work again once it is back."""
+    a, _ = replicas
+    user = fresh_user(a)
+    database = URL.rsplit("/", 1)[1]
+    admin = create_async_engine(URL.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    closed = text(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
+    others = text(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = :db AND pid <> pg_backend_pid()"
+    )
+    request = pb.WatchStepUpsRequest(current_only=True)
+    try:
+        async with admin.connect() as dba:
+            await dba.execute(closed)
+            await dba.execute(others, {"db": database})
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                _ = [r async for r in a.stub.WatchStepUps(request, metadata=bearer(user))]
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(caught.value).reason == "STORE_UNAVAILABLE"
+    finally:
+        async with admin.connect() as dba:
+            await dba.execute(text(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true'))
+        await admin.dispose()
+    assert [r async for r in a.stub.WatchStepUps(request, metadata=bearer(user))] == []

@@ -11,7 +11,16 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, Row, Select, create_engine, event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NotSupportedError,
+    ProgrammingError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from agentid_server.domain.errors import Unavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -93,10 +102,21 @@ async def migrate(engine: AsyncEngine) -> None:
 
 async def read_all(engine: AsyncEngine, statement: Select[Any]) -> list[Row[Any]]:
     """Runs a read on its own pooled connection. Shielded: streams are cancelled whenever their
-    caller goes away, and a cancellation must never abandon a connection in mid-query."""
+    caller goes away, and a cancellation must never abandon a connection in mid-query. A
+    database that cannot be reached (or went away) is UNAVAILABLE, not an internal error."""
 
     async def run() -> list[Row[Any]]:
         async with engine.connect() as connection:
             return list((await connection.execute(statement)).all())
 
-    return await asyncio.shield(run())
+    try:
+        return await asyncio.shield(run())
+    except _OUR_FAULT:
+        raise  # a statement the database refuses is a bug here: INTERNAL
+    except (DBAPIError, OSError) as exc:  # unreachable, refusing connections, gone mid-query
+        raise Unavailable(
+            "the database is unavailable; try again", reason="STORE_UNAVAILABLE"
+        ) from exc
+
+
+_OUR_FAULT = (ProgrammingError, IntegrityError, DataError, NotSupportedError)
