@@ -198,8 +198,6 @@ async def build_server(
     ``telemetry``: given, it observes every call; else one exporting to
     `telemetry.otlp_endpoint` when that is set, else none."""
     clock = clock or SystemClock()
-    if telemetry is None and settings.telemetry.otlp_endpoint:
-        telemetry = Telemetry(settings.telemetry, version=__version__)
     now = int(clock.now())
     inline = settings.database.sqlite_writer == "inline"
     engines = create_engines(
@@ -230,6 +228,8 @@ async def build_server(
     except BaseException:
         await engines.dispose()
         raise
+    if telemetry is None and settings.telemetry.otlp_endpoint:  # its exporters run from here
+        telemetry = Telemetry(settings.telemetry, version=__version__)
 
     verifier = AgentTokenVerifier(settings.tokens.issuer, ring, settings.server.token_cache_size)
     health_servicer = AsyncHealthServicer()
@@ -267,8 +267,7 @@ async def build_server(
     try:
         await journal.claim()
     except BaseException:
-        await journal.stop()
-        await engines.dispose()
+        await _abandon(journal, engines, telemetry)
         raise
     journal.start()
     step_up_hub = StepUpHub(settings.revocation.watch_buffer)
@@ -280,7 +279,7 @@ async def build_server(
     step_up_repo = StepUpRepository(engine, journal, step_ups_changed)
     revocation_repo = RevocationRepository(engine, journal, step_ups_changed)
     hub = RevocationHub(settings.revocation.watch_buffer)
-    sessions = SessionRepository(engine, journal)
+    sessions = SessionRepository(journal)
     risks = RiskRules.compile([(r.name, r.action, r.when) for r in settings.risk])
     step_ups = StepUps(
         store=step_up_repo,
@@ -372,16 +371,13 @@ async def build_server(
     try:
         port = _listen(server, settings)
     except BaseException:
-        await journal.stop()
-        await engines.dispose()
-        if telemetry is not None:
-            telemetry.shutdown()
+        await _abandon(journal, engines, telemetry)
         raise
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     listener = None
-    if engines.sqlite_writer is None:  # several replicas may write: hear of their changes
+    if shared_store:  # several replicas may write: hear of their changes
 
         async def step_ups_changed_elsewhere(ids: list[str]) -> None:
             step_ups_changed(await step_up_repo.get_many(ids))
@@ -420,6 +416,15 @@ async def build_server(
         listener,
         telemetry,
     )
+
+
+async def _abandon(journal: Journal, engines: Engines, telemetry: Telemetry | None) -> None:
+    """A start that fails half-way lets go of what it took: the journal and its writer lock,
+    the engines, the exporters."""
+    await journal.stop()
+    await engines.dispose()
+    if telemetry is not None:
+        telemetry.shutdown()
 
 
 def _observe(telemetry: Telemetry, journal: Journal, revocations: RevocationSet) -> None:

@@ -163,22 +163,14 @@ class Telemetry:
 
     def gauge(self, name: str, read: Callable[[], float], unit: str, description: str) -> None:
         """A value read whenever metrics are collected (the store's health, the revoked set)."""
-
-        def observe(_options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(read())]
-
         self._meter.create_observable_gauge(
-            name, callbacks=[observe], unit=unit, description=description
+            name, callbacks=[_reading(read)], unit=unit, description=description
         )
 
     def counter(self, name: str, read: Callable[[], int], unit: str, description: str) -> None:
         """A running total read whenever metrics are collected."""
-
-        def observe(_options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(read())]
-
         self._meter.create_observable_counter(
-            name, callbacks=[observe], unit=unit, description=description
+            name, callbacks=[_reading(read)], unit=unit, description=description
         )
 
     def _observe_decisions(self, _options: CallbackOptions) -> Iterable[Observation]:
@@ -191,6 +183,15 @@ class Telemetry:
         """Exports what is left and stops the exporters."""
         self._tracer_provider.shutdown()
         self._meter_provider.shutdown()
+
+
+def _reading(read: Callable[[], float]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """An observable instrument's callback: one observation, ``read()`` at collection."""
+
+    def observe(_options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(read())]
+
+    return observe
 
 
 class TraceIds(logging.Filter):

@@ -65,7 +65,12 @@ async def test_watcher_stays_in_sync_across_a_restart(
         await h.channel.close()
         await h.running.stop(grace=1)  # the stream ends; the watcher reconnects and resumes
         h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, same_port))
-        async with AgentIdClient(target(h), ADMIN_KEY) as admin:
+        # A subchannel of its own: gRPC shares one per address between channels, and the
+        # watcher's is in connect backoff from the restart, which would fail this call at once.
+        async with grpc.aio.insecure_channel(
+            target(h), options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as fresh:
+            admin = AgentIdClient(target(h), ADMIN_KEY, channel=fresh)
             second = await admin.revoke(session_id=sessions[1].session_id)
         await asyncio.wait_for(watcher.wait_for(second.revocation_sequence), 10)
         assert watcher.is_revoked(sessions[1].serial)

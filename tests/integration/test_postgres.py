@@ -22,8 +22,10 @@ from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
 from agentid_server.app import CannotListen
 from agentid_server.config import Settings
+from agentid_server.domain.audit import AuditQuery
 from agentid_server.domain.model import ActorKind, AuditEvent, Decision, EventType
 from agentid_server.storage import tables
+from agentid_server.storage.audit import AuditRepository
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
 from agentid_server.storage.notify import PeerListener, notify_step_ups
 from agentid_server.storage.rows import SEALED_COLUMNS, audit_row
@@ -32,6 +34,7 @@ from agentid_server.storage.writer_lock import WriterInUse
 from agentid_server.tokens.jwk import public_jwk, thumbprint
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import (
@@ -82,6 +85,13 @@ def replica(tmp_path: Path, idp: IdpFixture, chain: str) -> Settings:
         config["agents"][0]["max_scopes"].append("identity.*")
 
     return make_settings(tmp_path, idp, mutate)
+
+
+def polling_hourly(tmp_path: Path, idp: IdpFixture, chain: str) -> Settings:
+    """A replica that reads the others' changes only when told (polls an hour apart)."""
+    settings = replica(tmp_path, idp, chain)
+    revocation = dataclasses.replace(settings.revocation, poll_interval=3600.0)
+    return dataclasses.replace(settings, revocation=revocation)
 
 
 @pytest.fixture
@@ -216,15 +226,9 @@ async def test_min_revocation_sequence_reads_the_other_replicas_revocation_at_on
     """With notifications and polls out of the way (a listener that never hears, a poll once an
     hour), a Check carrying the sequence from RevokeResponse still never allows."""
     await wipe(URL)
-
-    def deaf(chain: str) -> Settings:
-        settings = replica(tmp_path, idp, chain)
-        revocation = dataclasses.replace(settings.revocation, poll_interval=3600.0)
-        return dataclasses.replace(settings, revocation=revocation)
-
     async with (
-        running_harness(tmp_path, idp, clock, deaf("replica-a")) as a,
-        running_harness(tmp_path, idp, clock, deaf("replica-b")) as b,
+        running_harness(tmp_path, idp, clock, polling_hourly(tmp_path, idp, "replica-a")) as a,
+        running_harness(tmp_path, idp, clock, polling_hourly(tmp_path, idp, "replica-b")) as b,
     ):
         assert b.running.listener is not None
         await b.running.listener.stop()  # hears nothing from now on
@@ -394,15 +398,9 @@ async def test_a_follower_on_one_replica_sees_what_the_other_commits(
     """Told by NOTIFY (the polls are an hour apart): a follow stream on replica a gets the
     records replica b commits, its sub-agents' too, in id order."""
     await wipe(URL)
-
-    def slow_polling(chain: str) -> Settings:
-        settings = replica(tmp_path, idp, chain)
-        revocation = dataclasses.replace(settings.revocation, poll_interval=3600.0)
-        return dataclasses.replace(settings, revocation=revocation)
-
     async with (
-        running_harness(tmp_path, idp, clock, slow_polling("replica-a")) as a,
-        running_harness(tmp_path, idp, clock, slow_polling("replica-b")) as b,
+        running_harness(tmp_path, idp, clock, polling_hourly(tmp_path, idp, "replica-a")) as a,
+        running_harness(tmp_path, idp, clock, polling_hourly(tmp_path, idp, "replica-b")) as b,
     ):
         await listening(a)
         root = await a.delegate(scopes=["tickets.read", "agentid.delegate"])
@@ -639,3 +637,39 @@ async def test_reads_while_the_database_is_unreachable_are_unavailable(
             await dba.execute(text(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true'))
         await admin.dispose()
     assert [r async for r in a.stub.WatchStepUps(request, metadata=bearer(user))] == []
+
+
+async def test_the_session_question_uses_its_indexes_even_in_a_generic_plan(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """The question "what did session S do" goes through its two indexes, also in the generic
+    plan PostgreSQL uses for a prepared statement it has run a few times: the delegation index
+    is partial (DELEGATE records only), which a generic plan may use only because the query
+    names event_type 1 as a literal (as a bind parameter, the plan walks every id above the
+    cursor)."""
+    statement = AuditRepository.statement(AuditQuery(session_ids=("ses_x",)), None)
+    compiled = statement.compile(
+        dialect=asyncpg_dialect.dialect(), compile_kwargs={"render_postcompile": True}
+    )
+    arguments = ", ".join(
+        repr(value) if isinstance(value, str) else str(value)
+        for value in (compiled.params[name] for name in compiled.positiontup or ())
+    )
+    engine = create_async_engine(URL)
+    try:
+        raw = await engine.raw_connection()
+        try:
+            connection = raw.driver_connection
+            assert connection is not None
+            await connection.execute("SET plan_cache_mode = force_generic_plan")
+            await connection.execute("SET enable_seqscan = off")  # the table is nearly empty
+            await connection.execute(f"PREPARE session_question AS {compiled}")
+            rows = await connection.fetch(f"EXPLAIN EXECUTE session_question({arguments})")
+        finally:
+            raw.close()
+    finally:
+        await engine.dispose()
+    plan = "\n".join(row[0] for row in rows)
+    assert "$1" in plan  # the generic plan, parameters unknown
+    assert "ix_audit_session" in plan
+    assert "ix_audit_parent" in plan

@@ -474,3 +474,33 @@ async def test_the_step_ups_command(h: Harness) -> None:
     other = await step_up(h, session.token, resource="account/1")
     code, out, _ = await cli(h, fresh_user(h), "deny", other.id)
     assert (code, out.strip()) == (0, f"{other.id} is now DENIED")
+
+
+async def test_housekeeping_expires_overdue_step_ups_and_tells_their_watchers(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """A pending step-up past pending_ttl and an approval past approval_ttl are marked EXPIRED
+    by the periodic pass (not only when somebody reads them), and watchers hear of each."""
+
+    def quick(config: dict[str, Any]) -> None:
+        config["risk"] = RULES
+        config["step_up"] = {"pending_ttl": "10m", "approval_ttl": "5m", "max_auth_age": "5m"}
+        config["revocation"] = {"prune_interval": "50ms"}
+
+    async with running_harness(tmp_path, idp, clock, mutate=quick) as h:
+        session = await h.delegate(fresh_user(h), scopes=["payments.transfer"])
+        pending = await step_up(h, session.token)
+        approved = await step_up(h, session.token, resource="account/9")
+        await resolve(h, approved.id)
+        watch = h.stub.WatchStepUps(pb.WatchStepUpsRequest(), metadata=bearer(session.token))
+        assert {(await read(watch)).id for _ in range(2)} == {pending.id, approved.id}
+        h.clock.advance(301)  # the approval is overdue, the pending one not yet
+        change = await asyncio.wait_for(read(watch), 10)
+        assert (change.id, change.state) == (approved.id, pb.STEP_UP_STATE_EXPIRED)
+        h.clock.advance(300)
+        change = await asyncio.wait_for(read(watch), 10)
+        assert (change.id, change.state) == (pending.id, pb.STEP_UP_STATE_EXPIRED)
+        watch.cancel()
+    with sqlite3.connect(tmp_path / "agentid.db") as db:
+        states = dict(db.execute("SELECT id, state FROM step_ups").fetchall())
+    assert states == {pending.id: pb.STEP_UP_STATE_EXPIRED, approved.id: pb.STEP_UP_STATE_EXPIRED}

@@ -26,8 +26,7 @@ class SessionRepository:
     """Session serials, allocated through the journal (sessions themselves are written with
     their Delegate's audit record; Revoke reads them in its own transaction)."""
 
-    def __init__(self, engine: AsyncEngine, journal: Journal) -> None:
-        self._engine = engine
+    def __init__(self, journal: Journal) -> None:
         self._journal = journal
 
     async def allocate_serial(self) -> int:

@@ -4,6 +4,7 @@ commit together; watchers hear of each change after the commit."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -144,8 +145,8 @@ class StepUpRepository:
 
     async def expire_due(self, now: float) -> list[StepUp]:
         def job(connection: Connection) -> JobResult[list[StepUp]]:
-            s = tables.step_ups
-            expired = _expire(connection, s.c.state.in_(_LIVE) & (s.c.expires_at <= now))
+            # expires_at holds whole seconds: <= floor(now) is <= now
+            expired = _expire(connection, _EXPIRE_DUE, {"now": math.floor(now)})
             return JobResult(expired, [], self._changed(connection, expired))
 
         return await self._journal.run(job)
@@ -153,27 +154,29 @@ class StepUpRepository:
 
 def expire_for_sessions(connection: Connection, session_ids: Sequence[str]) -> list[StepUp]:
     """In a revocation's transaction: the sessions' pending and approved step-ups expire."""
-    rows = connection.execute(_EXPIRE_FOR_SESSIONS, {"ids": list(session_ids)})
-    return [_step_up(row) for row in rows]
+    return _expire(connection, _EXPIRE_FOR_SESSIONS, {"ids": list(session_ids)})
 
 
-def _expire(connection: Connection, which: ColumnElement[bool]) -> list[StepUp]:
-    """Marks the step-ups ``which`` selects EXPIRED in one statement; returns them as changed (a
-    row consumed meanwhile by another replica is not matched, so never announced as expired)."""
+def _expire(connection: Connection, statement: Any, params: dict[str, Any]) -> list[StepUp]:
+    """Marks the live step-ups ``statement`` selects EXPIRED; returns them as changed (a row
+    consumed meanwhile by another replica is not matched, so never announced as expired)."""
+    return [_step_up(row) for row in connection.execute(statement, params)]
+
+
+def _expiring(which: ColumnElement[bool]) -> Any:
+    """UPDATE … SET state = EXPIRED of the pending and approved step-ups ``which`` selects,
+    returning them; built once (every Revoke and every housekeeping pass runs one)."""
     s = tables.step_ups
-    statement = update(s).where(which).values(state=int(StepUpState.EXPIRED)).returning(*s.c)
-    return [_step_up(row) for row in connection.execute(statement)]
-
-
-_EXPIRE_FOR_SESSIONS = (  # built once: every Revoke runs it
-    update(tables.step_ups)
-    .where(
-        tables.step_ups.c.session_id.in_(bindparam("ids", expanding=True)),
-        tables.step_ups.c.state.in_(_LIVE),
+    return (
+        update(s)
+        .where(which, s.c.state.in_(_LIVE))
+        .values(state=int(StepUpState.EXPIRED))
+        .returning(*s.c)
     )
-    .values(state=int(StepUpState.EXPIRED))
-    .returning(*tables.step_ups.c)
-)
+
+
+_EXPIRE_FOR_SESSIONS = _expiring(tables.step_ups.c.session_id.in_(bindparam("ids", expanding=True)))
+_EXPIRE_DUE = _expiring(tables.step_ups.c.expires_at <= bindparam("now"))
 
 
 def _binding(step_up: StepUp) -> Binding:

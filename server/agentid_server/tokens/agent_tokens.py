@@ -65,7 +65,7 @@ class AgentTokenVerifier:
         return claims
 
     def _verify_signature_and_shape(self, token: str) -> AgentClaims:
-        """The cold path: one signature verification with `cryptography`, nothing else costly.
+        """The cold path: one signature verification (_signature_valid), nothing else costly.
 
         Done by hand rather than through PyJWT, which costs twice as much per token here; every
         check PyJWT would make for these tokens is made: strict base64url, JSON objects, `typ`,
@@ -95,7 +95,7 @@ class AgentTokenVerifier:
             signature = _b64decode(signature_part)
         except ValueError:
             raise TokenRejected(Reason.SIGNATURE_INVALID, "bad signature") from None
-        if not self._signature_valid(key, signature, signing_input):
+        if not _signature_valid(key, signature, signing_input):
             raise TokenRejected(Reason.SIGNATURE_INVALID, "bad signature")
         payload = json_object(payload_part)
         if payload is None:
@@ -107,18 +107,19 @@ class AgentTokenVerifier:
             raise TokenRejected(Reason.TOKEN_MALFORMED, "issued by someone else")
         return claims_from_payload(payload)
 
-    def _signature_valid(self, key: SigningKey, signature: bytes, signing_input: bytes) -> bool:
-        # Ed25519 through libsodium (PyNaCl): the same check at half the CPU of `cryptography`'s
-        # on the machines measured (docs/benchmarks.md), and it is the whole of a cold Check's
-        # own cost.
-        verifier = key.ed25519_verifier
-        if verifier is None:
-            return _es256_valid(key.public_key, signature, signing_input)
-        try:
-            verifier.verify(signing_input, signature)
-        except (BadSignatureError, ValueError, TypeError):  # ValueError: not 64 bytes
-            return False
-        return True
+
+def _signature_valid(key: SigningKey, signature: bytes, signing_input: bytes) -> bool:
+    # Ed25519 through libsodium (PyNaCl): the same check at half the CPU of `cryptography`'s
+    # on the machines measured (docs/benchmarks.md), and it is the whole of a cold Check's
+    # own cost.
+    verifier = key.ed25519_verifier
+    if verifier is None:
+        return _es256_valid(key.public_key, signature, signing_input)
+    try:
+        verifier.verify(signing_input, signature)
+    except (BadSignatureError, ValueError, TypeError):  # ValueError: not 64 bytes
+        return False
+    return True
 
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
