@@ -135,9 +135,14 @@ async def test_a_callers_sampled_traceparent_is_followed(untraced: Observed) -> 
     h = untraced.h
     session = await h.delegate(scopes=["tickets.read"])
     await h.check(session.token, "tickets.read")
+    request = pb.CheckRequest(token=session.token, action="tickets.read")
+    for garbage in ("00-not-a-trace-01", "ff-" + "0" * 32 + "-" + "0" * 16 + "-01", "x" * 4000):
+        answer = await h.stub.Check(
+            request, metadata=(*bearer(CHECK_KEY), ("traceparent", garbage))
+        )  # a bad traceparent is ignored: answered, and not traced
+        assert answer.decision == pb.DECISION_ALLOW
     assert untraced.spans.get_finished_spans() == ()
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    request = pb.CheckRequest(token=session.token, action="tickets.read")
     metadata = (*bearer(CHECK_KEY), ("traceparent", f"00-{trace_id}-{parent_id}-01"))
     await h.stub.Check(request, metadata=metadata)
     (span,) = untraced.spans.get_finished_spans()
