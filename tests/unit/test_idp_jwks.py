@@ -1,12 +1,22 @@
-"""The IdP JWKS cache: an unreachable source is logged without anything secret in its URL."""
+"""The IdP JWKS cache: an unreachable source is logged without anything secret in its URL; and
+the verified-token cache: an expired token or one whose key left the JWKS is refused again."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import dataclasses
+import json
 import logging
 import socket
+import time
+from pathlib import Path
 
 import pytest
-from agentid_server.tokens.idp import JwksCache
+from agentid_server.domain.errors import Unauthenticated
+from agentid_server.tokens.idp import IdpVerifier, JwksCache
+
+from tests.conftest import IdpFixture, make_settings
 
 
 async def test_a_failed_fetch_logs_no_credentials_or_query(
@@ -23,3 +33,73 @@ async def test_a_failed_fetch_logs_no_credentials_or_query(
     assert f"http://127.0.0.1:{port}/jwks" in logged
     for secret in ("hunter2", "s3cret", "user:", "frag"):
         assert secret not in logged
+
+
+# -- verified tokens remembered ---------------------------------------------------------------
+
+
+def _verifier(tmp_path: Path, idp: IdpFixture, *, cache_size: int = 16) -> IdpVerifier:
+    settings = make_settings(tmp_path, idp)
+    idps = [dataclasses.replace(s, leeway=0.0) for s in settings.idps]
+    return IdpVerifier(idps, settings.server.max_token_bytes, cache_size=cache_size)
+
+
+async def test_a_remembered_token_is_refused_once_it_expires(
+    tmp_path: Path, idp: IdpFixture
+) -> None:
+    verifier = _verifier(tmp_path, idp)
+    await verifier.load()
+    expires = int(time.time()) + 2
+    token = idp.token(exp=expires)
+    for _ in range(2):  # the second answer comes from the cache
+        assert (await verifier.verify(token)).user_id == "alice"
+    await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
+    with pytest.raises(Unauthenticated) as refused:
+        await verifier.verify(token)
+    assert refused.value.reason == "TOKEN_EXPIRED"
+
+
+async def test_a_remembered_token_is_refused_once_its_key_leaves_the_jwks(
+    tmp_path: Path, idp: IdpFixture
+) -> None:
+    verifier = _verifier(tmp_path, idp)
+    await verifier.load()
+    token = idp.token(alg="ES256")
+    assert (await verifier.verify(token)).user_id == "alice"
+    document = idp.public_jwks()
+    document["keys"] = [k for k in document["keys"] if k["kid"] != "ec-1"]
+    idp.jwks_path.write_text(json.dumps(document))
+    await verifier.load()  # the IdP rotated ec-1 out
+    with pytest.raises(Unauthenticated) as refused:
+        await verifier.verify(token)
+    assert refused.value.reason == "UNKNOWN_KEY"
+    idp.write_jwks()
+    await verifier.load()  # back, as new key objects: the token verifies again
+    assert (await verifier.verify(token)).user_id == "alice"
+
+
+async def test_remembered_tokens_are_bounded_and_the_least_recently_used_goes_first(
+    tmp_path: Path, idp: IdpFixture
+) -> None:
+    verifier = _verifier(tmp_path, idp, cache_size=2)
+    await verifier.load()
+    a, b, c = (idp.token(sub=sub) for sub in ("a", "b", "c"))
+    for token in (a, b, a, c):
+        await verifier.verify(token)
+    assert set(verifier._verified) == {a, c}
+
+
+async def test_a_tampered_copy_of_a_remembered_token_is_still_refused(
+    tmp_path: Path, idp: IdpFixture
+) -> None:
+    verifier = _verifier(tmp_path, idp)
+    await verifier.load()
+    token = idp.token(sub="alice")
+    await verifier.verify(token)
+    header, payload, signature = token.split(".")
+    forged = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged["sub"] = "mallory"
+    forged_part = base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode()
+    with pytest.raises(Unauthenticated) as refused:
+        await verifier.verify(f"{header}.{forged_part}.{signature}")
+    assert refused.value.reason == "SIGNATURE_INVALID"

@@ -3,6 +3,10 @@
 The JWKS comes from a file or a URL, is cached, and is fetched again when a token names a `kid`
 we do not know (at most once per `jwks_min_refresh`, so unknown kids cannot hammer the IdP).
 Only RS256, PS256, ES256 and EdDSA are accepted; `none` and HMAC never are.
+
+A verified token is remembered (bounded, keyed by the token string) until it expires or its key
+leaves the JWKS: a user calling again with the same token costs a dict lookup and a clock read
+instead of three JWT decodes and a signature check (≈ 330 µs here, whatever the algorithm).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 1 << 20
+VERIFIED_CACHE_SIZE = 4096  # users' tokens remembered at once; the least recently used go first
 
 
 class JwksCache:
@@ -52,6 +57,10 @@ class JwksCache:
                     await self.refresh()
             key = self._keys.get(kid)
         return key
+
+    def current(self, kid: str) -> IdpKey | None:
+        """The key as now loaded, without fetching."""
+        return self._keys.get(kid)
 
     async def refresh(self) -> None:
         self._fetched_at = time.monotonic()
@@ -125,15 +134,33 @@ def _key_fits(alg: str, key: IdpKey) -> bool:
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token that verified: its principal, until when it stays valid, and the key it needs."""
+
+    principal: UserPrincipal
+    valid_until: float  # exp + leeway: from then on PyJWT would call it expired
+    jwks: JwksCache
+    kid: str
+    key: IdpKey
+
+
 class IdpVerifier:
     """Turns an IdP token into a UserPrincipal, or raises Unauthenticated with a reason."""
 
-    def __init__(self, idps: Sequence[IdpSettings], max_token_bytes: int) -> None:
+    def __init__(
+        self,
+        idps: Sequence[IdpSettings],
+        max_token_bytes: int,
+        cache_size: int = VERIFIED_CACHE_SIZE,
+    ) -> None:
         self._idps = {idp.issuer: idp for idp in idps}
         self._jwks = {
             idp.issuer: JwksCache(idp.jwks_file, idp.jwks_url, idp.jwks_min_refresh) for idp in idps
         }
         self._max_token_bytes = max_token_bytes
+        self._verified: dict[str, _Verified] = {}
+        self._cache_size = max(1, cache_size)
 
     async def load(self) -> None:
         """Loads every JWKS once at start."""
@@ -142,6 +169,20 @@ class IdpVerifier:
     async def verify(self, token: str) -> UserPrincipal:
         if len(token) > self._max_token_bytes:
             raise Unauthenticated("the token is too large", reason="TOKEN_TOO_LARGE")
+        cache = self._verified
+        known = cache.pop(token, None)
+        if (
+            known is None
+            or time.time() >= known.valid_until  # expired: verified again, refused with why
+            or known.jwks.current(known.kid) is not known.key  # its key was rotated out
+        ):
+            known = await self._verify_uncached(token)
+            if len(cache) >= self._cache_size:
+                del cache[next(iter(cache))]  # least recently used first: dicts keep order
+        cache[token] = known  # (re)inserted last: the most recently used
+        return known.principal
+
+    async def _verify_uncached(self, token: str) -> _Verified:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -162,7 +203,9 @@ class IdpVerifier:
             raise Unauthenticated(
                 "critical header extensions are refused", reason="TOKEN_MALFORMED"
             )
-        key = await self._jwks[idp.issuer].key(kid) if isinstance(kid, str) else None
+        if not isinstance(kid, str):
+            raise Unauthenticated("the token's signing key is unknown", reason="UNKNOWN_KEY")
+        key = await self._jwks[idp.issuer].key(kid)
         if key is None:
             raise Unauthenticated("the token's signing key is unknown", reason="UNKNOWN_KEY")
         if not _key_fits(alg, key):
@@ -195,7 +238,8 @@ class IdpVerifier:
             ) from None
         except jwt.InvalidTokenError:
             raise Unauthenticated("the IdP token is invalid", reason="TOKEN_INVALID") from None
-        return _principal(idp, claims)
+        valid_until = float(claims["exp"]) + idp.leeway  # PyJWT checked it is a number
+        return _Verified(_principal(idp, claims), valid_until, self._jwks[idp.issuer], kid, key)
 
 
 def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
