@@ -99,6 +99,7 @@ class IdpSettings:
     leeway: float = 30.0
     algorithms: tuple[str, ...] = IDP_ALGORITHMS
     jwks_min_refresh: float = 30.0
+    jwks_max_age: float = 600.0  # the JWKS is read again this often, so removed keys stop working
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,7 @@ def _idp(r: _Reader) -> IdpSettings:
             "leeway",
             "algorithms",
             "jwks_min_refresh",
+            "jwks_max_age",
         }
     )
     jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
@@ -377,6 +379,10 @@ def _idp(r: _Reader) -> IdpSettings:
     for alg in algorithms:
         if alg not in IDP_ALGORITHMS:
             raise r.fail("algorithms", f"{alg!r} is not allowed; use {', '.join(IDP_ALGORITHMS)}")
+    min_refresh = r.get("jwks_min_refresh", "duration", 30.0)
+    max_age = r.get("jwks_max_age", "duration", 600.0)
+    if max_age <= 0:
+        raise r.fail("jwks_max_age", "must be positive")
     return IdpSettings(
         issuer=r.required("issuer"),
         audience=r.required("audience"),
@@ -385,7 +391,8 @@ def _idp(r: _Reader) -> IdpSettings:
         scope_claim=r.get("scope_claim", "str", "scope"),
         leeway=r.get("leeway", "duration", 30.0),
         algorithms=tuple(algorithms),
-        jwks_min_refresh=r.get("jwks_min_refresh", "duration", 30.0),
+        jwks_min_refresh=min_refresh,
+        jwks_max_age=max_age,
     )
 
 

@@ -103,3 +103,36 @@ async def test_a_tampered_copy_of_a_remembered_token_is_still_refused(
     with pytest.raises(Unauthenticated) as refused:
         await verifier.verify(f"{header}.{forged_part}.{signature}")
     assert refused.value.reason == "SIGNATURE_INVALID"
+
+
+async def test_keys_are_read_again_once_old_so_a_removed_key_stops_working(
+    tmp_path: Path, idp: IdpFixture
+) -> None:
+    cache = JwksCache(str(idp.jwks_path), "", min_refresh=0.01, max_age=0.3)
+    await cache.refresh()
+    assert await cache.key("rsa-1") is not None
+    document = idp.public_jwks()
+    document["keys"] = [k for k in document["keys"] if k["kid"] != "rsa-1"]
+    idp.jwks_path.write_text(json.dumps(document))
+    assert await cache.key("rsa-1") is not None  # a known kid: not read again before max_age
+    await asyncio.sleep(0.35)
+    assert await cache.key("rsa-1") is None
+
+
+async def test_an_unreachable_jwks_keeps_the_last_keys_and_is_tried_once_per_min_refresh(
+    tmp_path: Path, idp: IdpFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(idp.jwks_path.read_text())
+    cache = JwksCache(str(path), "", min_refresh=0.2, max_age=0.05)
+    await cache.refresh()
+    path.unlink()  # the IdP is unreachable from now on
+    await asyncio.sleep(0.25)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):  # old keys and unknown kids: one attempt between them
+            assert await cache.key("rsa-1") is not None
+            assert await cache.key("rotated-in") is None
+        assert caplog.text.count("could not load IdP JWKS") == 1
+        await asyncio.sleep(0.25)
+        assert await cache.key("rsa-1") is not None
+        assert caplog.text.count("could not load IdP JWKS") == 2

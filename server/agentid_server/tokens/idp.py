@@ -1,7 +1,9 @@
 """User authentication: IdP tokens from the trusted `[[idp]]`s, verified against their JWKS.
 
 The JWKS comes from a file or a URL, is cached, and is fetched again when a token names a `kid`
-we do not know (at most once per `jwks_min_refresh`, so unknown kids cannot hammer the IdP).
+we do not know (at most once per `jwks_min_refresh`, so unknown kids cannot hammer the IdP) and
+once it is `jwks_max_age` old, so a key the IdP removed stops being trusted. While the IdP cannot
+be reached, the keys last loaded stay in use, and a fetch is tried again every `jwks_min_refresh`.
 Only RS256, PS256, ES256 and EdDSA are accepted; `none` and HMAC never are.
 
 A verified token is remembered (bounded, keyed by the token string) until it expires or its key
@@ -39,36 +41,43 @@ VERIFIED_CACHE_SIZE = 4096  # users' tokens remembered at once; the least recent
 class JwksCache:
     """The public keys of one IdP by kid, loaded from its file or URL."""
 
-    def __init__(self, source_file: str, source_url: str, min_refresh: float) -> None:
+    def __init__(
+        self, source_file: str, source_url: str, min_refresh: float, max_age: float = 600.0
+    ) -> None:
         self._file, self._url = source_file, source_url
         self._min_refresh = min_refresh
+        self._max_age = max_age
         self._keys: dict[str, IdpKey] = {}
-        self._fetched_at = float("-inf")
+        self._tried_at = float("-inf")  # the last fetch, successful or not
+        self._loaded_at = float("-inf")  # the last successful one
         self._lock = asyncio.Lock()
 
     async def key(self, kid: str) -> IdpKey | None:
-        key = self._keys.get(kid)
-        if key is None and time.monotonic() - self._fetched_at >= self._min_refresh:
+        if self._due(kid):
             async with self._lock:
-                if (
-                    kid not in self._keys
-                    and time.monotonic() - self._fetched_at >= self._min_refresh
-                ):
+                if self._due(kid):  # nobody refreshed while this call waited for the lock
                     await self.refresh()
-            key = self._keys.get(kid)
-        return key
+        return self._keys.get(kid)
+
+    def _due(self, kid: str) -> bool:
+        """Fetch when the keys are old or lack ``kid``, at most once per min_refresh."""
+        now = time.monotonic()
+        if now - self._tried_at < self._min_refresh:
+            return False
+        return kid not in self._keys or now - self._loaded_at >= self._max_age
 
     def current(self, kid: str) -> IdpKey | None:
         """The key as now loaded, without fetching."""
         return self._keys.get(kid)
 
     async def refresh(self) -> None:
-        self._fetched_at = time.monotonic()
+        started = self._tried_at = time.monotonic()
         try:
             document = await asyncio.to_thread(self._read)
             self._keys = parse_jwks(document)
+            self._loaded_at = started
         except (OSError, ValueError) as exc:
-            # Keep serving with the keys we have; the next unknown kid tries again.
+            # Keep serving with the keys we have; the next call after jwks_min_refresh tries again.
             source = self._file or _without_secrets(self._url)
             log.warning("could not load IdP JWKS from %s: %s", source, type(exc).__name__)
 
@@ -156,7 +165,10 @@ class IdpVerifier:
     ) -> None:
         self._idps = {idp.issuer: idp for idp in idps}
         self._jwks = {
-            idp.issuer: JwksCache(idp.jwks_file, idp.jwks_url, idp.jwks_min_refresh) for idp in idps
+            idp.issuer: JwksCache(
+                idp.jwks_file, idp.jwks_url, idp.jwks_min_refresh, idp.jwks_max_age
+            )
+            for idp in idps
         }
         self._max_token_bytes = max_token_bytes
         self._verified: dict[str, _Verified] = {}
