@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
+from agentid_server.storage.repositories import SERIAL_BLOCK
 from google.protobuf.duration_pb2 import Duration
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
@@ -258,6 +259,26 @@ async def test_serials_are_unique_and_increasing(harness: Harness) -> None:
     serials = [(await harness.delegate()).serial for _ in range(5)]
     assert serials == sorted(serials)
     assert len(set(serials)) == 5
+
+
+async def test_serials_are_reserved_a_block_at_a_time_and_never_reused_after_a_restart(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    def counter() -> int:
+        with sqlite3.connect(tmp_path / "agentid.db") as db:
+            (value,) = db.execute(
+                "SELECT value FROM counters WHERE name = 'session_serial'"
+            ).fetchone()
+        return int(value)
+
+    async with running_harness(tmp_path, idp, clock) as h:
+        before = counter()
+        first = [(await h.delegate()).serial for _ in range(SERIAL_BLOCK + 1)]
+        assert first == list(range(before + 1, before + SERIAL_BLOCK + 2))
+        assert counter() == before + 2 * SERIAL_BLOCK  # two reservations for 65 sessions
+    async with running_harness(tmp_path, idp, clock) as h:  # the rest of the block is a gap
+        again = await h.delegate()
+        assert again.serial == before + 2 * SERIAL_BLOCK + 1
 
 
 async def test_es256_signing_keys_work_end_to_end(
