@@ -83,6 +83,56 @@ async def test_watcher_stays_in_sync_across_a_restart(
         await h.running.stop(grace=1)
 
 
+async def test_watcher_starts_over_when_the_service_history_ends_before_its_sequence(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """A server whose database was restored from an older backup answers OUT_OF_RANGE to the
+    watcher's sequence: the watcher takes that server's snapshot instead of retrying forever."""
+    from tests.conftest import make_settings
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp))
+    port = h.running.port
+
+    def same_port(config: dict[str, object]) -> None:
+        config["server"] = {"listen": f"127.0.0.1:{port}", "shutdown_grace": "1s"}
+
+    import grpc
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    watcher = RevocationWatcher(channel, CHECK_KEY, retry_delay=0.05, max_retry_delay=0.2)
+    watcher.start()
+    try:
+        old = [await h.delegate() for _ in range(2)]
+        async with AgentIdClient(target(h), ADMIN_KEY) as admin:
+            for session in old:
+                done = await admin.revoke(session_id=session.session_id)
+        await asyncio.wait_for(watcher.wait_for(done.revocation_sequence), 5)
+        assert watcher.sequence == 2
+        await h.channel.close()
+        await h.running.stop(grace=1)
+        older = tmp_path / "restored"  # another database, one revocation long
+        older.mkdir()
+        h = await start_harness(older, idp, clock, make_settings(older, idp, same_port))
+        async with grpc.aio.insecure_channel(
+            target(h), options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as fresh:
+            user = AgentIdClient(target(h), idp.token(), channel=fresh)
+            new = await user.delegate("support-bot", ["tickets.read"])
+            admin = AgentIdClient(target(h), ADMIN_KEY, channel=fresh)
+            assert (await admin.revoke(session_id=new.session_id)).revocation_sequence == 1
+
+        async def resynchronised() -> None:  # polled: its sequence goes down, not up
+            while not (watcher.sequence == 1 and set(watcher.revoked) == {new.serial}):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(resynchronised(), 10)
+    finally:
+        await watcher.stop()
+        await channel.close()
+        await h.channel.close()
+        await h.running.stop(grace=1)
+
+
 @pytest.mark.parametrize("curve", ["P-256", "Ed25519"])
 async def test_a_key_bound_agent_calls_with_its_proof_key(harness: Harness, curve: str) -> None:
     from agentid_server.tokens.jwk import public_jwk, thumbprint

@@ -2,7 +2,10 @@
 
 A service that checks agent tokens itself (or caches decisions) runs one ``RevocationWatcher``:
 it starts from a snapshot, applies every event in order, and on any disconnect resumes after the
-last sequence it applied, so it never misses or repeats one.
+last sequence it applied, so it never misses or repeats one. When its sequence cannot be continued
+(an event out of order, or a server whose history ends before it, OUT_OF_RANGE: say, a database
+restored from a backup) it starts over from a fresh snapshot, answering from the set it has
+until then.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class RevocationWatcher:
         self.sequence = 0
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._received = False  # the current stream delivered something
 
     def is_revoked(self, serial: int) -> bool:
         return serial % (1 << 32) in self.revoked
@@ -64,29 +68,35 @@ class RevocationWatcher:
         """Watches until cancelled, reconnecting with backoff and resuming where it stopped."""
         delay = self._retry_delay
         while True:
+            self._received = False
             try:
                 await self._watch_once()
-                delay = self._retry_delay  # the server ended the stream cleanly (shutdown)
             except grpc.aio.AioRpcError as error:
-                if error.code() in (
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                ):
+                code = error.code()
+                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     raise
-                log.info(
-                    "revocation watch ended (%s); resuming after %d",
-                    error.code().name,
-                    self.sequence,
-                )
+                if code == grpc.StatusCode.OUT_OF_RANGE:
+                    log.warning(
+                        "the service's revocations end before %d; starting over from a snapshot",
+                        self.sequence,
+                    )
+                    self.sequence = 0
+                else:
+                    log.info(
+                        "revocation watch ended (%s); resuming after %d", code.name, self.sequence
+                    )
             except _Gap as gap:
                 log.error("%s; starting over from a snapshot", gap)
                 self.sequence = 0
+            if self._received:  # a stream that delivered was a success: back off from the start
+                delay = self._retry_delay
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._max_retry_delay)
 
     async def _watch_once(self) -> None:
         request = pb.WatchRevocationsRequest(after_sequence=self.sequence)
         async for response in self._stub.WatchRevocations(request, metadata=self._metadata):
+            self._received = True
             async with self._changed:
                 if response.HasField("snapshot"):
                     self.revoked = BitMap.deserialize(response.snapshot.revoked_serials)
