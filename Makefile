@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 GEN := gen/python
 DEV_CONFIG := var/dev/agentid.toml
+GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
 
-.PHONY: run test install proto proto-check lint typecheck unit bench clean
+.PHONY: run test install proto proto-check go-check lint typecheck unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +34,19 @@ proto: $(VENV)/.installed $(BUF)
 	$(BUF) format -w
 	$(BUF) lint
 	./scripts/gen-protos $(GEN)
+	./scripts/gen-go-protos
 
 proto-check: $(VENV)/.installed $(BUF)
 	$(BUF) format --diff --exit-code
 	$(BUF) lint
 	./scripts/gen-protos --check $(GEN)
+
+# The Go client (clients/go): generated code up to date, gofmt'd, go vet clean.
+go-check: $(VENV)/.installed
+	./scripts/gen-go-protos --check
+	@unformatted=$$($(dir $(GO))gofmt -l clients/go); \
+	  if [ -n "$$unformatted" ]; then echo "not gofmt'd: $$unformatted" >&2; exit 1; fi
+	cd clients/go && $(GO) vet ./...
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -51,7 +60,7 @@ typecheck: $(VENV)/.installed
 unit: $(VENV)/.installed
 	$(BIN)/pytest
 
-test: lint typecheck proto-check unit
+test: lint typecheck proto-check go-check unit
 
 bench: $(VENV)/.installed
 	./bench/run-all
