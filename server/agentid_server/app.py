@@ -18,7 +18,7 @@ from agentid_server.api.handlers import build_handler
 from agentid_server.api.method_policy import SERVICE
 from agentid_server.api.reflection import enable_reflection
 from agentid_server.api.servicer import AgentIdentityServicer
-from agentid_server.config import Settings, is_loopback
+from agentid_server.config import ServerSettings, Settings, is_loopback
 from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import Delegator, TtlPolicy
@@ -357,12 +357,7 @@ async def build_server(
         proof_ledger=ledger,
     )
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", settings.server.max_message_bytes),
-            ("grpc.so_reuseport", 1 if settings.server.reuse_port else 0),
-        ]
-    )
+    server = grpc.aio.server(options=_server_options(settings.server))
     server.add_generic_rpc_handlers((build_handler(servicer, authn, telemetry),))
     if telemetry is not None:
         _observe(telemetry, journal, revocations)
@@ -453,6 +448,24 @@ def _observe(telemetry: Telemetry, journal: Journal, revocations: RevocationSet)
         "1",
         "The last revocation sequence applied here (compare replicas to see one lag)",
     )
+
+
+def _server_options(server: ServerSettings) -> list[tuple[str, int]]:
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return [
+        ("grpc.max_receive_message_length", server.max_message_bytes),
+        ("grpc.so_reuseport", 1 if server.reuse_port else 0),
+        ("grpc.keepalive_time_ms", ms(server.keepalive_time)),
+        ("grpc.keepalive_timeout_ms", ms(server.keepalive_timeout)),
+        ("grpc.http2.ping_timeout_ms", ms(server.keepalive_timeout)),  # core's ack deadline
+        ("grpc.http2.max_pings_without_data", 0),  # a quiet watch stream is pinged throughout
+        # Client pings: allowed this often, also on a connection without calls (a client
+        # keeping its idle connection warm); more often counts as a strike.
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(server.min_client_ping_interval)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

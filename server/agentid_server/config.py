@@ -67,6 +67,14 @@ class ServerSettings:
     # SO_REUSEPORT: several processes of one host serve one address (PostgreSQL, one
     # audit.chain_id each); off, a second server on a taken address stops at start.
     reuse_port: bool = False
+    # HTTP/2 keepalive. The server pings a connection that has been quiet for keepalive_time
+    # and closes it when no answer comes within keepalive_timeout: a watcher whose host or
+    # network path died silently stops holding a stream. Clients may ping as often as
+    # min_client_ping_interval (a revocation watcher should, to learn that its stream is dead);
+    # more often is answered with GOAWAY "too_many_pings".
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+    min_client_ping_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,8 @@ _SCALARS: dict[str, dict[str, str]] = {
         "max_token_bytes": "int", "max_message_bytes": "int",
         "max_consistency_wait": "duration", "shutdown_grace": "duration",
         "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
-        "log_format": "str", "reuse_port": "bool",
+        "log_format": "str", "reuse_port": "bool", "keepalive_time": "duration",
+        "keepalive_timeout": "duration", "min_client_ping_interval": "duration",
     },
     "database": {
         "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
@@ -451,6 +460,9 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise server.fail("event_loop", "must be asyncio or uvloop")
     if s.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise server.fail("event_loop", "uvloop is not installed (pip install 'agentid[perf]')")
+    for key in ("keepalive_time", "keepalive_timeout", "min_client_ping_interval"):
+        if getattr(s.server, key) < 0.001:
+            raise server.fail(key, "must be at least 1ms")
     if not 512 <= s.server.max_token_bytes <= 1 << 20:
         raise server.fail("max_token_bytes", "must be between 512 and 1048576")
     if not s.tokens.issuer:

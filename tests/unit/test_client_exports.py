@@ -13,6 +13,7 @@ def test_public_names() -> None:
         "Reason",
         "RevocationWatcher",
         "RevokeResponse",
+        "channel_options",
     ]
     for name in agentid_client.__all__:
         assert getattr(agentid_client, name) is not None

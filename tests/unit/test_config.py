@@ -113,6 +113,7 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
         ("[tokens]", "max_context_bytes = 0\n[tokens]", "server.max_context_bytes", "at least 1"),
         ("[tokens]", 'log_format = "xml"\n[tokens]', "server.log_format", "text or json"),
         ('jwks_file = "var/dev/idp-jwks.json"', 'jwks_file = "var/dev/idp-jwks.json"\njwks_max_age = "0s"', "idp[0].jwks_max_age", "positive"),
+        ("[tokens]", 'keepalive_time = "0s"\n[tokens]', "server.keepalive_time", "positive"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_the_key(

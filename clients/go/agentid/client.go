@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"io"
 	"iter"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 
 	agentidv1 "github.com/agentid-dev/agentid/clients/go/agentidv1"
 )
@@ -23,6 +25,13 @@ type Client struct {
 	cred Credential
 	conn *grpc.ClientConn // set when the Client made the connection and so closes it
 }
+
+// DefaultKeepalive is the HTTP/2 keepalive New sets (WithDialOptions(grpc.WithKeepaliveParams(...))
+// replaces it): while a call is open the connection is pinged after 30s without traffic and
+// closed when no answer comes within 10s, so a stream on a network path that died without a word
+// (a RevocationWatcher's, quiet between revocations) fails and is resumed instead of waiting
+// forever. agentid accepts a ping every 10s (its server.min_client_ping_interval).
+var DefaultKeepalive = keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}
 
 // Option configures New.
 type Option func(*options)
@@ -62,7 +71,10 @@ func New(target string, cred Credential, opts ...Option) (*Client, error) {
 	if o.insecure {
 		cred = cred.AllowInsecure()
 	}
-	dial := append([]grpc.DialOption{grpc.WithTransportCredentials(o.transport)}, o.dial...)
+	dial := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(o.transport),
+		grpc.WithKeepaliveParams(DefaultKeepalive),
+	}, o.dial...)
 	conn, err := grpc.NewClient(target, dial...)
 	if err != nil {
 		return nil, fmt.Errorf("agentid: connecting to %s: %w", target, err)

@@ -8,7 +8,7 @@ from agentid.v1.agentid_pb2 import (
     RevokeResponse,
 )
 
-from agentid_client._client import AgentIdClient
+from agentid_client._client import AgentIdClient, channel_options
 from agentid_client._errors import AgentIdError
 from agentid_client._revocations import RevocationWatcher
 
@@ -21,4 +21,5 @@ __all__ = [
     "Reason",
     "RevocationWatcher",
     "RevokeResponse",
+    "channel_options",
 ]

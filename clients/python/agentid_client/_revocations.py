@@ -27,7 +27,10 @@ class _Gap(Exception):
 
 
 class RevocationWatcher:
-    """Keeps ``revoked`` (serials) and ``sequence`` in sync with the service."""
+    """Keeps ``revoked`` (serials) and ``sequence`` in sync with the service.
+
+    Give it a channel made with ``channel_options()``: its keepalive pings are how the watcher
+    learns that a quiet stream's network path has died."""
 
     def __init__(
         self,
