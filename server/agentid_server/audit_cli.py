@@ -13,7 +13,12 @@ from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdClient
 from google.protobuf import json_format, timestamp_pb2
 
-from agentid_server.client_cli import TOKEN_ENV, add_connection_arguments, run_with_credential
+from agentid_server.client_cli import (
+    TOKEN_ENV,
+    add_connection_arguments,
+    connect,
+    run_with_credential,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, token: str) -> int:
-    async with AgentIdClient(args.target, token) as client:
+    async with connect(args, token) as client:
         if args.audit_command == "verify":
             result = await client.verify_audit(args.from_id, args.to_id)
             head = result.head_hash.hex()

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from agentid_client import AgentIdError
+import grpc
+from agentid_client import AgentIdClient, AgentIdError
 
 TOKEN_ENV = "AGENTID_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 
@@ -23,6 +24,44 @@ def add_connection_arguments(parser: argparse.ArgumentParser, credential: str) -
         help=f"{credential} (default: ${TOKEN_ENV}, which is better: other users of this "
         "machine can read a command line, not your environment)",
     )
+    tls = parser.add_argument_group(
+        "connection", "plaintext to a target on this machine; anywhere else TLS (or --plaintext)"
+    )
+    tls.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    tls.add_argument("--tls-ca", metavar="FILE", help="TLS, trusting this CA (PEM)")
+    tls.add_argument("--tls-cert", metavar="FILE", help="your client certificate (PEM), for mTLS")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    tls.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="no TLS to another machine (a network that encrypts by itself)",
+    )
+
+
+def connect(args: argparse.Namespace, credential: str) -> AgentIdClient:
+    """An AgentIdClient for the connection arguments; ValueError when they do not fit."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        if args.plaintext:
+            raise ValueError("--plaintext contradicts the TLS options")
+        try:
+            tls = grpc.ssl_channel_credentials(
+                root_certificates=_read(args.tls_ca),
+                private_key=_read(args.tls_key),
+                certificate_chain=_read(args.tls_cert),
+            )
+        except OSError as error:
+            raise ValueError(f"cannot read {error.filename}: {error.strerror}") from None
+    return AgentIdClient(args.target, credential, tls=tls, plaintext=args.plaintext)
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def run_with_credential(

@@ -7,9 +7,14 @@ import argparse
 import datetime
 
 from agentid.v1 import agentid_pb2 as pb
-from agentid_client import AgentIdClient, AgentIdError
+from agentid_client import AgentIdError
 
-from agentid_server.client_cli import TOKEN_ENV, add_connection_arguments, run_with_credential
+from agentid_server.client_cli import (
+    TOKEN_ENV,
+    add_connection_arguments,
+    connect,
+    run_with_credential,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, token: str) -> int:
-    async with AgentIdClient(args.target, token) as client:
+    async with connect(args, token) as client:
         command = args.step_up_command
         if command in ("approve", "deny"):
             step_up = await client.resolve_step_up(

@@ -5,8 +5,11 @@ made here, with their own keys."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
+from agentid_client import AgentIdClient
 from agentid_server.app import build_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -185,3 +189,43 @@ async def test_a_certificate_from_another_ca_is_refused_by_the_handshake(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Check(pb.CheckRequest(token="a.b.c", action="tickets.read"), timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_the_python_client_and_the_cli_connect_over_mtls(
+    mtls: MtlsServer, idp: IdpFixture, tmp_path: Path
+) -> None:
+    laptop = mtls.ca.issue("alice-laptop", x509.DNSName("alice.example.org"))
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=mtls.ca.pem,
+        private_key=laptop.key_pem,
+        certificate_chain=laptop.cert_pem,
+    )
+    async with AgentIdClient(f"localhost:{mtls.port}", idp.token(), tls=tls) as user:
+        session = await user.delegate("support-bot", ["tickets.read"])
+    assert session.token
+    files = {"ca.pem": mtls.ca.pem, "me.pem": laptop.cert_pem, "me.key": laptop.key_pem}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    target = f"127.0.0.1:{mtls.port}"
+    tls_flags = ["--tls-ca", str(tmp_path / "ca.pem"), "--tls-cert", str(tmp_path / "me.pem"),
+                 "--tls-key", str(tmp_path / "me.key")]  # fmt: skip
+    code, out, err = await run_agentid("audit", ADMIN_KEY, "--target", target, *tls_flags, "verify")
+    assert (code, err) == (0, "")
+    assert out.startswith("ok: 1 records verified")  # the Delegate's record
+    code, _, err = await run_agentid(
+        "audit", ADMIN_KEY, "--target", target, *tls_flags[:2], "verify"
+    )  # no client certificate: the handshake refuses it
+    assert code == 1
+    assert "UNAVAILABLE" in err
+
+
+async def run_agentid(command: str, credential: str, *args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentid_server", command, *args,
+        env={**env, "AGENTID_TOKEN": credential},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

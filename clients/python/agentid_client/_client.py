@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -46,8 +47,36 @@ def channel_options(
     ]
 
 
+def is_local_target(target: str) -> bool:
+    """Is this gRPC target on this machine: a loopback address, localhost or a Unix socket?
+    Accepts host:port, [v6]:port and the resolver forms dns:///host:port, ipv4:…, ipv6:…"""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    address = target.rsplit("/", 1)[-1]  # dns:///host:port, dns://resolver/host:port
+    for scheme in ("dns:", "ipv4:", "ipv6:"):
+        address = address.removeprefix(scheme)
+    if address.startswith("["):
+        host = address[1 : address.find("]")]
+    elif address.count(":") == 1:
+        host = address.rsplit(":", 1)[0]
+    else:
+        host = address  # no port, or a bare IPv6 address
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AgentIdClient:
     """Calls agentid with one credential (a user's IdP token, an agent token or an API key).
+
+    The connection: ``tls`` (``grpc.ssl_channel_credentials(...)``: the CA that signed agentid's
+    certificate, and this caller's certificate where agentid wants mTLS), or plaintext, which is
+    allowed to a target on this machine only (``plaintext=True`` lifts that, for a network that
+    encrypts by itself, such as a service mesh): the credential travels with every call. Or a
+    ``channel`` of your own.
 
     ``proof_key``: for an agent token bound to the agent's key (Delegate's ``jkt``), that private
     key (P-256 or Ed25519); every call then carries a fresh DPoP proof of it (RFC 9449), which
@@ -61,11 +90,26 @@ class AgentIdClient:
         target: str,
         credential: str,
         *,
+        tls: grpc.ChannelCredentials | None = None,
+        plaintext: bool = False,
         channel: grpc.aio.Channel | None = None,
         proof_key: ProofKey | None = None,
     ) -> None:
-        self._own_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target, options=channel_options())
+        if channel is None:
+            if tls is not None:
+                channel = grpc.aio.secure_channel(target, tls, options=channel_options())
+            elif plaintext or is_local_target(target):
+                channel = grpc.aio.insecure_channel(target, options=channel_options())
+            else:
+                raise ValueError(
+                    f"{target} is not on this machine: connect with TLS (tls=...), or say "
+                    "plaintext=True if the network encrypts by itself; the credential would "
+                    "travel in the clear"
+                )
+            self._own_channel = True
+        else:
+            self._own_channel = False
+        self._channel = channel
         self._stub = agentid_pb2_grpc.AgentIdentityServiceStub(self._channel)
         self._credential = credential
         self._proof_key = proof_key
