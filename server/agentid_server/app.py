@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,22 +148,28 @@ async def _housekeeping(
 async def _signing_keys(
     settings: Settings, repo: KeyRepository, now: int
 ) -> tuple[list[SigningKey], bytes]:
+    """The stored keys, unsealed; at the first start (no live key of the configured algorithm)
+    one generated, or the one a replica starting at the same time stored first."""
     kek = load_kek(settings.tokens.kek_file, settings.tokens.kek_env)
+    algorithm = settings.tokens.algorithm
+    rows = await repo.all()
+    if not any(alg == algorithm and retired is None for _, alg, _, _, retired in rows):
+        key = generate_signing_key(algorithm, now)
+        if await repo.add_first(key, seal(key, kek)):
+            log.info("generated signing key %s (%s)", key.kid, key.alg)
+        rows = await repo.all()
     keys = [
         unseal(kid, alg, sealed, kek, created, retired)
-        for kid, alg, sealed, created, retired in await repo.all()
+        for kid, alg, sealed, created, retired in rows
     ]
-    if not any(k.retired_at is None and k.alg == settings.tokens.algorithm for k in keys):
-        key = generate_signing_key(settings.tokens.algorithm, now)
-        await repo.add(key.kid, key.alg, seal(key, kek), now)
-        log.info("generated signing key %s (%s)", key.kid, key.alg)
-        keys.append(key)
     return keys, kek
 
 
 class _KeyRotation:
-    """Rotates the signing key every `tokens.rotation_period`, with overlap: the retired key
-    keeps verifying (and stays in the JWKS) until every token it signed has expired."""
+    """Rotates the signing key every `tokens.rotation_period`: the next key is published
+    `tokens.publish_ahead` before it signs (one replica publishes it, for all; the others read
+    it at their next run), and the retired key keeps verifying, in the JWKS, until every token
+    it signed has expired."""
 
     def __init__(
         self, ring: KeyRing, kek: bytes, repo: KeyRepository, journal: Journal, settings: Settings
@@ -171,24 +177,40 @@ class _KeyRotation:
         self._ring, self._kek, self._repo, self._journal = ring, kek, repo, journal
         self._algorithm = settings.tokens.algorithm
         self._period = settings.tokens.rotation_period
+        self._ahead = settings.tokens.publish_ahead
+        self._max_token_ttl = int(settings.tokens.max_ttl)
 
     async def run(self, now: int) -> None:
+        await self._read(now)
         self._ring.drop_expired(now)
-        old = self._ring.active
-        if now - old.created_at < self._period:
-            return
-        new = generate_signing_key(self._algorithm, now)
+        latest = self._ring.latest
+        if latest.created_at > now or now < latest.created_at + self._period - self._ahead:
+            return  # the next key is published already, or not due yet
+        new = generate_signing_key(self._algorithm, now + int(self._ahead))
         event = AuditEvent(
             time=now,
             event_type=EventType.KEY_ROTATED,
             actor_kind=ActorKind.SERVICE,
             actor_id="agentid",
             action="agentid.keys.rotate",
-            detail=f"{old.kid} -> {new.kid}",
+            detail=f"{latest.kid} -> {new.kid} at {new.created_at}",
         )
-        await self._journal.run(self._repo.rotation_job(new, seal(new, self._kek), old.kid, event))
-        self._ring.rotate(new, now)
-        log.info("rotated the signing key: %s retired, %s active", old.kid, new.kid)
+        job = self._repo.rotation_job(new, seal(new, self._kek), latest, event)
+        if await self._journal.run(job):
+            log.info("published signing key %s, signing from %d", new.kid, new.created_at)
+        await self._read(now)  # ours, or the one another replica published first
+
+    async def _read(self, now: int) -> None:
+        """The keys other replicas published or retired since the last run."""
+        keys = []
+        for kid, alg, sealed, created, retired in await self._repo.all():
+            if retired is not None and retired + self._max_token_ttl <= now:
+                continue  # every token it signed has expired
+            known = self._ring.get(kid)
+            key = known or unseal(kid, alg, sealed, self._kek, created, retired)
+            keys.append(replace(key, retired_at=retired))
+        for kid in self._ring.update(keys, now):
+            log.info("signing key %s was published by another replica", kid)
 
 
 async def build_server(

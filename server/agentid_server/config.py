@@ -95,6 +95,10 @@ class TokenSettings:
     kek_file: str = ""
     kek_env: str = "AGENTID_KEK"
     rotation_period: float = 30 * 86400
+    # A new signing key is published (stored, in every replica's JWKS) this long before it signs,
+    # so replicas (which read the keys every revocation.prune_interval) and JWKS caches know it
+    # before its first token.
+    publish_ahead: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     "tokens": {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
         "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
+        "publish_ahead": "duration",
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
@@ -469,6 +474,13 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise tokens.fail("issuer", "is required")
     if s.tokens.algorithm not in SIGNING_ALGORITHMS:
         raise tokens.fail("algorithm", f"must be one of {', '.join(SIGNING_ALGORITHMS)}")
+    if not s.tokens.publish_ahead < s.tokens.rotation_period:
+        raise tokens.fail("publish_ahead", "must be shorter than rotation_period")
+    if s.tokens.publish_ahead < 2 * s.revocation.prune_interval:
+        raise tokens.fail(
+            "publish_ahead",
+            "must be at least twice revocation.prune_interval (how often replicas read new keys)",
+        )
     if not s.tokens.min_ttl <= s.tokens.default_ttl <= s.tokens.max_ttl:
         raise tokens.fail("default_ttl", "must lie between min_ttl and max_ttl")
     if s.revocation.watch_buffer < 1:

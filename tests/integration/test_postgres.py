@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -51,6 +52,7 @@ from tests.conftest import (
     start_harness,
     struct,
 )
+from tests.integration.test_key_rotation import kid_of
 from tests.integration.test_step_up import (
     RULES,
     agent,
@@ -673,3 +675,42 @@ async def test_the_session_question_uses_its_indexes_even_in_a_generic_plan(
     assert "$1" in plan  # the generic plan, parameters unknown
     assert "ix_audit_session" in plan
     assert "ix_audit_parent" in plan
+
+
+async def test_signing_keys_rotate_once_for_every_replica(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Both replicas find the rotation due at the same moment: one publishes the next key, the
+    other reads it, and from its time both sign with it and verify each other's tokens."""
+    await wipe(URL)
+
+    def rotating(chain: str) -> Settings:
+        settings = replica(tmp_path, idp, chain)
+        tokens = dataclasses.replace(settings.tokens, rotation_period=600.0, publish_ahead=60.0)
+        revocation = dataclasses.replace(settings.revocation, prune_interval=0.02)
+        return dataclasses.replace(settings, tokens=tokens, revocation=revocation)
+
+    async def kids(h: Harness) -> list[str]:
+        jwks = json.loads((await h.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
+        return [key["kid"] for key in jwks["keys"]]
+
+    async with (
+        running_harness(tmp_path, idp, clock, rotating("replica-a")) as a,
+        running_harness(tmp_path, idp, clock, rotating("replica-b")) as b,
+    ):
+        [first] = await kids(a)
+        assert await kids(b) == [first]  # b found a's key at its start
+        clock.advance(541)
+        for _ in range(200):
+            if len(await kids(a)) == len(await kids(b)) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert await kids(a) == await kids(b)  # the same next key on both: one rotation
+        [rotated] = await audit(a, event_types=[pb.EVENT_TYPE_KEY_ROTATED])
+        clock.advance(60)
+        on_a, on_b = await a.delegate(), await b.delegate()
+        [new, _] = await kids(a)
+        assert kid_of(on_a.token) == kid_of(on_b.token) == new != first
+        assert rotated.detail.startswith(f"{first} -> {new} at ")
+        for h, token in ((a, on_b.token), (b, on_a.token)):
+            assert (await h.check(token, "tickets.read")).decision == pb.DECISION_ALLOW

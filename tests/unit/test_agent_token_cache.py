@@ -3,6 +3,8 @@ first), so a busy token is not verified again while idle ones fill the cache."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from agentid_server.domain.ports import TokenRejected
 from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
@@ -27,7 +29,8 @@ def test_the_least_recently_used_token_leaves_the_cache_first() -> None:
     verifier = AgentTokenVerifier(ISSUER, ring, cache_size=2)
     for used in (a, b, a, c):  # a is used again before c arrives: b is the least recently used
         verifier.verify(used)
-    ring.rotate(generate_signing_key("EdDSA", now=100), now=100)
+    first = ring.signing_key(now=1)
+    ring.update([replace(first, retired_at=100), generate_signing_key("EdDSA", now=100)], now=100)
     ring.drop_expired(now=1000)  # the key that signed a, b and c is gone: only cached ones pass
     assert verifier.verify(a).session_id == "ses_1"
     assert verifier.verify(c).session_id == "ses_3"

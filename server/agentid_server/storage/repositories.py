@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, Select, bindparam, delete, func, select, update
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Select,
+    bindparam,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, SessionRecord
@@ -21,6 +32,10 @@ from agentid_server.tokens.keys import SigningKey
 
 SESSION_SERIAL = "session_serial"
 SERIAL_BLOCK = 64  # session serials a process reserves at once
+# The PostgreSQL advisory lock under which replicas publish signing keys, one at a time.
+_KEYS_LOCK = int.from_bytes(
+    hashlib.sha256(b"agentid.signing-keys").digest()[:8], "big", signed=True
+)
 REVOCATION_SEQUENCE = "revocation_sequence"
 
 
@@ -256,7 +271,9 @@ def _session(row: Any) -> SessionRecord:
 
 
 class KeyRepository:
-    """Signing keys; private halves arrive and leave sealed (encrypted) only."""
+    """Signing keys; private halves arrive and leave sealed (encrypted) only. Replicas on one
+    PostgreSQL publish keys one at a time (a transaction advisory lock): a key is added only
+    when the newest one is still the one the caller saw, so a rotation happens once for all."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -268,11 +285,15 @@ class KeyRepository:
 
     @staticmethod
     def rotation_job(
-        new: SigningKey, sealed: bytes, retire_kid: str, event: AuditEvent
-    ) -> Callable[[Connection], JobResult[None]]:
-        """Stores the new key and retires the old one, with the KEY_ROTATED record, at once."""
+        new: SigningKey, sealed: bytes, retire: SigningKey, event: AuditEvent
+    ) -> Callable[[Connection], JobResult[bool]]:
+        """Publishes ``new`` (signing from its created_at) and retires ``retire`` then, with
+        the KEY_ROTATED record, at once; unless another replica published a newer key since
+        ``retire`` was the newest (then nothing: False)."""
 
-        def job(connection: Connection) -> JobResult[None]:
+        def job(connection: Connection) -> JobResult[bool]:
+            if _newest_key(connection, new.alg) != retire.created_at:
+                return JobResult(False)
             k = tables.signing_keys
             connection.execute(
                 k.insert().values(
@@ -280,16 +301,35 @@ class KeyRepository:
                 )
             )
             connection.execute(
-                update(k).where(k.c.kid == retire_kid).values(retired_at=new.created_at)
+                update(k).where(k.c.kid == retire.kid).values(retired_at=new.created_at)
             )
-            return JobResult(None, [event])
+            return JobResult(True, [event])
 
         return job
 
-    async def add(self, kid: str, alg: str, sealed: bytes, created_at: int) -> None:
+    async def add_first(self, key: SigningKey, sealed: bytes) -> bool:
+        """Stores the first key of its algorithm, unless a replica starting at the same time
+        stored one first (then False)."""
         async with self._engine.begin() as connection:
+            stored = await connection.run_sync(lambda c: _newest_key(c, key.alg, live_only=True))
+            if stored is not None:
+                return False
             await connection.execute(
                 tables.signing_keys.insert().values(
-                    kid=kid, alg=alg, sealed_private_key=sealed, created_at=created_at
+                    kid=key.kid, alg=key.alg, sealed_private_key=sealed, created_at=key.created_at
                 )
             )
+        return True
+
+
+def _newest_key(connection: Connection, alg: str, *, live_only: bool = False) -> int | None:
+    """The created_at of the newest key of ``alg`` (not retired, with ``live_only``), read after
+    taking the key lock on PostgreSQL (held to the end of the transaction)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _KEYS_LOCK})
+    k = tables.signing_keys
+    query = select(func.max(k.c.created_at)).where(k.c.alg == alg)
+    if live_only:
+        query = query.where(k.c.retired_at.is_(None))
+    newest = connection.execute(query).scalar()
+    return None if newest is None else int(newest)

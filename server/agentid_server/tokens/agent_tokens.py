@@ -28,13 +28,14 @@ _REQUIRED = ["iss", "sub", "act", "jti", "sn", "iat", "nbf", "exp", "scope"]
 
 
 class AgentTokenIssuer:
-    """Signs agent token claims with the active key."""
+    """Signs agent token claims with the key due at their ``iat``."""
 
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys
 
     def issue(self, claims: dict[str, Any]) -> str:
-        key = self._keys.active
+        """Signed with the key whose time has come at the token's ``iat``."""
+        key = self._keys.signing_key(claims["iat"])
         if key.private_key is None:
             raise ValueError("the active signing key has no private half")
         return jwt.encode(

@@ -129,18 +129,31 @@ def jwks_json(keys: list[SigningKey]) -> str:
 
 
 class KeyRing:
-    """Our signing keys in use: the active one signs; retired ones still verify until every token
-    they signed has expired (``max_token_ttl`` after retirement), then leave the JWKS."""
+    """Our signing keys. The key whose time has come signs: the newest of the configured
+    algorithm whose ``created_at`` has passed. A key published ahead of its time (``created_at``
+    still to come) already verifies and is in the JWKS, so every replica and every JWKS cache
+    can know it before the first token it signs; a retired key still verifies, and stays in the
+    JWKS, until every token it signed has expired (``max_token_ttl`` after its retirement)."""
 
     def __init__(self, keys: list[SigningKey], algorithm: str, max_token_ttl: int) -> None:
         self._keys = {key.kid: key for key in keys}
         self._algorithm = algorithm
         self._max_token_ttl = max_token_ttl
-        self._refresh()
+        self._active: SigningKey | None = None
+        self._until = float("-inf")  # when the next published key takes over
+        self._changed()
+
+    def signing_key(self, now: float) -> SigningKey:
+        """The key that signs a token issued at ``now``."""
+        if self._active is None or now >= self._until or now < self._active.created_at:
+            self._choose(now)
+        assert self._active is not None
+        return self._active
 
     @property
-    def active(self) -> SigningKey:
-        return self._active
+    def latest(self) -> SigningKey:
+        """The newest key of the configured algorithm, signing already or published ahead."""
+        return max(self._signing_candidates(), key=lambda k: k.created_at)
 
     def get(self, kid: str) -> SigningKey | None:
         return self._keys.get(kid)
@@ -148,30 +161,50 @@ class KeyRing:
     def jwks(self) -> str:
         return self._jwks
 
-    def rotate(self, new: SigningKey, now: int) -> SigningKey:
-        """Makes ``new`` the active key; returns the one it retires."""
-        old = self._active
-        self._keys[old.kid] = replace(old, retired_at=now)
-        self._keys[new.kid] = new
-        self._refresh()
-        return old
+    def update(self, keys: list[SigningKey], now: int) -> list[str]:
+        """Takes the store's view: keys this ring lacks (another replica published them) and
+        retirements; keys whose tokens have all expired are left out. Returns the kids added."""
+        added = []
+        for key in keys:
+            if self._expired(key, now):
+                continue
+            known = self._keys.get(key.kid)
+            if known is None:
+                added.append(key.kid)
+                self._keys[key.kid] = key
+            elif known.retired_at != key.retired_at:
+                self._keys[key.kid] = replace(known, retired_at=key.retired_at)
+        self._changed()
+        return added
 
     def drop_expired(self, now: int) -> list[str]:
         """Forgets retired keys whose tokens have all expired; returns their kids."""
-        gone = [
-            kid
-            for kid, key in self._keys.items()
-            if key.retired_at is not None and key.retired_at + self._max_token_ttl <= now
-        ]
+        gone = [kid for kid, key in self._keys.items() if self._expired(key, now)]
         for kid in gone:
             del self._keys[kid]
         if gone:
-            self._refresh()
+            self._changed()
         return gone
 
-    def _refresh(self) -> None:
-        live = [k for k in self._keys.values() if k.retired_at is None and k.alg == self._algorithm]
-        if not live:
-            raise KeyMaterialError(f"no active {self._algorithm} signing key")
-        self._active = max(live, key=lambda k: k.created_at)
+    def _expired(self, key: SigningKey, now: int) -> bool:
+        return key.retired_at is not None and key.retired_at + self._max_token_ttl <= now
+
+    def _signing_candidates(self) -> list[SigningKey]:
+        candidates = [k for k in self._keys.values() if k.alg == self._algorithm]
+        if not candidates:
+            raise KeyMaterialError(f"no {self._algorithm} signing key")
+        return candidates
+
+    def _choose(self, now: float) -> None:
+        candidates = self._signing_candidates()
+        due = [k for k in candidates if k.created_at <= now]
+        if not due:
+            raise KeyMaterialError(f"no {self._algorithm} signing key is due yet")
+        self._active = max(due, key=lambda k: k.created_at)
+        later = [k.created_at for k in candidates if k.created_at > now]
+        self._until = min(later, default=float("inf"))
+
+    def _changed(self) -> None:
+        self._signing_candidates()  # refuses a ring that could never sign
+        self._active, self._until = None, float("-inf")  # chosen again at the next signing
         self._jwks = jwks_json(list(self._keys.values()))
