@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
-from agentid_server.domain.errors import NotFound, Unavailable
-from agentid_server.domain.model import ActorKind, AuditEvent, EventType
+from agentid_server.domain.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
+from agentid_server.domain.model import ActorKind, AuditEvent, EventType, SessionRecord
 from agentid_server.storage.database import create_engines, migrate
 from agentid_server.storage.journal import JobResult, Journal
 from sqlalchemy import Connection, text
@@ -291,3 +291,53 @@ async def test_a_failing_last_batch_at_stop_leaves_no_probe_behind(tmp_path: Pat
         locker.execute("ROLLBACK")
         locker.close()
         await engines.dispose()
+
+
+def session(
+    sid: str, serial: int, parent: str = "", expires_at: int | None = None
+) -> SessionRecord:
+    now = int(time.time())
+    return SessionRecord(
+        id=sid, serial=serial, user_id="alice", agent_id="bot", scopes=("a",), audiences=(),
+        task="", jkt="", created_at=now, expires_at=expires_at or now + 600, parent_id=parent,
+    )  # fmt: skip
+
+
+def delegated(s: SessionRecord) -> AuditEvent:
+    return AuditEvent(
+        time=time.time(),
+        event_type=EventType.DELEGATE,
+        actor_kind=ActorKind.AGENT,
+        actor_id=s.parent_id,
+        session_id=s.id,
+        parent_session_id=s.parent_id,
+    )
+
+
+async def test_a_session_is_written_only_under_a_live_lineage(journal: Journal) -> None:
+    """Whatever a Delegate saw when it authenticated, its session goes in only if, at the write,
+    no ancestor has been revoked and the parent has not expired."""
+    root, parent = session("ses_root", 1), session("ses_parent", 2, parent="ses_root")
+    for s in (root, parent):
+        await journal.append(delegated(s), new_session=s)
+
+    def revoke_root(connection: Connection) -> JobResult[None]:
+        connection.execute(text("UPDATE sessions SET revoked_at = 1 WHERE id = 'ses_root'"))
+        return JobResult(None)
+
+    await journal.run(revoke_root)
+    grandchild = session("ses_grandchild", 3, parent="ses_parent")  # the root is revoked
+    with pytest.raises(Unauthenticated) as refused:
+        await journal.append(delegated(grandchild), new_session=grandchild)
+    assert refused.value.reason == "SESSION_REVOKED"
+    expiring = session("ses_short", 4, expires_at=int(time.time()) - 1)
+    await journal.append(delegated(expiring), new_session=expiring)
+    late = session("ses_late", 5, parent="ses_short")
+    with pytest.raises(PermissionDenied) as expired:
+        await journal.append(delegated(late), new_session=late)
+    assert expired.value.reason == "SESSION_EXPIRED"
+    orphan = session("ses_orphan", 6, parent="ses_nowhere")
+    with pytest.raises(Unauthenticated):
+        await journal.append(delegated(orphan), new_session=orphan)
+    # Nothing of the refused ones was written, and the journal goes on.
+    assert await journal.append(event(1)) > 0

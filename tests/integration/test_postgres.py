@@ -714,3 +714,27 @@ async def test_signing_keys_rotate_once_for_every_replica(
         assert rotated.detail.startswith(f"{first} -> {new} at ")
         for h, token in ((a, on_b.token), (b, on_a.token)):
             assert (await h.check(token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def test_a_sub_agent_delegated_on_one_replica_never_outlives_a_parent_revoked_on_the_other(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """The Delegate's transaction holds its lineage FOR SHARE, the Revoke's holds its target FOR
+    UPDATE before reading the subtree: whichever commits first, the child is refused or revoked."""
+    a, b = replicas
+    for _ in range(10):
+        parent = await a.delegate(scopes=["tickets.read", "agentid.delegate"])
+        *children, revoked = await asyncio.gather(
+            *(b.sub_delegate(parent.token) for _ in range(5)),
+            a.stub.Revoke(
+                pb.RevokeRequest(session_id=parent.session_id), metadata=bearer(ADMIN_KEY)
+            ),
+            return_exceptions=True,
+        )
+        assert isinstance(revoked, pb.RevokeResponse)
+        for delegated in children:
+            if isinstance(delegated, grpc.aio.AioRpcError):
+                assert error_info(delegated).reason == "SESSION_REVOKED"
+                continue
+            assert isinstance(delegated, pb.DelegateResponse)
+            assert delegated.session_id in revoked.session_ids  # written first: revoked too

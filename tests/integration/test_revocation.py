@@ -419,6 +419,35 @@ async def test_no_allow_after_revoke_returned_under_concurrent_load(harness: Har
     assert all(decision == pb.DECISION_ALLOW for *_, decision in survivor)
 
 
+async def test_a_sub_agent_delegated_while_its_parent_is_revoked_never_outlives_it(
+    harness: Harness,
+) -> None:
+    """Sub-Delegates racing the Revoke of their parent (in one group commit or the next): each
+    child is either refused (SESSION_REVOKED) or revoked with its parent, never left live."""
+    refused = survived = 0
+    for _ in range(10):
+        parent = await harness.delegate(scopes=["tickets.read", "agentid.delegate"])
+
+        *children, revoked = await asyncio.gather(
+            *(harness.sub_delegate(parent.token) for _ in range(5)),
+            revoke(harness, ADMIN_KEY, session_id=parent.session_id, reason="compromised"),
+            return_exceptions=True,
+        )
+        assert isinstance(revoked, pb.RevokeResponse)
+        assert parent.session_id in revoked.session_ids
+        for delegated in children:
+            if isinstance(delegated, grpc.aio.AioRpcError):
+                assert delegated.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert error_info(delegated).reason == "SESSION_REVOKED"
+                refused += 1
+                continue
+            assert isinstance(delegated, pb.DelegateResponse)
+            survived += 1
+            answer = await harness.check(delegated.token, "tickets.read")
+            assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+    assert refused + survived == 50
+
+
 async def test_a_sequence_written_elsewhere_but_not_applied_here_is_waited_for(
     harness: Harness,
 ) -> None:

@@ -13,7 +13,7 @@ from agentid_server.domain.model import ActorKind, Decision, EventType, Reason
 from agentid_server.storage import tables
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
 from agentid_server.storage.database import read_all
-from agentid_server.storage.repositories import session_subtree
+from agentid_server.storage.lineage import session_subtree
 from agentid_server.storage.rows import AUDIT_COLUMNS
 from agentid_server.storage.visibility import horizon
 

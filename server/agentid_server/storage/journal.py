@@ -36,6 +36,7 @@ from agentid_server.domain.errors import AgentIdError, Unavailable
 from agentid_server.domain.model import AuditEvent, SessionRecord
 from agentid_server.storage import tables
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
+from agentid_server.storage.lineage import refusal
 from agentid_server.storage.rows import (
     SEALED_COLUMNS,
     AuditRecordRow,
@@ -415,16 +416,19 @@ class Journal:
             return await connection.run_sync(self._write_batch, batch)
 
     def _write_batch(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
-        """Runs the jobs, then inserts the new sessions and every audit row of the batch."""
+        """Runs the jobs and writes the new sessions in batch order (a session only under a
+        lineage still live at that point: lineage.refusal), then every audit row of the batch."""
         outcomes = [_Outcome() for _ in batch]
         rows: list[AuditRow] = []
         owners: list[_Outcome] = []  # the outcome each audit row belongs to
-        sessions: list[dict[str, Any]] = []
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.job is None:
                 assert item.event is not None
                 if item.session is not None:
-                    sessions.append(session_row(item.session))
+                    outcome.error = refusal(connection, item.session)
+                    if outcome.error is not None:
+                        continue
+                    connection.execute(tables.sessions.insert(), session_row(item.session))
                 rows.append(audit_row(item.event))
                 owners.append(outcome)
                 continue
@@ -437,12 +441,10 @@ class Journal:
             outcome.value, outcome.after_commit = result.value, result.after_commit
             rows.extend(audit_row(event) for event in result.events)
             owners.extend(outcome for _ in result.events)
-        if sessions:
-            connection.execute(tables.sessions.insert(), sessions)
         for owner, record_id in zip(owners, self._insert_audit(connection, rows), strict=True):
             owner.ids.append(record_id)
         for item, outcome in zip(batch, outcomes, strict=True):
-            if item.job is None:
+            if item.job is None and outcome.error is None:
                 outcome.value = outcome.ids[0]
         return outcomes
 

@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import (
     BindParameter,
     Connection,
-    Select,
     bindparam,
     delete,
     func,
@@ -26,6 +25,7 @@ from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
+from agentid_server.storage.lineage import lock_targets, session_lineage, session_subtree
 from agentid_server.storage.notify import notify_revocations, notify_step_ups
 from agentid_server.storage.stepups import expire_for_sessions
 from agentid_server.tokens.keys import SigningKey
@@ -79,25 +79,6 @@ def bump_counter(connection: Connection, name: str, by: int = 1) -> int:
         .returning(counters.c.value)
     )
     return int(connection.execute(statement).scalar_one())
-
-
-SessionId = str | BindParameter[str]  # a value, or a parameter of a statement built once
-
-
-def session_lineage(session_id: SessionId) -> Select[Any]:
-    """The ids of a session and all its ancestors (a recursive CTE, portable SQL)."""
-    s = tables.sessions
-    up = select(s.c.id, s.c.parent_id).where(s.c.id == session_id).cte("up", recursive=True)
-    up = up.union_all(select(s.c.id, s.c.parent_id).where(s.c.id == up.c.parent_id))
-    return select(up.c.id)
-
-
-def session_subtree(root: SessionId) -> Select[Any]:
-    """The ids of a session and all its descendants (a recursive CTE, portable SQL)."""
-    s = tables.sessions
-    tree = select(s.c.id).where(s.c.id == root).cte("tree", recursive=True)
-    tree = tree.union_all(select(s.c.id).where(s.c.parent_id == tree.c.id))
-    return select(tree.c.id)
 
 
 def _revoke_statements() -> dict[str, Any]:
@@ -159,6 +140,7 @@ class RevocationRepository:
                     _session(row) if row is not None else None,
                     lambda: [r.id for r in connection.execute(_REVOKE["lineage"], root)],
                 )
+            lock_targets(connection, root=root_session_id, user=user_id)
             if root_session_id is not None:
                 targets = connection.execute(_REVOKE["subtree"], {**root, "now": int(now)})
             else:
