@@ -112,6 +112,9 @@ class IdpSettings:
     algorithms: tuple[str, ...] = IDP_ALGORITHMS
     jwks_min_refresh: float = 30.0
     jwks_max_age: float = 600.0  # the JWKS is read again this often, so removed keys stop working
+    # Prepended to the token's `sub` to make the user id: with several IdPs each has its own, so
+    # "alice" at one is never "alice" at another (one IdP may go without).
+    subject_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,7 @@ def _idp(r: _Reader) -> IdpSettings:
             "algorithms",
             "jwks_min_refresh",
             "jwks_max_age",
+            "subject_prefix",
         }
     )
     jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
@@ -407,6 +411,7 @@ def _idp(r: _Reader) -> IdpSettings:
         algorithms=tuple(algorithms),
         jwks_min_refresh=min_refresh,
         jwks_max_age=max_age,
+        subject_prefix=r.get("subject_prefix", "str", ""),
     )
 
 
@@ -518,7 +523,29 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         )
     _unique(s, "agents", [x.id for x in s.agents], "id")
     _unique(s, "idp", [x.issuer for x in s.idps], "issuer")
+    _subject_prefixes(s)
     _unique(s, "risk", [x.name for x in s.risk], "name")
+
+
+def _subject_prefixes(s: Settings) -> None:
+    """With several IdPs, user ids must never collide: every IdP has a subject_prefix, and no
+    prefix begins another (then prefix + sub is one user at one IdP)."""
+    if len(s.idps) < 2:
+        return
+    prefixes = [x.subject_prefix for x in s.idps]
+    for index, prefix in enumerate(prefixes):
+        key = f"idp[{index}].subject_prefix"
+        if not prefix:
+            raise ConfigError(
+                s.source, key, "is required with several [[idp]]: each IdP's users get their own"
+            )
+        for other_index, other in enumerate(prefixes):
+            if other_index != index and other.startswith(prefix):
+                raise ConfigError(
+                    s.source,
+                    key,
+                    f"{prefix!r} begins idp[{other_index}]'s {other!r}: ids could collide",
+                )
 
 
 def _check_listen(listen: str, reader: _Reader) -> None:

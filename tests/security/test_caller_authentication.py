@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.conftest import (
     ADMIN_KEY,
     CHECK_KEY,
+    IDP_AUDIENCE,
     WATCH_KEY,
     FakeClock,
     Harness,
@@ -297,3 +298,43 @@ async def test_a_deeply_nested_credential_header_is_unauthenticated(harness: Har
     error = await delegate_as(harness, f"{header}.e30.sig")
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert (await harness.delegate()).session_id  # and the server keeps serving
+
+
+PARTNER = "https://idp.partner.example"
+
+
+async def test_users_of_two_idps_with_the_same_sub_are_different_users(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """alice at the company's IdP and alice at a partner's are two people: each [[idp]] has its
+    subject_prefix, and neither may read, revoke or act on what the other delegated."""
+    partner = IdpFixture(tmp_path / "partner-jwks.json")
+
+    def two_idps(config: dict[str, Any]) -> None:
+        config["idp"][0]["subject_prefix"] = "corp:"
+        config["idp"].append(
+            {"issuer": PARTNER, "audience": IDP_AUDIENCE, "jwks_file": str(partner.jwks_path),
+             "subject_prefix": "partner:"}
+        )  # fmt: skip
+
+    async with running_harness(tmp_path, idp, clock, mutate=two_idps) as h:
+        ours = await h.delegate(idp.token(sub="alice"))
+        theirs = await h.delegate(partner.token(sub="alice", iss=PARTNER))
+        assert (ours.user_id, theirs.user_id) == ("corp:alice", "partner:alice")
+        intruder = bearer(partner.token(sub="alice", iss=PARTNER))
+        with pytest.raises(grpc.aio.AioRpcError) as reading:
+            await h.stub.Audit(
+                pb.AuditRequest(session_id=ours.session_id), metadata=intruder
+            ).read()
+        assert reading.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        revoked = await h.stub.Revoke(pb.RevokeRequest(user_id="partner:alice"), metadata=intruder)
+        assert list(revoked.session_ids) == [theirs.session_id]  # hers only
+        with pytest.raises(grpc.aio.AioRpcError) as revoking:
+            await h.stub.Revoke(pb.RevokeRequest(user_id="corp:alice"), metadata=intruder)
+        assert revoking.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (await h.check(ours.token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def test_an_idp_subject_that_cannot_be_a_user_id_is_refused(harness: Harness) -> None:
+    for sub in ("x" * 257, "alice\x00admin", "alice\nbob"):
+        await expect_unauthenticated(harness, harness.idp.token(sub=sub), "TOKEN_INVALID")

@@ -204,6 +204,26 @@ def test_telemetry_settings_are_checked(telemetry: dict[str, Any], key: str, pro
     assert problem in caught.value.problem
 
 
+@pytest.mark.parametrize(
+    ("prefixes", "index", "problem"),
+    [(("", "partner:"), 0, "is required"), (("corp:", "corp:"), 0, "begins"),
+     (("p:", "p:x:"), 0, "begins"), (("corp:", ""), 1, "is required")],
+)  # fmt: skip
+def test_several_idps_need_subject_prefixes_that_cannot_collide(
+    tmp_path: Path, prefixes: tuple[str, str], index: int, problem: str
+) -> None:
+    idps = "".join(
+        f'[[idp]]\nissuer = "https://idp{n}.example"\naudience = "a"\n'
+        f'jwks_file = "j.json"\nsubject_prefix = "{prefix}"\n'
+        for n, prefix in enumerate(prefixes)
+    )
+    text = GOOD.replace(GOOD[GOOD.index("[[idp]]") : GOOD.index("[[services]]")], idps)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), environ={})
+    assert caught.value.key == f"idp[{index}].subject_prefix"
+    assert problem in caught.value.problem
+
+
 def test_telemetry_is_off_unless_an_endpoint_is_given() -> None:
     assert settings_from_mapping({}, "x.toml", {}).telemetry.otlp_endpoint == ""
     settings = settings_from_mapping(

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 1 << 20
+MAX_USER_ID = 256  # characters: the sessions' and audit records' user_id column
 VERIFIED_CACHE_SIZE = 4096  # users' tokens remembered at once; the least recently used go first
 
 
@@ -258,6 +259,12 @@ def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise Unauthenticated("the IdP token has no subject", reason="TOKEN_INVALID")
+    user_id = idp.subject_prefix + subject
+    if len(user_id) > MAX_USER_ID or not user_id.isprintable():
+        raise Unauthenticated(
+            f"the IdP token's subject is not a user id here (printable, at most {MAX_USER_ID})",
+            reason="TOKEN_INVALID",
+        )
     raw = claims.get(idp.scope_claim, "")
     texts = raw.split() if isinstance(raw, str) else raw if isinstance(raw, list) else []
     grantable: list[Scope] = []
@@ -271,7 +278,7 @@ def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
     auth_time = claims.get("auth_time")
     acr = claims.get("acr")
     return UserPrincipal(
-        user_id=subject,
+        user_id=user_id,
         issuer=idp.issuer,
         grantable=ScopeSet(tuple(grantable)),
         auth_time=auth_time
