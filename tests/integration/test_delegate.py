@@ -227,6 +227,8 @@ async def test_unknown_agent_is_not_found(harness: Harness) -> None:
         ({"jkt": "not-a-thumbprint"}, "jkt"),
         ({"audiences": [""]}, "audiences[0]"),
         ({"task": "x" * 5000}, "task"),
+        ({"task": "a\x00b"}, "task"),
+        ({"task": "\x1b]0;pwned\x07"}, "task"),
     ],
 )
 async def test_malformed_delegations_are_invalid_argument(

@@ -36,6 +36,7 @@ from agentid_server.tokens.jwk import public_jwk, thumbprint
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import (
@@ -738,3 +739,32 @@ async def test_a_sub_agent_delegated_on_one_replica_never_outlives_a_parent_revo
                 continue
             assert isinstance(delegated, pb.DelegateResponse)
             assert delegated.session_id in revoked.session_ids  # written first: revoked too
+
+
+async def test_a_job_whose_data_postgresql_refuses_fails_alone(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """PostgreSQL's text refuses NUL. Requests are checked for it (INVALID_ARGUMENT), and should
+    a write job still carry some, only that job fails: the Checks in its group commit are
+    answered, and the store stays healthy."""
+    a, _ = replicas
+    session = await a.delegate()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await a.stub.Revoke(
+            pb.RevokeRequest(session_id=session.session_id, reason="done\x00"),
+            metadata=bearer(session.token),
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    def bad_job(connection: Any) -> Any:
+        connection.execute(tables.counters.insert().values(name="nul\x00name", value=0))
+        raise AssertionError("PostgreSQL took a NUL")
+
+    results = await asyncio.gather(
+        a.running.journal.run(bad_job),
+        *(a.check(session.token, "tickets.read") for _ in range(30)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], DBAPIError)  # INTERNAL for its caller
+    assert all(r.decision == pb.DECISION_ALLOW for r in results[1:])  # type: ignore[union-attr]
+    assert a.running.journal.healthy

@@ -187,8 +187,13 @@ async def test_revoke_every_session_of_a_user(harness: Harness) -> None:
             {"session_id": "ses_01ARZ3NDEKTSV4RRFFQ69G5FAV", "reason": "x" * 600},
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
+        *(
+            ({"session_id": "ses_01ARZ3NDEKTSV4RRFFQ69G5FAV", "reason": f"done{c}"},
+             grpc.StatusCode.INVALID_ARGUMENT)
+            for c in ("\x00", "\x1b[2J", "\u202e", "\x7f")
+        ),
     ],
-)
+)  # fmt: skip
 async def test_bad_revoke_requests(
     harness: Harness, target: dict[str, str], code: grpc.StatusCode
 ) -> None:

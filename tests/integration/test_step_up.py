@@ -324,6 +324,14 @@ async def test_bad_step_up_requests(h: Harness) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await step_up(h, credential)
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # What the user will read may not carry terminal escapes, NUL or reordering characters.
+    for message in ("Pay 5 EUR\x1b[1A\x1b[2K", "Pay 5\x00", "Pay \u202e24 ot RUE 5"):
+        request = pb.StepUpRequest(
+            action="payments.transfer", resource="account/42", binding_message=message
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.stub.StepUp(request, metadata=bearer(session.token))
+        assert [v.field for v in bad_request(caught.value).field_violations] == ["binding_message"]
 
 
 async def test_bad_resolve_requests(h: Harness) -> None:
@@ -333,6 +341,9 @@ async def test_bad_resolve_requests(h: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await resolve(h, "stp_01ARZ3NDEKTSV4RRFFQ69G5FAV")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolve(h, "stp_01ARZ3NDEKTSV4RRFFQ69G5FAV", comment="ok\x00")
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["comment"]
 
 
 # -- watching ----------------------------------------------------------------------------------------

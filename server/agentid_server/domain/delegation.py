@@ -20,6 +20,7 @@ from agentid_server.domain.model import (
     EventType,
     SessionRecord,
     UserPrincipal,
+    unreadable,
 )
 from agentid_server.domain.ports import AgentTokenIssuer, AuditLog, Clock, SessionStore
 from agentid_server.domain.revocation import serial_bit
@@ -204,6 +205,8 @@ def _validate(request: DelegateInput) -> list[Scope]:
         violations.append(FieldViolation("ttl", "must not be negative"))
     if len(request.task) > MAX_TASK_LENGTH:
         violations.append(FieldViolation("task", f"at most {MAX_TASK_LENGTH} characters"))
+    elif (problem := unreadable(request.task)) is not None:
+        violations.append(FieldViolation("task", problem))
     if len(request.audiences) > MAX_AUDIENCES:
         violations.append(FieldViolation("audiences", f"at most {MAX_AUDIENCES} audiences"))
     for index, audience in enumerate(request.audiences):

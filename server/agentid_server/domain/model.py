@@ -6,6 +6,7 @@ Enum values equal the wire enums of agentid.v1 so the api layer maps them by num
 from __future__ import annotations
 
 import enum
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -158,3 +159,23 @@ class AuditEvent:
     step_up_id: str = ""
     context: Mapping[str, Any] | None = None
     detail: str = ""
+
+
+# Bidirectional formatting characters: they make text read in another order than it is written
+# (CVE-2021-42574, "Trojan Source"), which a person approving a step-up must not be shown.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def unreadable(text: str) -> str | None:
+    """Why free text a person will read back (a task, a reason, a comment, a binding message)
+    is refused, or None: control characters other than tab and newline (NUL among them, which
+    PostgreSQL's text refuses, and the terminal's escape sequences), and bidirectional
+    formatting characters."""
+    for ch in text:
+        if ch in "\t\n":
+            continue
+        if unicodedata.category(ch) == "Cc":
+            return f"control character U+{ord(ch):04X} (only tab and newline are allowed)"
+        if ch in _BIDI_CONTROLS:
+            return f"bidirectional formatting character U+{ord(ch):04X}"
+    return None

@@ -37,6 +37,7 @@ from agentid_server.domain.model import (
     ServicePrincipal,
     SessionRecord,
     UserPrincipal,
+    unreadable,
 )
 from agentid_server.domain.ports import Clock, RevocationStore
 from agentid_server.domain.revocation import Revocation, RevocationHub, RevocationSet, Snapshot
@@ -87,6 +88,8 @@ class Revoker:
             raise InvalidArgument.field("target", "set exactly one of session_id and user_id")
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidArgument.field("reason", f"at most {MAX_REASON_LENGTH} characters")
+        if (problem := unreadable(reason)) is not None:
+            raise InvalidArgument.field("reason", problem)
         authorize = None
         if session_id:
             validate_session_id("session_id", session_id)

@@ -34,6 +34,7 @@ from agentid_server.domain.model import (
     EventType,
     Reason,
     UserPrincipal,
+    unreadable,
 )
 from agentid_server.domain.ports import Clock
 from agentid_server.domain.risk import RiskRules
@@ -224,6 +225,8 @@ class StepUps:
             raise InvalidArgument.field(
                 "binding_message", f"at most {MAX_BINDING_MESSAGE} characters"
             )
+        if (problem := unreadable(binding_message)) is not None:
+            raise InvalidArgument.field("binding_message", problem)
         if len(canonical_context(context)) > self._policy.max_context_bytes:
             raise InvalidArgument.field(
                 "context", f"larger than {self._policy.max_context_bytes} bytes as canonical JSON"
@@ -264,6 +267,8 @@ class StepUps:
         validate_step_up_id(step_up_id)
         if len(comment) > MAX_COMMENT:
             raise InvalidArgument.field("comment", f"at most {MAX_COMMENT} characters")
+        if (problem := unreadable(comment)) is not None:
+            raise InvalidArgument.field("comment", problem)
         step_up = await self._store.get(step_up_id)
         if step_up is None:
             raise NotFound(f"no step-up {step_up_id}", reason="STEP_UP_NOT_FOUND")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine, func, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from agentid_server.domain.errors import AgentIdError, Unavailable
@@ -84,7 +84,7 @@ class _Item:
 @dataclass
 class _Outcome:
     value: Any = None
-    error: AgentIdError | None = None
+    error: Exception | None = None  # an AgentIdError, or a job's own database error
     after_commit: Callable[[list[int]], None] | None = None
     ids: list[int] = field(default_factory=list)
 
@@ -438,6 +438,12 @@ class Journal:
             except AgentIdError as error:
                 outcome.error = error
                 continue
+            except DBAPIError as error:
+                if not _refused_data(error):
+                    raise  # the store itself: the whole batch fails
+                log.error("a write job failed on its data: %s", type(error.orig).__name__)
+                outcome.error = error  # INTERNAL for its caller; the batch goes on
+                continue
             outcome.value, outcome.after_commit = result.value, result.after_commit
             rows.extend(audit_row(event) for event in result.events)
             owners.extend(outcome for _ in result.events)
@@ -516,6 +522,15 @@ class Journal:
             with contextlib.suppress(SQLAlchemyError):
                 self._sync_connection.close()
             self._sync_connection = None
+
+
+def _refused_data(error: DBAPIError) -> bool:
+    """The database refused what a statement carried (SQLSTATE classes 22, data, and 23,
+    integrity), not the connection or the store: asyncpg's errors reach SQLAlchemy as plain
+    DBAPIErrors, so their SQLSTATE decides."""
+    if isinstance(error, DataError | IntegrityError):
+        return True
+    return str(getattr(error.orig, "sqlstate", "") or "")[:2] in ("22", "23")
 
 
 def _give_up(future: asyncio.Future[Any]) -> None:
