@@ -183,6 +183,23 @@ async def test_the_chain_verifies_and_links(harness: Harness) -> None:
     assert (part.ok, part.verified) == (True, 3)
 
 
+async def test_cursors_beyond_any_id_are_answered_not_crashed_on(harness: Harness) -> None:
+    """The wire's uint64 ids go past the databases' signed 64 bits: past the last record there
+    is nothing, and to_id that large means to the end."""
+    records = await scenario_records(harness)
+    for huge in (2**63 - 1, 2**63, 2**64 - 1):
+        assert await audit(harness, after_id=huge) == []
+        beyond = await verify(harness, from_id=huge)
+        assert (beyond.ok, beyond.verified) == (True, 0)
+        whole = await verify(harness, from_id=1, to_id=huge)
+        assert (whole.ok, whole.verified) == (True, len(records))
+
+
+async def scenario_records(h: Harness) -> list[pb.AuditRecord]:
+    await scenario(h)
+    return await audit(h)
+
+
 async def test_a_changed_row_is_found(harness: Harness) -> None:
     await scenario(harness)
     records = await audit(harness)

@@ -25,6 +25,7 @@ from agentid_server.domain.revoking import validate_session_id
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
+MAX_RECORD_ID = (1 << 63) - 1  # the largest id a database column holds
 FOLLOW_COALESCE = 0.02  # seconds a store-reading follower waits after a ring, to read once
 
 
@@ -221,7 +222,8 @@ class Auditor:
     async def verify(self, from_id: int, to_id: int) -> Verification:
         if to_id and to_id < from_id:
             raise InvalidArgument.field("to_id", "must not be below from_id")
-        return await self._store.verify(from_id, to_id)
+        # uint64 on the wire, signed 64-bit in the databases: beyond it lies nothing to verify.
+        return await self._store.verify(min(from_id, MAX_RECORD_ID), min(to_id, MAX_RECORD_ID))
 
     async def _query(self, caller: Principal, request: AuditRequest) -> AuditQuery:
         user_id = request.user_id
@@ -264,7 +266,7 @@ class Auditor:
             event_types=frozenset(request.event_types),
             since_us=int(request.since * 1_000_000) if request.since is not None else None,
             until_us=int(request.until * 1_000_000) if request.until is not None else None,
-            after_id=request.after_id,
+            after_id=min(request.after_id, MAX_RECORD_ID),  # none is beyond: an empty page
             limit=min(request.limit or DEFAULT_LIMIT, MAX_LIMIT),
         )
 
