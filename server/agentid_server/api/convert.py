@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,9 +25,11 @@ def context_of(message: Any, max_bytes: int) -> dict[str, Any] | None:
         raise InvalidArgument.field("context", "numbers must be finite") from None
 
 
-def seconds_of(message: Any, field: str) -> float | None:
-    """An optional Timestamp field as seconds (None when unset); INVALID_ARGUMENT outside the
-    range a Timestamp may hold (years 1 to 9999)."""
+def microseconds_of(message: Any, field: str) -> int | None:
+    """An optional Timestamp field in whole microseconds (None when unset), rounded up: audit
+    times are kept to the microsecond, so a bound between two of them falls on the later one,
+    for an inclusive `since` and an exclusive `until` alike. INVALID_ARGUMENT outside the range
+    a Timestamp may hold (years 1 to 9999)."""
     if not message.HasField(field):
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, field)
@@ -34,15 +37,15 @@ def seconds_of(message: Any, field: str) -> float | None:
         stamp.ToDatetime()  # validates seconds and nanos
     except (ValueError, OverflowError):
         raise InvalidArgument.field(field, "is not a valid timestamp") from None
-    return stamp.seconds + stamp.nanos / 1e9
+    return stamp.seconds * 1_000_000 - (-stamp.nanos // 1000)
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    whole = int(seconds)
-    stamp.seconds = whole
-    stamp.nanos = round((seconds - whole) * 1e9)
-    return stamp
+    whole = math.floor(seconds)
+    nanos = round((seconds - whole) * 1e9)
+    if nanos >= 1_000_000_000:  # .9999999997 rounds up into the next second
+        whole, nanos = whole + 1, 0
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=nanos)
 
 
 def dict_to_struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct | None:

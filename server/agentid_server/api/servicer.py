@@ -13,7 +13,7 @@ import grpc
 from agentid.v1 import agentid_pb2 as pb
 from google.protobuf import timestamp_pb2
 
-from agentid_server.api.convert import context_of, dict_to_struct, seconds_of, timestamp
+from agentid_server.api.convert import context_of, dict_to_struct, microseconds_of, timestamp
 from agentid_server.domain.audit import Auditor, AuditRecord, AuditRequest
 from agentid_server.domain.check import Checker, CheckInput
 from agentid_server.domain.delegation import DelegateInput, Delegator
@@ -309,8 +309,8 @@ class AgentIdentityServicer:
             user_id=request.user_id,
             actor_kind=_enum(ActorKind, request.actor_kind, "actor_kind"),
             event_types=tuple(_enum(EventType, t, "event_types") for t in request.event_types),
-            since=seconds_of(request, "since"),
-            until=seconds_of(request, "until"),
+            since_us=microseconds_of(request, "since"),
+            until_us=microseconds_of(request, "until"),
             after_id=request.after_id,
             limit=request.limit,
             follow=request.follow,

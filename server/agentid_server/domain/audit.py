@@ -117,8 +117,8 @@ class AuditRequest:
     user_id: str = ""
     actor_kind: ActorKind = ActorKind.UNSPECIFIED
     event_types: tuple[EventType, ...] = ()
-    since: float | None = None
-    until: float | None = None
+    since_us: int | None = None  # microseconds, inclusive
+    until_us: int | None = None  # microseconds, exclusive
     after_id: int = 0
     limit: int = 0
     follow: bool = False
@@ -239,9 +239,9 @@ class Auditor:
                 "reading the audit trail needs role audit", reason="NOT_AN_AUDITOR"
             )
         if (
-            request.since is not None
-            and request.until is not None
-            and request.until < request.since
+            request.since_us is not None
+            and request.until_us is not None
+            and request.until_us < request.since_us
         ):
             raise InvalidArgument.field("until", "must not be before since")
         if request.include_descendants and not request.session_id:
@@ -264,8 +264,8 @@ class Auditor:
             user_id=user_id,
             actor_kind=request.actor_kind,
             event_types=frozenset(request.event_types),
-            since_us=int(request.since * 1_000_000) if request.since is not None else None,
-            until_us=int(request.until * 1_000_000) if request.until is not None else None,
+            since_us=request.since_us,
+            until_us=request.until_us,
             after_id=min(request.after_id, MAX_RECORD_ID),  # none is beyond: an empty page
             limit=min(request.limit or DEFAULT_LIMIT, MAX_LIMIT),
         )
