@@ -7,7 +7,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from agentid_client import AgentIdClient, AgentIdError, Decision, Reason, RevocationWatcher
+from agentid_client import (
+    AgentIdClient,
+    AgentIdError,
+    Decision,
+    Reason,
+    RevocationWatcher,
+    WatcherStopped,
+)
 
 from tests.conftest import ADMIN_KEY, CHECK_KEY, FakeClock, Harness, IdpFixture, start_harness
 
@@ -159,3 +166,47 @@ async def test_a_key_bound_agent_calls_with_its_proof_key(harness: Harness, curv
         assert len(mine) == 1
         done = await agent.revoke(session_id=session.session_id, reason="task_complete")
     assert list(done.session_ids) == [session.session_id]
+
+
+async def test_a_watcher_whose_credential_is_refused_stops_and_answers_no_more(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    import grpc
+
+    async with grpc.aio.insecure_channel(target(harness)) as channel:
+        watcher = RevocationWatcher(channel, "aid_sk_not-a-key", retry_delay=0.05)
+        watcher.start()
+        with pytest.raises(WatcherStopped):
+            await asyncio.wait_for(watcher.wait_for(1), 5)
+        with pytest.raises(WatcherStopped):
+            watcher.is_revoked(1)  # never an answer from a set nobody keeps
+        await watcher.stop()
+    assert "revocation watcher stopped" in caplog.text
+    assert "aid_sk_not-a-key" not in caplog.text
+
+
+async def test_a_watcher_forgets_revocations_whose_tokens_have_expired(
+    harness: Harness, clock: FakeClock
+) -> None:
+    import grpc
+
+    clock.advance(-7200)  # a session the server made two hours ago: its token has expired
+    old = await harness.delegate()
+    clock.advance(7200)
+    live = await harness.delegate()
+    async with grpc.aio.insecure_channel(target(harness)) as channel:
+        watcher = RevocationWatcher(channel, CHECK_KEY)
+        watcher.start()
+        try:
+            await asyncio.wait_for(watcher.wait_for(0), 5)
+            async with AgentIdClient(target(harness), ADMIN_KEY) as admin:
+                clock.advance(-7200)  # revoked while it was still live, as the server sees it
+                first = await admin.revoke(session_id=old.session_id)
+                clock.advance(7200)
+                second = await admin.revoke(session_id=live.session_id)
+            await asyncio.wait_for(watcher.wait_for(second.revocation_sequence), 5)
+            assert first.revocation_sequence < second.revocation_sequence
+            assert watcher.is_revoked(live.serial)
+            assert not watcher.is_revoked(old.serial)  # its event said it expired long ago
+        finally:
+            await watcher.stop()

@@ -13,6 +13,7 @@ def test_public_names() -> None:
         "Reason",
         "RevocationWatcher",
         "RevokeResponse",
+        "WatcherStopped",
         "channel_options",
     ]
     for name in agentid_client.__all__:

@@ -10,7 +10,7 @@ from agentid.v1.agentid_pb2 import (
 
 from agentid_client._client import AgentIdClient, channel_options
 from agentid_client._errors import AgentIdError
-from agentid_client._revocations import RevocationWatcher
+from agentid_client._revocations import RevocationWatcher, WatcherStopped
 
 __all__ = [
     "AgentIdClient",
@@ -21,5 +21,6 @@ __all__ = [
     "Reason",
     "RevocationWatcher",
     "RevokeResponse",
+    "WatcherStopped",
     "channel_options",
 ]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import time
 
 import grpc
 from agentid.v1 import agentid_pb2 as pb
@@ -20,6 +22,11 @@ from agentid.v1 import agentid_pb2_grpc
 from pyroaring import BitMap
 
 log = logging.getLogger(__name__)
+
+
+class WatcherStopped(Exception):
+    """The watcher stopped for good (agentid refused its credential): its revoked set is no
+    longer kept, so it answers no more questions. Restart it with a credential that works."""
 
 
 class _Gap(Exception):
@@ -30,7 +37,11 @@ class RevocationWatcher:
     """Keeps ``revoked`` (serials) and ``sequence`` in sync with the service.
 
     Give it a channel made with ``channel_options()``: its keepalive pings are how the watcher
-    learns that a quiet stream's network path has died."""
+    learns that a quiet stream's network path has died. While the service cannot be reached it
+    answers from the set it has and keeps trying. If the service refuses its credential it
+    stops for good, logs why, and ``is_revoked`` raises ``WatcherStopped`` from then on: a
+    caller is never answered from a set nobody keeps. Revoked sessions whose tokens have expired
+    are dropped as they expire (those in a snapshot, at the next snapshot)."""
 
     def __init__(
         self,
@@ -49,8 +60,12 @@ class RevocationWatcher:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._received = False  # the current stream delivered something
+        self._expiring: list[tuple[float, int]] = []  # (expires_at, serial) of events applied
+        self.failure: BaseException | None = None  # why it stopped for good
 
     def is_revoked(self, serial: int) -> bool:
+        if self.failure is not None:
+            raise WatcherStopped("the revocation watcher has stopped") from self.failure
         return serial % (1 << 32) in self.revoked
 
     def start(self) -> None:
@@ -59,13 +74,19 @@ class RevocationWatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Its end: cancelled, or stopped for good before (that is in ``failure``).
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await self._task
 
     async def wait_for(self, sequence: int) -> None:
-        """Returns once every revocation up to ``sequence`` is applied locally."""
+        """Returns once every revocation up to ``sequence`` is applied locally; WatcherStopped
+        if the watcher stops for good first."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self.sequence >= sequence)
+            await self._changed.wait_for(
+                lambda: self.sequence >= sequence or self.failure is not None
+            )
+        if self.failure is not None:
+            raise WatcherStopped("the revocation watcher has stopped") from self.failure
 
     async def run(self) -> None:
         """Watches until cancelled, reconnecting with backoff and resuming where it stopped."""
@@ -77,6 +98,14 @@ class RevocationWatcher:
             except grpc.aio.AioRpcError as error:
                 code = error.code()
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    self.failure = error
+                    log.error(
+                        "revocation watcher stopped: agentid refused its credential (%s: %s)",
+                        code.name,
+                        error.details(),
+                    )
+                    async with self._changed:
+                        self._changed.notify_all()  # wait_for raises now
                     raise
                 if code == grpc.StatusCode.OUT_OF_RANGE:
                     log.warning(
@@ -104,12 +133,24 @@ class RevocationWatcher:
                 if response.HasField("snapshot"):
                     self.revoked = BitMap.deserialize(response.snapshot.revoked_serials)
                     self.sequence = response.snapshot.sequence
+                    self._expiring.clear()  # the snapshot holds live entries only
                 else:
                     event = response.event
                     if event.sequence != self.sequence + 1:
                         raise _Gap(
                             f"revocation event {event.sequence} arrived after {self.sequence}"
                         )
-                    self.revoked.add(event.serial % (1 << 32))
+                    serial = event.serial % (1 << 32)
+                    self.revoked.add(serial)
                     self.sequence = event.sequence
+                    expires = event.expires_at.seconds + event.expires_at.nanos / 1e9
+                    heapq.heappush(self._expiring, (expires, serial))
+                self._forget_expired()
                 self._changed.notify_all()
+
+    def _forget_expired(self) -> None:
+        """Serials whose tokens have all expired: they cannot be presented any more."""
+        now = time.time()
+        while self._expiring and self._expiring[0][0] <= now:
+            _, serial = heapq.heappop(self._expiring)
+            self.revoked.discard(serial)

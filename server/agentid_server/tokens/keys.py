@@ -198,9 +198,12 @@ class KeyRing:
     def _choose(self, now: float) -> None:
         candidates = self._signing_candidates()
         due = [k for k in candidates if k.created_at <= now]
-        if not due:
-            raise KeyMaterialError(f"no {self._algorithm} signing key is due yet")
-        self._active = max(due, key=lambda k: k.created_at)
+        # None due: the clock stepped back past the first key's creation; it signs regardless.
+        self._active = (
+            max(due, key=lambda k: k.created_at)
+            if due
+            else min(candidates, key=lambda k: k.created_at)
+        )
         later = [k.created_at for k in candidates if k.created_at > now]
         self._until = min(later, default=float("inf"))
 
