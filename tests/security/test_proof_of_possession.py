@@ -170,3 +170,30 @@ async def test_a_bound_token_calls_agentid_only_with_a_proof(
         metadata=with_proof(proof(agent_key, token, htu=DELEGATE)),
     )
     assert child.session_id
+
+
+def test_a_full_replay_cache_refuses_new_proofs_rather_than_forget_live_ones() -> None:
+    """Forgetting a proof that could still be replayed would let it be: when every remembered
+    proof is still live, a new one is refused; once they expire, proofs pass again."""
+    from agentid_server.domain.ports import TokenRejected
+    from agentid_server.tokens.dpop import DpopVerifier
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(public_jwk(key.public_key()))
+    verifier = DpopVerifier(max_age=60.0, replay_capacity=3)
+    uri = "https://tickets.example/read"
+    start = time.time() - 200  # proofs from the past: PyJWT refuses an iat in the future
+
+    def use(n: int, now: float) -> None:
+        verifier.verify(
+            proof(key, "tok", jti=f"j{n}", iat=int(now), htu=uri),
+            jkt=jkt, method="POST", uri=uri, token="tok", now=now,
+        )  # fmt: skip
+
+    for n in range(3):
+        use(n, start)
+    with pytest.raises(TokenRejected, match="too many"):
+        use(3, start + 1)
+    with pytest.raises(TokenRejected, match="already used"):
+        use(0, start + 1)  # the first is remembered still
+    use(4, start + 121)  # all three have expired (2 x max_age): room again

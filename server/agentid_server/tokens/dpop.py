@@ -100,11 +100,14 @@ class DpopVerifier:
         seen = self._seen
         if key in seen and seen[key] > now:
             raise _fail("the DPoP proof was already used")
+        seen.pop(key, None)  # an expired entry of the same proof: re-added last, in time order
+        # Entries go in in the order they expire: the expired ones are at the front.
+        while seen and next(iter(seen.values())) <= now:
+            del seen[next(iter(seen))]
         if len(seen) >= self._capacity:
-            for old in [k for k, until in seen.items() if until <= now]:
-                del seen[old]
-            while len(seen) >= self._capacity:
-                del seen[next(iter(seen))]
+            # Full of proofs that could still be replayed: forgetting one would let it be. The
+            # proof is refused instead (fail closed) until entries expire.
+            raise _fail("too many DPoP proofs at once; retry with a new proof shortly")
         until = now + 2 * self._max_age  # iat may be max_age ahead, and max_age old at most
         seen[key] = until
         return ProofUse(jkt, jti, until)
