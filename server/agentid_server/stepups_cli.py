@@ -8,6 +8,7 @@ import datetime
 
 from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdError
+from google.protobuf import json_format
 
 from agentid_server.client_cli import (
     TOKEN_ENV,
@@ -15,6 +16,7 @@ from agentid_server.client_cli import (
     connect,
     run_with_credential,
 )
+from agentid_server.domain.stepup import canonical_context
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,20 +56,37 @@ async def _run(args: argparse.Namespace, token: str) -> int:
     return 0
 
 
-HEADER = (
-    f"{'ID':<30} {'STATE':<9} {'AGENT':<14} {'ACTION':<22} {'RESOURCE':<18} {'EXPIRES':<8} "
-    "BINDING MESSAGE"
-)
+HEADER = f"{'ID':<30} {'STATE':<9} {'AGENT':<16} {'EXPIRES':<8} RULE"
 
 
 def row(step_up: pb.StepUp) -> str:
+    """A step-up as its user should weigh it: the line that names it, then exactly what an
+    approval allows (the action, the resource and the context it is bound to, in full), then
+    the agent's own words, marked as such: they are the agent's, the binding is what counts."""
     expires = datetime.datetime.fromtimestamp(step_up.expires_at.seconds, datetime.UTC)
-    expires_text = expires.strftime("%H:%M:%S")
-    rule = f" [{step_up.risk_rule}]" if step_up.risk_rule else ""
-    return (
-        f"{step_up.id:<30} {_state(step_up):<9} {step_up.agent_id:<14.14} {step_up.action:<22.22} "
-        f"{step_up.resource or '-':<18.18} {expires_text:<8} {step_up.binding_message}{rule}"
+    # RFC 8785, as the binding's digest is computed: 2500 is 2500, not 2500.0.
+    context = canonical_context(json_format.MessageToDict(step_up.context)).decode()
+    lines = [
+        f"{step_up.id:<30} {_state(step_up):<9} {_shown(step_up.agent_id):<16} "
+        f"{expires.strftime('%H:%M:%S'):<8} {_shown(step_up.risk_rule) or '-'}",
+        f"    allows:  {_shown(step_up.action)} on {_shown(step_up.resource) or '(any resource)'}",
+        f"    context: {_shown(context)}",
+    ]
+    if step_up.binding_message:
+        lines.append(f"    the agent says: {_shown(step_up.binding_message)!r}")
+    return "\n".join(lines)
+
+
+def _shown(text: str) -> str:
+    """Text for a terminal: what could move the cursor, clear the screen or reorder the line
+    is written out as an escape, never sent to the terminal."""
+    return "".join(
+        ch if ch.isprintable() and ch not in _REORDERING else ch.encode("unicode_escape").decode()
+        for ch in text
     )
+
+
+_REORDERING = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def _state(step_up: pb.StepUp) -> str:

@@ -474,8 +474,11 @@ async def test_the_step_ups_command(h: Harness) -> None:
     assert code == 0
     assert pending.id in out
     assert "PENDING" in out
-    assert "Transfer 5000 EUR to account 42" in out
-    assert "[large-transfer]" in out
+    assert "large-transfer" in out
+    # What an approval allows, in full, and the agent's words marked as the agent's.
+    assert "allows:  payments.transfer on account/42" in out
+    assert 'context: {"amount":5000}' in out
+    assert "the agent says: 'Transfer 5000 EUR to account 42'" in out
     code, _, err = await cli(h, fresh_user(h, age=900), "approve", pending.id)
     assert code == 1
     assert "fresh login" in err
