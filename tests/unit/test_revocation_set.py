@@ -40,3 +40,16 @@ async def test_waiting_for_a_sequence() -> None:
     assert not waiter.done()
     revoked.advance(3)
     assert await waiter
+
+
+async def test_callers_that_stopped_waiting_do_not_pile_up() -> None:
+    """A sequence this replica cannot apply for a while: every Check asking for it times out,
+    and the heap of waiters stays bounded by the ones still waiting."""
+    revoked = RevocationSet()
+    still = asyncio.create_task(revoked.wait_applied(5, 30))
+    await asyncio.sleep(0)
+    for _ in range(1000):
+        assert not await revoked.wait_applied(5, 0.0001)
+    assert len(revoked._waiters) <= 3  # the one still waiting, and at most as many abandoned
+    revoked.advance(5)
+    assert await still

@@ -21,6 +21,7 @@ from agentid_server.domain.model import (
     ServicePrincipal,
 )
 from agentid_server.domain.ports import (
+    PROOF_ALREADY_USED,
     AgentTokenVerifier,
     AuditLog,
     Clock,
@@ -160,7 +161,7 @@ class Checker:
                 proof, event(decision, reason), event(Decision.DENY, _PROOF_REUSED)
             )
             if not spent:
-                decision, reason, message = Decision.DENY, _PROOF_REUSED, _PROOF_REUSED_MESSAGE
+                decision, reason, message = Decision.DENY, _PROOF_REUSED, PROOF_ALREADY_USED
                 matched = ""
         else:
             decision_id = await self._audit.append(event(decision, reason))
@@ -227,7 +228,6 @@ class Checker:
 
 
 _PROOF_REUSED = Reason.PROOF_OF_POSSESSION_FAILED
-_PROOF_REUSED_MESSAGE = "the DPoP proof was already used"
 
 
 _STEP_UP_MESSAGES = {

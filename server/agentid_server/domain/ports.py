@@ -61,6 +61,9 @@ class ProofVerifier(Protocol):
         ...
 
 
+PROOF_ALREADY_USED = "the DPoP proof was already used"  # one message, wherever it is found
+
+
 class ProofLedger(Protocol):
     """Spends each proof once across every server sharing the store (PostgreSQL replicas): a
     proof seen by one replica must not be accepted by another. One server alone needs none."""

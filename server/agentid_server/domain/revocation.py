@@ -54,6 +54,7 @@ class RevocationSet:
         self.applied_sequence = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap by sequence
         self._waiter_ids = 0
+        self._gave_up = 0  # waiters in the heap whose caller stopped waiting
 
     def __contains__(self, serial: int) -> bool:
         return serial_bit(serial) in self._bitmap
@@ -76,6 +77,7 @@ class RevocationSet:
             _, _, future = heapq.heappop(waiters)
             if not future.done():
                 future.set_result(None)
+        self._gave_up = min(self._gave_up, len(waiters))
 
     async def wait_applied(self, sequence: int, budget: float) -> bool:
         """Waits until ``sequence`` is applied; False when ``budget`` seconds pass first."""
@@ -89,8 +91,18 @@ class RevocationSet:
         try:
             await asyncio.wait_for(future, budget)
         except TimeoutError:
+            self._forget_abandoned()
             return False
         return True
+
+    def _forget_abandoned(self) -> None:
+        """Waiters that timed out leave the heap once they are half of it, so a sequence this
+        replica cannot apply for a while does not grow the heap with every Check asking."""
+        self._gave_up += 1
+        if self._gave_up * 2 > len(self._waiters):
+            self._waiters = [w for w in self._waiters if not w[2].done()]
+            heapq.heapify(self._waiters)
+            self._gave_up = 0
 
     def forget(self, serials: Iterable[int]) -> int:
         """Drops the entries of tokens that have expired (the `exp` check refuses them anyway);

@@ -11,11 +11,9 @@ from sqlalchemy import Connection, delete
 from sqlalchemy.dialects import postgresql, sqlite
 
 from agentid_server.domain.model import AuditEvent, Reason
-from agentid_server.domain.ports import ProofUse, TokenRejected
+from agentid_server.domain.ports import PROOF_ALREADY_USED, ProofUse, TokenRejected
 from agentid_server.storage import tables
 from agentid_server.storage.journal import JobResult, Journal
-
-ALREADY_USED = "the DPoP proof was already used"
 
 
 def _spend(connection: Connection, use: ProofUse) -> bool:
@@ -42,7 +40,7 @@ class ProofLedgerRepository:
 
     async def spend(self, use: ProofUse) -> None:
         if not await self._journal.run(lambda connection: JobResult(_spend(connection, use))):
-            raise TokenRejected(Reason.PROOF_OF_POSSESSION_FAILED, ALREADY_USED)
+            raise TokenRejected(Reason.PROOF_OF_POSSESSION_FAILED, PROOF_ALREADY_USED)
 
     async def spend_and_record(
         self, use: ProofUse, recorded: AuditEvent, refused: AuditEvent

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import jwt
 
 from agentid_server.domain.model import Reason
-from agentid_server.domain.ports import ProofUse, TokenRejected
+from agentid_server.domain.ports import PROOF_ALREADY_USED, ProofUse, TokenRejected
 from agentid_server.tokens.jwk import b64url, thumbprint
 
 PROOF_TYPE = "dpop+jwt"
@@ -99,7 +99,7 @@ class DpopVerifier:
         key = (jkt, jti)
         seen = self._seen
         if key in seen and seen[key] > now:
-            raise _fail("the DPoP proof was already used")
+            raise _fail(PROOF_ALREADY_USED)
         seen.pop(key, None)  # an expired entry of the same proof: re-added last, in time order
         # Entries go in in the order they expire: the expired ones are at the front.
         while seen and next(iter(seen.values())) <= now:
