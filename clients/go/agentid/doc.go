@@ -19,7 +19,8 @@
 //	go watcher.Run(ctx)
 //	defer watcher.Close()
 //	if err := watcher.WaitFor(ctx, 0); err != nil { ... } // the first snapshot
-//	if watcher.IsRevoked(claims.SN) { ... }
+//	revoked, err := watcher.IsRevoked(claims.SN)
+//	if err != nil || revoked { ... } // refuse: fail closed when the watcher has stopped
 //
 // Generated messages and the raw gRPC stub are in package agentidv1.
 package agentid

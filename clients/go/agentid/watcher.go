@@ -17,8 +17,12 @@ import (
 	agentidv1 "github.com/agentid-dev/agentid/clients/go/agentidv1"
 )
 
-// ErrWatcherStopped is returned by WaitFor once the watcher's Run has returned.
+// ErrWatcherStopped is returned by WaitFor and IsRevoked once the watcher's Run has returned:
+// nobody keeps its set any more, so it answers no more questions.
 var ErrWatcherStopped = errors.New("agentid: revocation watcher stopped")
+
+// ErrNotSynced is returned by IsRevoked before the first snapshot has arrived.
+var ErrNotSynced = errors.New("agentid: revocation watcher has no snapshot yet")
 
 // errResync marks a stream the watcher cannot continue from where it is: it starts over from a
 // snapshot.
@@ -32,7 +36,8 @@ var errResync = errors.New("resynchronising")
 // reconnects with backoff asking for the events after the last sequence it applied, so it
 // misses and repeats none. When its sequence cannot be continued (an event out of order, or a
 // server whose history ends before it: OUT_OF_RANGE) it starts over from a fresh snapshot; until
-// that arrives IsRevoked keeps answering from the set it had.
+// that arrives IsRevoked keeps answering from the set it had. Once Run has returned, IsRevoked
+// answers with an error: a caller is never answered from a set nobody keeps.
 //
 // All methods are safe for concurrent use.
 type RevocationWatcher struct {
@@ -49,6 +54,7 @@ type RevocationWatcher struct {
 	revoked  *roaring.Bitmap
 	sequence uint64        // the last revocation applied
 	synced   bool          // a snapshot was applied since the start or the last resynchronisation
+	answered bool          // a snapshot was applied at all: IsRevoked may answer
 	changed  chan struct{} // closed and replaced whenever the state above changes
 	started  bool
 	done     chan struct{} // closed when Run returns
@@ -90,11 +96,24 @@ func NewRevocationWatcher(c *Client, opts ...WatcherOption) *RevocationWatcher {
 }
 
 // IsRevoked reports whether the session with this serial (an agent token's `sn`) is revoked.
-// Before the first snapshot arrives it answers false for every serial: wait with WaitFor.
-func (w *RevocationWatcher) IsRevoked(serial uint64) bool {
+// It fails closed: ErrNotSynced before the first snapshot, and an error wrapping
+// ErrWatcherStopped once Run has returned (a refused credential, Close, a cancelled context).
+// While the watcher reconnects or starts over from a new snapshot it answers from the set it has.
+func (w *RevocationWatcher) IsRevoked(serial uint64) (bool, error) {
+	select {
+	case <-w.done:
+		if w.err != nil {
+			return false, fmt.Errorf("%w: %w", ErrWatcherStopped, w.err)
+		}
+		return false, ErrWatcherStopped
+	default:
+	}
 	w.mu.RLock()
 	defer w.mu.RUnlock()
-	return w.revoked.Contains(uint32(serial)) // sn % 2^32
+	if !w.answered {
+		return false, ErrNotSynced
+	}
+	return w.revoked.Contains(uint32(serial)), nil // sn % 2^32
 }
 
 // Sequence is the sequence of the last revocation applied (0 until the first snapshot).
@@ -248,7 +267,7 @@ func (w *RevocationWatcher) apply(resp *agentidv1.WatchRevocationsResponse) erro
 			return fmt.Errorf("%w: snapshot holds %d serials, says %d", errResync, set.GetCardinality(), snapshot.GetCount())
 		}
 		w.mu.Lock()
-		w.revoked, w.sequence, w.synced = set, snapshot.GetSequence(), true
+		w.revoked, w.sequence, w.synced, w.answered = set, snapshot.GetSequence(), true, true
 		w.notifyLocked()
 		w.mu.Unlock()
 		w.log.Debug("agentid: revocation snapshot applied", "sequence", snapshot.GetSequence(), "count", snapshot.GetCount())

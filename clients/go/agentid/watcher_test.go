@@ -55,7 +55,7 @@ func TestWatcherFollowsRevocationsAcrossReconnects(t *testing.T) {
 	if err := w.WaitFor(ctx, first); err != nil {
 		t.Fatalf("WaitFor(%d): %v", first, err)
 	}
-	if !w.IsRevoked(sessions[0].GetSerial()) || w.IsRevoked(sessions[1].GetSerial()) {
+	if !isRevoked(t, w, sessions[0].GetSerial()) || isRevoked(t, w, sessions[1].GetSerial()) {
 		t.Fatal("the snapshot does not hold exactly the revoked session")
 	}
 
@@ -63,7 +63,7 @@ func TestWatcherFollowsRevocationsAcrossReconnects(t *testing.T) {
 	if err := w.WaitFor(ctx, second); err != nil {
 		t.Fatalf("WaitFor(%d): %v", second, err)
 	}
-	if !w.IsRevoked(sessions[1].GetSerial()) || w.IsRevoked(sessions[2].GetSerial()) {
+	if !isRevoked(t, w, sessions[1].GetSerial()) || isRevoked(t, w, sessions[2].GetSerial()) {
 		t.Fatal("the event was not applied, or applied to the wrong session")
 	}
 
@@ -71,7 +71,7 @@ func TestWatcherFollowsRevocationsAcrossReconnects(t *testing.T) {
 	network.setDown(true)
 	third := revoke(t, ctx, admin, sessions[2])
 	time.Sleep(100 * time.Millisecond) // a few reconnect attempts against the closed network
-	if w.IsRevoked(sessions[2].GetSerial()) {
+	if isRevoked(t, w, sessions[2].GetSerial()) {
 		t.Fatal("a revocation arrived through a cut network")
 	}
 	network.setDown(false)
@@ -83,7 +83,7 @@ func TestWatcherFollowsRevocationsAcrossReconnects(t *testing.T) {
 		t.Fatalf("WaitFor(%d): %v", fourth, err)
 	}
 	for i, session := range sessions {
-		if !w.IsRevoked(session.GetSerial()) {
+		if !isRevoked(t, w, session.GetSerial()) {
 			t.Errorf("session %d is not revoked locally", i)
 		}
 	}
@@ -122,7 +122,7 @@ func TestWatcherStartsOverWhenTheServerIsBehindIt(t *testing.T) {
 	}
 	network.switchTo(srv.otherTarget)
 	eventually(t, "the watcher holds the other server's revoked set", func() bool {
-		return w.Sequence() == behind && w.IsRevoked(elsewhere.GetSerial()) && w.Revoked().GetCardinality() == 1
+		return w.Sequence() == behind && isRevoked(t, w, elsewhere.GetSerial()) && w.Revoked().GetCardinality() == 1
 	})
 	if n := logs.count("agentid: revocation sequence ahead of the server's; starting over from a snapshot"); n != 1 {
 		t.Errorf("started over %d times, want 1", n)
@@ -130,6 +130,16 @@ func TestWatcherStartsOverWhenTheServerIsBehindIt(t *testing.T) {
 	if n := logs.count(snapshotApplied); n != 2 {
 		t.Errorf("%d snapshots applied, want 2", n)
 	}
+}
+
+// isRevoked is w.IsRevoked for a watcher that must be answering.
+func isRevoked(t *testing.T, w *agentid.RevocationWatcher, serial uint64) bool {
+	t.Helper()
+	revoked, err := w.IsRevoked(serial)
+	if err != nil {
+		t.Fatalf("IsRevoked(%d): %v", serial, err)
+	}
+	return revoked
 }
 
 func TestWatcherStops(t *testing.T) {
@@ -186,11 +196,17 @@ func TestWatcherStops(t *testing.T) {
 		t.Errorf("WaitFor on a closed watcher = %v, want ErrWatcherStopped", err)
 	}
 
-	// By a credential the server refuses: no retrying that.
+	// By a credential the server refuses: no retrying that, and no more answers (fail closed).
 	refused := agentid.NewRevocationWatcher(connect(t, srv.target, agentid.APIKey("not-a-key-0123456789")), quiet)
+	if _, err := refused.IsRevoked(1); !errors.Is(err, agentid.ErrNotSynced) {
+		t.Errorf("IsRevoked before any snapshot = %v, want ErrNotSynced", err)
+	}
 	err := refused.Run(testContext(t))
 	var e *agentid.Error
 	if !errors.As(err, &e) || e.Code != codes.Unauthenticated {
 		t.Errorf("Run with an unknown key = %v, want Unauthenticated", err)
+	}
+	if _, err := refused.IsRevoked(1); !errors.Is(err, agentid.ErrWatcherStopped) || !errors.As(err, &e) {
+		t.Errorf("IsRevoked after Run returned = %v, want ErrWatcherStopped wrapping the refusal", err)
 	}
 }
