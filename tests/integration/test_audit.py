@@ -163,6 +163,30 @@ async def test_follow_sends_the_backlog_then_new_records(harness: Harness) -> No
     stream.cancel()
 
 
+async def test_following_with_a_limit_sends_the_newest_of_the_backlog_then_everything_new(
+    harness: Harness,
+) -> None:
+    """api.md: with follow, limit caps only the backlog sent before the live records. The
+    backlog sent is its newest records (as tail -n N -f), so nothing falls between it and what
+    comes live."""
+    session = await harness.delegate()
+    decided = [
+        int((await harness.check(session.token, "tickets.read")).decision_id) for _ in range(8)
+    ]
+    stream = harness.stub.Audit(
+        pb.AuditRequest(session_id=session.session_id, follow=True, limit=3),
+        metadata=bearer(ADMIN_KEY),
+    )
+    backlog = [(await asyncio.wait_for(stream.read(), 5)).record.id for _ in range(3)]
+    assert backlog == decided[-3:]
+    later = [
+        int((await harness.check(session.token, "tickets.read")).decision_id) for _ in range(4)
+    ]
+    live = [(await asyncio.wait_for(stream.read(), 5)).record.id for _ in range(4)]
+    assert live == later  # live records are not capped
+    stream.cancel()
+
+
 # -- the hash chain ----------------------------------------------------------------------------------
 
 

@@ -768,3 +768,20 @@ async def test_a_job_whose_data_postgresql_refuses_fails_alone(
     assert isinstance(results[0], DBAPIError)  # INTERNAL for its caller
     assert all(r.decision == pb.DECISION_ALLOW for r in results[1:])  # type: ignore[union-attr]
     assert a.running.journal.healthy
+
+
+async def test_a_follower_with_a_limit_gets_the_newest_of_the_backlog_then_everything_new(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    a, b = replicas
+    session = await a.delegate()
+    decided = [int((await a.check(session.token, "tickets.read")).decision_id) for _ in range(6)]
+    stream = b.stub.Audit(
+        pb.AuditRequest(session_id=session.session_id, follow=True, limit=2),
+        metadata=bearer(ADMIN_KEY),
+    )
+    backlog = [(await asyncio.wait_for(stream.read(), 5)).record.id for _ in range(2)]
+    assert backlog == decided[-2:]
+    later = [int((await a.check(session.token, "tickets.read")).decision_id) for _ in range(3)]
+    assert [(await asyncio.wait_for(stream.read(), 10)).record.id for _ in range(3)] == later
+    stream.cancel()

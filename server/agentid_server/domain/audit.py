@@ -63,6 +63,7 @@ class AuditQuery:
     until_us: int | None = None
     after_id: int = 0
     limit: int = DEFAULT_LIMIT
+    newest: bool = False  # the last `limit` records after after_id (still in id order)
 
     def matches(self, record: AuditRecord, session_ids: set[str] | None = None) -> bool:
         """The same filter the store applies, for records arriving live (``session_ids``: the
@@ -157,7 +158,8 @@ class Auditor:
         )
         try:
             last = query.after_id
-            for record in await self._store.query(query):
+            # Following, `limit` caps the backlog: its newest records, then everything live.
+            for record in await self._store.query(replace(query, newest=subscription is not None)):
                 yield record
                 last = record.id
             if subscription is None:
@@ -189,14 +191,21 @@ class Auditor:
         never ended for being slow, and it sees every writer's records."""
         sessions = list(query.session_ids)
         known = set(sessions)
-        last, limit = query.after_id, query.limit
+        last, limit, newest = query.after_id, query.limit, True  # the backlog's newest first
         with bell.listening() as rung:
             while True:
                 rung.clear()  # a commit from now on rings again
                 page = await self._store.query(
-                    replace(query, session_ids=tuple(sessions), after_id=last, limit=limit)
+                    replace(
+                        query,
+                        session_ids=tuple(sessions),
+                        after_id=last,
+                        limit=limit,
+                        newest=newest,
+                    )
                 )
-                more, limit = len(page) >= limit, MAX_LIMIT
+                more = len(page) >= limit and not newest
+                limit, newest = MAX_LIMIT, False
                 for record in page:
                     yield record
                     last = record.id

@@ -60,6 +60,10 @@ class AuditRepository:
             conditions.append(a.c.time_us >= query.since_us)
         if query.until_us is not None:
             conditions.append(a.c.time_us < query.until_us)
+        if query.newest:  # the last `limit`, handed back in id order
+            last = select(a).where(*conditions).order_by(a.c.id.desc()).limit(query.limit)
+            tail = last.subquery()
+            return select(tail).order_by(tail.c.id)
         return select(a).where(*conditions).order_by(a.c.id).limit(query.limit)
 
     async def subtree(self, session_id: str) -> list[str]:
