@@ -338,3 +338,23 @@ async def test_users_of_two_idps_with_the_same_sub_are_different_users(
 async def test_an_idp_subject_that_cannot_be_a_user_id_is_refused(harness: Harness) -> None:
     for sub in ("x" * 257, "alice\x00admin", "alice\nbob"):
         await expect_unauthenticated(harness, harness.idp.token(sub=sub), "TOKEN_INVALID")
+
+
+async def test_an_api_key_is_whatever_its_service_was_given(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Keys with two dots (JWT-shaped) or of 300 characters are keys all the same: api.md sets
+    no format, and the config takes them."""
+    dotted, long_key = "svc.key.v2", "k" * 300
+
+    def odd_keys(config: dict[str, Any]) -> None:
+        for name, key in (("dotted", dotted), ("long", long_key)):
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            config["services"].append({"name": name, "key_sha256": digest, "roles": ["admin"]})
+
+    async with running_harness(tmp_path, idp, clock, mutate=odd_keys) as h:
+        for key in (dotted, long_key):
+            answer = await h.stub.Revoke(pb.RevokeRequest(user_id="nobody"), metadata=bearer(key))
+            assert list(answer.session_ids) == []
+        error = await delegate_as(h, "svc.key.v3")  # an unknown one: a malformed token
+        assert error_info(error).reason == "TOKEN_MALFORMED"

@@ -26,7 +26,7 @@ from agentid_server.domain.revocation import RevocationSet
 from agentid_server.tokens.agent_tokens import AGENT_TOKEN_TYPE, json_object
 from agentid_server.tokens.idp import IdpVerifier
 
-MAX_API_KEY_LENGTH = 256
+MAX_API_KEY_LENGTH = 4096  # longer credentials are tokens, never hashed as keys
 
 
 def api_key_digest(key: str) -> str:
@@ -36,7 +36,7 @@ def api_key_digest(key: str) -> str:
 
 def _jwt_type(credential: str) -> str | None:
     """The `typ` of a JWT-shaped credential's header ("" when unreadable), or None when the
-    credential is not JWT-shaped at all (then it is an API key; API keys hold no two dots)."""
+    credential is not JWT-shaped at all."""
     if credential.count(".") != 2:
         return None
     head = credential.partition(".")[0]
@@ -89,12 +89,17 @@ class CallerAuthenticator:
                 "missing credential: send 'authorization: Bearer <credential>'",
                 reason="CREDENTIAL_MISSING",
             )
+        # An API key is whatever its service was given (dots included): looked up first, by the
+        # keys that matched before, then by digest; anything else JWT-shaped is a token.
+        service = self._service(credential)
+        if service is not None:
+            return service
         typ = _jwt_type(credential)
         if typ == AGENT_TOKEN_TYPE:
             return await self._agent(credential, proof, method)
         if typ is not None:
             return await self._users.verify(credential)
-        return self._service(credential)
+        raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
 
     async def _agent(self, token: str, proof: str, method: str) -> AgentPrincipal:
         """A bound token (cnf.jkt) is the agent's only with a proof of its key, as in Check:
@@ -129,17 +134,14 @@ class CallerAuthenticator:
             reason="CERTIFICATE_UNKNOWN",
         )
 
-    def _service(self, key: str) -> ServicePrincipal:
-        if len(key) > MAX_API_KEY_LENGTH:
-            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
+    def _service(self, key: str) -> ServicePrincipal | None:
+        """The service whose API key this is, or None."""
         principal = self._known_keys.get(key)
-        if principal is not None:
+        if principal is not None or len(key) > MAX_API_KEY_LENGTH:
             return principal
         # Looked up by digest: only the SHA-256 of each key is configured. Keys that matched are
         # remembered (a handful, one per service), so each call need not hash its key again.
         principal = self._services.get(api_key_digest(key))
-        if principal is None:
-            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
-        if len(self._known_keys) < len(self._services):
+        if principal is not None and len(self._known_keys) < len(self._services):
             self._known_keys[key] = principal
         return principal
