@@ -486,8 +486,16 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
             "publish_ahead",
             "must be at least twice revocation.prune_interval (how often replicas read new keys)",
         )
-    if not s.tokens.min_ttl <= s.tokens.default_ttl <= s.tokens.max_ttl:
-        raise tokens.fail("default_ttl", "must lie between min_ttl and max_ttl")
+    # default_ttl is clamped into [min_ttl, max_ttl] at each Delegate, as api.md says.
+    if not s.tokens.min_ttl <= s.tokens.max_ttl:
+        raise tokens.fail("min_ttl", "must not exceed max_ttl")
+    for index, agent in enumerate(s.agents):
+        if agent.max_ttl and agent.max_ttl < s.tokens.min_ttl:
+            raise ConfigError(
+                s.source,
+                f"agents[{index}].max_ttl",
+                "is below tokens.min_ttl: no token could respect both",
+            )
     if s.revocation.watch_buffer < 1:
         raise sections["revocation"].fail("watch_buffer", "must be at least 1")
     for reader, key, value in (

@@ -141,6 +141,19 @@ async def test_ttl_is_clamped(
     assert claims["exp"] - claims["iat"] == expected
 
 
+async def test_a_default_ttl_beyond_max_ttl_is_clamped(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    def long_default(config: dict[str, Any]) -> None:
+        config["tokens"].update(default_ttl="90m", max_ttl="60m")
+        for agent in config["agents"]:
+            agent.pop("max_ttl", None)
+
+    async with running_harness(tmp_path, idp, clock, mutate=long_default) as h:
+        delegated = await h.delegate()  # no ttl asked: the default, clamped to max_ttl
+        assert delegated.expires_at.seconds - int(clock.now()) == 3600
+
+
 async def test_sub_agent_nests_act_and_narrows(harness: Harness) -> None:
     parent = await harness.delegate(
         scopes=["tickets.*", "agentid.delegate"], ttl=Duration(seconds=600)

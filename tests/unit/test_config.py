@@ -95,7 +95,8 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
     ("old", "new", "key", "problem"),
     [
         ('default_ttl = "20m"', 'default_ttl = "twenty"', "tokens.default_ttl", "not a duration"),
-        ('default_ttl = "20m"', 'default_ttl = "2h"', "tokens.default_ttl", "between"),
+        ('default_ttl = "20m"', 'default_ttl = "20m"\nmin_ttl = "2h"', "tokens.min_ttl", "must not exceed"),
+        ('max_ttl = "30m"', 'max_ttl = "30s"', "agents[0].max_ttl", "below tokens.min_ttl"),
         ('roles = ["check", "watch"]', 'roles = ["superuser"]', "services[0].roles", "unknown role"),
         ('max_scopes = ["tickets.*", "payments.refund"]', 'max_scopes = ["Tickets"]', "agents[0].max_scopes", "Tickets"),
         ('jwks_file = "var/dev/idp-jwks.json"', "", "idp[0].jwks_file", "exactly one"),
@@ -222,6 +223,15 @@ def test_several_idps_need_subject_prefixes_that_cannot_collide(
         load_settings(write(tmp_path, text), environ={})
     assert caught.value.key == f"idp[{index}].subject_prefix"
     assert problem in caught.value.problem
+
+
+def test_a_default_ttl_outside_the_bounds_is_clamped_not_refused(tmp_path: Path) -> None:
+    """api.md: the TTL granted is the requested one (or default_ttl) clamped by min_ttl and
+    max_ttl; a max_ttl below the default 15m is a valid config."""
+    settings = load_settings(
+        write(tmp_path, GOOD.replace('default_ttl = "20m"', 'max_ttl = "10m"')), environ={}
+    )
+    assert (settings.tokens.default_ttl, settings.tokens.max_ttl) == (900, 600)
 
 
 def test_telemetry_is_off_unless_an_endpoint_is_given() -> None:
