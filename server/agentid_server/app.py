@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from agentid_server import __version__
-from agentid_server.api.handlers import build_handler
+from agentid_server.api.handlers import UnknownMethods, build_handler
 from agentid_server.api.method_policy import SERVICE
 from agentid_server.api.reflection import enable_reflection
 from agentid_server.api.servicer import AgentIdentityServicer
@@ -380,11 +380,14 @@ async def build_server(
     )
 
     server = grpc.aio.server(options=_server_options(settings.server))
-    server.add_generic_rpc_handlers((build_handler(servicer, authn, telemetry),))
+    server.add_generic_rpc_handlers(
+        (build_handler(servicer, authn, telemetry, settings.server.max_message_bytes),)
+    )
     if telemetry is not None:
         _observe(telemetry, journal, revocations)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME])
+    server.add_generic_rpc_handlers((UnknownMethods(),))  # last: what nothing else serves
     try:
         port = _listen(server, settings)
     except BaseException:
@@ -477,7 +480,8 @@ def _server_options(server: ServerSettings) -> list[tuple[str, int]]:
         return max(1, round(seconds * 1000))
 
     return [
-        ("grpc.max_receive_message_length", server.max_message_bytes),
+        # Above max_message_bytes, so our handlers refuse the larger ones with ErrorInfo.
+        ("grpc.max_receive_message_length", 2 * server.max_message_bytes + (1 << 16)),
         ("grpc.so_reuseport", 1 if server.reuse_port else 0),
         ("grpc.keepalive_time_ms", ms(server.keepalive_time)),
         ("grpc.keepalive_timeout_ms", ms(server.keepalive_timeout)),

@@ -274,13 +274,38 @@ async def test_binary_garbage_request_is_invalid_argument(h: Harness) -> None:
             await raw(payload, metadata=bearer(CHECK_KEY))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_info(caught.value).reason == "MALFORMED_REQUEST"
+        assert [v.field for v in bad_request(caught.value).field_violations] == ["request"]
     assert (await h.check(h.good_token, "tickets.read")).decision == pb.DECISION_ALLOW
 
 
 async def test_oversized_request_is_refused_and_the_server_keeps_serving(h: Harness) -> None:
+    """Past server.max_message_bytes (1 MiB) with ErrorInfo, as every error; far past it gRPC
+    itself refuses the message before any handler sees it."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await h.check(h.good_token, "tickets.read", "r/" + "x" * (2 << 20))
+        await h.check(h.good_token, "tickets.read", "r/" + "x" * (3 << 19))  # 1.5 MiB
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["max_bytes"]) == ("MESSAGE_TOO_LARGE", str(1 << 20))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.check(h.good_token, "tickets.read", "r/" + "x" * (3 << 20))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await h.check(h.good_token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def test_an_unknown_method_is_unimplemented_with_error_info(h: Harness) -> None:
+    for path in ("/agentid.v1.AgentIdentityService/Nope", "/some.Other/Thing"):
+        call = h.channel.unary_unary(
+            path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(b"", metadata=bearer(h.good_token))
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        info = error_info(caught.value)
+        assert (info.reason, info.domain, info.metadata["method"]) == (
+            "METHOD_NOT_FOUND",
+            "agentid",
+            path,
+        )
     assert (await h.check(h.good_token, "tickets.read")).decision == pb.DECISION_ALLOW
 
 

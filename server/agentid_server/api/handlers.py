@@ -16,7 +16,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from agentid_server.api.errors import internal_status, status_for, status_from_error
 from agentid_server.api.method_policy import POLICY, SERVICE, Rule, authorize
-from agentid_server.domain.errors import AgentIdError
+from agentid_server.domain.errors import AgentIdError, FieldViolation
 from agentid_server.domain.model import Principal
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,33 @@ class _Call:
     """What every method shares: parse the request, authenticate, authorise."""
 
     def __init__(
-        self, name: str, request_type: type[Message], rule: Rule | None, authn: Authenticator
+        self,
+        name: str,
+        request_type: type[Message],
+        rule: Rule | None,
+        authn: Authenticator,
+        max_bytes: int,
     ) -> None:
         self.name = name
         self.path = f"/{SERVICE}/{name}"  # a DPoP proof's htu names it
         self.request_type = request_type
         self.rule = rule
         self.authn = authn
+        self.max_bytes = max_bytes
 
     async def prepare(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[Message, Principal | None]:
+        if len(raw) > self.max_bytes:  # gRPC's own limit lies above: this answer has ErrorInfo
+            await _abort(
+                context,
+                status_for(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the request is larger than {self.max_bytes} bytes",
+                    "MESSAGE_TOO_LARGE",
+                    {"max_bytes": str(self.max_bytes)},
+                ),
+            )
         principal: Principal | None = None
         if self.rule is None or not self.rule.public:
             credential, proof = call_credentials(context)
@@ -99,12 +115,14 @@ class _Call:
         try:
             request = self.request_type.FromString(raw)
         except DecodeError:
+            problem = "not a valid protobuf message (strings must be UTF-8)"
             await _abort(
                 context,
                 status_for(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    "the request is not a valid protobuf message (strings must be UTF-8)",
+                    f"the request is {problem}",
                     "MALFORMED_REQUEST",
+                    violations=[FieldViolation("request", problem)],
                 ),
             )
             raise
@@ -189,7 +207,10 @@ def _serialize(message: Message | bytes) -> bytes:
 
 
 def build_handler(
-    servicer: object, authn: Authenticator, observer: CallObserver | None = None
+    servicer: object,
+    authn: Authenticator,
+    observer: CallObserver | None = None,
+    max_message_bytes: int = 1 << 20,
 ) -> grpc.GenericRpcHandler[Any, Any]:
     """The generic handler for every RPC of the service descriptor, policy applied; with an
     ``observer``, every call is traced and timed."""
@@ -197,7 +218,11 @@ def build_handler(
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         call = _Call(
-            method.name, GetMessageClass(method.input_type), POLICY.get(method.name), authn
+            method.name,
+            GetMessageClass(method.input_type),
+            POLICY.get(method.name),
+            authn,
+            max_message_bytes,
         )
         behavior = getattr(servicer, method.name)
         if method.server_streaming:
@@ -205,3 +230,26 @@ def build_handler(
         else:
             handlers[method.name] = _unary(call, behavior, observer)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+class UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """Registered last: a method no other handler serves is UNIMPLEMENTED with ErrorInfo
+    (METHOD_NOT_FOUND), as every agentid error is, rather than gRPC's bare answer."""
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = str(getattr(handler_call_details, "method", ""))[:256]
+
+        async def unknown(_raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await _abort(
+                context,
+                status_for(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "no such method",
+                    "METHOD_NOT_FOUND",
+                    {"method": method},
+                ),
+            )
+
+        return grpc.unary_unary_rpc_method_handler(unknown, request_deserializer=None)
