@@ -191,8 +191,16 @@ async def test_deny_denies_until_a_new_request(h: Harness) -> None:
         assert (response.decision, response.reason, response.step_up_id) == (
             pb.DECISION_DENY,
             pb.REASON_STEP_UP_DENIED,
-            pending.id,
+            "",  # api.md: the approval consumed, if any; the denial's id is in the record
         )
+        [record] = [
+            r.record
+            async for r in h.stub.Audit(
+                pb.AuditRequest(after_id=int(response.decision_id) - 1, limit=1),
+                metadata=bearer(ADMIN_KEY),
+            )
+        ]
+        assert record.step_up_id == pending.id
     newer = await step_up(h, session.token)  # the agent asks again: the newest decides
     assert newer.id != pending.id
     assert (await transfer(h, session.token)).decision == pb.DECISION_STEP_UP_REQUIRED

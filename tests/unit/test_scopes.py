@@ -70,10 +70,20 @@ def test_concrete_actions_have_no_wildcards(action: str) -> None:
         validate_action(action)
 
 
-@pytest.mark.parametrize("resource", ["ticket/*", "a/**", "a//b", "a b"])
-def test_concrete_resources_have_no_wildcards(resource: str) -> None:
+@pytest.mark.parametrize("resource", ["a//b", "a b", "/a", "a/"])
+def test_malformed_concrete_resources_are_refused(resource: str) -> None:
     with pytest.raises(ScopeSyntaxError):
         validate_resource(resource)
+
+
+def test_a_star_in_a_concrete_resource_is_an_ordinary_character() -> None:
+    """api.md: a resource segment is 1-128 printable non-space characters other than '/'. Only
+    a scope's wildcard segments match a segment holding '*'; no literal scope segment can."""
+    assert validate_resource("file/a*b") == ("file", "a*b")
+    assert matches("files.read:file/*", "files.read", "file/a*b")
+    assert matches("files.read:file/**", "files.read", "file/*/**")
+    assert matches("files.read", "files.read", "file/*")
+    assert not matches("files.read:file/a", "files.read", "file/*")
 
 
 @pytest.mark.parametrize(

@@ -173,7 +173,8 @@ class Checker:
             claims=claims,
             matched_scope=matched,
             risk_rule=rule,
-            step_up_id=step_up_id,
+            # api.md: "the approval consumed, if any". A denial's step-up is in its record only.
+            step_up_id=step_up_id if reason is Reason.STEP_UP_APPROVED else "",
             revocation_sequence=applied,
         )
 

@@ -59,9 +59,9 @@ def _check_resource_segments(resource: str, *, allow_wildcard: bool) -> tuple[st
             raise ScopeSyntaxError(f"a resource segment is longer than {MAX_SEGMENT_LENGTH}")
         if _SPACE_OR_CONTROL.search(segment) or not segment.isprintable():
             raise ScopeSyntaxError("resource segments must be printable characters without spaces")
-        if "*" in segment:
-            if not allow_wildcard:
-                raise ScopeSyntaxError("a concrete resource cannot contain '*'")
+        # In a concrete resource (a Check's) '*' is an ordinary character: only a scope's
+        # wildcard segments match it, never a scope's literal one.
+        if "*" in segment and allow_wildcard:
             if segment not in ("*", "**"):
                 raise ScopeSyntaxError("'*' and '**' are allowed only as whole resource segments")
             if segment == "**" and index != len(segments) - 1:
