@@ -197,3 +197,37 @@ def test_a_full_replay_cache_refuses_new_proofs_rather_than_forget_live_ones() -
     with pytest.raises(TokenRejected, match="already used"):
         use(0, start + 1)  # the first is remembered still
     use(4, start + 121)  # all three have expired (2 x max_age): room again
+
+
+@pytest.mark.parametrize(
+    ("htu", "same"),
+    [
+        ("https://payments.example/transfers", True),
+        ("https://Payments.Example/transfers", True),
+        ("HTTPS://payments.example:443/transfers", True),
+        ("https://payments.example/a/../transfers?x=1#f", True),
+        ("https://payments.example/%74ransfers", True),  # %74 is "t", unreserved
+        ("https://payments.example:8443/transfers", False),
+        ("http://payments.example/transfers", False),
+        ("https://payments.example/Transfers", False),  # paths are case-sensitive
+        ("https://payments.example.evil/transfers", False),
+        ("https://payments.example/transfers/more", False),
+        ("/transfers", False),
+    ],
+)
+def test_htu_is_compared_after_rfc_3986_normalisation(htu: str, same: bool) -> None:
+    """RFC 9449 4.3: the htu matches the request's URI ignoring query and fragment, after
+    syntax-based and scheme-based normalisation."""
+    from agentid_server.domain.ports import TokenRejected
+    from agentid_server.tokens.dpop import DpopVerifier
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(public_jwk(key.public_key()))
+    verify = DpopVerifier().verify
+    uri = "https://payments.example/transfers"
+    token_proof = proof(key, "tok", htu=htu)
+    if same:
+        verify(token_proof, jkt=jkt, method="POST", uri=uri, token="tok", now=time.time())
+    else:
+        with pytest.raises(TokenRejected, match="another URI"):
+            verify(token_proof, jkt=jkt, method="POST", uri=uri, token="tok", now=time.time())

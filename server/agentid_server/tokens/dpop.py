@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,15 +22,53 @@ def _fail(message: str) -> TokenRejected:
     return TokenRejected(Reason.PROOF_OF_POSSESSION_FAILED, message)
 
 
-def _strip_uri(uri: str) -> str:
-    return uri.split("#", 1)[0].split("?", 1)[0]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def normalized_uri(uri: str) -> str | None:
+    """The URI as RFC 9449 (section 4.3) compares a proof's htu: query and fragment dropped,
+    then RFC 3986's syntax-based and scheme-based normalisation (scheme and host in lower case,
+    the scheme's default port dropped, percent-encodings in upper case and unreserved ones
+    decoded, dot segments removed, an empty path made "/"). None when it is not an absolute URI."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if not scheme or not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    netloc = host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{_normalized_path(parts.path)}"
+
+
+def _normalized_path(path: str) -> str:
+    def percent(match: re.Match[str]) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else f"%{match.group(1).upper()}"
+
+    segments: list[str] = []
+    for segment in _PERCENT.sub(percent, path).split("/")[1:]:  # RFC 3986 5.2.4, absolute path
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment != ".":
+            segments.append(segment)
+    if path.endswith(("/.", "/..")):
+        segments.append("")
+    return "/" + "/".join(segments)
 
 
 def _same_target(htu: str, uri: str, path_only: bool) -> bool:
     if not path_only:
-        return _strip_uri(htu) == _strip_uri(uri)
+        expected = normalized_uri(uri)
+        return expected is not None and normalized_uri(htu) == expected
     try:
-        return urlsplit(htu).path == uri
+        return _normalized_path(urlsplit(htu).path) == uri
     except ValueError:
         return False
 
