@@ -785,3 +785,33 @@ async def test_a_follower_with_a_limit_gets_the_newest_of_the_backlog_then_every
     later = [int((await a.check(session.token, "tickets.read")).decision_id) for _ in range(3)]
     assert [(await asyncio.wait_for(stream.read(), 10)).record.id for _ in range(3)] == later
     stream.cancel()
+
+
+async def test_revokes_and_sub_delegations_on_both_replicas_never_deadlock(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """Group commits that revoke and delegate under parents, on both replicas at once, with each
+    replica delegating under what the other revokes: their batches take one advisory lock first,
+    so PostgreSQL never finds a deadlock (which would fail whole batches, Checks and all)."""
+    a, b = replicas
+    refused: dict[tuple[str, str], int] = {}
+    for _ in range(3):
+        parents = await asyncio.gather(
+            *(a.delegate(scopes=["tickets.read", "agentid.delegate"]) for _ in range(30))
+        )
+        calls: list[Any] = []
+        for i, parent in enumerate(parents):
+            here = a if i % 2 else b
+            calls.append(
+                here.stub.Revoke(
+                    pb.RevokeRequest(session_id=parent.session_id), metadata=bearer(ADMIN_KEY)
+                )
+            )
+            calls.append(here.sub_delegate(parents[(i + 1) % len(parents)].token))
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, grpc.aio.AioRpcError):
+                key = (result.code().name, error_info(result).reason)
+                refused[key] = refused.get(key, 0) + 1
+    assert set(refused) <= {("UNAUTHENTICATED", "SESSION_REVOKED")}, refused
+    assert a.running.journal.healthy
+    assert b.running.journal.healthy

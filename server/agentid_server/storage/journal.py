@@ -36,7 +36,7 @@ from agentid_server.domain.errors import AgentIdError, Unavailable
 from agentid_server.domain.model import AuditEvent, SessionRecord
 from agentid_server.storage import tables
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
-from agentid_server.storage.lineage import refusal
+from agentid_server.storage.lineage import refusal, serialize
 from agentid_server.storage.rows import (
     SEALED_COLUMNS,
     AuditRecordRow,
@@ -78,6 +78,7 @@ class _Item:
     session: SessionRecord | None = None
     job: Job[Any] | None = None
     with_ids: bool = False
+    lineage: bool = False  # revokes sessions: serialized with sub-agents' Delegates
     queued: float = 0.0  # loop time of submission
 
 
@@ -226,9 +227,10 @@ class Journal:
         """Records the event (and a new session with it) durably; returns the record id."""
         return int(await self._submit(_Item(self._future(), event=event, session=new_session)))
 
-    async def run(self, job: Job[T]) -> T:
-        """Runs a write job in the next group commit and returns its value after the commit."""
-        result: T = await self._submit(_Item(self._future(), job=job))
+    async def run(self, job: Job[T], *, lineage: bool = False) -> T:
+        """Runs a write job in the next group commit and returns its value after the commit.
+        ``lineage``: it revokes sessions (lineage.serialize)."""
+        result: T = await self._submit(_Item(self._future(), job=job, lineage=lineage))
         return result
 
     async def run_recorded(self, job: Job[T]) -> tuple[T, list[int]]:
@@ -421,6 +423,8 @@ class Journal:
         outcomes = [_Outcome() for _ in batch]
         rows: list[AuditRow] = []
         owners: list[_Outcome] = []  # the outcome each audit row belongs to
+        if any(item.lineage or (item.session and item.session.parent_id) for item in batch):
+            serialize(connection)  # first, before any other lock of this transaction
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.job is None:
                 assert item.event is not None

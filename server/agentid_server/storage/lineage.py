@@ -3,17 +3,20 @@ sub-agent from outliving a revoked ancestor when its Delegate races the Revoke.
 
 A Delegate writes its session in the journal's transaction only under a lineage that is live at
 that moment (`refusal`), and in batch order, so a Revoke earlier in the batch refuses it and one
-later in the batch revokes it too. Across PostgreSQL replicas the two transactions meet on row
-locks, always taken oldest session first so they cannot deadlock: the Delegate holds its
-lineage FOR SHARE, the Revoke holds its target (or the user's sessions) FOR UPDATE before it
-asks for the subtree (`lock_targets`). SQLite's one writer needs no locks.
+later in the batch revokes it too. Across PostgreSQL replicas, every write batch that holds a
+Revoke or a sub-agent's Delegate first takes one transaction advisory lock (`serialize`), so such
+batches commit one after another: a Delegate's batch reads its lineage after any Revoke that got
+there first has committed, and a Revoke's reads the subtree after any Delegate that did. One lock,
+taken before any other, cannot deadlock (row locks taken in batch order could, two batches taking
+them in opposite orders). SQLite's one writer needs none of it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, Select, bindparam, select
+from sqlalchemy import BindParameter, Connection, Select, bindparam, select, text
 
 from agentid_server.domain.errors import AgentIdError, PermissionDenied, Unauthenticated
 from agentid_server.domain.model import SessionRecord
@@ -41,12 +44,7 @@ def session_subtree(root: SessionId) -> Select[Any]:
 def _lineage_rows() -> Select[Any]:
     s = tables.sessions
     lineage = session_lineage(bindparam("id"))
-    return (
-        select(s.c.id, s.c.revoked_at, s.c.expires_at)
-        .where(s.c.id.in_(lineage))
-        .order_by(s.c.created_at, s.c.id)
-        .with_for_update(read=True)  # FOR SHARE on PostgreSQL; SQLite renders none
-    )
+    return select(s.c.id, s.c.revoked_at, s.c.expires_at).where(s.c.id.in_(lineage))
 
 
 _LINEAGE = _lineage_rows()
@@ -66,23 +64,14 @@ def refusal(connection: Connection, session: SessionRecord) -> AgentIdError | No
     return None
 
 
-_LOCK_SESSION = (
-    select(tables.sessions.c.id).where(tables.sessions.c.id == bindparam("root")).with_for_update()
-)
-_LOCK_USER = (
-    select(tables.sessions.c.id)
-    .where(tables.sessions.c.user_id == bindparam("user"))
-    .order_by(tables.sessions.c.created_at, tables.sessions.c.id)
-    .with_for_update()
+# The PostgreSQL advisory lock of write batches that revoke or delegate under a parent.
+_LINEAGE_LOCK = int.from_bytes(
+    hashlib.sha256(b"agentid.session-lineage").digest()[:8], "big", signed=True
 )
 
 
-def lock_targets(connection: Connection, *, root: str | None, user: str | None) -> None:
-    """PostgreSQL: holds what a Revoke is about to revoke FOR UPDATE, so a Delegate under it in
-    another replica's transaction waits for this one and then finds its lineage revoked."""
-    if connection.dialect.name != "postgresql":
-        return
-    if root is not None:
-        connection.execute(_LOCK_SESSION, {"root": root})
-    else:
-        connection.execute(_LOCK_USER, {"user": user})
+def serialize(connection: Connection) -> None:
+    """PostgreSQL: makes this transaction wait for every other one that revokes or delegates
+    under a parent, and them for it. Taken first in the batch, before any other lock."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LINEAGE_LOCK})

@@ -25,7 +25,7 @@ from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
-from agentid_server.storage.lineage import lock_targets, session_lineage, session_subtree
+from agentid_server.storage.lineage import session_lineage, session_subtree
 from agentid_server.storage.notify import notify_revocations, notify_step_ups
 from agentid_server.storage.stepups import expire_for_sessions
 from agentid_server.tokens.keys import SigningKey
@@ -140,7 +140,6 @@ class RevocationRepository:
                     _session(row) if row is not None else None,
                     lambda: [r.id for r in connection.execute(_REVOKE["lineage"], root)],
                 )
-            lock_targets(connection, root=root_session_id, user=user_id)
             if root_session_id is not None:
                 targets = connection.execute(_REVOKE["subtree"], {**root, "now": int(now)})
             else:
@@ -171,7 +170,7 @@ class RevocationRepository:
 
             return JobResult(revocations, events, after_commit)
 
-        return await self._writer().run(job)
+        return await self._writer().run(job, lineage=True)
 
     async def live(self, now: int) -> list[Revocation]:
         """Revocations whose token has not expired yet, in sequence order (the bitmap at start)."""
