@@ -144,9 +144,23 @@ func TestJWKS(t *testing.T) {
 func TestCredentialStaysSecret(t *testing.T) {
 	const secret = "aid_sk_do-not-print-me"
 	cred := agentid.APIKey(secret)
-	for _, format := range []string{"%v", "%+v", "%#v", "%s", "%q", "%x"} {
-		if shown := fmt.Sprintf(format, cred); strings.Contains(shown, secret) || strings.Contains(shown, fmt.Sprintf("%x", secret)) {
-			t.Errorf("%s shows the secret: %s", format, shown)
+	// Also inside what holds it: fmt does not call String on an unexported field.
+	client, err := agentid.New("127.0.0.1:1", cred, agentid.Insecure())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	watcher := agentid.NewRevocationWatcher(client)
+	type service struct { // a caller's own struct holding them
+		client  *agentid.Client
+		watcher *agentid.RevocationWatcher
+		cred    agentid.Credential
+	}
+	for _, value := range []any{cred, client, watcher, service{client, watcher, cred}, &service{client, watcher, cred}} {
+		for _, format := range []string{"%v", "%+v", "%#v", "%s", "%q", "%x"} {
+			if shown := fmt.Sprintf(format, value); strings.Contains(shown, secret) || strings.Contains(shown, fmt.Sprintf("%x", secret)) {
+				t.Errorf("%s of %T shows the secret: %s", format, value, shown)
+			}
 		}
 	}
 	if !cred.RequireTransportSecurity() || cred.AllowInsecure().RequireTransportSecurity() {
