@@ -213,6 +213,8 @@ def test_a_full_replay_cache_refuses_new_proofs_rather_than_forget_live_ones() -
         ("https://payments.example.evil/transfers", False),
         ("https://payments.example/transfers/more", False),
         ("/transfers", False),
+        ("https://payments.example\\@evil.example/transfers", False),  # parsers disagree
+        ("https://user@payments.example/transfers", False),
     ],
 )
 def test_htu_is_compared_after_rfc_3986_normalisation(htu: str, same: bool) -> None:

@@ -20,7 +20,8 @@ def test_targets_on_this_machine(target: str) -> None:
 @pytest.mark.parametrize(
     "target",
     ["agentid.internal:50051", "10.0.0.7:50051", "[2001:db8::1]:443", "dns:///agentid:443",
-     "localhost.evil.example:50051", "127.0.0.1.nip.io:50051", "0.0.0.0:50051"],
+     "localhost.evil.example:50051", "127.0.0.1.nip.io:50051", "0.0.0.0:50051",
+     "ipv6:[::1]:1,[2001:db8::5]:443", "ipv4:127.0.0.1:1,127.0.0.2:1"],
 )  # fmt: skip
 def test_targets_elsewhere(target: str) -> None:
     assert not is_local_target(target)

@@ -136,3 +136,26 @@ async def test_an_unreachable_jwks_keeps_the_last_keys_and_is_tried_once_per_min
         await asyncio.sleep(0.25)
         assert await cache.key("rsa-1") is not None
         assert caplog.text.count("could not load IdP JWKS") == 2
+
+
+async def test_a_remembered_token_is_refused_once_the_jwks_has_aged_without_its_key(
+    tmp_path: Path, idp: IdpFixture
+) -> None:
+    """Only the remembered token is used: no other call makes the JWKS be read, yet once
+    jwks_max_age is up the key's removal is seen."""
+    settings = make_settings(tmp_path, idp)
+    idps = [
+        dataclasses.replace(s, leeway=0.0, jwks_min_refresh=0.01, jwks_max_age=0.2)
+        for s in settings.idps
+    ]
+    verifier = IdpVerifier(idps, settings.server.max_token_bytes)
+    await verifier.load()
+    token = idp.token()
+    assert (await verifier.verify(token)).user_id == "alice"
+    document = idp.public_jwks()
+    document["keys"] = [k for k in document["keys"] if k["kid"] != "rsa-1"]
+    idp.jwks_path.write_text(json.dumps(document))
+    await asyncio.sleep(0.25)
+    with pytest.raises(Unauthenticated) as refused:
+        await verifier.verify(token)
+    assert refused.value.reason == "UNKNOWN_KEY"

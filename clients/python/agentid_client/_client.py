@@ -52,6 +52,8 @@ def is_local_target(target: str) -> bool:
     Accepts host:port, [v6]:port and the resolver forms dns:///host:port, ipv4:…, ipv6:…"""
     if target.startswith(("unix:", "unix-abstract:")):
         return True
+    if "," in target:  # ipv4:/ipv6: lists: one remote address among them is enough to refuse
+        return False
     address = target.rsplit("/", 1)[-1]  # dns:///host:port, dns://resolver/host:port
     for scheme in ("dns:", "ipv4:", "ipv6:"):
         address = address.removeprefix(scheme)

@@ -32,11 +32,15 @@ def normalized_uri(uri: str) -> str | None:
     then RFC 3986's syntax-based and scheme-based normalisation (scheme and host in lower case,
     the scheme's default port dropped, percent-encodings in upper case and unreserved ones
     decoded, dot segments removed, an empty path made "/"). None when it is not an absolute URI."""
+    if "\\" in uri or not uri.isprintable():  # parsers disagree on these: refused, not guessed
+        return None
     try:
         parts = urlsplit(uri)
         port = parts.port
     except ValueError:
         return None
+    if parts.username is not None or parts.password is not None:
+        return None  # userinfo has no place in a request's URI
     scheme, host = parts.scheme.lower(), (parts.hostname or "")
     if not scheme or not host:
         return None

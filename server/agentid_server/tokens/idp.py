@@ -187,7 +187,8 @@ class IdpVerifier:
         if (
             known is None
             or time.time() >= known.valid_until  # expired: verified again, refused with why
-            or known.jwks.current(known.kid) is not known.key  # its key was rotated out
+            # its key was rotated out (the JWKS read again first when jwks_max_age is up)
+            or await known.jwks.key(known.kid) is not known.key
         ):
             known = await self._verify_uncached(token)
             if len(cache) >= self._cache_size:
