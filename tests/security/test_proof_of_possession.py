@@ -178,25 +178,25 @@ def test_a_full_replay_cache_refuses_new_proofs_rather_than_forget_live_ones() -
     from agentid_server.domain.ports import TokenRejected
     from agentid_server.tokens.dpop import DpopVerifier
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    jkt = thumbprint(public_jwk(key.public_key()))
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(5)]
     verifier = DpopVerifier(max_age=60.0, replay_capacity=3)
     uri = "https://tickets.example/read"
     start = time.time() - 200  # proofs from the past: PyJWT refuses an iat in the future
 
-    def use(n: int, now: float) -> None:
+    def use(key: ec.EllipticCurvePrivateKey, now: float, jti: str = "j") -> None:
         verifier.verify(
-            proof(key, "tok", jti=f"j{n}", iat=int(now), htu=uri),
-            jkt=jkt, method="POST", uri=uri, token="tok", now=now,
+            proof(key, "tok", jti=jti, iat=int(now), htu=uri),
+            jkt=thumbprint(public_jwk(key.public_key())), method="POST", uri=uri, token="tok",
+            now=now,
         )  # fmt: skip
 
-    for n in range(3):
-        use(n, start)
+    for key in keys[:3]:
+        use(key, start)
     with pytest.raises(TokenRejected, match="too many"):
-        use(3, start + 1)
+        use(keys[3], start + 1)
     with pytest.raises(TokenRejected, match="already used"):
-        use(0, start + 1)  # the first is remembered still
-    use(4, start + 121)  # all three have expired (2 x max_age): room again
+        use(keys[0], start + 1)  # the first is remembered still
+    use(keys[4], start + 121)  # all three have expired (2 x max_age): room again
 
 
 @pytest.mark.parametrize(
@@ -233,3 +233,26 @@ def test_htu_is_compared_after_rfc_3986_normalisation(htu: str, same: bool) -> N
     else:
         with pytest.raises(TokenRejected, match="another URI"):
             verify(token_proof, jkt=jkt, method="POST", uri=uri, token="tok", now=time.time())
+
+
+def test_one_key_cannot_fill_the_replay_cache_for_every_other() -> None:
+    from agentid_server.domain.ports import TokenRejected
+    from agentid_server.tokens.dpop import DpopVerifier
+
+    greedy, other = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    verifier = DpopVerifier(max_age=60.0, replay_capacity=20)  # a key may hold 2
+    uri = "https://tickets.example/read"
+    now = time.time() - 200
+
+    def use(key: ec.EllipticCurvePrivateKey, n: int) -> None:
+        verifier.verify(
+            proof(key, "tok", jti=f"j{n}", iat=int(now), htu=uri),
+            jkt=thumbprint(public_jwk(key.public_key())), method="POST", uri=uri, token="tok",
+            now=now,
+        )  # fmt: skip
+
+    use(greedy, 1)
+    use(greedy, 2)
+    with pytest.raises(TokenRejected, match="too many"):
+        use(greedy, 3)
+    use(other, 1)  # the others are not refused for it

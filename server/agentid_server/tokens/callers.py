@@ -108,19 +108,21 @@ class CallerAuthenticator:
         try:
             claims = self._agents.verify(token)
             check_token_times(claims, now)
+            if claims.serial in self._revocations:  # before its proof is remembered or spent
+                raise Unauthenticated(
+                    "the agent session has been revoked", reason="SESSION_REVOKED"
+                )
             if claims.jkt:
                 use = self._proofs.verify(
                     proof, jkt=claims.jkt, method="POST", uri=method, token=token, now=now,
                     path_only=True,
                 )  # fmt: skip
-                if self._ledger is not None and claims.serial not in self._revocations:
+                if self._ledger is not None:
                     await self._ledger.spend(use)
         except TokenRejected as rejected:
             raise Unauthenticated(
                 f"agent token refused: {rejected.message}", reason=rejected.reason.name
             ) from None
-        if claims.serial in self._revocations:
-            raise Unauthenticated("the agent session has been revoked", reason="SESSION_REVOKED")
         return AgentPrincipal(claims)
 
     def _certified_service(self, identities: Iterable[bytes]) -> ServicePrincipal:

@@ -84,6 +84,10 @@ class DpopVerifier:
         self._max_age = max_age
         self._seen: dict[tuple[str, str], float] = {}  # (jkt, jti) -> when it may be forgotten
         self._capacity = replay_capacity
+        # One key may hold a tenth of the cache: an agent minting proofs to fill it refuses
+        # only its own, not every bound agent's.
+        self._per_key_capacity = max(1, replay_capacity // 10)
+        self._per_key: dict[str, int] = {}
 
     def verify(
         self,
@@ -143,14 +147,25 @@ class DpopVerifier:
         seen = self._seen
         if key in seen and seen[key] > now:
             raise _fail(PROOF_ALREADY_USED)
-        seen.pop(key, None)  # an expired entry of the same proof: re-added last, in time order
+        if seen.pop(key, None) is not None:  # an expired entry of the same proof: re-added last
+            self._forget(jkt)
         # Entries go in in the order they expire: the expired ones are at the front.
         while seen and next(iter(seen.values())) <= now:
+            old_jkt, _ = next(iter(seen))
             del seen[next(iter(seen))]
-        if len(seen) >= self._capacity:
+            self._forget(old_jkt)
+        if len(seen) >= self._capacity or self._per_key.get(jkt, 0) >= self._per_key_capacity:
             # Full of proofs that could still be replayed: forgetting one would let it be. The
             # proof is refused instead (fail closed) until entries expire.
             raise _fail("too many DPoP proofs at once; retry with a new proof shortly")
         until = now + 2 * self._max_age  # iat may be max_age ahead, and max_age old at most
         seen[key] = until
+        self._per_key[jkt] = self._per_key.get(jkt, 0) + 1
         return ProofUse(jkt, jti, until)
+
+    def _forget(self, jkt: str) -> None:
+        left = self._per_key[jkt] - 1
+        if left:
+            self._per_key[jkt] = left
+        else:
+            del self._per_key[jkt]
