@@ -13,6 +13,7 @@ from agentid_client import (
     Decision,
     Reason,
     RevocationWatcher,
+    WatcherNotReady,
     WatcherStopped,
 )
 
@@ -210,3 +211,21 @@ async def test_a_watcher_forgets_revocations_whose_tokens_have_expired(
             assert not watcher.is_revoked(old.serial)  # its event said it expired long ago
         finally:
             await watcher.stop()
+
+
+async def test_a_watcher_answers_only_while_it_keeps_the_set(harness: Harness) -> None:
+    """No answer before the first snapshot (WatcherNotReady), none after it stopped
+    (WatcherStopped): a caller is never told 'not revoked' by a set nobody keeps."""
+    import grpc
+
+    session = await harness.delegate()
+    async with grpc.aio.insecure_channel(target(harness)) as channel:
+        watcher = RevocationWatcher(channel, CHECK_KEY)
+        with pytest.raises(WatcherNotReady):
+            watcher.is_revoked(session.serial)
+        watcher.start()
+        await asyncio.wait_for(watcher.wait_for(0), 5)  # the first snapshot
+        assert not watcher.is_revoked(session.serial)
+        await watcher.stop()
+        with pytest.raises(WatcherStopped):
+            watcher.is_revoked(session.serial)

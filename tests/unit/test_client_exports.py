@@ -13,6 +13,7 @@ def test_public_names() -> None:
         "Reason",
         "RevocationWatcher",
         "RevokeResponse",
+        "WatcherNotReady",
         "WatcherStopped",
         "channel_options",
     ]

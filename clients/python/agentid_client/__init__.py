@@ -10,7 +10,7 @@ from agentid.v1.agentid_pb2 import (
 
 from agentid_client._client import AgentIdClient, channel_options
 from agentid_client._errors import AgentIdError
-from agentid_client._revocations import RevocationWatcher, WatcherStopped
+from agentid_client._revocations import RevocationWatcher, WatcherNotReady, WatcherStopped
 
 __all__ = [
     "AgentIdClient",
@@ -21,6 +21,7 @@ __all__ = [
     "Reason",
     "RevocationWatcher",
     "RevokeResponse",
+    "WatcherNotReady",
     "WatcherStopped",
     "channel_options",
 ]

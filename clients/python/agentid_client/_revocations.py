@@ -29,6 +29,14 @@ class WatcherStopped(Exception):
     longer kept, so it answers no more questions. Restart it with a credential that works."""
 
 
+EXPIRY_GRACE = 300.0  # seconds a revocation is kept past its token's expiry (clock leeways)
+
+
+class WatcherNotReady(Exception):
+    """The watcher has no snapshot yet: it cannot tell a revoked session from a live one. Await
+    ``wait_for(0)`` after ``start()``."""
+
+
 class _Gap(Exception):
     """An event out of sequence (the service guarantees none; if one comes, resynchronise)."""
 
@@ -39,9 +47,11 @@ class RevocationWatcher:
     Give it a channel made with ``channel_options()``: its keepalive pings are how the watcher
     learns that a quiet stream's network path has died. While the service cannot be reached it
     answers from the set it has and keeps trying. If the service refuses its credential it
-    stops for good, logs why, and ``is_revoked`` raises ``WatcherStopped`` from then on: a
-    caller is never answered from a set nobody keeps. Revoked sessions whose tokens have expired
-    are dropped as they expire (those in a snapshot, at the next snapshot)."""
+    stops for good, logs why, and ``is_revoked`` raises ``WatcherStopped`` from then on, as it
+    does after ``stop()`` or any other end of ``run()``: a caller is never answered from a set
+    nobody keeps. Before the first snapshot it raises ``WatcherNotReady``. Revoked sessions
+    whose tokens have expired are dropped ``EXPIRY_GRACE`` seconds later (a verifier's clock
+    leeway), those in a snapshot at the next snapshot."""
 
     def __init__(
         self,
@@ -62,10 +72,13 @@ class RevocationWatcher:
         self._received = False  # the current stream delivered something
         self._expiring: list[tuple[float, int]] = []  # (expires_at, serial) of events applied
         self.failure: BaseException | None = None  # why it stopped for good
+        self._snapshot_seen = False
 
     def is_revoked(self, serial: int) -> bool:
         if self.failure is not None:
             raise WatcherStopped("the revocation watcher has stopped") from self.failure
+        if not self._snapshot_seen:
+            raise WatcherNotReady("the revocation watcher has no snapshot yet")
         return serial % (1 << 32) in self.revoked
 
     def start(self) -> None:
@@ -74,22 +87,37 @@ class RevocationWatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            # Its end: cancelled, or stopped for good before (that is in ``failure``).
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            # Its end: cancelled, or stopped before for a reason that is in ``failure``.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
     async def wait_for(self, sequence: int) -> None:
-        """Returns once every revocation up to ``sequence`` is applied locally; WatcherStopped
-        if the watcher stops for good first."""
+        """Returns once a snapshot and every revocation up to ``sequence`` are applied locally
+        (``wait_for(0)``: the first snapshot); WatcherStopped if the watcher stops first."""
         async with self._changed:
             await self._changed.wait_for(
-                lambda: self.sequence >= sequence or self.failure is not None
+                lambda: (
+                    (self._snapshot_seen and self.sequence >= sequence) or self.failure is not None
+                )
             )
         if self.failure is not None:
             raise WatcherStopped("the revocation watcher has stopped") from self.failure
 
     async def run(self) -> None:
-        """Watches until cancelled, reconnecting with backoff and resuming where it stopped."""
+        """Watches until cancelled, reconnecting with backoff and resuming where it stopped.
+        However it ends, the watcher answers no more questions afterwards."""
+        try:
+            await self._run()
+        except BaseException as end:
+            if self.failure is None:
+                self.failure = end
+                if not isinstance(end, asyncio.CancelledError):
+                    log.error("revocation watcher stopped: %s", type(end).__name__)
+            async with self._changed:
+                self._changed.notify_all()  # wait_for raises now
+            raise
+
+    async def _run(self) -> None:
         delay = self._retry_delay
         while True:
             self._received = False
@@ -104,8 +132,6 @@ class RevocationWatcher:
                         code.name,
                         error.details(),
                     )
-                    async with self._changed:
-                        self._changed.notify_all()  # wait_for raises now
                     raise
                 if code == grpc.StatusCode.OUT_OF_RANGE:
                     log.warning(
@@ -120,6 +146,9 @@ class RevocationWatcher:
             except _Gap as gap:
                 log.error("%s; starting over from a snapshot", gap)
                 self.sequence = 0
+            except ValueError:  # a snapshot that does not decode: take a new one
+                log.error("an unreadable revocation snapshot; starting over from a new one")
+                self.sequence = 0
             if self._received:  # a stream that delivered was a success: back off from the start
                 delay = self._retry_delay
             await asyncio.sleep(delay)
@@ -133,6 +162,7 @@ class RevocationWatcher:
                 if response.HasField("snapshot"):
                     self.revoked = BitMap.deserialize(response.snapshot.revoked_serials)
                     self.sequence = response.snapshot.sequence
+                    self._snapshot_seen = True
                     self._expiring.clear()  # the snapshot holds live entries only
                 else:
                     event = response.event
@@ -144,7 +174,7 @@ class RevocationWatcher:
                     self.revoked.add(serial)
                     self.sequence = event.sequence
                     expires = event.expires_at.seconds + event.expires_at.nanos / 1e9
-                    heapq.heappush(self._expiring, (expires, serial))
+                    heapq.heappush(self._expiring, (expires + EXPIRY_GRACE, serial))
                 self._forget_expired()
                 self._changed.notify_all()
 
