@@ -122,6 +122,10 @@ async def _housekeeping(
         now = int(clock.now())
         # Each chore on its own: one failing (the store, say) must not hold back the others;
         # every one of them retries next time.
+        try:  # first: a key another replica published must be known before it signs
+            await keys.run(now)
+        except Exception as exc:
+            log.warning("rotating signing keys failed (will retry): %s", type(exc).__name__)
         try:
             forgotten = revocations.forget(await repo.expired_serials(pruned_until, now))
             pruned_until = now
@@ -134,10 +138,6 @@ async def _housekeeping(
             await step_ups.expire_due(now)
         except Exception as exc:
             log.warning("expiring step-ups failed (will retry): %s", type(exc).__name__)
-        try:
-            await keys.run(now)
-        except Exception as exc:
-            log.warning("rotating signing keys failed (will retry): %s", type(exc).__name__)
         if ledger is not None:
             try:
                 await ledger.forget_before(now)
@@ -158,9 +158,11 @@ async def _signing_keys(
         if await repo.add_first(key, seal(key, kek)):
             log.info("generated signing key %s (%s)", key.kid, key.alg)
         rows = await repo.all()
+    ttl = int(settings.tokens.max_ttl)
     keys = [
         unseal(kid, alg, sealed, kek, created, retired)
         for kid, alg, sealed, created, retired in rows
+        if retired is None or retired + ttl > now  # else every token it signed has expired
     ]
     return keys, kek
 
