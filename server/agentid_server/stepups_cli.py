@@ -16,6 +16,7 @@ from agentid_server.client_cli import (
     connect,
     run_with_credential,
 )
+from agentid_server.domain.model import BIDI_CONTROLS
 from agentid_server.domain.stepup import canonical_context
 
 
@@ -86,7 +87,8 @@ def _shown(text: str) -> str:
     )
 
 
-_REORDERING = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# The free text's refused controls, and the direction marks (LRM, RLM) that it lets through.
+_REORDERING = BIDI_CONTROLS | {"\u200e", "\u200f"}
 
 
 def _state(step_up: pb.StepUp) -> str:

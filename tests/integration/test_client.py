@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 from agentid_client import (
     AgentIdClient,
@@ -17,7 +18,16 @@ from agentid_client import (
     WatcherStopped,
 )
 
-from tests.conftest import ADMIN_KEY, CHECK_KEY, FakeClock, Harness, IdpFixture, start_harness
+from tests.conftest import (
+    ADMIN_KEY,
+    CHECK_KEY,
+    FakeClock,
+    Harness,
+    IdpFixture,
+    Mutator,
+    make_settings,
+    start_harness,
+)
 
 
 def target(h: Harness) -> str:
@@ -45,24 +55,32 @@ async def test_delegate_check_revoke(harness: Harness) -> None:
     assert list(done.session_ids) == [session.session_id]
 
 
+def on_port(port: int) -> Mutator:
+    """The test config, serving on ``port`` again: the same server restarted, or another one."""
+
+    def mutate(config: dict[str, object]) -> None:
+        config["server"] = {"listen": f"127.0.0.1:{port}", "shutdown_grace": "1s"}
+
+    return mutate
+
+
+def restarting_watcher(port: int) -> tuple[grpc.aio.Channel, RevocationWatcher]:
+    """A started watcher of the server on ``port``, with short retries: the server goes down for
+    a restart, it is not failing (the default backoff would outlast it)."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    watcher = RevocationWatcher(channel, CHECK_KEY, retry_delay=0.05, max_retry_delay=0.2)
+    watcher.start()
+    return channel, watcher
+
+
 async def test_watcher_stays_in_sync_across_a_restart(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
-    from tests.conftest import make_settings
-
     settings = make_settings(tmp_path, idp)
     h = await start_harness(tmp_path, idp, clock, settings)
     port = h.running.port
 
-    def same_port(config: dict[str, object]) -> None:
-        config["server"] = {"listen": f"127.0.0.1:{port}", "shutdown_grace": "1s"}
-
-    import grpc
-
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    # Short retries: the server is down for a restart, not failing (its backoff would outlast it).
-    watcher = RevocationWatcher(channel, CHECK_KEY, retry_delay=0.05, max_retry_delay=0.2)
-    watcher.start()
+    channel, watcher = restarting_watcher(port)
     try:
         sessions = [await h.delegate() for _ in range(4)]
         async with AgentIdClient(target(h), ADMIN_KEY) as admin:
@@ -72,7 +90,7 @@ async def test_watcher_stays_in_sync_across_a_restart(
             assert not watcher.is_revoked(sessions[1].serial)
         await h.channel.close()
         await h.running.stop(grace=1)  # the stream ends; the watcher reconnects and resumes
-        h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, same_port))
+        h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, on_port(port)))
         # A subchannel of its own: gRPC shares one per address between channels, and the
         # watcher's is in connect backoff from the restart, which would fail this call at once.
         async with grpc.aio.insecure_channel(
@@ -96,19 +114,10 @@ async def test_watcher_starts_over_when_the_service_history_ends_before_its_sequ
 ) -> None:
     """A server whose database was restored from an older backup answers OUT_OF_RANGE to the
     watcher's sequence: the watcher takes that server's snapshot instead of retrying forever."""
-    from tests.conftest import make_settings
-
     h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp))
     port = h.running.port
 
-    def same_port(config: dict[str, object]) -> None:
-        config["server"] = {"listen": f"127.0.0.1:{port}", "shutdown_grace": "1s"}
-
-    import grpc
-
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    watcher = RevocationWatcher(channel, CHECK_KEY, retry_delay=0.05, max_retry_delay=0.2)
-    watcher.start()
+    channel, watcher = restarting_watcher(port)
     try:
         old = [await h.delegate() for _ in range(2)]
         async with AgentIdClient(target(h), ADMIN_KEY) as admin:
@@ -120,7 +129,7 @@ async def test_watcher_starts_over_when_the_service_history_ends_before_its_sequ
         await h.running.stop(grace=1)
         older = tmp_path / "restored"  # another database, one revocation long
         older.mkdir()
-        h = await start_harness(older, idp, clock, make_settings(older, idp, same_port))
+        h = await start_harness(older, idp, clock, make_settings(older, idp, on_port(port)))
         async with grpc.aio.insecure_channel(
             target(h), options=[("grpc.use_local_subchannel_pool", 1)]
         ) as fresh:
@@ -172,8 +181,6 @@ async def test_a_key_bound_agent_calls_with_its_proof_key(harness: Harness, curv
 async def test_a_watcher_whose_credential_is_refused_stops_and_answers_no_more(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import grpc
-
     async with grpc.aio.insecure_channel(target(harness)) as channel:
         watcher = RevocationWatcher(channel, "aid_sk_not-a-key", retry_delay=0.05)
         watcher.start()
@@ -189,8 +196,6 @@ async def test_a_watcher_whose_credential_is_refused_stops_and_answers_no_more(
 async def test_a_watcher_forgets_revocations_whose_tokens_have_expired(
     harness: Harness, clock: FakeClock
 ) -> None:
-    import grpc
-
     clock.advance(-7200)  # a session the server made two hours ago: its token has expired
     old = await harness.delegate()
     clock.advance(7200)
@@ -216,8 +221,6 @@ async def test_a_watcher_forgets_revocations_whose_tokens_have_expired(
 async def test_a_watcher_answers_only_while_it_keeps_the_set(harness: Harness) -> None:
     """No answer before the first snapshot (WatcherNotReady), none after it stopped
     (WatcherStopped): a caller is never told 'not revoked' by a set nobody keeps."""
-    import grpc
-
     session = await harness.delegate()
     async with grpc.aio.insecure_channel(target(harness)) as channel:
         watcher = RevocationWatcher(channel, CHECK_KEY)

@@ -22,6 +22,13 @@ from tests.conftest import (
 )
 
 
+def rotate_often(config: dict[str, Any]) -> None:
+    """A key every 10 minutes, published a minute ahead; housekeeping every 20 ms."""
+    config["tokens"]["rotation_period"] = "10m"
+    config["tokens"]["publish_ahead"] = "1m"
+    config["revocation"] = {"prune_interval": "20ms"}
+
+
 def kid_of(token: str) -> str:
     header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
     return str(header["kid"])
@@ -30,11 +37,6 @@ def kid_of(token: str) -> str:
 async def test_rotation_publishes_the_next_key_ahead_and_the_old_one_keeps_verifying(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
-    def rotate_often(config: dict[str, Any]) -> None:
-        config["tokens"]["rotation_period"] = "10m"
-        config["tokens"]["publish_ahead"] = "1m"
-        config["revocation"] = {"prune_interval": "20ms"}
-
     async with running_harness(tmp_path, idp, clock, mutate=rotate_often) as h:
 
         async def kids() -> list[str]:
@@ -73,11 +75,6 @@ async def test_rotation_publishes_the_next_key_ahead_and_the_old_one_keeps_verif
 async def test_a_published_key_survives_a_restart_and_signs_at_its_time(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
-    def rotate_often(config: dict[str, Any]) -> None:
-        config["tokens"]["rotation_period"] = "10m"
-        config["tokens"]["publish_ahead"] = "1m"
-        config["revocation"] = {"prune_interval": "20ms"}
-
     async with running_harness(tmp_path, idp, clock, mutate=rotate_often) as h:
         first = kid_of((await h.delegate()).token)
         clock.advance(541)

@@ -115,6 +115,8 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
         ("[tokens]", 'log_format = "xml"\n[tokens]', "server.log_format", "text or json"),
         ('jwks_file = "var/dev/idp-jwks.json"', 'jwks_file = "var/dev/idp-jwks.json"\njwks_max_age = "0s"', "idp[0].jwks_max_age", "positive"),
         ("[tokens]", 'keepalive_time = "0s"\n[tokens]', "server.keepalive_time", "positive"),
+        ('default_ttl = "20m"', 'default_ttl = "20m"\npublish_ahead = "31d"', "tokens.publish_ahead", "shorter than rotation_period"),
+        ('default_ttl = "20m"', 'default_ttl = "20m"\npublish_ahead = "1m"', "tokens.publish_ahead", "twice revocation.prune_interval"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_the_key(

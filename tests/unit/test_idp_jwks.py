@@ -38,9 +38,12 @@ async def test_a_failed_fetch_logs_no_credentials_or_query(
 # -- verified tokens remembered ---------------------------------------------------------------
 
 
-def _verifier(tmp_path: Path, idp: IdpFixture, *, cache_size: int = 16) -> IdpVerifier:
+def _verifier(
+    tmp_path: Path, idp: IdpFixture, *, cache_size: int = 16, **idp_settings: float
+) -> IdpVerifier:
+    """A verifier of the test IdP without leeway (``idp_settings``: more of [[idp]]'s)."""
     settings = make_settings(tmp_path, idp)
-    idps = [dataclasses.replace(s, leeway=0.0) for s in settings.idps]
+    idps = [dataclasses.replace(s, leeway=0.0, **idp_settings) for s in settings.idps]
     return IdpVerifier(idps, settings.server.max_token_bytes, cache_size=cache_size)
 
 
@@ -143,12 +146,7 @@ async def test_a_remembered_token_is_refused_once_the_jwks_has_aged_without_its_
 ) -> None:
     """Only the remembered token is used: no other call makes the JWKS be read, yet once
     jwks_max_age is up the key's removal is seen."""
-    settings = make_settings(tmp_path, idp)
-    idps = [
-        dataclasses.replace(s, leeway=0.0, jwks_min_refresh=0.01, jwks_max_age=0.2)
-        for s in settings.idps
-    ]
-    verifier = IdpVerifier(idps, settings.server.max_token_bytes)
+    verifier = _verifier(tmp_path, idp, jwks_min_refresh=0.01, jwks_max_age=0.2)
     await verifier.load()
     token = idp.token()
     assert (await verifier.verify(token)).user_id == "alice"

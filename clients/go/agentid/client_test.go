@@ -30,29 +30,17 @@ func TestDelegateThenCheck(t *testing.T) {
 		t.Errorf("session of %q, id %q", session.GetUserId(), session.GetSessionId())
 	}
 
-	allowed, err := service.Check(ctx, &agentidv1.CheckRequest{
+	allowed := check(t, ctx, service, &agentidv1.CheckRequest{
 		Token: session.GetToken(), Action: "tickets.read", Resource: "ticket/7",
-	})
-	if err != nil {
-		t.Fatalf("Check: %v", err)
-	}
-	if allowed.GetDecision() != agentidv1.Decision_DECISION_ALLOW || allowed.GetReason() != agentidv1.Reason_REASON_GRANTED {
-		t.Errorf("Check tickets.read = %v %v, want ALLOW GRANTED", allowed.GetDecision(), allowed.GetReason())
-	}
+	}, agentidv1.Decision_DECISION_ALLOW, agentidv1.Reason_REASON_GRANTED)
 	if allowed.GetMatchedScope() != "tickets.read" || allowed.GetSessionId() != session.GetSessionId() {
 		t.Errorf("matched %q for session %q", allowed.GetMatchedScope(), allowed.GetSessionId())
 	}
 
 	// Alice holds payments.transfer; the session she delegated does not.
-	denied, err := service.Check(ctx, &agentidv1.CheckRequest{
+	check(t, ctx, service, &agentidv1.CheckRequest{
 		Token: session.GetToken(), Action: "payments.transfer", Resource: "account/42",
-	})
-	if err != nil {
-		t.Fatalf("Check: %v", err)
-	}
-	if denied.GetDecision() != agentidv1.Decision_DECISION_DENY || denied.GetReason() != agentidv1.Reason_REASON_SCOPE_NOT_GRANTED {
-		t.Errorf("Check payments.transfer = %v %v, want DENY SCOPE_NOT_GRANTED", denied.GetDecision(), denied.GetReason())
-	}
+	}, agentidv1.Decision_DECISION_DENY, agentidv1.Reason_REASON_SCOPE_NOT_GRANTED)
 }
 
 func TestErrorsCarryCodeReasonAndMetadata(t *testing.T) {
@@ -104,16 +92,10 @@ func TestRevokeThenCheckIsDenied(t *testing.T) {
 	if ids := revoked.GetSessionIds(); len(ids) != 1 || ids[0] != session.GetSessionId() || revoked.GetRevocationSequence() == 0 {
 		t.Errorf("revoked %v at sequence %d", ids, revoked.GetRevocationSequence())
 	}
-	answer, err := service.Check(ctx, &agentidv1.CheckRequest{
+	check(t, ctx, service, &agentidv1.CheckRequest{
 		Token: session.GetToken(), Action: "tickets.read", Resource: "ticket/7",
 		MinRevocationSequence: revoked.GetRevocationSequence(),
-	})
-	if err != nil {
-		t.Fatalf("Check: %v", err)
-	}
-	if answer.GetDecision() != agentidv1.Decision_DECISION_DENY || answer.GetReason() != agentidv1.Reason_REASON_SESSION_REVOKED {
-		t.Errorf("Check after Revoke = %v %v, want DENY SESSION_REVOKED", answer.GetDecision(), answer.GetReason())
-	}
+	}, agentidv1.Decision_DECISION_DENY, agentidv1.Reason_REASON_SESSION_REVOKED)
 }
 
 func TestJWKS(t *testing.T) {

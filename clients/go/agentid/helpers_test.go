@@ -85,6 +85,20 @@ func delegate(t *testing.T, ctx context.Context, user *agentid.Client) *agentidv
 	return session
 }
 
+// check asks service whether req may be done and fails the test on an error; the answer's
+// decision and reason must be want (e.g. DECISION_ALLOW, REASON_GRANTED).
+func check(t *testing.T, ctx context.Context, service *agentid.Client, req *agentidv1.CheckRequest, decision agentidv1.Decision, reason agentidv1.Reason) *agentidv1.CheckResponse {
+	t.Helper()
+	answer, err := service.Check(ctx, req)
+	if err != nil {
+		t.Fatalf("Check %s: %v", req.GetAction(), err)
+	}
+	if answer.GetDecision() != decision || answer.GetReason() != reason {
+		t.Errorf("Check %s = %v %v, want %v %v", req.GetAction(), answer.GetDecision(), answer.GetReason(), decision, reason)
+	}
+	return answer
+}
+
 // proxy forwards TCP connections to an upstream it can switch, and can cut them: it stands for
 // the network between a watcher and agentid.
 type proxy struct {

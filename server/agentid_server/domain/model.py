@@ -163,7 +163,7 @@ class AuditEvent:
 
 # Bidirectional formatting characters: they make text read in another order than it is written
 # (CVE-2021-42574, "Trojan Source"), which a person approving a step-up must not be shown.
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def unreadable(text: str) -> str | None:
@@ -176,6 +176,6 @@ def unreadable(text: str) -> str | None:
             continue
         if unicodedata.category(ch) == "Cc":
             return f"control character U+{ord(ch):04X} (only tab and newline are allowed)"
-        if ch in _BIDI_CONTROLS:
+        if ch in BIDI_CONTROLS:
             return f"bidirectional formatting character U+{ord(ch):04X}"
     return None

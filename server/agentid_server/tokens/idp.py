@@ -29,13 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from agentid_server.config import IdpSettings
 from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import UserPrincipal
+from agentid_server.domain.revoking import MAX_USER_ID_LENGTH
 from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
 
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 1 << 20
-MAX_USER_ID = 256  # characters: the sessions' and audit records' user_id column
 VERIFIED_CACHE_SIZE = 4096  # users' tokens remembered at once; the least recently used go first
 
 
@@ -66,10 +66,6 @@ class JwksCache:
         if now - self._tried_at < self._min_refresh:
             return False
         return kid not in self._keys or now - self._loaded_at >= self._max_age
-
-    def current(self, kid: str) -> IdpKey | None:
-        """The key as now loaded, without fetching."""
-        return self._keys.get(kid)
 
     async def refresh(self) -> None:
         started = self._tried_at = time.monotonic()
@@ -261,9 +257,10 @@ def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
     if not isinstance(subject, str) or not subject:
         raise Unauthenticated("the IdP token has no subject", reason="TOKEN_INVALID")
     user_id = idp.subject_prefix + subject
-    if len(user_id) > MAX_USER_ID or not user_id.isprintable():
+    if len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
         raise Unauthenticated(
-            f"the IdP token's subject is not a user id here (printable, at most {MAX_USER_ID})",
+            "the IdP token's subject is not a user id here "
+            f"(printable, at most {MAX_USER_ID_LENGTH} characters)",
             reason="TOKEN_INVALID",
         )
     raw = claims.get(idp.scope_claim, "")
