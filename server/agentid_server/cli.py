@@ -132,7 +132,9 @@ async def _serve_until_signalled(settings: Settings) -> int:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from agentid_server.storage.private_files import private_directory
+
+    private_directory(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
@@ -217,7 +219,6 @@ def _dev_init(args: argparse.Namespace) -> int:
     if config.exists():
         print(f"{directory}/ already set up (config {config}); delete it to start over")
         return 0
-    directory.mkdir(parents=True, exist_ok=True)
     _write_secret(directory / "kek", new_kek().encode() + b"\n")
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_secret(

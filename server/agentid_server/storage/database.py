@@ -21,6 +21,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from agentid_server.domain.errors import Unavailable
+from agentid_server.storage.private_files import private_sqlite_file
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -53,7 +54,8 @@ def create_engines(
     writer_busy_timeout: float | None = None,
 ) -> Engines:
     """Engines for ``url``. For SQLite the file's folder is created, and WAL, a busy timeout and
-    the chosen `synchronous` level are set on every connection. Statement parameters (sealed keys,
+    the chosen `synchronous` level are set on every connection. A new file and its folder are
+    private to this user (0600 in 0700: see private_files). Statement parameters (sealed keys,
     audit contexts) are kept out of error messages and logs."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -63,7 +65,7 @@ def create_engines(
         return Engines(main, None)
     database = parsed.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(Path(database))
     main = create_async_engine(url, connect_args={"timeout": busy_timeout}, hide_parameters=True)
     writer_timeout = busy_timeout if writer_busy_timeout is None else writer_busy_timeout
     writer = create_engine(
