@@ -59,6 +59,11 @@ def _check_resource_segments(resource: str, *, allow_wildcard: bool) -> tuple[st
             raise ScopeSyntaxError(f"a resource segment is longer than {MAX_SEGMENT_LENGTH}")
         if _SPACE_OR_CONTROL.search(segment) or not segment.isprintable():
             raise ScopeSyntaxError("resource segments must be printable characters without spaces")
+        if not allow_wildcard and _is_dot_segment(segment):
+            raise ScopeSyntaxError(
+                "'.' and '..' segments (also percent-encoded, or inside a segment between"
+                " encoded slashes) are not allowed: name the resource by its canonical path"
+            )
         # In a concrete resource (a Check's) '*' is an ordinary character: only a scope's
         # wildcard segments match it, never a scope's literal one.
         if "*" in segment and allow_wildcard:
@@ -67,6 +72,28 @@ def _check_resource_segments(resource: str, *, allow_wildcard: bool) -> tuple[st
             if segment == "**" and index != len(segments) - 1:
                 raise ScopeSyntaxError("'**' is allowed only as the last resource segment")
     return segments
+
+
+_PERCENT_ENCODED = re.compile(r"%([0-9A-Fa-f]{2})")
+_PATH_SEPARATORS = re.compile(r"[/\\]")
+_MAX_DECODINGS = 3  # "%252e" is "%2e" once decoded, "." twice: a service may decode again
+
+
+def _is_dot_segment(segment: str) -> bool:
+    """Whether a service resolving this segment as a path could step to its own or its parent
+    folder: it is "." or "..", or becomes one (or holds one between slashes or backslashes)
+    once percent-decoded, up to a few times over."""
+    text = segment
+    for _ in range(_MAX_DECODINGS + 1):
+        if any(part in (".", "..") for part in _PATH_SEPARATORS.split(text)):
+            return True
+        if "%" not in text:
+            return False
+        decoded = _PERCENT_ENCODED.sub(lambda m: chr(int(m.group(1), 16)), text)
+        if decoded == text:
+            return False
+        text = decoded
+    return False
 
 
 @lru_cache(maxsize=4096)
