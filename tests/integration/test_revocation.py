@@ -295,7 +295,7 @@ async def test_a_burst_larger_than_the_buffer_reaches_a_watcher_as_a_fresh_snaps
         assert (await next_item(stream)).WhichOneof("kind") == "snapshot"
         serials = {(await h.delegate()).serial for _ in range(10)}
         done = await revoke(h, ADMIN_KEY, user_id="alice")  # three slices: 4, 4, 2
-        assert len(done.session_ids) == 10 and done.revocation_sequence == 10
+        assert (len(done.session_ids), done.revocation_sequence) == (10, 10)
         assert len(revoked_in_db(h)) == 10
         revoked: set[int] = set()
         sequence, kinds = 0, []
