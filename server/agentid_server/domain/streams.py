@@ -144,8 +144,3 @@ class StreamGate:
         """Ends the streams of an agent session just revoked."""
         for stream in self._by_session.get(session_id, ()):
             stream.end(_revoked())
-
-    def held(self, principal_key: Hashable) -> int:
-        """How many streams the principal under ``principal_key`` holds (for tests and
-        telemetry)."""
-        return self._open.get(principal_key, 0)
