@@ -170,7 +170,7 @@ class RevocationSettings:
     watch_buffer: int = 4096
     # A Revoke of more sessions is written this many per transaction (the loop and the
     # watchers get their turn between them).
-    revoke_slice: int = 1000
+    revoke_slice: int = 250
     prune_interval: float = 60.0
     history_retention: float = 3600.0
     # PostgreSQL replicas: how often each reads revocations the others committed, in case a

@@ -124,7 +124,7 @@ class RevocationStore(Protocol):
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
-        limit: int = 1000,
+        limit: int = 250,
     ) -> list[Revocation]:
         """Revokes, in one transaction, the live sessions of the subtree rooted at
         ``root_session_id`` (or every live session of ``user_id``), at most ``limit`` of them

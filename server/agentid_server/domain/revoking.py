@@ -49,7 +49,7 @@ SESSION_ID = re.compile(r"ses_[0-9A-HJKMNP-TV-Z]{26}")
 MAX_REASON_LENGTH = 512
 MAX_USER_ID_LENGTH = 256
 HISTORY_PAGE = 1000
-REVOKE_SLICE = 1000  # sessions a Revoke writes per transaction (revocation.revoke_slice)
+REVOKE_SLICE = 250  # sessions a Revoke writes per transaction (revocation.revoke_slice)
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,7 +137,7 @@ class RevocationRepository:
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
-        limit: int = 1000,
+        limit: int = 250,
     ) -> list[Revocation]:
         def job(connection: Connection) -> JobResult[list[Revocation]]:
             root = {"root": root_session_id}
