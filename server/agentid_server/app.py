@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from agentid_server import __version__
 from agentid_server.api.handlers import UnknownMethods, build_handler
+from agentid_server.api.health import BoundedHealthServicer
 from agentid_server.api.method_policy import SERVICE
 from agentid_server.api.reflection import enable_reflection
 from agentid_server.api.servicer import AgentIdentityServicer
@@ -35,7 +35,8 @@ from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.risk import RiskRules
 from agentid_server.domain.scopes import ScopeSet
-from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps
+from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps, step_up_keys
+from agentid_server.domain.streams import StreamGate, StreamLimits
 from agentid_server.storage.audit import AuditRepository, record_from_row
 from agentid_server.storage.database import (
     INLINE_WRITER_BUSY_TIMEOUT,
@@ -67,7 +68,6 @@ from agentid_server.tokens.keys import (
 )
 
 log = logging.getLogger(__name__)
-AsyncHealthServicer = health_aio.HealthServicer
 
 
 @dataclass
@@ -256,7 +256,7 @@ async def build_server(
         telemetry = Telemetry(settings.telemetry, version=__version__)
 
     verifier = AgentTokenVerifier(settings.tokens.issuer, ring, settings.server.token_cache_size)
-    health_servicer = AsyncHealthServicer()
+    health_servicer = BoundedHealthServicer(settings.server.max_health_watches)
     health_updates: set[asyncio.Task[None]] = set()
 
     def store_health(healthy: bool) -> None:
@@ -298,7 +298,7 @@ async def build_server(
 
     def step_ups_changed(changed: list[StepUp]) -> None:
         for step_up in changed:
-            step_up_hub.publish(step_up)
+            step_up_hub.publish(step_up, step_up_keys(step_up))
 
     step_up_repo = StepUpRepository(engine, journal, step_ups_changed)
     revocation_repo = RevocationRepository(engine, journal, step_ups_changed)
@@ -318,7 +318,18 @@ async def build_server(
         hub=step_up_hub,
         clock=clock,
     )
-    revoker = Revoker(store=revocation_repo, revoked=revocations, hub=hub, clock=clock)
+    streams = StreamGate(
+        StreamLimits(settings.server.max_streams_per_user, settings.server.max_streams_per_service),
+        clock,
+    )
+    revoker = Revoker(
+        store=revocation_repo,
+        revoked=revocations,
+        hub=hub,
+        clock=clock,
+        slice_size=settings.revocation.revoke_slice,
+        on_applied=lambda revocation: streams.session_revoked(revocation.session_id),
+    )
     agents = {
         a.id: AgentKind(
             a.id, ScopeSet.parse(a.max_scopes), int(a.max_ttl or settings.tokens.max_ttl)
@@ -383,7 +394,11 @@ async def build_server(
 
     server = grpc.aio.server(options=_server_options(settings.server))
     server.add_generic_rpc_handlers(
-        (build_handler(servicer, authn, telemetry, settings.server.max_message_bytes),)
+        (
+            build_handler(
+                servicer, authn, telemetry, settings.server.max_message_bytes, streams=streams
+            ),
+        )
     )
     if telemetry is not None:
         _observe(telemetry, journal, revocations)
@@ -479,7 +494,7 @@ def _observe(telemetry: Telemetry, journal: Journal, revocations: RevocationSet)
 
 def _server_options(server: ServerSettings) -> list[tuple[str, int]]:
     def ms(seconds: float) -> int:
-        return max(1, round(seconds * 1000))
+        return min(max(1, round(seconds * 1000)), (1 << 31) - 1)  # core's int: about 24 days
 
     return [
         # Above max_message_bytes, so our handlers refuse the larger ones with ErrorInfo.
@@ -493,6 +508,12 @@ def _server_options(server: ServerSettings) -> list[tuple[str, int]]:
         # keeping its idle connection warm); more often counts as a strike.
         ("grpc.http2.min_ping_interval_without_data_ms", ms(server.min_client_ping_interval)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # What one caller can hold open (api/health.py and domain/streams.py bound the rest).
+        ("grpc.max_allowed_incoming_connections", server.max_connections),
+        ("grpc.max_concurrent_streams", server.max_streams_per_connection),
+        ("grpc.max_connection_age_ms", ms(server.max_connection_age)),
+        ("grpc.max_connection_age_grace_ms", ms(server.max_connection_age_grace)),
+        ("grpc.max_connection_idle_ms", ms(server.max_connection_idle)),
     ]
 
 

@@ -75,6 +75,22 @@ class ServerSettings:
     keepalive_time: float = 60.0
     keepalive_timeout: float = 20.0
     min_client_ping_interval: float = 10.0
+    # Bounds on what callers hold open. Connections beyond max_connections are closed at once;
+    # a connection carries at most max_streams_per_connection calls at a time (HTTP/2
+    # MAX_CONCURRENT_STREAMS: gRPC clients queue the others). A principal's own streams
+    # (WatchRevocations, WatchStepUps, Audit) are capped per user or agent session and per
+    # service; Health/Watch, which needs no credential, for the whole server. A connection is
+    # closed (GOAWAY) after max_connection_age, its calls given max_connection_age_grace to end
+    # (a stream still open then ends UNAVAILABLE: watchers resume where they were), and after
+    # max_connection_idle without calls.
+    max_connections: int = 1000
+    max_streams_per_connection: int = 128
+    max_streams_per_user: int = 32
+    max_streams_per_service: int = 1000
+    max_health_watches: int = 1000
+    max_connection_age: float = 3600.0
+    max_connection_age_grace: float = 60.0
+    max_connection_idle: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,9 @@ class RiskRuleSettings:
 @dataclass(frozen=True)
 class RevocationSettings:
     watch_buffer: int = 4096
+    # A Revoke of more sessions is written this many per transaction (the loop and the
+    # watchers get their turn between them).
+    revoke_slice: int = 250
     prune_interval: float = 60.0
     history_retention: float = 3600.0
     # PostgreSQL replicas: how often each reads revocations the others committed, in case a
@@ -204,6 +223,10 @@ _SCALARS: dict[str, dict[str, str]] = {
         "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
         "log_format": "str", "reuse_port": "bool", "keepalive_time": "duration",
         "keepalive_timeout": "duration", "min_client_ping_interval": "duration",
+        "max_connections": "int", "max_streams_per_connection": "int",
+        "max_streams_per_user": "int", "max_streams_per_service": "int",
+        "max_health_watches": "int", "max_connection_age": "duration",
+        "max_connection_age_grace": "duration", "max_connection_idle": "duration",
     },
     "database": {
         "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
@@ -220,7 +243,8 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "audit": {"max_batch": "int", "chain_id": "str"},
     "revocation": {
-        "watch_buffer": "int", "prune_interval": "duration", "history_retention": "duration",
+        "watch_buffer": "int", "revoke_slice": "int", "prune_interval": "duration",
+        "history_retention": "duration",
         "poll_interval": "duration",
     },
     "telemetry": {
@@ -502,6 +526,12 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         (server, "token_cache_size", s.server.token_cache_size),
         (server, "max_message_bytes", s.server.max_message_bytes),
         (server, "max_context_bytes", s.server.max_context_bytes),
+        (server, "max_connections", s.server.max_connections),
+        (server, "max_streams_per_connection", s.server.max_streams_per_connection),
+        (server, "max_streams_per_user", s.server.max_streams_per_user),
+        (server, "max_streams_per_service", s.server.max_streams_per_service),
+        (server, "max_health_watches", s.server.max_health_watches),
+        (sections["revocation"], "revoke_slice", s.revocation.revoke_slice),
         (sections["audit"], "max_batch", s.audit.max_batch),
     ):
         if value < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from pathlib import Path
 
@@ -232,3 +233,32 @@ async def test_a_watcher_answers_only_while_it_keeps_the_set(harness: Harness) -
         await watcher.stop()
         with pytest.raises(WatcherStopped):
             watcher.is_revoked(session.serial)
+
+
+async def test_a_watcher_takes_a_snapshot_mid_stream_in_place_of_a_burst(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mass revocation larger than the server's buffer for one watcher arrives as a fresh
+    snapshot mid-stream: the watcher replaces its set and stays on the same stream."""
+    settings = make_settings(
+        tmp_path, idp, lambda config: config.update(revocation={"watch_buffer": 2})
+    )
+    h = await start_harness(tmp_path, idp, clock, settings)
+    caplog.set_level(logging.INFO, logger="agentid_client")
+    try:
+        sessions = [await h.delegate() for _ in range(6)]
+        async with grpc.aio.insecure_channel(target(h)) as channel:
+            watcher = RevocationWatcher(channel, CHECK_KEY)
+            watcher.start()
+            try:
+                await asyncio.wait_for(watcher.wait_for(0), 5)
+                async with AgentIdClient(target(h), ADMIN_KEY) as admin:
+                    done = await admin.revoke(user_id="alice")
+                await asyncio.wait_for(watcher.wait_for(done.revocation_sequence), 5)
+                assert all(watcher.is_revoked(s.serial) for s in sessions)
+                assert "revocation watch ended" not in caplog.text  # no reconnect was needed
+            finally:
+                await watcher.stop()
+    finally:
+        await h.channel.close()
+        await h.running.stop(grace=1)

@@ -34,6 +34,7 @@ from agentid_server.storage.visibility import open_id_window
 from agentid_server.storage.writer_lock import WriterInUse
 from agentid_server.tokens.jwk import public_jwk, thumbprint
 from cryptography.hazmat.primitives.asymmetric import ec
+from pyroaring import BitMap
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import DBAPIError
@@ -815,3 +816,70 @@ async def test_revokes_and_sub_delegations_on_both_replicas_never_deadlock(
     assert set(refused) <= {("UNAUTHENTICATED", "SESSION_REVOKED")}, refused
     assert a.running.journal.healthy
     assert b.running.journal.healthy
+
+
+def bounded(tmp_path: Path, idp: IdpFixture, chain: str) -> Settings:
+    """A replica writing Revokes three sessions a transaction, buffering two events a watcher,
+    and one stream per user."""
+    settings = replica(tmp_path, idp, chain)
+    revocation = dataclasses.replace(settings.revocation, watch_buffer=2, revoke_slice=3)
+    server = dataclasses.replace(settings.server, max_streams_per_user=1)
+    return dataclasses.replace(settings, revocation=revocation, server=server)
+
+
+async def test_a_mass_revoke_in_slices_leaves_every_replicas_watchers_connected_and_in_sync(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Revoke(user_id) of more sessions than a watcher's buffer: on the replica that wrote it and
+    on the one that read it from the store, the watcher stays connected and its set, snapshots
+    and events assembled, equals the database's; a user's follow streams are capped there too."""
+    await wipe(URL)
+    async with (
+        running_harness(tmp_path, idp, clock, bounded(tmp_path, idp, "replica-a")) as a,
+        running_harness(tmp_path, idp, clock, bounded(tmp_path, idp, "replica-b")) as b,
+    ):
+        for h in (a, b):
+            await listening(h)
+        serials = {(await a.delegate(scopes=["tickets.read"])).serial for _ in range(8)}
+        streams = [
+            h.stub.WatchRevocations(pb.WatchRevocationsRequest(), metadata=bearer(ADMIN_KEY))
+            for h in (a, b)
+        ]
+        for stream in streams:
+            assert (await asyncio.wait_for(stream.read(), 10)).HasField("snapshot")
+        done = await a.stub.Revoke(pb.RevokeRequest(user_id="alice"), metadata=bearer(ADMIN_KEY))
+        assert (len(done.session_ids), done.revocation_sequence) == (8, 8)
+        engine = create_async_engine(URL)
+        async with engine.connect() as connection:
+            stored = {r.serial for r in await connection.execute(tables.revocations.select())}
+        await engine.dispose()
+        assert stored == serials
+        for stream in streams:
+            revoked: set[int] = set()
+            sequence = 0
+            while sequence < done.revocation_sequence:
+                item = await asyncio.wait_for(stream.read(), 10)
+                if item.HasField("snapshot"):
+                    revoked = set(BitMap.deserialize(item.snapshot.revoked_serials))
+                    sequence = item.snapshot.sequence
+                else:
+                    assert item.event.sequence == sequence + 1
+                    revoked.add(item.event.serial)
+                    sequence = item.event.sequence
+            assert revoked == stored
+        late = await b.delegate(scopes=["tickets.read"])
+        await b.stub.Revoke(
+            pb.RevokeRequest(session_id=late.session_id), metadata=bearer(ADMIN_KEY)
+        )
+        for stream in streams:  # the same streams, still connected
+            event = (await asyncio.wait_for(stream.read(), 10)).event
+            assert (event.sequence, event.serial) == (9, late.serial)
+            stream.cancel()
+        # A follower reads from the store here (no buffer): the per-user cap bounds them too.
+        user = idp.token()
+        held = a.stub.Audit(pb.AuditRequest(follow=True), metadata=bearer(user))
+        await asyncio.wait_for(held.read(), 10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await a.stub.Audit(pb.AuditRequest(follow=True), metadata=bearer(user)).read()
+        assert error_info(caught.value).reason == "TOO_MANY_STREAMS"
+        held.cancel()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, cast
 
 import grpc
@@ -18,6 +18,7 @@ from agentid_server.api.errors import internal_status, status_for, status_from_e
 from agentid_server.api.method_policy import POLICY, SERVICE, Rule, authorize
 from agentid_server.domain.errors import AgentIdError, FieldViolation
 from agentid_server.domain.model import Principal
+from agentid_server.domain.streams import StreamGate
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +159,34 @@ def _unary(
 
 
 def _server_stream(
-    call: _Call, behavior: Callable[..., AsyncIterator[Message]], observer: CallObserver | None
+    call: _Call,
+    behavior: Callable[..., AsyncGenerator[Message, None]],
+    observer: CallObserver | None,
+    gate: StreamGate | None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     async def handle(
         raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Message]:
         try:
             request, principal = await call.prepare(raw, context)
-            async for response in behavior(request, context, principal):
-                yield response
+            if gate is None or principal is None:
+                async for response in behavior(request, context, principal):
+                    yield response
+                return
+            # Counted against the caller's limit while it is open, and ended once its
+            # credential expires or its session is revoked.
+            stream = gate.open(principal)
+            responses = behavior(request, context, principal)
+            try:
+                while True:
+                    try:
+                        response = await stream.next(responses)
+                    except StopAsyncIteration:
+                        break
+                    yield response
+            finally:
+                gate.close(stream)
+                await responses.aclose()
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -211,9 +231,11 @@ def build_handler(
     authn: Authenticator,
     observer: CallObserver | None = None,
     max_message_bytes: int = 1 << 20,
+    streams: StreamGate | None = None,
 ) -> grpc.GenericRpcHandler[Any, Any]:
     """The generic handler for every RPC of the service descriptor, policy applied; with an
-    ``observer``, every call is traced and timed."""
+    ``observer``, every call is traced and timed; with ``streams``, every stream is admitted
+    and ended by it."""
     service = agentid_pb2.DESCRIPTOR.services_by_name["AgentIdentityService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
@@ -226,7 +248,7 @@ def build_handler(
         )
         behavior = getattr(servicer, method.name)
         if method.server_streaming:
-            handlers[method.name] = _server_stream(call, behavior, observer)
+            handlers[method.name] = _server_stream(call, behavior, observer, streams)
         else:
             handlers[method.name] = _unary(call, behavior, observer)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agentid_server.domain.errors import InvalidArgument, PermissionDenied
-from agentid_server.domain.fanout import Doorbell, Hub
+from agentid_server.domain.fanout import Doorbell, Hub, Resync, Subscription
 from agentid_server.domain.model import (
     ActorKind,
     Decision,
@@ -151,11 +151,23 @@ class Auditor:
                 yield record
             return
         live_sessions = set(query.session_ids)
-        subscription = (
-            self._hub.subscribe(lambda r: query.matches(r, live_sessions))
-            if request.follow
-            else None
-        )
+        subscription: Subscription[AuditRecord] | None = None
+
+        def wants(record: AuditRecord) -> bool:
+            if not query.matches(record, live_sessions):
+                return False
+            if (
+                request.include_descendants
+                and record.event_type is EventType.DELEGATE
+                and record.session_id not in live_sessions
+            ):  # a new sub-agent joins the subtree, from this record on
+                live_sessions.add(record.session_id)
+                assert subscription is not None
+                self._hub.add_key(subscription, ("session", record.session_id))
+            return True
+
+        if request.follow:
+            subscription = self._hub.subscribe(wants, keys=follower_keys(query))
         try:
             last = query.after_id
             # Following, `limit` caps the backlog: its newest records, then everything live.
@@ -173,10 +185,8 @@ class Auditor:
                 if len(page) < MAX_LIMIT:
                     break
             while (live := await subscription.next()) is not None:
-                if live.id <= last:
-                    continue
-                if request.include_descendants and live.event_type is EventType.DELEGATE:
-                    live_sessions.add(live.session_id)  # a new sub-agent joins the subtree
+                if isinstance(live, Resync) or live.id <= last:
+                    continue  # (audit followers never resync: they are ended when too slow)
                 yield live
                 last = live.id
         finally:
@@ -280,14 +290,34 @@ class Auditor:
         )
 
 
+def follower_keys(query: AuditQuery) -> tuple[tuple[str, str], ...]:
+    """Where a follower sits in the hub's index: under its user (every user follows their own
+    records only), else under its sessions, else (an auditor following everything) nowhere,
+    reached by every record."""
+    if query.user_id:
+        return (("user", query.user_id),)
+    return tuple(("session", session_id) for session_id in query.session_ids)
+
+
+def record_keys(record: AuditRecord) -> tuple[tuple[str, str], ...]:
+    """The index entries a record reaches: its user, its session and, for a Delegate, the
+    parent session (whose subtree it joins)."""
+    keys = (("user", record.user_id), ("session", record.session_id))
+    if record.event_type is EventType.DELEGATE and record.parent_session_id:
+        return (*keys, ("session", record.parent_session_id))
+    return keys
+
+
 def record_listener(
     hub: AuditHub, convert: Callable[[Any], AuditRecord]
 ) -> Callable[[list[Any]], None]:
-    """What the journal calls after each commit: publishes the new records when anyone follows."""
+    """What the journal calls after each commit: publishes the new records when anyone follows,
+    each to the followers that may want it only."""
 
     def publish(rows: list[Any]) -> None:
         if len(hub):
             for row in rows:
-                hub.publish(convert(row))
+                record = convert(row)
+                hub.publish(record, record_keys(record))
 
     return publish

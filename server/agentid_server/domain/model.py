@@ -89,6 +89,7 @@ class UserPrincipal:
     grantable: ScopeSet
     auth_time: int | None = None
     acr: str | None = None
+    valid_until: float | None = None  # the token's exp + the IdP's leeway: streams end then
 
 
 @dataclass(frozen=True, slots=True)

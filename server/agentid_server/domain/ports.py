@@ -124,9 +124,11 @@ class RevocationStore(Protocol):
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
+        limit: int = 250,
     ) -> list[Revocation]:
         """Revokes, in one transaction, the live sessions of the subtree rooted at
-        ``root_session_id`` (or every live session of ``user_id``): revocation rows with the next
+        ``root_session_id`` (or every live session of ``user_id``), at most ``limit`` of them
+        (the lowest serials: call again for the rest): revocation rows with the next
         gap-free sequences, sessions marked, one audit record each. ``on_commit`` runs after the
         commit, before this returns, in commit order. ``authorize`` is first handed, in the same
         transaction, the root session (None when there is none) and a function reading its

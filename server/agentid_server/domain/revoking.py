@@ -27,6 +27,7 @@ from agentid_server.domain.errors import (
     PermissionDenied,
     Unavailable,
 )
+from agentid_server.domain.fanout import Resync
 from agentid_server.domain.model import (
     ActorKind,
     AgentPrincipal,
@@ -48,6 +49,7 @@ SESSION_ID = re.compile(r"ses_[0-9A-HJKMNP-TV-Z]{26}")
 MAX_REASON_LENGTH = 512
 MAX_USER_ID_LENGTH = 256
 HISTORY_PAGE = 1000
+REVOKE_SLICE = 250  # sessions a Revoke writes per transaction (revocation.revoke_slice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +73,17 @@ class Revoker:
         revoked: RevocationSet,
         hub: RevocationHub,
         clock: Clock,
+        slice_size: int = REVOKE_SLICE,
+        on_applied: Callable[[Revocation], None] | None = None,
     ) -> None:
+        """A Revoke of many sessions is written ``slice_size`` sessions per transaction;
+        ``on_applied`` is told of each revocation as it is applied (streams of that session end)."""
         self._store = store
         self._revoked = revoked
         self._hub = hub
         self._clock = clock
+        self._slice = slice_size
+        self._on_applied = on_applied
         self._ahead: dict[int, Revocation] = {}  # committed, waiting for an earlier sequence
         self._catching_up = asyncio.Lock()
 
@@ -90,26 +98,41 @@ class Revoker:
             raise InvalidArgument.field("reason", f"at most {MAX_REASON_LENGTH} characters")
         if (problem := unreadable(reason)) is not None:
             raise InvalidArgument.field("reason", problem)
-        authorize = None
+        authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None
         if session_id:
             validate_session_id("session_id", session_id)
 
-            def authorize(session: SessionRecord | None, lineage: Callable[[], list[str]]) -> None:
+            def of_session(session: SessionRecord | None, lineage: Callable[[], list[str]]) -> None:
                 _authorize_session(caller, session_id, session, lineage)
+
+            authorize = of_session
 
         else:
             if len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
                 raise InvalidArgument.field("user_id", "not a valid user id")
             _authorize_user(caller, user_id)
-        revocations = await self._store.revoke(
-            root_session_id=session_id or None,
-            user_id=user_id or None,
-            reason=reason,
-            now=self._clock.now(),
-            audit=lambda session, revocation: _audit_event(caller, session, revocation),
-            on_commit=self._applied,
-            authorize=authorize,
-        )
+        # In slices, each its own transaction, applied and handed to watchers before the next:
+        # one Revoke of a user's 20,000 sessions neither holds the event loop (the SQLite
+        # writer runs inline) nor floods every watcher at once. A failure part-way leaves the
+        # slices before it revoked; the same Revoke again revokes the rest.
+        now = self._clock.now()
+        revocations: list[Revocation] = []
+        while True:
+            written = await self._store.revoke(
+                root_session_id=session_id or None,
+                user_id=user_id or None,
+                reason=reason,
+                now=now,
+                audit=lambda session, revocation: _audit_event(caller, session, revocation),
+                on_commit=self._applied,
+                authorize=authorize,
+                limit=self._slice,
+            )
+            revocations += written
+            if len(written) < self._slice:
+                break
+            authorize = None  # asked once, of the root, in the first slice's transaction
+            await asyncio.sleep(0)  # let the Checks and watchers waiting meanwhile run
         sequence = revocations[-1].sequence if revocations else self._revoked.applied_sequence
         if sequence > self._revoked.applied_sequence:  # another replica's revocations come first
             await self.catch_up(until=sequence)
@@ -132,6 +155,8 @@ class Revoker:
             revocation = self._ahead.pop(following)
             self._revoked.apply(revocation)
             self._hub.publish(revocation)
+            if self._on_applied is not None:
+                self._on_applied(revocation)
             following += 1
 
     async def catch_up(self, until: int | None = None) -> None:
@@ -157,7 +182,9 @@ class Revoker:
 
     async def watch(self, after_sequence: int) -> AsyncIterator[Snapshot | Revocation]:
         """A snapshot (when asked for, or when the history needed is gone), then every event in
-        sequence order, without gaps or duplicates, then live events as they are applied."""
+        sequence order, without gaps or duplicates, then live events as they are applied; when
+        more arrive at once than the watcher's buffer holds (a mass revocation), a fresh snapshot
+        in their place, and on from there."""
         if after_sequence > self._revoked.applied_sequence:
             written = await self._store.last_sequence()
             if after_sequence > written:
@@ -166,7 +193,8 @@ class Revoker:
                     reason="SEQUENCE_IN_THE_FUTURE",
                     metadata={"last_sequence": str(written)},
                 )
-        subscription = self._hub.subscribe()  # first, so nothing published from now is missed
+        # First, so nothing published from now is missed.
+        subscription = self._hub.subscribe(resync=True)
         try:
             last = after_sequence
             if after_sequence == 0 or not await self._history_kept(after_sequence):
@@ -178,7 +206,11 @@ class Revoker:
                     yield revocation
                     last = revocation.sequence
             while (live := await subscription.next()) is not None:
-                if live.sequence > last:
+                if isinstance(live, Resync):  # taken now: what was dropped, and all before
+                    snapshot = self._revoked.snapshot()
+                    yield snapshot
+                    last = max(last, snapshot.sequence)
+                elif live.sequence > last:
                     yield live
                     last = live.sequence
         finally:

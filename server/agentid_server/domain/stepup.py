@@ -25,7 +25,7 @@ from agentid_server.domain.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from agentid_server.domain.fanout import Hub
+from agentid_server.domain.fanout import Hub, Resync
 from agentid_server.domain.model import (
     ActorKind,
     AgentPrincipal,
@@ -326,7 +326,8 @@ class StepUps:
                 raise NotFound(f"no step-up {step_up_id}", reason="STEP_UP_NOT_FOUND")
             if not self._filter(caller, "")(found):
                 raise PermissionDenied("this step-up is not yours", reason="NOT_YOUR_STEP_UP")
-        subscription = self._hub.subscribe(wants)  # before reading: no change falls in between
+        # Subscribed before reading: no change falls in between.
+        subscription = self._hub.subscribe(wants, keys=(_watcher_key(caller),))
         try:
             now = self._clock.now()
             if step_up_id:
@@ -343,6 +344,8 @@ class StepUps:
             if current_only:
                 return
             while (change := await subscription.next()) is not None:
+                if isinstance(change, Resync):
+                    continue  # (step-up watchers never resync: they are ended when too slow)
                 if sent.get(change.id) != (change.state, change.resolved_at):
                     sent[change.id] = (change.state, change.resolved_at)
                     yield change
@@ -358,3 +361,14 @@ class StepUps:
             return lambda s: s.user_id == owner and (not step_up_id or s.id == step_up_id)
         session = caller.claims.session_id
         return lambda s: s.session_id == session and (not step_up_id or s.id == step_up_id)
+
+
+def _watcher_key(caller: UserPrincipal | AgentPrincipal) -> tuple[str, str]:
+    if isinstance(caller, UserPrincipal):
+        return ("user", caller.user_id)
+    return ("session", caller.claims.session_id)
+
+
+def step_up_keys(step_up: StepUp) -> tuple[tuple[str, str], ...]:
+    """The watchers a change of ``step_up`` may reach: its user's and its session's."""
+    return (("user", step_up.user_id), ("session", step_up.session_id))

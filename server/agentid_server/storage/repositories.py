@@ -90,8 +90,14 @@ def _revoke_statements() -> dict[str, Any]:
     return {
         "session": select(s).where(s.c.id == root),
         "lineage": session_lineage(root),
-        "subtree": select(s).where(s.c.id.in_(session_subtree(root)), *live).order_by(s.c.serial),
-        "of_user": select(s).where(s.c.user_id == bindparam("user"), *live).order_by(s.c.serial),
+        "subtree": select(s)
+        .where(s.c.id.in_(session_subtree(root)), *live)
+        .order_by(s.c.serial)
+        .limit(bindparam("limit")),
+        "of_user": select(s)
+        .where(s.c.user_id == bindparam("user"), *live)
+        .order_by(s.c.serial)
+        .limit(bindparam("limit")),
         "insert": tables.revocations.insert(),
         "mark": update(s)
         .where(s.c.id.in_(bindparam("ids", expanding=True)))
@@ -131,6 +137,7 @@ class RevocationRepository:
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
+        limit: int = 250,
     ) -> list[Revocation]:
         def job(connection: Connection) -> JobResult[list[Revocation]]:
             root = {"root": root_session_id}
@@ -140,10 +147,11 @@ class RevocationRepository:
                     _session(row) if row is not None else None,
                     lambda: [r.id for r in connection.execute(_REVOKE["lineage"], root)],
                 )
+            live = {"now": int(now), "limit": limit}
             if root_session_id is not None:
-                targets = connection.execute(_REVOKE["subtree"], {**root, "now": int(now)})
+                targets = connection.execute(_REVOKE["subtree"], {**root, **live})
             else:
-                targets = connection.execute(_REVOKE["of_user"], {"user": user_id, "now": int(now)})
+                targets = connection.execute(_REVOKE["of_user"], {"user": user_id, **live})
             sessions = [_session(row) for row in targets]
             if not sessions:
                 return JobResult([])

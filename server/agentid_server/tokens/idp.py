@@ -20,7 +20,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jwt
@@ -249,7 +249,8 @@ class IdpVerifier:
         except jwt.InvalidTokenError:
             raise Unauthenticated("the IdP token is invalid", reason="TOKEN_INVALID") from None
         valid_until = float(claims["exp"]) + idp.leeway  # PyJWT checked it is a number
-        return _Verified(_principal(idp, claims), valid_until, self._jwks[idp.issuer], kid, key)
+        principal = replace(_principal(idp, claims), valid_until=valid_until)
+        return _Verified(principal, valid_until, self._jwks[idp.issuer], kid, key)
 
 
 def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
