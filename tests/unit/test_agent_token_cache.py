@@ -58,3 +58,23 @@ def test_signatures_of_the_wrong_length_or_bits_are_refused(alg: str) -> None:
             verifier.verify(f"{head}.{body}.{part}")
         assert caught.value.reason == Reason.SIGNATURE_INVALID
     assert AgentTokenVerifier(ISSUER, ring, cache_size=8).verify(good).session_id == "ses_1"
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256"])
+def test_non_canonical_base64url_signatures_are_refused(alg: str) -> None:
+    """A 64-byte signature is 86 base64url characters: the last carries 2 bits of data and 4
+    unused ones. Setting those decodes to the same bytes, so 16 spellings of one token would
+    verify; only the canonical one (unused bits zero) does, as PyJWT has it (malformed)."""
+    from agentid_server.domain.model import Reason
+
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    ring = KeyRing([generate_signing_key(alg, now=0)], alg, max_token_ttl=10)
+    good = token(AgentTokenIssuer(ring), 1)
+    assert len(good.rpartition(".")[2]) % 4 == 2
+    last = alphabet.index(good[-1])
+    spellings = [good[:-1] + alphabet[last | unused] for unused in range(1, 16)]
+    for spelling in spellings:
+        with pytest.raises(TokenRejected) as caught:
+            AgentTokenVerifier(ISSUER, ring, cache_size=8).verify(spelling)
+        assert caught.value.reason == Reason.TOKEN_MALFORMED
+    assert AgentTokenVerifier(ISSUER, ring, cache_size=8).verify(good).session_id == "ses_1"

@@ -73,7 +73,7 @@ class AgentTokenVerifier:
         no `crit`, a known `kid`, the key's own algorithm, the signature, `iss`, required claims.
         """
         parts = token.split(".")
-        if len(parts) != 3 or not all(_B64URL.fullmatch(p) for p in parts):
+        if len(parts) != 3 or not all(_canonical_b64url(p) for p in parts):
             raise TokenRejected(Reason.TOKEN_MALFORMED, "not a well-formed compact JWS")
         header_part, payload_part, signature_part = parts
         header = json_object(header_part)
@@ -124,6 +124,20 @@ def _signature_valid(key: SigningKey, signature: bytes, signing_input: bytes) ->
 
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_UNUSED_BITS = (0, 0, 0b1111, 0b11)  # by length % 4: the last character's bits past the data
+
+
+def _canonical_b64url(part: str) -> bool:
+    """Unpadded base64url in its one canonical form: the alphabet only, a possible length, and
+    the last character's unused bits zero. Otherwise 16 (or 4) spellings of one signature would
+    all verify, which PyJWT refuses (as a malformed token)."""
+    if not _B64URL.fullmatch(part):
+        return False
+    rest = len(part) % 4
+    if rest == 1:
+        return False
+    return not rest or not _B64URL_ALPHABET.index(part[-1]) & _UNUSED_BITS[rest]
 
 
 def _b64decode(part: str) -> bytes:
