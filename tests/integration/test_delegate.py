@@ -193,6 +193,20 @@ async def test_agent_without_delegate_scope_cannot_sub_delegate(harness: Harness
     assert error_info(caught.value).reason == "DELEGATION_NOT_GRANTED"
 
 
+async def test_a_delegate_scope_with_a_resource_part_does_not_grant_sub_delegation(
+    harness: Harness,
+) -> None:
+    """`agentid.delegate:none/x` lets a Check of agentid.delegate pass only on that resource; a
+    Check with no resource denies it, and Delegate (which names none) must too (issue 12)."""
+    parent = await harness.delegate(scopes=["tickets.read", "agentid.delegate:none/x"])
+    check = await harness.check(parent.token, "agentid.delegate")
+    assert check.decision == pb.DECISION_DENY
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.sub_delegate(parent.token)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "DELEGATION_NOT_GRANTED"
+
+
 async def test_sub_agent_audiences_stay_within_the_parent(harness: Harness) -> None:
     parent = await harness.delegate(
         scopes=["tickets.*", "agentid.delegate"], audiences=["payments-api"]
