@@ -89,6 +89,7 @@ class UserPrincipal:
     grantable: ScopeSet
     auth_time: int | None = None
     acr: str | None = None
+    clock_leeway: float = 0.0  # its IdP's (`[[idp]] leeway`): how far ahead auth_time may be
 
 
 @dataclass(frozen=True, slots=True)

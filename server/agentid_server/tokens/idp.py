@@ -283,4 +283,5 @@ def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
         if isinstance(auth_time, int) and not isinstance(auth_time, bool)
         else None,
         acr=acr if isinstance(acr, str) else None,
+        clock_leeway=idp.leeway,
     )
