@@ -356,6 +356,7 @@ async def build_server(
             clock=clock,
             max_token_bytes=settings.server.max_token_bytes,
             proof_ledger=ledger,
+            nbf_leeway=settings.tokens.nbf_leeway,
         ),
         revoker=revoker,
         step_ups=step_ups,
@@ -379,6 +380,7 @@ async def build_server(
         revocations=revocations,
         clock=clock,
         proof_ledger=ledger,
+        nbf_leeway=settings.tokens.nbf_leeway,
     )
 
     server = grpc.aio.server(options=_server_options(settings.server))

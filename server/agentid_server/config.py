@@ -99,6 +99,9 @@ class TokenSettings:
     # so replicas (which read the keys every revocation.prune_interval) and JWKS caches know it
     # before its first token.
     publish_ahead: float = 3600.0
+    # Our agent tokens' `nbf` may be this far ahead of this replica's clock (a replica a little
+    # behind the issuing one); `exp` gets no leeway.
+    nbf_leeway: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     "tokens": {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
         "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
-        "publish_ahead": "duration",
+        "publish_ahead": "duration", "nbf_leeway": "leeway",
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
@@ -280,6 +283,10 @@ def _convert(value: Any, kind: str) -> Any:
         if seconds <= 0:
             raise ValueError("must be positive")
         return seconds
+    if kind == "leeway":  # a duration that may be 0 (none)
+        if value in (0, "0", "0s") and not isinstance(value, bool):
+            return 0.0
+        return _convert(value, "duration")
     if kind == "bool":
         if isinstance(value, bool):
             return value

@@ -79,9 +79,12 @@ class Checker:
         clock: Clock,
         max_token_bytes: int,
         proof_ledger: ProofLedger | None = None,
+        nbf_leeway: float = 0.0,
     ) -> None:
         """``proof_ledger``: where DPoP proofs are spent when several servers share the store
-        (each server's ``proofs`` remembers only what it saw itself)."""
+        (each server's ``proofs`` remembers only what it saw itself). ``nbf_leeway``: how far
+        ahead of this clock a token's `nbf` may be (`tokens.nbf_leeway`)."""
+        self._nbf_leeway = nbf_leeway
         self._verifier = verifier
         self._proofs = proofs
         self._ledger = proof_ledger
@@ -195,7 +198,7 @@ class Checker:
         now: float,
     ) -> tuple[Decision, Reason, str, str, ProofUse | None]:
         """The decision, its reason, message and matching scope, and the proof it used."""
-        check_token_times(claims, now)
+        check_token_times(claims, now, self._nbf_leeway)
         if claims.serial in self._revocations:
             return Decision.DENY, Reason.SESSION_REVOKED, "the session has been revoked", "", None
         proof = None
@@ -238,11 +241,13 @@ _STEP_UP_MESSAGES = {
 }
 
 
-def check_token_times(claims: AgentClaims, now: float) -> None:
-    """`exp` and `nbf`, with no leeway for our own tokens, on every use (cached or not)."""
+def check_token_times(claims: AgentClaims, now: float, nbf_leeway: float = 0.0) -> None:
+    """`exp` with no leeway, on every use (cached or not); `nbf` with ``nbf_leeway``, so a
+    replica whose clock is a little behind the issuer's accepts a token issued this instant
+    (iat equals nbf in every token we issue)."""
     if now >= claims.expires_at:
         raise TokenRejected(Reason.TOKEN_EXPIRED, "the token has expired")
-    if now < claims.not_before:
+    if now + nbf_leeway < claims.not_before:
         raise TokenRejected(Reason.TOKEN_NOT_YET_VALID, "the token is not valid yet")
 
 

@@ -59,8 +59,11 @@ class CallerAuthenticator:
         revocations: RevocationSet,
         clock: Clock,
         proof_ledger: ProofLedger | None = None,
+        nbf_leeway: float = 0.0,
     ) -> None:
-        """``proof_ledger``: where DPoP proofs are spent when several servers share the store."""
+        """``proof_ledger``: where DPoP proofs are spent when several servers share the store;
+        ``nbf_leeway``: how far ahead of this clock an agent token's `nbf` may be."""
+        self._nbf_leeway = nbf_leeway
         self._services = dict(services)
         self._certified = dict(certified or {})
         self._known_keys: dict[str, ServicePrincipal] = {}
@@ -107,7 +110,7 @@ class CallerAuthenticator:
         now = self._clock.now()
         try:
             claims = self._agents.verify(token)
-            check_token_times(claims, now)
+            check_token_times(claims, now, self._nbf_leeway)
             if claims.serial in self._revocations:  # before its proof is remembered or spent
                 raise Unauthenticated(
                     "the agent session has been revoked", reason="SESSION_REVOKED"
