@@ -21,7 +21,7 @@ from agentid_server.api.servicer import AgentIdentityServicer
 from agentid_server.config import ServerSettings, Settings, is_loopback
 from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
-from agentid_server.domain.delegation import Delegator, TtlPolicy
+from agentid_server.domain.delegation import DelegationLimits, Delegator, TtlPolicy
 from agentid_server.domain.fanout import Doorbell
 from agentid_server.domain.model import (
     ActorKind,
@@ -344,6 +344,9 @@ async def build_server(
             tokens=AgentTokenIssuer(ring),
             audit=journal,
             clock=clock,
+            limits=DelegationLimits(
+                settings.server.max_token_bytes, settings.tokens.max_delegation_depth
+            ),
         ),
         checker=Checker(
             verifier=verifier,

@@ -102,6 +102,9 @@ class TokenSettings:
     # Our agent tokens' `nbf` may be this far ahead of this replica's clock (a replica a little
     # behind the issuing one); `exp` gets no leeway.
     nbf_leeway: float = 5.0
+    # Delegations from the user to a session, the user's own included: a sub-agent of a
+    # session this deep is refused (each level nests one more `act` in the token).
+    max_delegation_depth: int = 5
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
         "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
         "publish_ahead": "duration", "nbf_leeway": "leeway",
+        "max_delegation_depth": "int",
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
@@ -507,6 +511,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise sections["revocation"].fail("watch_buffer", "must be at least 1")
     for reader, key, value in (
         (server, "token_cache_size", s.server.token_cache_size),
+        (tokens, "max_delegation_depth", s.tokens.max_delegation_depth),
         (server, "max_message_bytes", s.server.max_message_bytes),
         (server, "max_context_bytes", s.server.max_context_bytes),
         (sections["audit"], "max_batch", s.audit.max_batch),

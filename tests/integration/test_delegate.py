@@ -12,6 +12,7 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid_server.storage.repositories import SERIAL_BLOCK
+from agentid_server.tokens.agent_tokens import json_object
 from google.protobuf.duration_pb2 import Duration
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
@@ -26,6 +27,7 @@ from tests.conftest import (
     bearer,
     error_info,
     running_harness,
+    with_config,
 )
 
 
@@ -339,3 +341,68 @@ async def test_serials_wrap_into_the_32_bit_sn_claim(harness: Harness) -> None:
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     assert claims["sn"] == delegated.serial % 2**32
     assert (await harness.check(delegated.token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def test_sub_delegation_stops_at_max_delegation_depth(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """tokens.max_delegation_depth (5): the user's delegation and four generations of sub-agents;
+    a fifth is FAILED_PRECONDITION / DELEGATION_TOO_DEEP naming the bound. Before, nesting
+    stopped only at gRPC's metadata limit (depth 95)."""
+    held = ["tickets.read", "agentid.delegate"]
+    async with running_harness(tmp_path, idp, clock) as h:
+        chain = [await h.delegate(scopes=held)]
+        for _ in range(4):
+            chain.append(await h.sub_delegate(chain[-1].token, agent_id="support-bot", scopes=held))
+        act = json_object(chain[-1].token.split(".")[1])["act"]
+        assert [act["sid"], act["act"]["act"]["act"]["act"]["sid"]] == [
+            chain[-1].session_id,
+            chain[0].session_id,
+        ]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.sub_delegate(chain[-1].token)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(caught.value)
+        assert (info.reason, dict(info.metadata)) == (
+            "DELEGATION_TOO_DEEP",
+            {"max_delegation_depth": "5"},
+        )
+    two = {"issuer": ISSUER, "kek_file": str(tmp_path / "kek"), "max_delegation_depth": 2}
+    async with running_harness(tmp_path, idp, clock, mutate=with_config(tokens=two)) as h:
+        root = await h.delegate(scopes=held)
+        child = await h.sub_delegate(root.token, agent_id="support-bot", scopes=held)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.sub_delegate(child.token)
+        assert error_info(caught.value).reason == "DELEGATION_TOO_DEEP"
+
+
+async def test_a_token_larger_than_max_token_bytes_is_never_issued(harness: Harness) -> None:
+    """Check refuses tokens over server.max_token_bytes unread: Delegate refuses to issue one,
+    INVALID_ARGUMENT / TOKEN_TOO_LARGE with the bound and the size, nothing recorded."""
+    scopes = [f"tickets.{'a' * 480}{n:02d}" for n in range(20)]  # 20 x 490 characters
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.delegate(scopes=scopes)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert info.reason == "TOKEN_TOO_LARGE"
+    assert info.metadata["max_token_bytes"] == "8192"
+    assert int(info.metadata["token_bytes"]) > 8192
+    assert "max_token_bytes" in bad_request(caught.value).field_violations[0].description
+    assert session_count(harness) == 0
+    fits = await harness.delegate(scopes=scopes[:10])
+    assert len(fits.token) <= 8192
+    assert (await harness.check(fits.token, scopes[3])).decision == pb.DECISION_ALLOW
+
+
+async def test_a_delegate_request_has_bounded_scopes_and_task(harness: Harness) -> None:
+    """At most 64 scopes and 1024 characters of task per Delegate (INVALID_ARGUMENT naming the
+    field)."""
+    for fields, field in (
+        ({"scopes": [f"tickets.s{n}" for n in range(65)]}, "scopes"),
+        ({"task": "x" * 1025}, "task"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await harness.delegate(**fields)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request(caught.value).field_violations[0].field == field
+    assert await harness.delegate(scopes=[f"tickets.s{n}" for n in range(64)], task="x" * 1024)

@@ -10,7 +10,13 @@ from typing import Any
 
 from ulid import ULID
 
-from agentid_server.domain.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from agentid_server.domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from agentid_server.domain.model import (
     ActorKind,
     AgentClaims,
@@ -40,6 +46,16 @@ class TtlPolicy:
     default: int
     minimum: int
     maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationLimits:
+    """What one Delegate may produce: a token no verifier would refuse for its size
+    (`server.max_token_bytes`), and at most ``max_depth`` delegations from the user to the new
+    session (`tokens.max_delegation_depth`: the user's own delegation is 1, a sub-agent adds 1)."""
+
+    max_token_bytes: int = 8192
+    max_depth: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +91,9 @@ class Delegator:
         tokens: AgentTokenIssuer,
         audit: AuditLog,
         clock: Clock,
+        limits: DelegationLimits | None = None,
     ) -> None:
+        self._limits = limits or DelegationLimits()
         self._issuer = issuer
         self._agents = agents
         self._ttl = ttl
@@ -97,6 +115,8 @@ class Delegator:
             )
         parent = delegator.claims if isinstance(delegator, AgentPrincipal) else None
         holder = _holder_scopes(delegator)
+        if parent is not None:
+            _require_depth(parent, self._limits.max_depth)
         _require_covered(holder, requested, "SCOPE_ESCALATION", "the delegator holds")
         _require_covered(
             agent.max_scopes, requested, "AGENT_SCOPE_EXCEEDED", f"agent {agent.id!r} may hold"
@@ -121,6 +141,7 @@ class Delegator:
             parent_id=parent.session_id if parent else "",
         )
         token = self._tokens.issue(self._claims(session, parent))
+        _require_usable_size(token, self._limits.max_token_bytes)
         actor_kind, actor_id = (
             (ActorKind.AGENT, parent.session_id) if parent else (ActorKind.USER, user_id)
         )
@@ -233,6 +254,41 @@ def _holder_scopes(delegator: UserPrincipal | AgentPrincipal) -> ScopeSet:
             reason="DELEGATION_NOT_GRANTED",
         )
     return claims.scopes
+
+
+def delegation_depth(claims: AgentClaims) -> int:
+    """How many delegations lead from the user to this session: its nested `act` levels."""
+    depth, act = 0, claims.act
+    while isinstance(act, Mapping):
+        depth += 1
+        act = act.get("act")
+    return depth
+
+
+def _require_depth(parent: AgentClaims, max_depth: int) -> None:
+    depth = delegation_depth(parent) + 1
+    if depth > max_depth:
+        raise FailedPrecondition(
+            f"a sub-agent of this session would be {depth} delegations from the user;"
+            f" at most {max_depth} are allowed (tokens.max_delegation_depth)",
+            reason="DELEGATION_TOO_DEEP",
+            metadata={"max_delegation_depth": str(max_depth)},
+        )
+
+
+def _require_usable_size(token: str, max_bytes: int) -> None:
+    """A token larger than every verifier takes (Check refuses it unread) is never handed out."""
+    if len(token) > max_bytes:
+        problem = (
+            f"the agent token would be {len(token)} bytes, over server.max_token_bytes"
+            f" ({max_bytes}): request fewer or shorter scopes, audiences or task"
+        )
+        raise InvalidArgument(
+            problem,
+            violations=[FieldViolation("request", problem)],
+            reason="TOKEN_TOO_LARGE",
+            metadata={"max_token_bytes": str(max_bytes), "token_bytes": str(len(token))},
+        )
 
 
 def _require_covered(holder: ScopeSet, requested: list[Scope], reason: str, whose: str) -> None:
