@@ -325,7 +325,11 @@ async def build_server(
         )
         for a in settings.agents
     }
-    proofs = DpopVerifier()  # one replay cache for Check's proofs and callers' proofs
+    # One replay cache for Check's proofs and callers' proofs.
+    proofs = DpopVerifier(
+        cache_bytes=settings.tokens.dpop_replay_cache_bytes,
+        bytes_per_user=settings.tokens.dpop_replay_bytes_per_user,
+    )
     # Several replicas (PostgreSQL): a proof one of them accepted is spent for all, in the store.
     ledger = ProofLedgerRepository(journal) if shared_store else None
     principals = [(s, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services]

@@ -105,6 +105,11 @@ class TokenSettings:
     # Delegations from the user to a session, the user's own included: a sub-agent of a
     # session this deep is refused (each level nests one more `act` in the token).
     max_delegation_depth: int = 5
+    # DPoP proofs spent are remembered (until too old to verify) in at most this many bytes, of
+    # which one user's agents may take dpop_replay_bytes_per_user; beyond, new proofs are
+    # refused (never a live one forgotten).
+    dpop_replay_cache_bytes: int = 64 << 20
+    dpop_replay_bytes_per_user: int = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -219,7 +224,8 @@ _SCALARS: dict[str, dict[str, str]] = {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
         "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
         "publish_ahead": "duration", "nbf_leeway": "leeway",
-        "max_delegation_depth": "int",
+        "max_delegation_depth": "int", "dpop_replay_cache_bytes": "int",
+        "dpop_replay_bytes_per_user": "int",
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
@@ -498,6 +504,11 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
             "must be at least twice revocation.prune_interval (how often replicas read new keys)",
         )
     # default_ttl is clamped into [min_ttl, max_ttl] at each Delegate, as api.md says.
+    for key in ("dpop_replay_cache_bytes", "dpop_replay_bytes_per_user"):
+        if getattr(s.tokens, key) < 4096:
+            raise tokens.fail(key, "must be at least 4096")
+    if s.tokens.dpop_replay_bytes_per_user > s.tokens.dpop_replay_cache_bytes:
+        raise tokens.fail("dpop_replay_bytes_per_user", "must not exceed dpop_replay_cache_bytes")
     if not s.tokens.min_ttl <= s.tokens.max_ttl:
         raise tokens.fail("min_ttl", "must not exceed max_ttl")
     for index, agent in enumerate(s.agents):

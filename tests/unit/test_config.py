@@ -265,6 +265,8 @@ def test_reuse_port_is_a_boolean_also_from_the_environment() -> None:
 @pytest.mark.parametrize(
     ("line", "seconds"), [("", 5.0), ('nbf_leeway = "0s"', 0.0), ("nbf_leeway = 0", 0.0), ('nbf_leeway = "2s"', 2.0)]
 )  # fmt: skip
-def test_nbf_leeway_defaults_to_5s_and_may_be_none(tmp_path: Path, line: str, seconds: float) -> None:
+def test_nbf_leeway_defaults_to_5s_and_may_be_none(
+    tmp_path: Path, line: str, seconds: float
+) -> None:
     path = write(tmp_path, GOOD.replace("[tokens]", f"[tokens]\n{line}"))
     assert load_settings(path, environ={}).tokens.nbf_leeway == seconds

@@ -112,6 +112,8 @@ class Checker:
             decision, reason, message, matched, proof = self._decide(
                 claims, caller, request, action, resource, now
             )
+            if proof is not None:  # spent once decided: a decision used it
+                self._proofs.spend(proof, now)
             if decision is Decision.ALLOW and len(self._risks):
                 rule = (
                     self._risks.first_firing(
@@ -121,6 +123,7 @@ class Checker:
                 )
         except TokenRejected as rejected:
             decision, reason, message = Decision.DENY, rejected.reason, rejected.message
+            matched, proof = "", None
 
         def event(decision: Decision, reason: Reason, step_up_id: str = "") -> AuditEvent:
             return AuditEvent(
@@ -210,6 +213,7 @@ class Checker:
                 uri=request.pop_uri,
                 token=request.token,
                 now=now,
+                owner=claims.user_id,
             )
         if claims.audiences is not None and caller.audience not in claims.audiences:
             return (

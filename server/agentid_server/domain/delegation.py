@@ -258,8 +258,8 @@ def _holder_scopes(delegator: UserPrincipal | AgentPrincipal) -> ScopeSet:
 
 def delegation_depth(claims: AgentClaims) -> int:
     """How many delegations lead from the user to this session: its nested `act` levels."""
-    depth, act = 0, claims.act
-    while isinstance(act, Mapping):
+    depth, act = 1, claims.act.get("act")
+    while isinstance(act, Mapping):  # the parent's act, nested in this one's
         depth += 1
         act = act.get("act")
     return depth
