@@ -31,6 +31,7 @@ from agentid_server.domain.model import (
     ServicePrincipal,
 )
 from agentid_server.domain.ports import Clock, SystemClock
+from agentid_server.domain.ratelimit import Rate
 from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.risk import RiskRules
@@ -247,6 +248,7 @@ async def build_server(
         idp = IdpVerifier(
             settings.idps,
             settings.server.max_token_bytes,
+            cache_bytes=settings.server.user_token_cache_bytes,
         )
         await idp.load()
     except BaseException:
@@ -255,7 +257,12 @@ async def build_server(
     if telemetry is None and settings.telemetry.otlp_endpoint:  # its exporters run from here
         telemetry = Telemetry(settings.telemetry, version=__version__)
 
-    verifier = AgentTokenVerifier(settings.tokens.issuer, ring, settings.server.token_cache_size)
+    verifier = AgentTokenVerifier(
+        settings.tokens.issuer,
+        ring,
+        settings.server.token_cache_size,
+        settings.server.token_cache_bytes,
+    )
     health_servicer = AsyncHealthServicer()
     health_updates: set[asyncio.Task[None]] = set()
 
@@ -349,7 +356,16 @@ async def build_server(
             audit=journal,
             clock=clock,
             limits=DelegationLimits(
-                settings.server.max_token_bytes, settings.tokens.max_delegation_depth
+                settings.server.max_token_bytes,
+                settings.tokens.max_delegation_depth,
+                per_user=Rate(
+                    settings.tokens.delegate_per_user_per_minute,
+                    settings.tokens.delegate_per_user_burst,
+                ),
+                per_agent=Rate(
+                    settings.tokens.delegate_per_agent_per_minute,
+                    settings.tokens.delegate_per_agent_burst,
+                ),
             ),
         ),
         checker=Checker(

@@ -58,6 +58,10 @@ class ServerSettings:
     max_consistency_wait: float = 5.0
     shutdown_grace: float = 10.0
     token_cache_size: int = 50_000
+    # The verified-token caches are bounded by an estimate of their memory too: a caller picks
+    # its tokens' sizes (agent tokens, then users' IdP tokens).
+    token_cache_bytes: int = 256 << 20
+    user_token_cache_bytes: int = 32 << 20
     event_loop: str = "asyncio"
     # A request's `context` (Check, StepUp) is recorded with every decision: its size is capped.
     max_context_bytes: int = 16 * 1024
@@ -110,6 +114,12 @@ class TokenSettings:
     # refused (never a live one forgotten).
     dpop_replay_cache_bytes: int = 64 << 20
     dpop_replay_bytes_per_user: int = 8 << 20
+    # Delegate calls a minute and at once (a token bucket): on behalf of one user (their
+    # agents' sub-delegations included), and by one agent session. 0 a minute: no limit.
+    delegate_per_user_per_minute: float = 600.0
+    delegate_per_user_burst: int = 300
+    delegate_per_agent_per_minute: float = 120.0
+    delegate_per_agent_burst: int = 60
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "max_token_bytes": "int", "max_message_bytes": "int",
         "max_consistency_wait": "duration", "shutdown_grace": "duration",
         "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
+        "token_cache_bytes": "int", "user_token_cache_bytes": "int",
         "log_format": "str", "reuse_port": "bool", "keepalive_time": "duration",
         "keepalive_timeout": "duration", "min_client_ping_interval": "duration",
     },
@@ -225,7 +236,9 @@ _SCALARS: dict[str, dict[str, str]] = {
         "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
         "publish_ahead": "duration", "nbf_leeway": "leeway",
         "max_delegation_depth": "int", "dpop_replay_cache_bytes": "int",
-        "dpop_replay_bytes_per_user": "int",
+        "dpop_replay_bytes_per_user": "int", "delegate_per_user_per_minute": "float",
+        "delegate_per_user_burst": "int", "delegate_per_agent_per_minute": "float",
+        "delegate_per_agent_burst": "int",
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
@@ -490,6 +503,9 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     for key in ("keepalive_time", "keepalive_timeout", "min_client_ping_interval"):
         if getattr(s.server, key) < 0.001:
             raise server.fail(key, "must be at least 1ms")
+    for key in ("token_cache_bytes", "user_token_cache_bytes"):
+        if getattr(s.server, key) < 1 << 20:
+            raise server.fail(key, "must be at least 1048576 (1 MiB)")
     if not 512 <= s.server.max_token_bytes <= 1 << 20:
         raise server.fail("max_token_bytes", "must be between 512 and 1048576")
     if not s.tokens.issuer:
@@ -507,6 +523,12 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     for key in ("dpop_replay_cache_bytes", "dpop_replay_bytes_per_user"):
         if getattr(s.tokens, key) < 4096:
             raise tokens.fail(key, "must be at least 4096")
+    for who in ("user", "agent"):
+        key = f"delegate_per_{who}_per_minute"
+        if getattr(s.tokens, key) < 0:
+            raise tokens.fail(key, "must not be negative (0: no limit)")
+        if getattr(s.tokens, f"delegate_per_{who}_burst") < 1:
+            raise tokens.fail(f"delegate_per_{who}_burst", "must be at least 1")
     if s.tokens.dpop_replay_bytes_per_user > s.tokens.dpop_replay_cache_bytes:
         raise tokens.fail("dpop_replay_bytes_per_user", "must not exceed dpop_replay_cache_bytes")
     if not s.tokens.min_ttl <= s.tokens.max_ttl:

@@ -16,6 +16,7 @@ from agentid_server.domain.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
 )
 from agentid_server.domain.model import (
     ActorKind,
@@ -29,6 +30,7 @@ from agentid_server.domain.model import (
     unreadable,
 )
 from agentid_server.domain.ports import AgentTokenIssuer, AuditLog, Clock, SessionStore
+from agentid_server.domain.ratelimit import Rate, TokenBuckets
 from agentid_server.domain.revocation import serial_bit
 from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
 
@@ -48,6 +50,9 @@ class TtlPolicy:
     maximum: int
 
 
+NO_LIMIT = Rate(per_minute=0, burst=1)
+
+
 @dataclass(frozen=True, slots=True)
 class DelegationLimits:
     """What one Delegate may produce: a token no verifier would refuse for its size
@@ -56,6 +61,10 @@ class DelegationLimits:
 
     max_token_bytes: int = 8192
     max_depth: int = 5
+    # Delegates a minute, and at once: by one user (every Delegate on their behalf, their
+    # agents' included), and by one agent session (its sub-agents). 0 a minute: no limit.
+    per_user: Rate = NO_LIMIT
+    per_agent: Rate = NO_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +103,8 @@ class Delegator:
         limits: DelegationLimits | None = None,
     ) -> None:
         self._limits = limits or DelegationLimits()
+        self._by_user = TokenBuckets(self._limits.per_user)
+        self._by_agent = TokenBuckets(self._limits.per_agent)
         self._issuer = issuer
         self._agents = agents
         self._ttl = ttl
@@ -127,6 +138,7 @@ class Delegator:
         now = int(self._clock.now())
         ttl = self._granted_ttl(request.ttl_seconds, agent, parent, now)
         user_id = parent.user_id if parent else _user_id(delegator)
+        self._admit(user_id, parent, self._clock.now())
         session = SessionRecord(
             id=new_session_id(),
             serial=await self._sessions.allocate_serial(),
@@ -162,6 +174,33 @@ class Delegator:
             new_session=session,
         )
         return Delegation(session=session, token=token)
+
+    def _admit(self, user_id: str, parent: AgentClaims | None, now: float) -> None:
+        """Takes a token of the user's bucket and, for a sub-agent, of the delegating
+        session's; RESOURCE_EXHAUSTED / RATE_LIMITED, naming the bound, when either is empty
+        (then neither is taken)."""
+        waits = [(self._by_user.wait(user_id, now), "delegate_per_user", self._by_user)]
+        if parent is not None:
+            agent_wait = self._by_agent.wait(parent.session_id, now)
+            waits.append((agent_wait, "delegate_per_agent", self._by_agent))
+        wait, bound, buckets = max(waits, key=lambda w: w[0])
+        if wait > 0:
+            rate = buckets.rate
+            raise ResourceExhausted(
+                f"too many Delegate calls: at most {rate.burst} at once and {rate.per_minute:g}"
+                f" a minute {'per user' if bound == 'delegate_per_user' else 'per agent session'}"
+                f" (tokens.{bound}_per_minute, tokens.{bound}_burst); retry in {wait:.1f}s",
+                reason="RATE_LIMITED",
+                metadata={
+                    "limit": f"tokens.{bound}_per_minute",
+                    "per_minute": f"{rate.per_minute:g}",
+                    "burst": str(rate.burst),
+                },
+                retry_after=wait,
+            )
+        self._by_user.take(user_id, now)
+        if parent is not None:
+            self._by_agent.take(parent.session_id, now)
 
     def _granted_ttl(
         self, requested: int | None, agent: AgentKind, parent: AgentClaims | None, now: int

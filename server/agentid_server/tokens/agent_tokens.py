@@ -46,22 +46,45 @@ class AgentTokenIssuer:
         )
 
 
-class AgentTokenVerifier:
-    """Verifies agent tokens against our own public keys; caches verified claims per token."""
+DEFAULT_CACHE_BYTES = 256 << 20
 
-    def __init__(self, issuer: str, keys: KeyRing, cache_size: int) -> None:
+
+def cached_bytes(token: str, scopes: int) -> int:
+    """What remembering a verified token costs, over-estimated from measurements (the token as
+    the key; its claims, parsed scopes and strings about two more copies; each parsed scope
+    about 500 bytes of objects): the cache is bounded by this, not only by a count of tokens,
+    whose size the caller chooses."""
+    return 1024 + 3 * len(token) + 512 * scopes
+
+
+class AgentTokenVerifier:
+    """Verifies agent tokens against our own public keys; caches verified claims per token, at
+    most ``cache_size`` tokens and ``cache_bytes`` of them (as ``cached_bytes`` counts)."""
+
+    def __init__(
+        self, issuer: str, keys: KeyRing, cache_size: int, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         self._issuer = issuer
         self._keys = keys
         self._cache: dict[str, AgentClaims] = {}
         self._cache_size = max(1, cache_size)
+        self._cache_bytes = cache_bytes
+        self._bytes = 0
 
     def verify(self, token: str) -> AgentClaims:
         cache = self._cache
         claims = cache.pop(token, None)
         if claims is None:
             claims = self._verify_signature_and_shape(token)
-            if len(cache) >= self._cache_size:
-                del cache[next(iter(cache))]  # least recently used first: dicts keep order
+            cost = cached_bytes(token, len(claims.scopes.scopes))
+            if cost > self._cache_bytes:
+                return claims  # larger than the whole cache: verified, not remembered
+            while cache and (
+                len(cache) >= self._cache_size or self._bytes + cost > self._cache_bytes
+            ):
+                oldest = next(iter(cache))  # least recently used first: dicts keep order
+                self._bytes -= cached_bytes(oldest, len(cache.pop(oldest).scopes.scopes))
+            self._bytes += cost
         cache[token] = claims  # (re)inserted last: the most recently used
         return claims
 
@@ -167,9 +190,20 @@ def _es256_valid(public: Any, signature: bytes, signing_input: bytes) -> bool:
     return True
 
 
+SHARED_SCOPE_CLAIM = 1024  # longer scope claims are parsed for their token alone
+
+
 @lru_cache(maxsize=4096)
-def _scope_set(scope: str) -> ScopeSet:
+def _shared_scope_set(scope: str) -> ScopeSet:
     """Parsed and compiled once per distinct scope claim (sessions of one kind share theirs)."""
+    return ScopeSet.parse(scope.split())
+
+
+def _scope_set(scope: str) -> ScopeSet:
+    # Only short claims are shared: 4096 long ones (64 scopes of 512 characters each) would
+    # hold half a gigabyte outside the byte-bounded token cache.
+    if len(scope) <= SHARED_SCOPE_CLAIM:
+        return _shared_scope_set(scope)
     return ScopeSet.parse(scope.split())
 
 
