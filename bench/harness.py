@@ -147,6 +147,9 @@ issuer = "https://agentid.bench.invalid"
 default_ttl = "60m"
 max_ttl = "60m"
 kek_file = "{directory}/kek"
+# Benchmarks mint their tokens through Delegate, as fast as they can: no rate limit.
+delegate_per_user_per_minute = 0
+delegate_per_agent_per_minute = 0
 
 [[idp]]
 issuer = "{IDP_ISSUER}"

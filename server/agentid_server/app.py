@@ -21,7 +21,7 @@ from agentid_server.api.servicer import AgentIdentityServicer
 from agentid_server.config import ServerSettings, Settings, is_loopback
 from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
-from agentid_server.domain.delegation import Delegator, TtlPolicy
+from agentid_server.domain.delegation import DelegationLimits, Delegator, TtlPolicy
 from agentid_server.domain.fanout import Doorbell
 from agentid_server.domain.model import (
     ActorKind,
@@ -31,6 +31,7 @@ from agentid_server.domain.model import (
     ServicePrincipal,
 )
 from agentid_server.domain.ports import Clock, SystemClock
+from agentid_server.domain.ratelimit import Rate
 from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.risk import RiskRules
@@ -247,6 +248,7 @@ async def build_server(
         idp = IdpVerifier(
             settings.idps,
             settings.server.max_token_bytes,
+            cache_bytes=settings.server.user_token_cache_bytes,
         )
         await idp.load()
     except BaseException:
@@ -255,7 +257,12 @@ async def build_server(
     if telemetry is None and settings.telemetry.otlp_endpoint:  # its exporters run from here
         telemetry = Telemetry(settings.telemetry, version=__version__)
 
-    verifier = AgentTokenVerifier(settings.tokens.issuer, ring, settings.server.token_cache_size)
+    verifier = AgentTokenVerifier(
+        settings.tokens.issuer,
+        ring,
+        settings.server.token_cache_size,
+        settings.server.token_cache_bytes,
+    )
     health_servicer = BoundedHealthServicer(settings.server.max_health_watches)
     health_updates: set[asyncio.Task[None]] = set()
 
@@ -336,7 +343,11 @@ async def build_server(
         )
         for a in settings.agents
     }
-    proofs = DpopVerifier()  # one replay cache for Check's proofs and callers' proofs
+    # One replay cache for Check's proofs and callers' proofs.
+    proofs = DpopVerifier(
+        cache_bytes=settings.tokens.dpop_replay_cache_bytes,
+        bytes_per_user=settings.tokens.dpop_replay_bytes_per_user,
+    )
     # Several replicas (PostgreSQL): a proof one of them accepted is spent for all, in the store.
     ledger = ProofLedgerRepository(journal) if shared_store else None
     principals = [(s, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services]
@@ -355,6 +366,18 @@ async def build_server(
             tokens=AgentTokenIssuer(ring),
             audit=journal,
             clock=clock,
+            limits=DelegationLimits(
+                settings.server.max_token_bytes,
+                settings.tokens.max_delegation_depth,
+                per_user=Rate(
+                    settings.tokens.delegate_per_user_per_minute,
+                    settings.tokens.delegate_per_user_burst,
+                ),
+                per_agent=Rate(
+                    settings.tokens.delegate_per_agent_per_minute,
+                    settings.tokens.delegate_per_agent_burst,
+                ),
+            ),
         ),
         checker=Checker(
             verifier=verifier,
@@ -367,6 +390,7 @@ async def build_server(
             clock=clock,
             max_token_bytes=settings.server.max_token_bytes,
             proof_ledger=ledger,
+            nbf_leeway=settings.tokens.nbf_leeway,
         ),
         revoker=revoker,
         step_ups=step_ups,
@@ -390,6 +414,7 @@ async def build_server(
         revocations=revocations,
         clock=clock,
         proof_ledger=ledger,
+        nbf_leeway=settings.tokens.nbf_leeway,
     )
 
     server = grpc.aio.server(options=_server_options(settings.server))

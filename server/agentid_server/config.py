@@ -58,6 +58,10 @@ class ServerSettings:
     max_consistency_wait: float = 5.0
     shutdown_grace: float = 10.0
     token_cache_size: int = 50_000
+    # The verified-token caches are bounded by an estimate of their memory too: a caller picks
+    # its tokens' sizes (agent tokens, then users' IdP tokens).
+    token_cache_bytes: int = 256 << 20
+    user_token_cache_bytes: int = 32 << 20
     event_loop: str = "asyncio"
     # A request's `context` (Check, StepUp) is recorded with every decision: its size is capped.
     max_context_bytes: int = 16 * 1024
@@ -115,6 +119,23 @@ class TokenSettings:
     # so replicas (which read the keys every revocation.prune_interval) and JWKS caches know it
     # before its first token.
     publish_ahead: float = 3600.0
+    # Our agent tokens' `nbf` may be this far ahead of this replica's clock (a replica a little
+    # behind the issuing one); `exp` gets no leeway.
+    nbf_leeway: float = 5.0
+    # Delegations from the user to a session, the user's own included: a sub-agent of a
+    # session this deep is refused (each level nests one more `act` in the token).
+    max_delegation_depth: int = 5
+    # DPoP proofs spent are remembered (until too old to verify) in at most this many bytes, of
+    # which one user's agents may take dpop_replay_bytes_per_user; beyond, new proofs are
+    # refused (never a live one forgotten).
+    dpop_replay_cache_bytes: int = 64 << 20
+    dpop_replay_bytes_per_user: int = 8 << 20
+    # Delegate calls a minute and at once (a token bucket): on behalf of one user (their
+    # agents' sub-delegations included), and by one agent session. 0 a minute: no limit.
+    delegate_per_user_per_minute: float = 600.0
+    delegate_per_user_burst: int = 300
+    delegate_per_agent_per_minute: float = 120.0
+    delegate_per_agent_burst: int = 60
 
 
 @dataclass(frozen=True)
@@ -221,6 +242,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "max_token_bytes": "int", "max_message_bytes": "int",
         "max_consistency_wait": "duration", "shutdown_grace": "duration",
         "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
+        "token_cache_bytes": "int", "user_token_cache_bytes": "int",
         "log_format": "str", "reuse_port": "bool", "keepalive_time": "duration",
         "keepalive_timeout": "duration", "min_client_ping_interval": "duration",
         "max_connections": "int", "max_streams_per_connection": "int",
@@ -235,7 +257,11 @@ _SCALARS: dict[str, dict[str, str]] = {
     "tokens": {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
         "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
-        "publish_ahead": "duration",
+        "publish_ahead": "duration", "nbf_leeway": "leeway",
+        "max_delegation_depth": "int", "dpop_replay_cache_bytes": "int",
+        "dpop_replay_bytes_per_user": "int", "delegate_per_user_per_minute": "float",
+        "delegate_per_user_burst": "int", "delegate_per_agent_per_minute": "float",
+        "delegate_per_agent_burst": "int",
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
@@ -304,6 +330,10 @@ def _convert(value: Any, kind: str) -> Any:
         if seconds <= 0:
             raise ValueError("must be positive")
         return seconds
+    if kind == "leeway":  # a duration that may be 0 (none)
+        if value in (0, "0", "0s") and not isinstance(value, bool):
+            return 0.0
+        return _convert(value, "duration")
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -497,6 +527,9 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     for key in ("keepalive_time", "keepalive_timeout", "min_client_ping_interval"):
         if getattr(s.server, key) < 0.001:
             raise server.fail(key, "must be at least 1ms")
+    for key in ("token_cache_bytes", "user_token_cache_bytes"):
+        if getattr(s.server, key) < 1 << 20:
+            raise server.fail(key, "must be at least 1048576 (1 MiB)")
     if not 512 <= s.server.max_token_bytes <= 1 << 20:
         raise server.fail("max_token_bytes", "must be between 512 and 1048576")
     if not s.tokens.issuer:
@@ -511,6 +544,17 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
             "must be at least twice revocation.prune_interval (how often replicas read new keys)",
         )
     # default_ttl is clamped into [min_ttl, max_ttl] at each Delegate, as api.md says.
+    for key in ("dpop_replay_cache_bytes", "dpop_replay_bytes_per_user"):
+        if getattr(s.tokens, key) < 4096:
+            raise tokens.fail(key, "must be at least 4096")
+    for who in ("user", "agent"):
+        key = f"delegate_per_{who}_per_minute"
+        if getattr(s.tokens, key) < 0:
+            raise tokens.fail(key, "must not be negative (0: no limit)")
+        if getattr(s.tokens, f"delegate_per_{who}_burst") < 1:
+            raise tokens.fail(f"delegate_per_{who}_burst", "must be at least 1")
+    if s.tokens.dpop_replay_bytes_per_user > s.tokens.dpop_replay_cache_bytes:
+        raise tokens.fail("dpop_replay_bytes_per_user", "must not exceed dpop_replay_cache_bytes")
     if not s.tokens.min_ttl <= s.tokens.max_ttl:
         raise tokens.fail("min_ttl", "must not exceed max_ttl")
     for index, agent in enumerate(s.agents):
@@ -524,6 +568,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise sections["revocation"].fail("watch_buffer", "must be at least 1")
     for reader, key, value in (
         (server, "token_cache_size", s.server.token_cache_size),
+        (tokens, "max_delegation_depth", s.tokens.max_delegation_depth),
         (server, "max_message_bytes", s.server.max_message_bytes),
         (server, "max_context_bytes", s.server.max_context_bytes),
         (server, "max_connections", s.server.max_connections),

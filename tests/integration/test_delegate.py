@@ -12,6 +12,7 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid_server.storage.repositories import SERIAL_BLOCK
+from agentid_server.tokens.agent_tokens import json_object
 from google.protobuf.duration_pb2 import Duration
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
@@ -26,6 +27,7 @@ from tests.conftest import (
     bearer,
     error_info,
     running_harness,
+    with_config,
 )
 
 
@@ -193,6 +195,20 @@ async def test_agent_without_delegate_scope_cannot_sub_delegate(harness: Harness
     assert error_info(caught.value).reason == "DELEGATION_NOT_GRANTED"
 
 
+async def test_a_delegate_scope_with_a_resource_part_does_not_grant_sub_delegation(
+    harness: Harness,
+) -> None:
+    """`agentid.delegate:none/x` lets a Check of agentid.delegate pass only on that resource; a
+    Check with no resource denies it, and Delegate (which names none) must too (issue 12)."""
+    parent = await harness.delegate(scopes=["tickets.read", "agentid.delegate:none/x"])
+    check = await harness.check(parent.token, "agentid.delegate")
+    assert check.decision == pb.DECISION_DENY
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.sub_delegate(parent.token)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "DELEGATION_NOT_GRANTED"
+
+
 async def test_sub_agent_audiences_stay_within_the_parent(harness: Harness) -> None:
     parent = await harness.delegate(
         scopes=["tickets.*", "agentid.delegate"], audiences=["payments-api"]
@@ -325,3 +341,123 @@ async def test_serials_wrap_into_the_32_bit_sn_claim(harness: Harness) -> None:
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     assert claims["sn"] == delegated.serial % 2**32
     assert (await harness.check(delegated.token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def test_sub_delegation_stops_at_max_delegation_depth(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """tokens.max_delegation_depth (5): the user's delegation and four generations of sub-agents;
+    a fifth is FAILED_PRECONDITION / DELEGATION_TOO_DEEP naming the bound. Before, nesting
+    stopped only at gRPC's metadata limit (depth 95)."""
+    held = ["tickets.read", "agentid.delegate"]
+    async with running_harness(tmp_path, idp, clock) as h:
+        chain = [await h.delegate(scopes=held)]
+        for _ in range(4):
+            chain.append(await h.sub_delegate(chain[-1].token, agent_id="support-bot", scopes=held))
+        act = json_object(chain[-1].token.split(".")[1])["act"]
+        assert [act["sid"], act["act"]["act"]["act"]["act"]["sid"]] == [
+            chain[-1].session_id,
+            chain[0].session_id,
+        ]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.sub_delegate(chain[-1].token)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(caught.value)
+        assert (info.reason, dict(info.metadata)) == (
+            "DELEGATION_TOO_DEEP",
+            {"max_delegation_depth": "5"},
+        )
+    two = {"issuer": ISSUER, "kek_file": str(tmp_path / "kek"), "max_delegation_depth": 2}
+    async with running_harness(tmp_path, idp, clock, mutate=with_config(tokens=two)) as h:
+        root = await h.delegate(scopes=held)
+        child = await h.sub_delegate(root.token, agent_id="support-bot", scopes=held)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.sub_delegate(child.token)
+        assert error_info(caught.value).reason == "DELEGATION_TOO_DEEP"
+
+
+async def test_a_token_larger_than_max_token_bytes_is_never_issued(harness: Harness) -> None:
+    """Check refuses tokens over server.max_token_bytes unread: Delegate refuses to issue one,
+    INVALID_ARGUMENT / TOKEN_TOO_LARGE with the bound and the size, nothing recorded."""
+    scopes = [f"tickets.{'a' * 480}{n:02d}" for n in range(20)]  # 20 x 490 characters
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.delegate(scopes=scopes)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert info.reason == "TOKEN_TOO_LARGE"
+    assert info.metadata["max_token_bytes"] == "8192"
+    assert int(info.metadata["token_bytes"]) > 8192
+    assert "max_token_bytes" in bad_request(caught.value).field_violations[0].description
+    assert session_count(harness) == 0
+    fits = await harness.delegate(scopes=scopes[:10])
+    assert len(fits.token) <= 8192
+    assert (await harness.check(fits.token, scopes[3])).decision == pb.DECISION_ALLOW
+
+
+async def test_a_delegate_request_has_bounded_scopes_and_task(harness: Harness) -> None:
+    """At most 64 scopes and 1024 characters of task per Delegate (INVALID_ARGUMENT naming the
+    field)."""
+    for fields, field in (
+        ({"scopes": [f"tickets.s{n}" for n in range(65)]}, "scopes"),
+        ({"task": "x" * 1025}, "task"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await harness.delegate(**fields)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request(caught.value).field_violations[0].field == field
+    assert await harness.delegate(scopes=[f"tickets.s{n}" for n in range(64)], task="x" * 1024)
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    raise AssertionError("no RetryInfo in the status details")
+
+
+async def test_delegate_is_rate_limited_per_user_and_per_agent_session(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """A token bucket per user (every Delegate on their behalf) and per delegating agent
+    session: beyond, RESOURCE_EXHAUSTED / RATE_LIMITED naming the bound, with a RetryInfo.
+    Before, 46,000 tokens in two minutes grew the database to 577 MB."""
+    tokens = {
+        "issuer": ISSUER, "kek_file": str(tmp_path / "kek"),
+        "delegate_per_user_per_minute": 60, "delegate_per_user_burst": 6,
+        "delegate_per_agent_per_minute": 30, "delegate_per_agent_burst": 2,
+    }  # fmt: skip
+    held = ["tickets.read", "agentid.delegate"]
+    async with running_harness(tmp_path, idp, clock, mutate=with_config(tokens=tokens)) as h:
+        first, second = await h.delegate(scopes=held), await h.delegate(scopes=held)
+        for _ in range(2):
+            await h.sub_delegate(first.token)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.sub_delegate(first.token)  # this session's burst is spent
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = error_info(caught.value)
+        assert (info.reason, dict(info.metadata)) == (
+            "RATE_LIMITED",
+            {"limit": "tokens.delegate_per_agent_per_minute", "per_minute": "30", "burst": "2"},
+        )
+        assert retry_delay(caught.value) == pytest.approx(2.0)
+        await h.sub_delegate(second.token)  # another session of the same user: its own bucket
+        await h.delegate()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.delegate()  # alice has delegated 6 times (sub-agents included)
+        info = error_info(caught.value)
+        assert (info.reason, info.metadata["limit"]) == (
+            "RATE_LIMITED",
+            "tokens.delegate_per_user_per_minute",
+        )
+        assert retry_delay(caught.value) == pytest.approx(1.0)
+        assert await h.delegate(h.idp.token(sub="bob"))  # bob has his own bucket
+        clock.advance(1)
+        assert await h.delegate()  # a minute's 60 come one a second
+        assert session_count(h) == 8  # what was refused was never recorded

@@ -503,6 +503,46 @@ async def test_step_up_news_survives_a_failed_read() -> None:
         await engine.dispose()
 
 
+async def test_a_callers_proof_is_spent_in_the_store_only_by_a_call_it_may_make(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """A key-bound agent calling what the method policy refuses (Check) leaves no spent proof,
+    in memory or in the store: the same proof is refused the same way on either replica, never
+    as a replay. A call it may make (StepUp) spends its proof for every replica."""
+    a, b = replicas
+    key = ec.generate_private_key(ec.SECP256R1())
+    session = await a.delegate(
+        scopes=["tickets.read"], jkt=thumbprint(public_jwk(key.public_key()))
+    )
+
+    async def spent() -> int:
+        engine = create_async_engine(URL)
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT count(*) FROM spent_proofs"))).scalar()
+        await engine.dispose()
+        return int(rows or 0)
+
+    pop = proof(key, session.token, htu="/agentid.v1.AgentIdentityService/Check")
+    metadata = (*bearer(session.token), ("dpop", pop))
+    for h in (a, b, a):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.stub.Check(
+                pb.CheckRequest(token=session.token, action="tickets.read"), metadata=metadata
+            )
+        assert error_info(caught.value).reason == "CALLER_NOT_ALLOWED"
+    assert await spent() == 0
+    step_up = pb.StepUpRequest(action="tickets.read", resource="ticket/1")
+    metadata = (
+        *bearer(session.token),
+        ("dpop", proof(key, session.token, htu="/agentid.v1.AgentIdentityService/StepUp")),
+    )
+    assert (await a.stub.StepUp(step_up, metadata=metadata)).step_up.id
+    assert await spent() == 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await b.stub.StepUp(step_up, metadata=metadata)
+    assert error_info(caught.value).reason == "PROOF_OF_POSSESSION_FAILED"
+
+
 async def test_a_proof_one_replica_accepted_is_refused_by_the_other(
     replicas: tuple[Harness, Harness],
 ) -> None:

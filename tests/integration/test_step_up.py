@@ -258,6 +258,25 @@ async def test_a_stale_login_is_challenged_as_rfc_9470_says(h: Harness) -> None:
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_a_login_in_the_future_is_not_fresh(h: Harness) -> None:
+    """An auth_time beyond the IdP's clock leeway (30 s by default) ahead of the server's clock
+    proves no fresh login (a mis-set or forged IdP clock would make it fresh for hours); within
+    the leeway it is a clock difference and counts as fresh."""
+    session = await agent(h)
+    pending = await step_up(h, session.token)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolve(h, pending.id, credential=fresh_user(h, age=-3600))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    info = error_info(caught.value)
+    assert info.reason == "INSUFFICIENT_USER_AUTHENTICATION"
+    assert dict(info.metadata) == {"max_age": "300", "acr_values": ""}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await resolve(h, pending.id, credential=fresh_user(h, age=-40))
+    assert error_info(caught.value).reason == "INSUFFICIENT_USER_AUTHENTICATION"
+    resolved = await resolve(h, pending.id, credential=fresh_user(h, age=-20))
+    assert resolved.state == pb.STEP_UP_STATE_APPROVED
+
+
 async def test_accepted_acr_is_required_when_configured(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:

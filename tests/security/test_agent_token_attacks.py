@@ -197,6 +197,26 @@ async def test_expired_and_not_yet_valid(h: Harness) -> None:
     assert (await h.check(token, "tickets.read")).decision == pb.DECISION_ALLOW
 
 
+async def test_nbf_has_a_small_leeway_for_replicas_a_little_behind(h: Harness) -> None:
+    """tokens.nbf_leeway (5 s): a replica whose clock is 3 s behind the issuer's accepts a token
+    issued this instant, in Check (its first verification, then from the cache) and as the
+    agent's own credential; 10 s behind it refuses it NOT_YET_VALID. `exp` keeps none."""
+    fresh = (await h.delegate(scopes=["tickets.read"])).token
+    step_up = pb.StepUpRequest(action="tickets.read", resource="ticket/1")
+    h.clock.advance(-3)
+    assert (await h.check(fresh, "tickets.read")).decision == pb.DECISION_ALLOW
+    assert (await h.check(fresh, "tickets.read")).decision == pb.DECISION_ALLOW
+    assert (await h.stub.StepUp(step_up, metadata=bearer(fresh))).step_up.id
+    h.clock.advance(-7)
+    assert (await h.check(fresh, "tickets.read")).reason == pb.REASON_TOKEN_NOT_YET_VALID
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.stub.StepUp(step_up, metadata=bearer(fresh))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(caught.value).reason == "TOKEN_NOT_YET_VALID"
+    h.clock.advance(10 + 15 * 60)  # exactly exp
+    assert (await h.check(fresh, "tickets.read")).reason == pb.REASON_TOKEN_EXPIRED
+
+
 async def test_audience_mismatch(h: Harness) -> None:
     scoped = await h.delegate(scopes=["tickets.read"], audiences=["payments-api"])
     assert (await h.check(scoped.token, "tickets.read")).decision == pb.DECISION_ALLOW

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,7 +18,7 @@ from agentid.v1 import agentid_pb2 as pb
 from agentid_server.tokens.jwk import public_jwk, thumbprint
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import Harness
+from tests.conftest import FakeClock, Harness, IdpFixture
 
 URI = "https://payments.example/transfers"
 # A proof for one of agentid's own methods names the method's path (any host).
@@ -176,18 +177,22 @@ def test_a_full_replay_cache_refuses_new_proofs_rather_than_forget_live_ones() -
     """Forgetting a proof that could still be replayed would let it be: when every remembered
     proof is still live, a new one is refused; once they expire, proofs pass again."""
     from agentid_server.domain.ports import TokenRejected
-    from agentid_server.tokens.dpop import DpopVerifier
+    from agentid_server.tokens.dpop import ENTRY_BYTES, DpopVerifier
 
     keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(5)]
-    verifier = DpopVerifier(max_age=60.0, replay_capacity=3)
+    room = 3 * (ENTRY_BYTES + 1)  # three proofs with one-character jtis
+    verifier = DpopVerifier(max_age=60.0, cache_bytes=room, bytes_per_user=room)
     uri = "https://tickets.example/read"
     start = time.time() - 200  # proofs from the past: PyJWT refuses an iat in the future
 
     def use(key: ec.EllipticCurvePrivateKey, now: float, jti: str = "j") -> None:
-        verifier.verify(
-            proof(key, "tok", jti=jti, iat=int(now), htu=uri),
-            jkt=thumbprint(public_jwk(key.public_key())), method="POST", uri=uri, token="tok",
-            now=now,
+        verifier.spend(
+            verifier.verify(
+                proof(key, "tok", jti=jti, iat=int(now), htu=uri),
+                jkt=thumbprint(public_jwk(key.public_key())), method="POST", uri=uri,
+                token="tok", now=now, owner="alice",
+            ),
+            now,
         )  # fmt: skip
 
     for key in keys[:3]:
@@ -197,6 +202,25 @@ def test_a_full_replay_cache_refuses_new_proofs_rather_than_forget_live_ones() -
     with pytest.raises(TokenRejected, match="already used"):
         use(keys[0], start + 1)  # the first is remembered still
     use(keys[4], start + 121)  # all three have expired (2 x max_age): room again
+
+
+def test_a_verified_proof_is_remembered_only_when_spent() -> None:
+    """verify checks and refuses a spent proof but remembers nothing; spend remembers it."""
+    from agentid_server.domain.ports import TokenRejected
+    from agentid_server.tokens.dpop import DpopVerifier
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    verifier = DpopVerifier()
+    uri, now = "https://tickets.example/read", time.time() - 10
+    pop = proof(key, "tok", iat=int(now), htu=uri)
+    jkt = thumbprint(public_jwk(key.public_key()))
+    first = verifier.verify(pop, jkt=jkt, method="POST", uri=uri, token="tok", now=now)
+    again = verifier.verify(pop, jkt=jkt, method="POST", uri=uri, token="tok", now=now)
+    verifier.spend(again, now)
+    with pytest.raises(TokenRejected, match="already used"):
+        verifier.verify(pop, jkt=jkt, method="POST", uri=uri, token="tok", now=now)
+    with pytest.raises(TokenRejected, match="already used"):
+        verifier.spend(first, now)
 
 
 @pytest.mark.parametrize(
@@ -235,24 +259,122 @@ def test_htu_is_compared_after_rfc_3986_normalisation(htu: str, same: bool) -> N
             verify(token_proof, jkt=jkt, method="POST", uri=uri, token="tok", now=time.time())
 
 
-def test_one_key_cannot_fill_the_replay_cache_for_every_other() -> None:
+def test_one_users_agents_cannot_fill_the_replay_cache_for_every_other_user() -> None:
+    """Keys cost nothing to make, users do: the cache is shared out by the user who delegated
+    the session. Mallory's proofs, from as many keys as she likes, fill her share only; Alice's
+    still pass (issue 12: 12 keys filled the whole cache, then Alice's agent was refused)."""
     from agentid_server.domain.ports import TokenRejected
-    from agentid_server.tokens.dpop import DpopVerifier
+    from agentid_server.tokens.dpop import ENTRY_BYTES, DpopVerifier
 
-    greedy, other = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
-    verifier = DpopVerifier(max_age=60.0, replay_capacity=20)  # a key may hold 2
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(12)]
+    alice_key = ec.generate_private_key(ec.SECP256R1())
+    per_proof = ENTRY_BYTES + 2  # two-character jtis
+    verifier = DpopVerifier(max_age=60.0, cache_bytes=20 * per_proof, bytes_per_user=5 * per_proof)
     uri = "https://tickets.example/read"
     now = time.time() - 200
 
-    def use(key: ec.EllipticCurvePrivateKey, n: int) -> None:
-        verifier.verify(
-            proof(key, "tok", jti=f"j{n}", iat=int(now), htu=uri),
-            jkt=thumbprint(public_jwk(key.public_key())), method="POST", uri=uri, token="tok",
-            now=now,
+    def use(key: ec.EllipticCurvePrivateKey, n: int, owner: str) -> None:
+        verifier.spend(
+            verifier.verify(
+                proof(key, "tok", jti=f"j{n % 10}", iat=int(now), htu=uri),
+                jkt=thumbprint(public_jwk(key.public_key())), method="POST", uri=uri,
+                token="tok", now=now, owner=owner,
+            ),
+            now,
         )  # fmt: skip
 
-    use(greedy, 1)
-    use(greedy, 2)
-    with pytest.raises(TokenRejected, match="too many"):
-        use(greedy, 3)
-    use(other, 1)  # the others are not refused for it
+    for n, key in enumerate(keys[:5]):
+        use(key, n, "mallory")
+    for n, key in enumerate(keys[5:]):
+        with pytest.raises(TokenRejected, match="this user's agents"):
+            use(key, n, "mallory")
+    for n in range(5):
+        use(alice_key, n, "alice")
+    use(keys[0], 9, "bob")
+
+
+CHECK_PATH = "/agentid.v1.AgentIdentityService/Check"
+
+
+async def test_a_call_the_method_policy_refuses_spends_no_proof(
+    harness: Harness, agent_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """An agent calling Check (a service's method) with its proof is refused by the method
+    policy, and the proof is not remembered: refused again the same way, never as a replay.
+    Before, authentication remembered it first, so refused calls filled the replay cache."""
+    from tests.conftest import bearer, error_info
+
+    token = await bound_token(harness, agent_key)
+    pop = proof(agent_key, token, htu=CHECK_PATH)
+    request = pb.CheckRequest(token=token, action="payments.transfer")
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await harness.stub.Check(request, metadata=(*bearer(token), ("dpop", pop)))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(caught.value).reason == "CALLER_NOT_ALLOWED"
+
+
+async def test_mallorys_agents_cannot_make_alices_proofs_fail(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """The replay cache is shared out by user: Mallory's agents, with a key each, calling what
+    they may (StepUp) until their share is full and what they may not (Check) as often as they
+    like, leave Alice's agent's proofs passing, in Check and as a caller."""
+    from tests.conftest import ISSUER, bearer, error_info, running_harness, with_config
+
+    tokens = {
+        "issuer": ISSUER, "kek_file": str(tmp_path / "kek"),
+        "dpop_replay_cache_bytes": 16384, "dpop_replay_bytes_per_user": 4096,
+    }  # fmt: skip
+    async with running_harness(tmp_path, idp, clock, mutate=with_config(tokens=tokens)) as h:
+        mallory_keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(4)]
+        mallory = [
+            await h.delegate(h.idp.token(sub="mallory"), scopes=["tickets.read"], jkt=thumbprint(public_jwk(k.public_key())))
+            for k in mallory_keys
+        ]  # fmt: skip
+        step_up = pb.StepUpRequest(action="tickets.read", resource="ticket/1")
+        for n in range(20):  # 4096 bytes hold 11 proofs
+            key, session = mallory_keys[n % 4], mallory[n % 4]
+            pop = proof(key, session.token, htu=CHECK_PATH)
+            with pytest.raises(grpc.aio.AioRpcError):  # refused by the method policy
+                await h.stub.Check(
+                    pb.CheckRequest(token=session.token, action="tickets.read"),
+                    metadata=(*bearer(session.token), ("dpop", pop)),
+                )
+        refused = None
+        for n in range(20):
+            key, session = mallory_keys[n % 4], mallory[n % 4]
+            metadata = (*bearer(session.token), ("dpop", proof(key, session.token, htu=STEP_UP)))
+            try:
+                await h.stub.StepUp(step_up, metadata=metadata)
+            except grpc.aio.AioRpcError as error:
+                refused = error
+                break
+        assert refused is not None
+        assert n == 11  # the policy-refused calls took no room
+        assert error_info(refused).reason == "PROOF_OF_POSSESSION_FAILED"
+        assert "this user's agents" in (refused.details() or "")
+        alice_key = ec.generate_private_key(ec.SECP256R1())
+        alice = await bound_token(h, alice_key)
+        assert (await check(h, alice, proof(alice_key, alice))).decision == pb.DECISION_ALLOW
+        metadata = (*bearer(alice), ("dpop", proof(alice_key, alice, htu=STEP_UP)))
+        assert (
+            await h.stub.StepUp(pb.StepUpRequest(action="payments.transfer"), metadata=metadata)
+        ).step_up.id
+
+
+async def test_a_proof_with_an_overlong_jti_is_refused(
+    harness: Harness, agent_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """A jti is remembered for two minutes: one longer than 128 characters is refused (2,600
+    characters each made a full cache about 440 MB)."""
+    token = await bound_token(harness, agent_key)
+    response = await check(harness, token, proof(agent_key, token, jti="j" * 129))
+    assert (response.decision, response.reason) == (
+        pb.DECISION_DENY,
+        pb.REASON_PROOF_OF_POSSESSION_FAILED,
+    )
+    assert "1 to 128 characters" in response.message
+    assert (
+        await check(harness, token, proof(agent_key, token, jti="j" * 128))
+    ).decision == pb.DECISION_ALLOW

@@ -117,6 +117,7 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
         ("[tokens]", 'keepalive_time = "0s"\n[tokens]', "server.keepalive_time", "positive"),
         ('default_ttl = "20m"', 'default_ttl = "20m"\npublish_ahead = "31d"', "tokens.publish_ahead", "shorter than rotation_period"),
         ('default_ttl = "20m"', 'default_ttl = "20m"\npublish_ahead = "1m"', "tokens.publish_ahead", "twice revocation.prune_interval"),
+        ('default_ttl = "20m"', 'default_ttl = "20m"\nnbf_leeway = "-5s"', "tokens.nbf_leeway", "not a duration"),
     ],
 )  # fmt: skip
 def test_errors_name_the_file_and_the_key(
@@ -259,3 +260,13 @@ def test_reuse_port_is_a_boolean_also_from_the_environment() -> None:
         "server.reuse_port",
         "must be true or false",
     )
+
+
+@pytest.mark.parametrize(
+    ("line", "seconds"), [("", 5.0), ('nbf_leeway = "0s"', 0.0), ("nbf_leeway = 0", 0.0), ('nbf_leeway = "2s"', 2.0)]
+)  # fmt: skip
+def test_nbf_leeway_defaults_to_5s_and_may_be_none(
+    tmp_path: Path, line: str, seconds: float
+) -> None:
+    path = write(tmp_path, GOOD.replace("[tokens]", f"[tokens]\n{line}"))
+    assert load_settings(path, environ={}).tokens.nbf_leeway == seconds

@@ -39,12 +39,19 @@ async def test_a_failed_fetch_logs_no_credentials_or_query(
 
 
 def _verifier(
-    tmp_path: Path, idp: IdpFixture, *, cache_size: int = 16, **idp_settings: float
+    tmp_path: Path,
+    idp: IdpFixture,
+    *,
+    cache_size: int = 16,
+    cache_bytes: int = 1 << 20,
+    **idp_settings: float,
 ) -> IdpVerifier:
     """A verifier of the test IdP without leeway (``idp_settings``: more of [[idp]]'s)."""
     settings = make_settings(tmp_path, idp)
     idps = [dataclasses.replace(s, leeway=0.0, **idp_settings) for s in settings.idps]
-    return IdpVerifier(idps, settings.server.max_token_bytes, cache_size=cache_size)
+    return IdpVerifier(
+        idps, settings.server.max_token_bytes, cache_size=cache_size, cache_bytes=cache_bytes
+    )
 
 
 async def test_a_remembered_token_is_refused_once_it_expires(
@@ -90,6 +97,24 @@ async def test_remembered_tokens_are_bounded_and_the_least_recently_used_goes_fi
     for token in (a, b, a, c):
         await verifier.verify(token)
     assert set(verifier._verified) == {a, c}
+
+
+async def test_remembered_tokens_are_bounded_in_bytes_too(tmp_path: Path, idp: IdpFixture) -> None:
+    """Count alone let callers pick the memory: large tokens (many scopes) fill a byte budget
+    (an over-estimate of their memory, cached_bytes) long before the count, oldest out first."""
+    from agentid_server.tokens.agent_tokens import cached_bytes
+
+    scope = " ".join(f"tickets.s{n}" for n in range(60))
+    tokens = [idp.token(sub=f"u{n}", scope=scope) for n in range(8)]
+    budget = 3 * cached_bytes(tokens[0], 60) + 100
+    verifier = _verifier(tmp_path, idp, cache_size=100, cache_bytes=budget)
+    await verifier.load()
+    for token in tokens:
+        await verifier.verify(token)
+    assert list(verifier._verified) == tokens[-3:]
+    await verifier.verify(tokens[-3])  # used again: the most recent, and nothing counted twice
+    assert list(verifier._verified) == [tokens[-2], tokens[-1], tokens[-3]]
+    assert verifier._bytes == sum(cached_bytes(t, 60) for t in tokens[-3:])
 
 
 async def test_a_tampered_copy_of_a_remembered_token_is_still_refused(

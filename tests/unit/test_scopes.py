@@ -124,8 +124,19 @@ def test_uncovered_names_what_is_missing() -> None:
 def test_delegate_action_is_held_through_wildcards() -> None:
     assert ScopeSet.parse(["agentid.*"]).allows_action("agentid.delegate")
     assert ScopeSet.parse(["*"]).allows_action("agentid.delegate")
-    assert ScopeSet.parse(["agentid.delegate:x/1"]).allows_action("agentid.delegate")
     assert not ScopeSet.parse(["agentid.read"]).allows_action("agentid.delegate")
+
+
+def test_delegate_action_is_held_only_as_a_check_without_resource_would_allow_it() -> None:
+    """A scope with a resource part allows the action only on resources: `Check
+    agentid.delegate` with no resource denies it, and so does holding it (issue 12)."""
+    for texts in (["agentid.delegate:x/1"], ["*:ticket/**"], ["agentid.*:none/x"]):
+        held = ScopeSet.parse(texts)
+        assert not held.allows_action("agentid.delegate"), texts
+        assert held.first_match(("agentid", "delegate"), ()) is None
+    assert ScopeSet.parse(["tickets.read:x/1", "agentid.delegate"]).allows_action(
+        "agentid.delegate"
+    )
 
 
 # -- property tests: covering is sound -----------------------------------------------------------

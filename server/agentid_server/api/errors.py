@@ -3,8 +3,10 @@ requests, google.rpc.BadRequest. One table; messages never carry secrets."""
 
 from __future__ import annotations
 
+import math
+
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -36,13 +38,19 @@ def status_for(
     reason: str,
     metadata: dict[str, str] | None = None,
     violations: list[errors.FieldViolation] | None = None,
+    retry_after: float | None = None,
 ) -> grpc.Status:
-    """A grpc.Status whose trailing metadata carries google.rpc.Status with ErrorInfo."""
+    """A grpc.Status whose trailing metadata carries google.rpc.Status with ErrorInfo (and
+    RetryInfo when ``retry_after`` seconds are known)."""
     details = [
         _packed(
             error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
         )
     ]
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(math.ceil(retry_after * 1000) * 1_000_000)  # whole milliseconds
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     if violations:
         details.append(
             _packed(
@@ -65,7 +73,8 @@ def status_from_error(error: errors.AgentIdError) -> grpc.Status:
         (c for cls, c in _CODES.items() if isinstance(error, cls)), grpc.StatusCode.INTERNAL
     )
     violations = error.violations if isinstance(error, errors.InvalidArgument) else None
-    return status_for(code, error.message, error.reason, error.metadata, violations)
+    retry_after = error.retry_after if isinstance(error, errors.ResourceExhausted) else None
+    return status_for(code, error.message, error.reason, error.metadata, violations, retry_after)
 
 
 def internal_status(trace_id: str) -> grpc.Status:

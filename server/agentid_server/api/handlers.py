@@ -35,6 +35,8 @@ class Authenticator(Protocol):
         method: str = "",
     ) -> Principal: ...
 
+    async def spend_proof(self, principal: Principal) -> None: ...
+
 
 class CallObserver(Protocol):
     """Telemetry of calls (telemetry.Telemetry): ``begin`` starts one and returns the function
@@ -127,6 +129,8 @@ class _Call:
                 ),
             )
             raise
+        if principal is not None:  # its DPoP proof is spent only by a call it may make
+            await self.authn.spend_proof(principal)
         return request, principal
 
 

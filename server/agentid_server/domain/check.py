@@ -79,9 +79,12 @@ class Checker:
         clock: Clock,
         max_token_bytes: int,
         proof_ledger: ProofLedger | None = None,
+        nbf_leeway: float = 0.0,
     ) -> None:
         """``proof_ledger``: where DPoP proofs are spent when several servers share the store
-        (each server's ``proofs`` remembers only what it saw itself)."""
+        (each server's ``proofs`` remembers only what it saw itself). ``nbf_leeway``: how far
+        ahead of this clock a token's `nbf` may be (`tokens.nbf_leeway`)."""
+        self._nbf_leeway = nbf_leeway
         self._verifier = verifier
         self._proofs = proofs
         self._ledger = proof_ledger
@@ -109,6 +112,8 @@ class Checker:
             decision, reason, message, matched, proof = self._decide(
                 claims, caller, request, action, resource, now
             )
+            if proof is not None:  # spent once decided: a decision used it
+                self._proofs.spend(proof, now)
             if decision is Decision.ALLOW and len(self._risks):
                 rule = (
                     self._risks.first_firing(
@@ -118,6 +123,7 @@ class Checker:
                 )
         except TokenRejected as rejected:
             decision, reason, message = Decision.DENY, rejected.reason, rejected.message
+            matched, proof = "", None
 
         def event(decision: Decision, reason: Reason, step_up_id: str = "") -> AuditEvent:
             return AuditEvent(
@@ -195,7 +201,7 @@ class Checker:
         now: float,
     ) -> tuple[Decision, Reason, str, str, ProofUse | None]:
         """The decision, its reason, message and matching scope, and the proof it used."""
-        check_token_times(claims, now)
+        check_token_times(claims, now, self._nbf_leeway)
         if claims.serial in self._revocations:
             return Decision.DENY, Reason.SESSION_REVOKED, "the session has been revoked", "", None
         proof = None
@@ -207,6 +213,7 @@ class Checker:
                 uri=request.pop_uri,
                 token=request.token,
                 now=now,
+                owner=claims.user_id,
             )
         if claims.audiences is not None and caller.audience not in claims.audiences:
             return (
@@ -238,11 +245,13 @@ _STEP_UP_MESSAGES = {
 }
 
 
-def check_token_times(claims: AgentClaims, now: float) -> None:
-    """`exp` and `nbf`, with no leeway for our own tokens, on every use (cached or not)."""
+def check_token_times(claims: AgentClaims, now: float, nbf_leeway: float = 0.0) -> None:
+    """`exp` with no leeway, on every use (cached or not); `nbf` with ``nbf_leeway``, so a
+    replica whose clock is a little behind the issuer's accepts a token issued this instant
+    (iat equals nbf in every token we issue)."""
     if now >= claims.expires_at:
         raise TokenRejected(Reason.TOKEN_EXPIRED, "the token has expired")
-    if now < claims.not_before:
+    if now + nbf_leeway < claims.not_before:
         raise TokenRejected(Reason.TOKEN_NOT_YET_VALID, "the token is not valid yet")
 
 

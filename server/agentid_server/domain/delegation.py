@@ -10,7 +10,14 @@ from typing import Any
 
 from ulid import ULID
 
-from agentid_server.domain.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from agentid_server.domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from agentid_server.domain.model import (
     ActorKind,
     AgentClaims,
@@ -23,6 +30,7 @@ from agentid_server.domain.model import (
     unreadable,
 )
 from agentid_server.domain.ports import AgentTokenIssuer, AuditLog, Clock, SessionStore
+from agentid_server.domain.ratelimit import Rate, TokenBuckets
 from agentid_server.domain.revocation import serial_bit
 from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
 
@@ -40,6 +48,23 @@ class TtlPolicy:
     default: int
     minimum: int
     maximum: int
+
+
+NO_LIMIT = Rate(per_minute=0, burst=1)
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationLimits:
+    """What one Delegate may produce: a token no verifier would refuse for its size
+    (`server.max_token_bytes`), and at most ``max_depth`` delegations from the user to the new
+    session (`tokens.max_delegation_depth`: the user's own delegation is 1, a sub-agent adds 1)."""
+
+    max_token_bytes: int = 8192
+    max_depth: int = 5
+    # Delegates a minute, and at once: by one user (every Delegate on their behalf, their
+    # agents' included), and by one agent session (its sub-agents). 0 a minute: no limit.
+    per_user: Rate = NO_LIMIT
+    per_agent: Rate = NO_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +100,11 @@ class Delegator:
         tokens: AgentTokenIssuer,
         audit: AuditLog,
         clock: Clock,
+        limits: DelegationLimits | None = None,
     ) -> None:
+        self._limits = limits or DelegationLimits()
+        self._by_user = TokenBuckets(self._limits.per_user)
+        self._by_agent = TokenBuckets(self._limits.per_agent)
         self._issuer = issuer
         self._agents = agents
         self._ttl = ttl
@@ -97,6 +126,8 @@ class Delegator:
             )
         parent = delegator.claims if isinstance(delegator, AgentPrincipal) else None
         holder = _holder_scopes(delegator)
+        if parent is not None:
+            _require_depth(parent, self._limits.max_depth)
         _require_covered(holder, requested, "SCOPE_ESCALATION", "the delegator holds")
         _require_covered(
             agent.max_scopes, requested, "AGENT_SCOPE_EXCEEDED", f"agent {agent.id!r} may hold"
@@ -107,6 +138,7 @@ class Delegator:
         now = int(self._clock.now())
         ttl = self._granted_ttl(request.ttl_seconds, agent, parent, now)
         user_id = parent.user_id if parent else _user_id(delegator)
+        self._admit(user_id, parent, self._clock.now())
         session = SessionRecord(
             id=new_session_id(),
             serial=await self._sessions.allocate_serial(),
@@ -121,6 +153,7 @@ class Delegator:
             parent_id=parent.session_id if parent else "",
         )
         token = self._tokens.issue(self._claims(session, parent))
+        _require_usable_size(token, self._limits.max_token_bytes)
         actor_kind, actor_id = (
             (ActorKind.AGENT, parent.session_id) if parent else (ActorKind.USER, user_id)
         )
@@ -141,6 +174,33 @@ class Delegator:
             new_session=session,
         )
         return Delegation(session=session, token=token)
+
+    def _admit(self, user_id: str, parent: AgentClaims | None, now: float) -> None:
+        """Takes a token of the user's bucket and, for a sub-agent, of the delegating
+        session's; RESOURCE_EXHAUSTED / RATE_LIMITED, naming the bound, when either is empty
+        (then neither is taken)."""
+        waits = [(self._by_user.wait(user_id, now), "delegate_per_user", self._by_user)]
+        if parent is not None:
+            agent_wait = self._by_agent.wait(parent.session_id, now)
+            waits.append((agent_wait, "delegate_per_agent", self._by_agent))
+        wait, bound, buckets = max(waits, key=lambda w: w[0])
+        if wait > 0:
+            rate = buckets.rate
+            raise ResourceExhausted(
+                f"too many Delegate calls: at most {rate.burst} at once and {rate.per_minute:g}"
+                f" a minute {'per user' if bound == 'delegate_per_user' else 'per agent session'}"
+                f" (tokens.{bound}_per_minute, tokens.{bound}_burst); retry in {wait:.1f}s",
+                reason="RATE_LIMITED",
+                metadata={
+                    "limit": f"tokens.{bound}_per_minute",
+                    "per_minute": f"{rate.per_minute:g}",
+                    "burst": str(rate.burst),
+                },
+                retry_after=wait,
+            )
+        self._by_user.take(user_id, now)
+        if parent is not None:
+            self._by_agent.take(parent.session_id, now)
 
     def _granted_ttl(
         self, requested: int | None, agent: AgentKind, parent: AgentClaims | None, now: int
@@ -233,6 +293,41 @@ def _holder_scopes(delegator: UserPrincipal | AgentPrincipal) -> ScopeSet:
             reason="DELEGATION_NOT_GRANTED",
         )
     return claims.scopes
+
+
+def delegation_depth(claims: AgentClaims) -> int:
+    """How many delegations lead from the user to this session: its nested `act` levels."""
+    depth, act = 1, claims.act.get("act")
+    while isinstance(act, Mapping):  # the parent's act, nested in this one's
+        depth += 1
+        act = act.get("act")
+    return depth
+
+
+def _require_depth(parent: AgentClaims, max_depth: int) -> None:
+    depth = delegation_depth(parent) + 1
+    if depth > max_depth:
+        raise FailedPrecondition(
+            f"a sub-agent of this session would be {depth} delegations from the user;"
+            f" at most {max_depth} are allowed (tokens.max_delegation_depth)",
+            reason="DELEGATION_TOO_DEEP",
+            metadata={"max_delegation_depth": str(max_depth)},
+        )
+
+
+def _require_usable_size(token: str, max_bytes: int) -> None:
+    """A token larger than every verifier takes (Check refuses it unread) is never handed out."""
+    if len(token) > max_bytes:
+        problem = (
+            f"the agent token would be {len(token)} bytes, over server.max_token_bytes"
+            f" ({max_bytes}): request fewer or shorter scopes, audiences or task"
+        )
+        raise InvalidArgument(
+            problem,
+            violations=[FieldViolation("request", problem)],
+            reason="TOKEN_TOO_LARGE",
+            metadata={"max_token_bytes": str(max_bytes), "token_bytes": str(len(token))},
+        )
 
 
 def _require_covered(holder: ScopeSet, requested: list[Scope], reason: str, whose: str) -> None:

@@ -83,7 +83,21 @@ class OutOfRange(AgentIdError):
 
 
 class ResourceExhausted(AgentIdError):
+    """A bound was reached; ``retry_after``: seconds after which trying again may succeed
+    (google.rpc.RetryInfo), when that is known."""
+
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after = retry_after
 
 
 class Unavailable(AgentIdError):

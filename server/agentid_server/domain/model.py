@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agentid_server.domain.scopes import ScopeSet
@@ -90,13 +90,28 @@ class UserPrincipal:
     auth_time: int | None = None
     acr: str | None = None
     valid_until: float | None = None  # the token's exp + the IdP's leeway: streams end then
+    clock_leeway: float = 0.0  # its IdP's (`[[idp]] leeway`): how far ahead auth_time may be
+
+
+@dataclass(frozen=True, slots=True)
+class ProofUse:
+    """A verified DPoP proof, used once: its key's thumbprint, its `jti`, until when it must
+    stay spent (after that its `iat` is too old for it to verify again), and the user whose
+    session's token it accompanied (whose share of the replay cache it takes)."""
+
+    jkt: str
+    jti: str
+    until: float
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class AgentPrincipal:
-    """An agent session, authenticated by its own (unrevoked, unexpired) agent token."""
+    """An agent session, authenticated by its own (unrevoked, unexpired) agent token; ``proof``
+    is the call's verified DPoP proof (a key-bound token), spent once the call is authorised."""
 
     claims: AgentClaims
+    proof: ProofUse | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

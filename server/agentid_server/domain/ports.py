@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agentid_server.domain.model import AgentClaims, AuditEvent, Reason, SessionRecord
+from agentid_server.domain.model import ProofUse as ProofUse  # where it lived first
 from agentid_server.domain.revocation import Revocation
 
 
@@ -33,16 +33,6 @@ class AgentTokenVerifier(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class ProofUse:
-    """A verified DPoP proof, used once: its key's thumbprint, its `jti`, and until when it must
-    stay spent (after that its `iat` is too old for it to verify again)."""
-
-    jkt: str
-    jti: str
-    until: float
-
-
 class ProofVerifier(Protocol):
     def verify(
         self,
@@ -54,10 +44,17 @@ class ProofVerifier(Protocol):
         token: str,
         now: float,
         path_only: bool = False,
+        owner: str = "",
     ) -> ProofUse:
-        """Checks a DPoP proof (RFC 9449) for a token bound to ``jkt``, and that this process has
-        not seen it before; raises TokenRejected with REASON_PROOF_OF_POSSESSION_FAILED. With
-        ``path_only`` only the path of its htu counts."""
+        """Checks a DPoP proof (RFC 9449) for a token bound to ``jkt`` (delegated by user
+        ``owner``), and that this process has not spent it; raises TokenRejected with
+        REASON_PROOF_OF_POSSESSION_FAILED. With ``path_only`` only the path of its htu counts.
+        Nothing is remembered: ``spend`` does that, once the call is allowed to use it."""
+        ...
+
+    def spend(self, use: ProofUse, now: float) -> None:
+        """Remembers the proof as used in this process, so it is refused from now on; raises
+        TokenRejected when it already was, or when no room is left for it (fail closed)."""
         ...
 
 

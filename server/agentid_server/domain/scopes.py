@@ -249,9 +249,10 @@ class ScopeSet:
         return None
 
     def allows_action(self, action: str) -> bool:
-        """Some scope matches ``action`` (any resource): how `agentid.delegate` is held."""
-        segments = tuple(action.split("."))
-        return any(scope.matches_action(segments) for scope in self.scopes)
+        """Some scope allows ``action`` with no resource, as a Check of it with an empty
+        resource would: how `agentid.delegate` is held. A scope with a resource part
+        (`*:ticket/**`, `agentid.delegate:x/1`) allows it only on resources, so not this."""
+        return self.first_match(tuple(action.split(".")), ()) is not None
 
     def uncovered(self, requested: Sequence[Scope]) -> list[Scope]:
         """The requested scopes that no single scope of this set covers."""

@@ -301,11 +301,16 @@ class StepUps:
 
     def _require_fresh_login(self, user: UserPrincipal, now: float) -> None:
         policy = self._policy
-        fresh = user.auth_time is not None and now - user.auth_time <= policy.max_auth_age
+        age = None if user.auth_time is None else now - user.auth_time
+        # A login in the future (beyond the IdP's clock leeway) is no evidence of a fresh one.
+        future = age is not None and age < -user.clock_leeway
+        fresh = age is not None and not future and age <= policy.max_auth_age
         acr_ok = not policy.accepted_acr or user.acr in policy.accepted_acr
         if not (fresh and acr_ok):
             raise Unauthenticated(
-                "approving needs a fresh login at your identity provider",
+                "the IdP token's auth_time lies in the future: log in at your identity provider"
+                if future
+                else "approving needs a fresh login at your identity provider",
                 reason="INSUFFICIENT_USER_AUTHENTICATION",
                 metadata={
                     "max_age": str(policy.max_auth_age),

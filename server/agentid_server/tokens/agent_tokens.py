@@ -46,22 +46,45 @@ class AgentTokenIssuer:
         )
 
 
-class AgentTokenVerifier:
-    """Verifies agent tokens against our own public keys; caches verified claims per token."""
+DEFAULT_CACHE_BYTES = 256 << 20
 
-    def __init__(self, issuer: str, keys: KeyRing, cache_size: int) -> None:
+
+def cached_bytes(token: str, scopes: int) -> int:
+    """What remembering a verified token costs, over-estimated from measurements (the token as
+    the key; its claims, parsed scopes and strings about two more copies; each parsed scope
+    about 500 bytes of objects): the cache is bounded by this, not only by a count of tokens,
+    whose size the caller chooses."""
+    return 1024 + 3 * len(token) + 512 * scopes
+
+
+class AgentTokenVerifier:
+    """Verifies agent tokens against our own public keys; caches verified claims per token, at
+    most ``cache_size`` tokens and ``cache_bytes`` of them (as ``cached_bytes`` counts)."""
+
+    def __init__(
+        self, issuer: str, keys: KeyRing, cache_size: int, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         self._issuer = issuer
         self._keys = keys
         self._cache: dict[str, AgentClaims] = {}
         self._cache_size = max(1, cache_size)
+        self._cache_bytes = cache_bytes
+        self._bytes = 0
 
     def verify(self, token: str) -> AgentClaims:
         cache = self._cache
         claims = cache.pop(token, None)
         if claims is None:
             claims = self._verify_signature_and_shape(token)
-            if len(cache) >= self._cache_size:
-                del cache[next(iter(cache))]  # least recently used first: dicts keep order
+            cost = cached_bytes(token, len(claims.scopes.scopes))
+            if cost > self._cache_bytes:
+                return claims  # larger than the whole cache: verified, not remembered
+            while cache and (
+                len(cache) >= self._cache_size or self._bytes + cost > self._cache_bytes
+            ):
+                oldest = next(iter(cache))  # least recently used first: dicts keep order
+                self._bytes -= cached_bytes(oldest, len(cache.pop(oldest).scopes.scopes))
+            self._bytes += cost
         cache[token] = claims  # (re)inserted last: the most recently used
         return claims
 
@@ -73,7 +96,7 @@ class AgentTokenVerifier:
         no `crit`, a known `kid`, the key's own algorithm, the signature, `iss`, required claims.
         """
         parts = token.split(".")
-        if len(parts) != 3 or not all(_B64URL.fullmatch(p) for p in parts):
+        if len(parts) != 3 or not all(_canonical_b64url(p) for p in parts):
             raise TokenRejected(Reason.TOKEN_MALFORMED, "not a well-formed compact JWS")
         header_part, payload_part, signature_part = parts
         header = json_object(header_part)
@@ -124,6 +147,20 @@ def _signature_valid(key: SigningKey, signature: bytes, signing_input: bytes) ->
 
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_UNUSED_BITS = (0, 0, 0b1111, 0b11)  # by length % 4: the last character's bits past the data
+
+
+def _canonical_b64url(part: str) -> bool:
+    """Unpadded base64url in its one canonical form: the alphabet only, a possible length, and
+    the last character's unused bits zero. Otherwise 16 (or 4) spellings of one signature would
+    all verify, which PyJWT refuses (as a malformed token)."""
+    if not _B64URL.fullmatch(part):
+        return False
+    rest = len(part) % 4
+    if rest == 1:
+        return False
+    return not rest or not _B64URL_ALPHABET.index(part[-1]) & _UNUSED_BITS[rest]
 
 
 def _b64decode(part: str) -> bytes:
@@ -153,9 +190,20 @@ def _es256_valid(public: Any, signature: bytes, signing_input: bytes) -> bool:
     return True
 
 
+SHARED_SCOPE_CLAIM = 1024  # longer scope claims are parsed for their token alone
+
+
 @lru_cache(maxsize=4096)
-def _scope_set(scope: str) -> ScopeSet:
+def _shared_scope_set(scope: str) -> ScopeSet:
     """Parsed and compiled once per distinct scope claim (sessions of one kind share theirs)."""
+    return ScopeSet.parse(scope.split())
+
+
+def _scope_set(scope: str) -> ScopeSet:
+    # Only short claims are shared: 4096 long ones (64 scopes of 512 characters each) would
+    # hold half a gigabyte outside the byte-bounded token cache.
+    if len(scope) <= SHARED_SCOPE_CLAIM:
+        return _shared_scope_set(scope)
     return ScopeSet.parse(scope.split())
 
 

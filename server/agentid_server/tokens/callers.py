@@ -47,6 +47,10 @@ def _jwt_type(credential: str) -> str | None:
     return typ if isinstance(typ, str) else ""
 
 
+def _refused(rejected: TokenRejected) -> Unauthenticated:
+    return Unauthenticated(f"agent token refused: {rejected.message}", reason=rejected.reason.name)
+
+
 class CallerAuthenticator:
     def __init__(
         self,
@@ -59,8 +63,11 @@ class CallerAuthenticator:
         revocations: RevocationSet,
         clock: Clock,
         proof_ledger: ProofLedger | None = None,
+        nbf_leeway: float = 0.0,
     ) -> None:
-        """``proof_ledger``: where DPoP proofs are spent when several servers share the store."""
+        """``proof_ledger``: where DPoP proofs are spent when several servers share the store;
+        ``nbf_leeway``: how far ahead of this clock an agent token's `nbf` may be."""
+        self._nbf_leeway = nbf_leeway
         self._services = dict(services)
         self._certified = dict(certified or {})
         self._known_keys: dict[str, ServicePrincipal] = {}
@@ -107,23 +114,33 @@ class CallerAuthenticator:
         now = self._clock.now()
         try:
             claims = self._agents.verify(token)
-            check_token_times(claims, now)
+            check_token_times(claims, now, self._nbf_leeway)
             if claims.serial in self._revocations:  # before its proof is remembered or spent
                 raise Unauthenticated(
                     "the agent session has been revoked", reason="SESSION_REVOKED"
                 )
+            use = None
             if claims.jkt:
                 use = self._proofs.verify(
                     proof, jkt=claims.jkt, method="POST", uri=method, token=token, now=now,
-                    path_only=True,
+                    path_only=True, owner=claims.user_id,
                 )  # fmt: skip
-                if self._ledger is not None:
-                    await self._ledger.spend(use)
         except TokenRejected as rejected:
-            raise Unauthenticated(
-                f"agent token refused: {rejected.message}", reason=rejected.reason.name
-            ) from None
-        return AgentPrincipal(claims)
+            raise _refused(rejected) from None
+        return AgentPrincipal(claims, use)
+
+    async def spend_proof(self, principal: Principal) -> None:
+        """Spends the call's DPoP proof, if its caller presented one, once the method policy
+        allowed the call: a call refused earlier leaves nothing remembered, so refused calls
+        cannot fill the replay cache (nor the shared ledger)."""
+        if not isinstance(principal, AgentPrincipal) or principal.proof is None:
+            return
+        try:
+            self._proofs.spend(principal.proof, self._clock.now())
+            if self._ledger is not None:
+                await self._ledger.spend(principal.proof)
+        except TokenRejected as rejected:
+            raise _refused(rejected) from None
 
     def _certified_service(self, identities: Iterable[bytes]) -> ServicePrincipal:
         for identity in identities:

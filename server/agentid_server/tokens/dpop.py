@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from agentid_server.domain.model import Reason
-from agentid_server.domain.ports import PROOF_ALREADY_USED, ProofUse, TokenRejected
+from agentid_server.domain.model import ProofUse, Reason
+from agentid_server.domain.ports import PROOF_ALREADY_USED, TokenRejected
 from agentid_server.tokens.jwk import b64url, thumbprint
 
 PROOF_TYPE = "dpop+jwt"
@@ -77,17 +77,36 @@ def _same_target(htu: str, uri: str, path_only: bool) -> bool:
         return False
 
 
-class DpopVerifier:
-    """Verifies proofs: key thumbprint, signature, htm, htu, ath, freshness, and one use per jti."""
+REPLAY_CACHE_BYTES = 64 << 20
+REPLAY_BYTES_PER_USER = 8 << 20
+MAX_JTI_LENGTH = 128  # a UUID is 36 characters; longer ones would only fill the replay cache
+# What one remembered proof costs beyond its jti's characters (measured: a dict slot, the key
+# tuple, the jti string's header, the value tuple and its float, the key's thumbprint).
+ENTRY_BYTES = 320
 
-    def __init__(self, max_age: float = 60.0, replay_capacity: int = 100_000) -> None:
+
+class DpopVerifier:
+    """Verifies proofs (key thumbprint, signature, htm, htu, ath, freshness) and spends each once.
+
+    Spent proofs are remembered until they are too old to verify again, in at most
+    ``cache_bytes``, of which the agents of one user (the token's `sub`) may hold
+    ``bytes_per_user``: keys and agents cost nothing to make, users do, so one user's agents
+    filling the cache refuse their own proofs, never another user's. Full, it refuses new proofs
+    rather than forget live ones (which could then be replayed)."""
+
+    def __init__(
+        self,
+        max_age: float = 60.0,
+        cache_bytes: int = REPLAY_CACHE_BYTES,
+        bytes_per_user: int = REPLAY_BYTES_PER_USER,
+    ) -> None:
         self._max_age = max_age
-        self._seen: dict[tuple[str, str], float] = {}  # (jkt, jti) -> when it may be forgotten
-        self._capacity = replay_capacity
-        # One key may hold a tenth of the cache: an agent minting proofs to fill it refuses
-        # only its own, not every bound agent's.
-        self._per_key_capacity = max(1, replay_capacity // 10)
-        self._per_key: dict[str, int] = {}
+        # (jkt, jti) -> (when it may be forgotten, its owner); in the order they expire.
+        self._seen: dict[tuple[str, str], tuple[float, str]] = {}
+        self._capacity = cache_bytes
+        self._per_user_capacity = min(bytes_per_user, cache_bytes)
+        self._bytes = 0
+        self._per_user: dict[str, int] = {}
 
     def verify(
         self,
@@ -99,9 +118,11 @@ class DpopVerifier:
         token: str,
         now: float,
         path_only: bool = False,
+        owner: str = "",
     ) -> ProofUse:
         """``path_only``: ``uri`` is a path, and only the path of the proof's htu must equal it
-        (agentid's own methods, reached under whatever host a deployment gives it)."""
+        (agentid's own methods, reached under whatever host a deployment gives it). Nothing is
+        remembered here: ``spend`` the use once the call may go on."""
         if not proof:
             raise _fail("the token is bound to a key: a DPoP proof is required")
         if len(proof) > MAX_PROOF_BYTES:
@@ -140,32 +161,50 @@ class DpopVerifier:
         iat = claims.get("iat")
         if not isinstance(iat, int | float) or abs(now - iat) > self._max_age:
             raise _fail("the DPoP proof is stale or from the future")
-        return self._remember(jkt, str(claims["jti"]), now)
-
-    def _remember(self, jkt: str, jti: str, now: float) -> ProofUse:
-        key = (jkt, jti)
-        seen = self._seen
-        if key in seen and seen[key] > now:
+        jti = claims["jti"]
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
+            raise _fail(f"the DPoP proof's jti must be 1 to {MAX_JTI_LENGTH} characters")
+        spent = self._seen.get((jkt, jti))
+        if spent is not None and spent[0] > now:
             raise _fail(PROOF_ALREADY_USED)
-        if seen.pop(key, None) is not None:  # an expired entry of the same proof: re-added last
-            self._forget(jkt)
+        # iat may be max_age ahead, and max_age old at most: it verifies for 2 x max_age.
+        return ProofUse(jkt, jti, now + 2 * self._max_age, owner)
+
+    def spend(self, use: ProofUse, now: float) -> None:
+        """Remembers the use, so the proof is refused from now on; TokenRejected when it was
+        spent already or there is no room for it."""
+        key = (use.jkt, use.jti)
+        seen = self._seen
+        earlier = seen.get(key)
+        if earlier is not None and earlier[0] > now:
+            raise _fail(PROOF_ALREADY_USED)
+        if earlier is not None:  # an expired entry of the same proof: re-added last
+            del seen[key]
+            self._forget(key, earlier[1])
         # Entries go in in the order they expire: the expired ones are at the front.
-        while seen and next(iter(seen.values())) <= now:
-            old_jkt, _ = next(iter(seen))
-            del seen[next(iter(seen))]
-            self._forget(old_jkt)
-        if len(seen) >= self._capacity or self._per_key.get(jkt, 0) >= self._per_key_capacity:
+        while seen:
+            first = next(iter(seen))
+            until, owner = seen[first]
+            if until > now:
+                break
+            del seen[first]
+            self._forget(first, owner)
+        cost = ENTRY_BYTES + len(use.jti)
+        if self._per_user.get(use.owner, 0) + cost > self._per_user_capacity:
+            raise _fail("too many DPoP proofs of this user's agents at once; retry shortly")
+        if self._bytes + cost > self._capacity:
             # Full of proofs that could still be replayed: forgetting one would let it be. The
             # proof is refused instead (fail closed) until entries expire.
             raise _fail("too many DPoP proofs at once; retry with a new proof shortly")
-        until = now + 2 * self._max_age  # iat may be max_age ahead, and max_age old at most
-        seen[key] = until
-        self._per_key[jkt] = self._per_key.get(jkt, 0) + 1
-        return ProofUse(jkt, jti, until)
+        seen[key] = (use.until, use.owner)
+        self._bytes += cost
+        self._per_user[use.owner] = self._per_user.get(use.owner, 0) + cost
 
-    def _forget(self, jkt: str) -> None:
-        left = self._per_key[jkt] - 1
+    def _forget(self, key: tuple[str, str], owner: str) -> None:
+        cost = ENTRY_BYTES + len(key[1])
+        self._bytes -= cost
+        left = self._per_user[owner] - cost
         if left:
-            self._per_key[jkt] = left
+            self._per_user[owner] = left
         else:
-            del self._per_key[jkt]
+            del self._per_user[owner]

@@ -31,12 +31,14 @@ from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import UserPrincipal
 from agentid_server.domain.revoking import MAX_USER_ID_LENGTH
 from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
+from agentid_server.tokens.agent_tokens import cached_bytes
 
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 1 << 20
 VERIFIED_CACHE_SIZE = 4096  # users' tokens remembered at once; the least recently used go first
+VERIFIED_CACHE_BYTES = 32 << 20  # and the memory they may take, as cached_bytes counts it
 
 
 class JwksCache:
@@ -151,6 +153,10 @@ class _Verified:
     key: IdpKey
 
 
+def _cached_bytes(token: str, verified: _Verified) -> int:
+    return cached_bytes(token, len(verified.principal.grantable.scopes))
+
+
 class IdpVerifier:
     """Turns an IdP token into a UserPrincipal, or raises Unauthenticated with a reason."""
 
@@ -159,6 +165,7 @@ class IdpVerifier:
         idps: Sequence[IdpSettings],
         max_token_bytes: int,
         cache_size: int = VERIFIED_CACHE_SIZE,
+        cache_bytes: int = VERIFIED_CACHE_BYTES,
     ) -> None:
         self._idps = {idp.issuer: idp for idp in idps}
         self._jwks = {
@@ -170,6 +177,8 @@ class IdpVerifier:
         self._max_token_bytes = max_token_bytes
         self._verified: dict[str, _Verified] = {}
         self._cache_size = max(1, cache_size)
+        self._cache_bytes = cache_bytes
+        self._bytes = 0
 
     async def load(self) -> None:
         """Loads every JWKS once at start."""
@@ -180,15 +189,27 @@ class IdpVerifier:
             raise Unauthenticated("the token is too large", reason="TOKEN_TOO_LARGE")
         cache = self._verified
         known = cache.pop(token, None)
-        if (
-            known is None
-            or time.time() >= known.valid_until  # expired: verified again, refused with why
+        if known is not None and (
+            time.time() >= known.valid_until  # expired: verified again, refused with why
             # its key was rotated out (the JWKS read again first when jwks_max_age is up)
             or await known.jwks.key(known.kid) is not known.key
         ):
+            self._bytes -= _cached_bytes(token, known)
+            known = None
+        if known is None:
             known = await self._verify_uncached(token)
-            if len(cache) >= self._cache_size:
-                del cache[next(iter(cache))]  # least recently used first: dicts keep order
+            cost = _cached_bytes(token, known)
+            if cost > self._cache_bytes:
+                return known.principal  # larger than the whole cache: not remembered
+            while cache and (
+                len(cache) >= self._cache_size or self._bytes + cost > self._cache_bytes
+            ):
+                oldest = next(iter(cache))  # least recently used first: dicts keep order
+                self._bytes -= _cached_bytes(oldest, cache.pop(oldest))
+            self._bytes += cost
+        replaced = cache.pop(token, None)  # put back by a call that ran while this one awaited
+        if replaced is not None:
+            self._bytes -= _cached_bytes(token, replaced)
         cache[token] = known  # (re)inserted last: the most recently used
         return known.principal
 
@@ -284,4 +305,5 @@ def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
         if isinstance(auth_time, int) and not isinstance(auth_time, bool)
         else None,
         acr=acr if isinstance(acr, str) else None,
+        clock_leeway=idp.leeway,
     )
