@@ -16,6 +16,7 @@ import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid_server.storage.audit_chain import canonical_bytes, link
 from agentid_server.storage.rows import AUDIT_COLUMNS
+from cryptography.exceptions import InvalidSignature
 
 from tests.conftest import (
     ADMIN_KEY,
@@ -179,7 +180,7 @@ async def test_a_forged_checkpoint_is_found(harness: Harness) -> None:
 async def test_checkpoints_are_written_every_so_many_records_and_logged(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agentid_server.storage.journal")
+    caplog.set_level(logging.INFO, logger="agentid_server")
     async with running_harness(
         tmp_path, idp, clock, mutate=with_config(audit={"checkpoint_records": 3})
     ) as h:
@@ -192,6 +193,32 @@ async def test_checkpoints_are_written_every_so_many_records_and_logged(
         logged = [r.getMessage() for r in caplog.records if "audit checkpoint {" in r.getMessage()]
         assert len(logged) == stored
         assert logged[-1].removeprefix("audit checkpoint ") == result.checkpoints[0]
+    (key_line,) = [
+        r.getMessage() for r in caplog.records if "signed with Ed25519" in r.getMessage()
+    ]
+    public_x = key_line.rsplit("public x=", 1)[1].rstrip(")")
+    for line in logged:  # docs/audit.md's offline check, with the public key from the log
+        offline_check(line.removeprefix("audit checkpoint "), public_x)
+    forged = json.loads(logged[-1].removeprefix("audit checkpoint "))
+    forged["record_id"] += 1
+    with pytest.raises(InvalidSignature):
+        offline_check(json.dumps(forged), public_x)
+
+
+def offline_check(line: str, public_x: str) -> None:
+    """docs/audit.md's snippet, independent of the server's code."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    def b64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    c = json.loads(line)
+    signed = ["agentid.audit.checkpoint", 1, c["chain_id"], c["record_id"], c["hash"], c["time_us"]]
+    public = Ed25519PublicKey.from_public_bytes(b64(public_x))
+    text = json.dumps(signed, ensure_ascii=False, separators=(",", ":"))
+    public.verify(b64(c["sig"]), text.encode())
 
 
 async def test_a_kept_checkpoint_must_be_one(harness: Harness) -> None:

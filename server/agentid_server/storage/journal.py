@@ -203,7 +203,7 @@ class Journal:
         after this are refused as UNAVAILABLE. Stopping twice is harmless."""
         if self._stopping:
             return
-        if self._task is not None:  # the last batch: the head signed, SQLite's id mark lowered
+        if self._task is not None and self._final_batch_due():
             final = _Item(self._future(), job=_no_change, checkpoint=True, final=True)
             final.future.add_done_callback(_quiet)
             self._submit(final)
@@ -237,6 +237,12 @@ class Journal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
+
+    def _final_batch_due(self) -> bool:
+        """Whether a last batch has work: a head to sign, or SQLite's id mark to lower to the
+        next id (so a clean restart skips no id)."""
+        unsigned = self._checkpoint_key is not None and self._since_checkpoint > 0
+        return unsigned or (self._next_id is not None and self._next_id != self._id_mark)
 
     async def _finish_writer(self) -> None:
         """Lets the writer write what is queued, for as long as a write may take (the append
