@@ -122,12 +122,27 @@ async def _verify(client: AgentIdClient, args: argparse.Namespace) -> int:
     return 0
 
 
+LOGGED = "audit checkpoint "  # how the server logs a checkpoint (storage/journal.py)
+
+
 def _read_checkpoints(path: str) -> list[str]:
-    """The checkpoints in a file, one per line: a saved file, or lines of the server's log
-    ("audit checkpoint {...}": the JSON from its first brace)."""
+    """The checkpoints in a file, one per line: as saved, or the server's log lines (text or
+    JSON; other lines are skipped)."""
     with open(path, encoding="utf-8") as file:
-        lines = [line.strip() for line in file]
-    return [line[line.index("{") :] for line in lines if "{" in line]
+        found = (_checkpoint_in(line.strip()) for line in file)
+        return [checkpoint for checkpoint in found if checkpoint]
+
+
+def _checkpoint_in(line: str) -> str | None:
+    try:
+        logged = json.loads(line)
+    except ValueError:
+        logged = None
+    if isinstance(logged, dict) and isinstance(logged.get("message"), str):
+        line = logged["message"]  # a JSON log line
+    if LOGGED in line:
+        return line.split(LOGGED, 1)[1].strip()
+    return line if line.startswith("{") else None
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -254,9 +254,18 @@ async def test_the_command_keeps_a_checkpoint_and_verifies_against_it(
     code, out, err = await agentid_cli(harness, "audit", ADMIN_KEY, "checkpoint")
     assert code == 0, err
     assert json.loads(out)["record_id"] == json.loads(line)["record_id"]
-    printed.write_text(f"2026-12-06 INFO agentid_server.storage.journal audit checkpoint {out}")
+    printed.write_text(
+        "2026-12-06 08:00:00,000 INFO agentid_server.app: serving\n"
+        f"2026-12-06 08:00:01,000 INFO agentid_server.storage.journal: audit checkpoint {out}"
+    )
+    as_json = tmp_path / "json-log"
+    as_json.write_text(
+        json.dumps({"level": "INFO", "message": "serving"})
+        + "\n"
+        + json.dumps({"level": "INFO", "message": f"audit checkpoint {out.strip()}"})
+    )
     last = delete_tail(harness, 3, with_checkpoints=True)[-1]
-    for path in (kept, printed):  # a saved file, or a line of the server's log
+    for path in (kept, printed, as_json):  # a saved file, the server's log (text or JSON)
         code, out, err = await agentid_cli(
             harness, "audit", ADMIN_KEY, "verify", "--checkpoint", str(path)
         )
