@@ -128,10 +128,13 @@ async def test_deleted_ids_are_never_handed_out_again(
 ) -> None:
     first = await start_harness(tmp_path, idp, clock)
     await scenario(first)
+    with sqlite3.connect(tmp_path / "agentid.db") as db:  # committed with the records: a
+        (top,) = db.execute("SELECT max(id) FROM audit_records").fetchone()  # crash keeps it
+        (mark,) = db.execute("SELECT value FROM counters WHERE name = 'audit_next_id'").fetchone()
+    assert mark > top
     await first.channel.close()
     await first.running.stop(grace=1)
     with sqlite3.connect(tmp_path / "agentid.db") as db:
-        (top,) = db.execute("SELECT max(id) FROM audit_records").fetchone()
         db.execute("DELETE FROM audit_records WHERE id > ?", (top - 3,))
     async with running_harness(tmp_path, idp, clock) as second:
         session = await second.delegate()
