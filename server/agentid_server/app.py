@@ -39,6 +39,7 @@ from agentid_server.domain.scopes import ScopeSet
 from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps, step_up_keys
 from agentid_server.domain.streams import StreamGate, StreamLimits
 from agentid_server.storage.audit import AuditRepository, record_from_row
+from agentid_server.storage.checkpoints import CheckpointKey
 from agentid_server.storage.database import (
     INLINE_WRITER_BUSY_TIMEOUT,
     Engines,
@@ -282,6 +283,12 @@ async def build_server(
     # Several (PostgreSQL): followers read every writer's records from the store when rung.
     shared_store = engines.sqlite_writer is None
     audit_bell = Doorbell() if shared_store else None
+    checkpoint_key = CheckpointKey(kek)
+    log.info(
+        "audit checkpoints are signed with Ed25519 key %s (public x=%s)",
+        checkpoint_key.kid,
+        checkpoint_key.public_jwk["x"],
+    )
     journal = Journal(
         engine,
         engines.sqlite_writer,
@@ -289,6 +296,9 @@ async def build_server(
         sqlite_inline=inline,
         on_health=store_health,
         chain_id=settings.audit.chain_id,
+        checkpoint_key=checkpoint_key,
+        checkpoint_records=settings.audit.checkpoint_records,
+        checkpoint_interval=settings.audit.checkpoint_interval,
         on_records=(
             (lambda _rows: audit_bell.ring())
             if audit_bell is not None
@@ -395,10 +405,15 @@ async def build_server(
         revoker=revoker,
         step_ups=step_ups,
         auditor=Auditor(
-            store=AuditRepository(engine, wait_for_writers=settings.database.busy_timeout),
+            store=AuditRepository(
+                engine,
+                wait_for_writers=settings.database.busy_timeout,
+                checkpoint_key=checkpoint_key,
+            ),
             hub=audit_hub,
             bell=audit_bell,
             poll_interval=settings.revocation.poll_interval,
+            checkpoint=journal.checkpoint_now,
         ),
         jwks=ring.jwks,
         max_consistency_wait=settings.server.max_consistency_wait,

@@ -7,6 +7,7 @@ import argparse
 import base64
 import datetime
 import json
+import os
 from typing import Any
 
 from agentid.v1 import agentid_pb2 as pb
@@ -39,9 +40,26 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--follow", action="store_true", help="keep printing new records")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     actions = parser.add_subparsers(dest="audit_command")
-    verify = actions.add_parser("verify", help="recompute the hash chain")
+    verify = actions.add_parser(
+        "verify", help="recompute the hash chain and check its signed checkpoints"
+    )
     verify.add_argument("--from-id", type=int, default=0)
     verify.add_argument("--to-id", type=int, default=0)
+    verify.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="checkpoints kept from earlier (one per line, as saved or as logged): a truncation"
+        " or change below them is found",
+    )
+    verify.add_argument(
+        "--save-checkpoint",
+        metavar="FILE",
+        help="when the chain verifies, write its newest checkpoints (the server signs its head"
+        " first) to FILE, to keep outside the database (may be the --checkpoint FILE)",
+    )
+    actions.add_parser(
+        "checkpoint", help="print a newly signed checkpoint of the server's chain head"
+    )
     export = actions.add_parser("export", help="JSON Lines of a time range, chain fields included")
     export.add_argument("--since", dest="export_since", default=None)
     export.add_argument("--until", dest="export_until", default=None)
@@ -55,13 +73,12 @@ def run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, token: str) -> int:
     async with connect(args, token) as client:
         if args.audit_command == "verify":
-            result = await client.verify_audit(args.from_id, args.to_id)
-            head = result.head_hash.hex()
-            if result.ok:
-                print(f"ok: {result.verified} records verified, head {head}")
-                return 0
-            print(f"BROKEN at record {result.first_bad_id} ({result.verified} verified before it)")
-            return 1
+            return await _verify(client, args)
+        if args.audit_command == "checkpoint":
+            # Past every id: no record to recompute, only the newly signed head to check.
+            result = await client.verify_audit(2**63, checkpoint_now=True)
+            print("\n".join(result.checkpoints))
+            return 0 if result.ok and result.checkpoints else 1
         if args.audit_command == "export":
             return await _export(client, args.export_since, args.export_until)
         request = pb.AuditRequest(
@@ -79,6 +96,60 @@ async def _run(args: argparse.Namespace, token: str) -> int:
         async for record in client.audit(request):
             print(json.dumps(record_json(record)) if args.json else row(record), flush=True)
     return 0
+
+
+async def _verify(client: AgentIdClient, args: argparse.Namespace) -> int:
+    kept = _read_checkpoints(args.checkpoint) if args.checkpoint else []
+    result = await client.verify_audit(
+        args.from_id,
+        args.to_id,
+        checkpoints=kept,
+        checkpoint_now=bool(args.save_checkpoint),
+    )
+    if not result.ok:
+        if result.problem == pb.AUDIT_PROBLEM_BROKEN_LINK:
+            print(f"BROKEN at record {result.first_bad_id} ({result.verified} verified before it)")
+        else:
+            problem = pb.AuditProblem.Name(result.problem).removeprefix("AUDIT_PROBLEM_")
+            print(f"FAILED ({problem}): {result.detail}")
+        return 1
+    print(f"ok: {result.verified} records verified, head {result.head_hash.hex()}")
+    for text in result.checkpoints:
+        kept = json.loads(text)
+        print(f"checkpoint verified: chain {kept['chain_id']} at record {kept['record_id']}")
+    if args.save_checkpoint:
+        _write_atomically(args.save_checkpoint, "".join(f"{t}\n" for t in result.checkpoints))
+    return 0
+
+
+LOGGED = "audit checkpoint "  # how the server logs a checkpoint (storage/journal.py)
+
+
+def _read_checkpoints(path: str) -> list[str]:
+    """The checkpoints in a file, one per line: as saved, or the server's log lines (text or
+    JSON; other lines are skipped)."""
+    with open(path, encoding="utf-8") as file:
+        found = (_checkpoint_in(line.strip()) for line in file)
+        return [checkpoint for checkpoint in found if checkpoint]
+
+
+def _checkpoint_in(line: str) -> str | None:
+    try:
+        logged = json.loads(line)
+    except ValueError:
+        logged = None
+    if isinstance(logged, dict) and isinstance(logged.get("message"), str):
+        line = logged["message"]  # a JSON log line
+    if LOGGED in line:
+        return line.split(LOGGED, 1)[1].strip()
+    return line if line.startswith("{") else None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, path)
 
 
 async def _export(client: AgentIdClient, since: str | None, until: str | None) -> int:

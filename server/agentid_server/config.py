@@ -203,6 +203,10 @@ class RevocationSettings:
 class AuditSettings:
     max_batch: int = 2048
     chain_id: str = "main"
+    # Sign the chain's head (a checkpoint, docs/audit.md) after this many records, and at least
+    # every checkpoint_interval seconds while records arrive (and at stop).
+    checkpoint_records: int = 10_000
+    checkpoint_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -267,7 +271,12 @@ _SCALARS: dict[str, dict[str, str]] = {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
         "accepted_acr": "list", "max_context_bytes": "int",
     },
-    "audit": {"max_batch": "int", "chain_id": "str"},
+    "audit": {
+        "max_batch": "int",
+        "chain_id": "str",
+        "checkpoint_records": "int",
+        "checkpoint_interval": "duration",
+    },
     "revocation": {
         "watch_buffer": "int", "revoke_slice": "int", "prune_interval": "duration",
         "history_retention": "duration",
@@ -578,9 +587,12 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         (server, "max_health_watches", s.server.max_health_watches),
         (sections["revocation"], "revoke_slice", s.revocation.revoke_slice),
         (sections["audit"], "max_batch", s.audit.max_batch),
+        (sections["audit"], "checkpoint_records", s.audit.checkpoint_records),
     ):
         if value < 1:
             raise reader.fail(key, "must be at least 1")
+    if s.audit.checkpoint_interval <= 0:
+        raise sections["audit"].fail("checkpoint_interval", "must be more than 0")
     if not s.database.url:
         raise sections["database"].fail("url", "is required")
     if s.database.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):

@@ -160,6 +160,58 @@ async def test_an_approval_is_consumed_once_across_replicas(
     assert all(r.decision == pb.DECISION_STEP_UP_REQUIRED for r in responses if r is not allowed[0])
 
 
+async def test_checkpoints_find_a_truncated_chain_and_ids_are_never_reused(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Each replica signs its own chain's head; deleting the tail of one chain is found by the
+    stored checkpoint and by one a verifier kept, and the deleted ids are not handed out again
+    after a restart (the sequence)."""
+    await wipe(URL)
+    async with (
+        running_harness(tmp_path, idp, clock, replica(tmp_path, idp, "replica-a")) as a,
+        running_harness(tmp_path, idp, clock, replica(tmp_path, idp, "replica-b")) as b,
+    ):
+        session = await a.delegate(scopes=["tickets.read"])
+        for h in (a, b, a, b, a):
+            await h.check(session.token, "tickets.read")
+        await verify_chains(a, checkpoint_now=True)  # a's head signed
+        kept = await verify_chains(b, checkpoint_now=True)  # b's too; both come back
+        assert [json.loads(c)["chain_id"] for c in kept.checkpoints] == ["replica-a", "replica-b"]
+        engine = create_async_engine(URL)
+        async with engine.begin() as connection:
+            gone = (
+                await connection.execute(
+                    text(
+                        "DELETE FROM audit_records WHERE id IN (SELECT id FROM audit_records"
+                        " WHERE chain_id = 'replica-a' ORDER BY id DESC LIMIT 3) RETURNING id"
+                    )
+                )
+            ).scalars()
+            top = max(gone)
+        result = await verify_chains(b)
+        assert (result.ok, result.problem, result.first_bad_id) == (
+            False,
+            pb.AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING,
+            top,
+        )
+        async with engine.begin() as connection:
+            await connection.execute(text("DELETE FROM audit_checkpoints"))
+        assert (await verify_chains(b)).ok  # the database alone cannot tell any more
+        result = await verify_chains(b, *kept.checkpoints)
+        assert (result.ok, result.problem) == (False, pb.AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING)
+        await engine.dispose()
+    async with running_harness(tmp_path, idp, clock, replica(tmp_path, idp, "replica-a")) as a:
+        later = await a.delegate()
+        assert (await audit(a, session_id=later.session_id))[0].id > top
+
+
+async def verify_chains(
+    h: Harness, *kept: str, checkpoint_now: bool = False
+) -> pb.VerifyAuditResponse:
+    request = pb.VerifyAuditRequest(checkpoints=kept, checkpoint_now=checkpoint_now)
+    return await h.stub.VerifyAudit(request, metadata=bearer(ADMIN_KEY))
+
+
 async def test_a_replica_may_not_share_another_ones_chain(
     replicas: tuple[Harness, Harness], idp: IdpFixture, clock: FakeClock
 ) -> None:

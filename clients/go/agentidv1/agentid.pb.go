@@ -335,6 +335,68 @@ func (ActorKind) EnumDescriptor() ([]byte, []int) {
 	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{4}
 }
 
+// Why a verification failed (docs/audit.md).
+type AuditProblem int32
+
+const (
+	AuditProblem_AUDIT_PROBLEM_UNSPECIFIED AuditProblem = 0
+	// A record's hash is not that of its stored values, or it does not link to its predecessor of
+	// the same chain (changed or removed record).
+	AuditProblem_AUDIT_PROBLEM_BROKEN_LINK AuditProblem = 1
+	// A checkpointed record is missing: the chain was truncated (or the record deleted).
+	AuditProblem_AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING AuditProblem = 2
+	// A checkpointed record has another hash: the chain was re-linked (recomputed) after it.
+	AuditProblem_AUDIT_PROBLEM_CHECKPOINT_MISMATCH AuditProblem = 3
+	// A checkpoint's signature does not verify with this server's checkpoint key (forged, or
+	// signed under another key-encryption key).
+	AuditProblem_AUDIT_PROBLEM_CHECKPOINT_FORGED AuditProblem = 4
+)
+
+// Enum value maps for AuditProblem.
+var (
+	AuditProblem_name = map[int32]string{
+		0: "AUDIT_PROBLEM_UNSPECIFIED",
+		1: "AUDIT_PROBLEM_BROKEN_LINK",
+		2: "AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING",
+		3: "AUDIT_PROBLEM_CHECKPOINT_MISMATCH",
+		4: "AUDIT_PROBLEM_CHECKPOINT_FORGED",
+	}
+	AuditProblem_value = map[string]int32{
+		"AUDIT_PROBLEM_UNSPECIFIED":               0,
+		"AUDIT_PROBLEM_BROKEN_LINK":               1,
+		"AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING": 2,
+		"AUDIT_PROBLEM_CHECKPOINT_MISMATCH":       3,
+		"AUDIT_PROBLEM_CHECKPOINT_FORGED":         4,
+	}
+)
+
+func (x AuditProblem) Enum() *AuditProblem {
+	p := new(AuditProblem)
+	*p = x
+	return p
+}
+
+func (x AuditProblem) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AuditProblem) Descriptor() protoreflect.EnumDescriptor {
+	return file_agentid_v1_agentid_proto_enumTypes[5].Descriptor()
+}
+
+func (AuditProblem) Type() protoreflect.EnumType {
+	return &file_agentid_v1_agentid_proto_enumTypes[5]
+}
+
+func (x AuditProblem) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AuditProblem.Descriptor instead.
+func (AuditProblem) EnumDescriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{5}
+}
+
 // Bearer: a user's IdP token, or an agent token holding `agentid.delegate` for a sub-agent.
 type DelegateRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2032,9 +2094,17 @@ func (x *AuditResponse) GetRecord() *AuditRecord {
 }
 
 type VerifyAuditRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	FromId        uint64                 `protobuf:"varint,1,opt,name=from_id,json=fromId,proto3" json:"from_id,omitempty"`
-	ToId          uint64                 `protobuf:"varint,2,opt,name=to_id,json=toId,proto3" json:"to_id,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	FromId uint64                 `protobuf:"varint,1,opt,name=from_id,json=fromId,proto3" json:"from_id,omitempty"`
+	ToId   uint64                 `protobuf:"varint,2,opt,name=to_id,json=toId,proto3" json:"to_id,omitempty"`
+	// Checkpoints the verifier kept from an earlier answer or from the server's log (the one-line
+	// JSON of VerifyAuditResponse.checkpoints), at most 64 of 2048 bytes each: each must carry the
+	// server's signature and its record must still be in the chain with that hash, whatever the
+	// range (a truncation below a kept checkpoint is found).
+	Checkpoints []string `protobuf:"bytes,3,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	// Sign the head of this server's chain first (a new checkpoint, returned in checkpoints), so
+	// what the verifier keeps covers every record up to now.
+	CheckpointNow bool `protobuf:"varint,4,opt,name=checkpoint_now,json=checkpointNow,proto3" json:"checkpoint_now,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2083,13 +2153,35 @@ func (x *VerifyAuditRequest) GetToId() uint64 {
 	return 0
 }
 
+func (x *VerifyAuditRequest) GetCheckpoints() []string {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return nil
+}
+
+func (x *VerifyAuditRequest) GetCheckpointNow() bool {
+	if x != nil {
+		return x.CheckpointNow
+	}
+	return false
+}
+
 type VerifyAuditResponse struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Ok       bool                   `protobuf:"varint,1,opt,name=ok,proto3" json:"ok,omitempty"`
 	Verified uint64                 `protobuf:"varint,2,opt,name=verified,proto3" json:"verified,omitempty"`
-	// 0 when ok.
-	FirstBadId    uint64 `protobuf:"varint,3,opt,name=first_bad_id,json=firstBadId,proto3" json:"first_bad_id,omitempty"`
-	HeadHash      []byte `protobuf:"bytes,4,opt,name=head_hash,json=headHash,proto3" json:"head_hash,omitempty"`
+	// 0 when ok; with a checkpoint problem, the checkpoint's record id.
+	FirstBadId uint64 `protobuf:"varint,3,opt,name=first_bad_id,json=firstBadId,proto3" json:"first_bad_id,omitempty"`
+	HeadHash   []byte `protobuf:"bytes,4,opt,name=head_hash,json=headHash,proto3" json:"head_hash,omitempty"`
+	// The newest checkpoint of each chain, signature and record checked (one-line JSON each):
+	// keep them outside the database and send them back later as VerifyAuditRequest.checkpoints.
+	Checkpoints []string `protobuf:"bytes,5,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	// UNSPECIFIED when ok.
+	Problem AuditProblem `protobuf:"varint,6,opt,name=problem,proto3,enum=agentid.v1.AuditProblem" json:"problem,omitempty"`
+	// What was found, for a person (no secrets), e.g. "record 41 (checkpoint of chain main) is
+	// missing"; empty when ok.
+	Detail        string `protobuf:"bytes,7,opt,name=detail,proto3" json:"detail,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2150,6 +2242,27 @@ func (x *VerifyAuditResponse) GetHeadHash() []byte {
 		return x.HeadHash
 	}
 	return nil
+}
+
+func (x *VerifyAuditResponse) GetCheckpoints() []string {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return nil
+}
+
+func (x *VerifyAuditResponse) GetProblem() AuditProblem {
+	if x != nil {
+		return x.Problem
+	}
+	return AuditProblem_AUDIT_PROBLEM_UNSPECIFIED
+}
+
+func (x *VerifyAuditResponse) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
 }
 
 type GetJwksRequest struct {
@@ -2395,16 +2508,21 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x06follow\x18\n" +
 	" \x01(\bR\x06follow\"@\n" +
 	"\rAuditResponse\x12/\n" +
-	"\x06record\x18\x01 \x01(\v2\x17.agentid.v1.AuditRecordR\x06record\"B\n" +
+	"\x06record\x18\x01 \x01(\v2\x17.agentid.v1.AuditRecordR\x06record\"\x8b\x01\n" +
 	"\x12VerifyAuditRequest\x12\x17\n" +
 	"\afrom_id\x18\x01 \x01(\x04R\x06fromId\x12\x13\n" +
-	"\x05to_id\x18\x02 \x01(\x04R\x04toId\"\x80\x01\n" +
+	"\x05to_id\x18\x02 \x01(\x04R\x04toId\x12 \n" +
+	"\vcheckpoints\x18\x03 \x03(\tR\vcheckpoints\x12%\n" +
+	"\x0echeckpoint_now\x18\x04 \x01(\bR\rcheckpointNow\"\xee\x01\n" +
 	"\x13VerifyAuditResponse\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x1a\n" +
 	"\bverified\x18\x02 \x01(\x04R\bverified\x12 \n" +
 	"\ffirst_bad_id\x18\x03 \x01(\x04R\n" +
 	"firstBadId\x12\x1b\n" +
-	"\thead_hash\x18\x04 \x01(\fR\bheadHash\"\x10\n" +
+	"\thead_hash\x18\x04 \x01(\fR\bheadHash\x12 \n" +
+	"\vcheckpoints\x18\x05 \x03(\tR\vcheckpoints\x122\n" +
+	"\aproblem\x18\x06 \x01(\x0e2\x18.agentid.v1.AuditProblemR\aproblem\x12\x16\n" +
+	"\x06detail\x18\a \x01(\tR\x06detail\"\x10\n" +
 	"\x0eGetJwksRequest\".\n" +
 	"\x0fGetJwksResponse\x12\x1b\n" +
 	"\tjwks_json\x18\x01 \x01(\tR\bjwksJson*j\n" +
@@ -2447,7 +2565,13 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x16ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fACTOR_KIND_USER\x10\x01\x12\x14\n" +
 	"\x10ACTOR_KIND_AGENT\x10\x02\x12\x16\n" +
-	"\x12ACTOR_KIND_SERVICE\x10\x032\xfd\x05\n" +
+	"\x12ACTOR_KIND_SERVICE\x10\x03*\xc5\x01\n" +
+	"\fAuditProblem\x12\x1d\n" +
+	"\x19AUDIT_PROBLEM_UNSPECIFIED\x10\x00\x12\x1d\n" +
+	"\x19AUDIT_PROBLEM_BROKEN_LINK\x10\x01\x12+\n" +
+	"'AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING\x10\x02\x12%\n" +
+	"!AUDIT_PROBLEM_CHECKPOINT_MISMATCH\x10\x03\x12#\n" +
+	"\x1fAUDIT_PROBLEM_CHECKPOINT_FORGED\x10\x042\xfd\x05\n" +
 	"\x14AgentIdentityService\x12E\n" +
 	"\bDelegate\x12\x1b.agentid.v1.DelegateRequest\x1a\x1c.agentid.v1.DelegateResponse\x12<\n" +
 	"\x05Check\x12\x18.agentid.v1.CheckRequest\x1a\x19.agentid.v1.CheckResponse\x12?\n" +
@@ -2472,7 +2596,7 @@ func file_agentid_v1_agentid_proto_rawDescGZIP() []byte {
 	return file_agentid_v1_agentid_proto_rawDescData
 }
 
-var file_agentid_v1_agentid_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_agentid_v1_agentid_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
 var file_agentid_v1_agentid_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_agentid_v1_agentid_proto_goTypes = []any{
 	(Decision)(0),                    // 0: agentid.v1.Decision
@@ -2480,89 +2604,91 @@ var file_agentid_v1_agentid_proto_goTypes = []any{
 	(StepUpState)(0),                 // 2: agentid.v1.StepUpState
 	(EventType)(0),                   // 3: agentid.v1.EventType
 	(ActorKind)(0),                   // 4: agentid.v1.ActorKind
-	(*DelegateRequest)(nil),          // 5: agentid.v1.DelegateRequest
-	(*DelegateResponse)(nil),         // 6: agentid.v1.DelegateResponse
-	(*CheckRequest)(nil),             // 7: agentid.v1.CheckRequest
-	(*CheckResponse)(nil),            // 8: agentid.v1.CheckResponse
-	(*StepUp)(nil),                   // 9: agentid.v1.StepUp
-	(*StepUpRequest)(nil),            // 10: agentid.v1.StepUpRequest
-	(*StepUpResponse)(nil),           // 11: agentid.v1.StepUpResponse
-	(*ResolveStepUpRequest)(nil),     // 12: agentid.v1.ResolveStepUpRequest
-	(*ResolveStepUpResponse)(nil),    // 13: agentid.v1.ResolveStepUpResponse
-	(*WatchStepUpsRequest)(nil),      // 14: agentid.v1.WatchStepUpsRequest
-	(*WatchStepUpsResponse)(nil),     // 15: agentid.v1.WatchStepUpsResponse
-	(*RevokeRequest)(nil),            // 16: agentid.v1.RevokeRequest
-	(*RevokeResponse)(nil),           // 17: agentid.v1.RevokeResponse
-	(*WatchRevocationsRequest)(nil),  // 18: agentid.v1.WatchRevocationsRequest
-	(*RevocationSnapshot)(nil),       // 19: agentid.v1.RevocationSnapshot
-	(*RevocationEvent)(nil),          // 20: agentid.v1.RevocationEvent
-	(*WatchRevocationsResponse)(nil), // 21: agentid.v1.WatchRevocationsResponse
-	(*AuditRecord)(nil),              // 22: agentid.v1.AuditRecord
-	(*AuditRequest)(nil),             // 23: agentid.v1.AuditRequest
-	(*AuditResponse)(nil),            // 24: agentid.v1.AuditResponse
-	(*VerifyAuditRequest)(nil),       // 25: agentid.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),      // 26: agentid.v1.VerifyAuditResponse
-	(*GetJwksRequest)(nil),           // 27: agentid.v1.GetJwksRequest
-	(*GetJwksResponse)(nil),          // 28: agentid.v1.GetJwksResponse
-	(*durationpb.Duration)(nil),      // 29: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 30: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),          // 31: google.protobuf.Struct
+	(AuditProblem)(0),                // 5: agentid.v1.AuditProblem
+	(*DelegateRequest)(nil),          // 6: agentid.v1.DelegateRequest
+	(*DelegateResponse)(nil),         // 7: agentid.v1.DelegateResponse
+	(*CheckRequest)(nil),             // 8: agentid.v1.CheckRequest
+	(*CheckResponse)(nil),            // 9: agentid.v1.CheckResponse
+	(*StepUp)(nil),                   // 10: agentid.v1.StepUp
+	(*StepUpRequest)(nil),            // 11: agentid.v1.StepUpRequest
+	(*StepUpResponse)(nil),           // 12: agentid.v1.StepUpResponse
+	(*ResolveStepUpRequest)(nil),     // 13: agentid.v1.ResolveStepUpRequest
+	(*ResolveStepUpResponse)(nil),    // 14: agentid.v1.ResolveStepUpResponse
+	(*WatchStepUpsRequest)(nil),      // 15: agentid.v1.WatchStepUpsRequest
+	(*WatchStepUpsResponse)(nil),     // 16: agentid.v1.WatchStepUpsResponse
+	(*RevokeRequest)(nil),            // 17: agentid.v1.RevokeRequest
+	(*RevokeResponse)(nil),           // 18: agentid.v1.RevokeResponse
+	(*WatchRevocationsRequest)(nil),  // 19: agentid.v1.WatchRevocationsRequest
+	(*RevocationSnapshot)(nil),       // 20: agentid.v1.RevocationSnapshot
+	(*RevocationEvent)(nil),          // 21: agentid.v1.RevocationEvent
+	(*WatchRevocationsResponse)(nil), // 22: agentid.v1.WatchRevocationsResponse
+	(*AuditRecord)(nil),              // 23: agentid.v1.AuditRecord
+	(*AuditRequest)(nil),             // 24: agentid.v1.AuditRequest
+	(*AuditResponse)(nil),            // 25: agentid.v1.AuditResponse
+	(*VerifyAuditRequest)(nil),       // 26: agentid.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),      // 27: agentid.v1.VerifyAuditResponse
+	(*GetJwksRequest)(nil),           // 28: agentid.v1.GetJwksRequest
+	(*GetJwksResponse)(nil),          // 29: agentid.v1.GetJwksResponse
+	(*durationpb.Duration)(nil),      // 30: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 31: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),          // 32: google.protobuf.Struct
 }
 var file_agentid_v1_agentid_proto_depIdxs = []int32{
-	29, // 0: agentid.v1.DelegateRequest.ttl:type_name -> google.protobuf.Duration
-	30, // 1: agentid.v1.DelegateResponse.expires_at:type_name -> google.protobuf.Timestamp
-	31, // 2: agentid.v1.CheckRequest.context:type_name -> google.protobuf.Struct
+	30, // 0: agentid.v1.DelegateRequest.ttl:type_name -> google.protobuf.Duration
+	31, // 1: agentid.v1.DelegateResponse.expires_at:type_name -> google.protobuf.Timestamp
+	32, // 2: agentid.v1.CheckRequest.context:type_name -> google.protobuf.Struct
 	0,  // 3: agentid.v1.CheckResponse.decision:type_name -> agentid.v1.Decision
 	1,  // 4: agentid.v1.CheckResponse.reason:type_name -> agentid.v1.Reason
-	31, // 5: agentid.v1.StepUp.context:type_name -> google.protobuf.Struct
+	32, // 5: agentid.v1.StepUp.context:type_name -> google.protobuf.Struct
 	2,  // 6: agentid.v1.StepUp.state:type_name -> agentid.v1.StepUpState
-	30, // 7: agentid.v1.StepUp.created_at:type_name -> google.protobuf.Timestamp
-	30, // 8: agentid.v1.StepUp.expires_at:type_name -> google.protobuf.Timestamp
-	30, // 9: agentid.v1.StepUp.resolved_at:type_name -> google.protobuf.Timestamp
-	31, // 10: agentid.v1.StepUpRequest.context:type_name -> google.protobuf.Struct
-	9,  // 11: agentid.v1.StepUpResponse.step_up:type_name -> agentid.v1.StepUp
-	9,  // 12: agentid.v1.ResolveStepUpResponse.step_up:type_name -> agentid.v1.StepUp
-	9,  // 13: agentid.v1.WatchStepUpsResponse.step_up:type_name -> agentid.v1.StepUp
-	30, // 14: agentid.v1.RevocationEvent.revoked_at:type_name -> google.protobuf.Timestamp
-	30, // 15: agentid.v1.RevocationEvent.expires_at:type_name -> google.protobuf.Timestamp
-	19, // 16: agentid.v1.WatchRevocationsResponse.snapshot:type_name -> agentid.v1.RevocationSnapshot
-	20, // 17: agentid.v1.WatchRevocationsResponse.event:type_name -> agentid.v1.RevocationEvent
-	30, // 18: agentid.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	31, // 7: agentid.v1.StepUp.created_at:type_name -> google.protobuf.Timestamp
+	31, // 8: agentid.v1.StepUp.expires_at:type_name -> google.protobuf.Timestamp
+	31, // 9: agentid.v1.StepUp.resolved_at:type_name -> google.protobuf.Timestamp
+	32, // 10: agentid.v1.StepUpRequest.context:type_name -> google.protobuf.Struct
+	10, // 11: agentid.v1.StepUpResponse.step_up:type_name -> agentid.v1.StepUp
+	10, // 12: agentid.v1.ResolveStepUpResponse.step_up:type_name -> agentid.v1.StepUp
+	10, // 13: agentid.v1.WatchStepUpsResponse.step_up:type_name -> agentid.v1.StepUp
+	31, // 14: agentid.v1.RevocationEvent.revoked_at:type_name -> google.protobuf.Timestamp
+	31, // 15: agentid.v1.RevocationEvent.expires_at:type_name -> google.protobuf.Timestamp
+	20, // 16: agentid.v1.WatchRevocationsResponse.snapshot:type_name -> agentid.v1.RevocationSnapshot
+	21, // 17: agentid.v1.WatchRevocationsResponse.event:type_name -> agentid.v1.RevocationEvent
+	31, // 18: agentid.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
 	3,  // 19: agentid.v1.AuditRecord.event_type:type_name -> agentid.v1.EventType
 	4,  // 20: agentid.v1.AuditRecord.actor_kind:type_name -> agentid.v1.ActorKind
 	0,  // 21: agentid.v1.AuditRecord.decision:type_name -> agentid.v1.Decision
 	1,  // 22: agentid.v1.AuditRecord.reason:type_name -> agentid.v1.Reason
-	31, // 23: agentid.v1.AuditRecord.context:type_name -> google.protobuf.Struct
+	32, // 23: agentid.v1.AuditRecord.context:type_name -> google.protobuf.Struct
 	4,  // 24: agentid.v1.AuditRequest.actor_kind:type_name -> agentid.v1.ActorKind
 	3,  // 25: agentid.v1.AuditRequest.event_types:type_name -> agentid.v1.EventType
-	30, // 26: agentid.v1.AuditRequest.since:type_name -> google.protobuf.Timestamp
-	30, // 27: agentid.v1.AuditRequest.until:type_name -> google.protobuf.Timestamp
-	22, // 28: agentid.v1.AuditResponse.record:type_name -> agentid.v1.AuditRecord
-	5,  // 29: agentid.v1.AgentIdentityService.Delegate:input_type -> agentid.v1.DelegateRequest
-	7,  // 30: agentid.v1.AgentIdentityService.Check:input_type -> agentid.v1.CheckRequest
-	10, // 31: agentid.v1.AgentIdentityService.StepUp:input_type -> agentid.v1.StepUpRequest
-	12, // 32: agentid.v1.AgentIdentityService.ResolveStepUp:input_type -> agentid.v1.ResolveStepUpRequest
-	14, // 33: agentid.v1.AgentIdentityService.WatchStepUps:input_type -> agentid.v1.WatchStepUpsRequest
-	16, // 34: agentid.v1.AgentIdentityService.Revoke:input_type -> agentid.v1.RevokeRequest
-	18, // 35: agentid.v1.AgentIdentityService.WatchRevocations:input_type -> agentid.v1.WatchRevocationsRequest
-	23, // 36: agentid.v1.AgentIdentityService.Audit:input_type -> agentid.v1.AuditRequest
-	25, // 37: agentid.v1.AgentIdentityService.VerifyAudit:input_type -> agentid.v1.VerifyAuditRequest
-	27, // 38: agentid.v1.AgentIdentityService.GetJwks:input_type -> agentid.v1.GetJwksRequest
-	6,  // 39: agentid.v1.AgentIdentityService.Delegate:output_type -> agentid.v1.DelegateResponse
-	8,  // 40: agentid.v1.AgentIdentityService.Check:output_type -> agentid.v1.CheckResponse
-	11, // 41: agentid.v1.AgentIdentityService.StepUp:output_type -> agentid.v1.StepUpResponse
-	13, // 42: agentid.v1.AgentIdentityService.ResolveStepUp:output_type -> agentid.v1.ResolveStepUpResponse
-	15, // 43: agentid.v1.AgentIdentityService.WatchStepUps:output_type -> agentid.v1.WatchStepUpsResponse
-	17, // 44: agentid.v1.AgentIdentityService.Revoke:output_type -> agentid.v1.RevokeResponse
-	21, // 45: agentid.v1.AgentIdentityService.WatchRevocations:output_type -> agentid.v1.WatchRevocationsResponse
-	24, // 46: agentid.v1.AgentIdentityService.Audit:output_type -> agentid.v1.AuditResponse
-	26, // 47: agentid.v1.AgentIdentityService.VerifyAudit:output_type -> agentid.v1.VerifyAuditResponse
-	28, // 48: agentid.v1.AgentIdentityService.GetJwks:output_type -> agentid.v1.GetJwksResponse
-	39, // [39:49] is the sub-list for method output_type
-	29, // [29:39] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	31, // 26: agentid.v1.AuditRequest.since:type_name -> google.protobuf.Timestamp
+	31, // 27: agentid.v1.AuditRequest.until:type_name -> google.protobuf.Timestamp
+	23, // 28: agentid.v1.AuditResponse.record:type_name -> agentid.v1.AuditRecord
+	5,  // 29: agentid.v1.VerifyAuditResponse.problem:type_name -> agentid.v1.AuditProblem
+	6,  // 30: agentid.v1.AgentIdentityService.Delegate:input_type -> agentid.v1.DelegateRequest
+	8,  // 31: agentid.v1.AgentIdentityService.Check:input_type -> agentid.v1.CheckRequest
+	11, // 32: agentid.v1.AgentIdentityService.StepUp:input_type -> agentid.v1.StepUpRequest
+	13, // 33: agentid.v1.AgentIdentityService.ResolveStepUp:input_type -> agentid.v1.ResolveStepUpRequest
+	15, // 34: agentid.v1.AgentIdentityService.WatchStepUps:input_type -> agentid.v1.WatchStepUpsRequest
+	17, // 35: agentid.v1.AgentIdentityService.Revoke:input_type -> agentid.v1.RevokeRequest
+	19, // 36: agentid.v1.AgentIdentityService.WatchRevocations:input_type -> agentid.v1.WatchRevocationsRequest
+	24, // 37: agentid.v1.AgentIdentityService.Audit:input_type -> agentid.v1.AuditRequest
+	26, // 38: agentid.v1.AgentIdentityService.VerifyAudit:input_type -> agentid.v1.VerifyAuditRequest
+	28, // 39: agentid.v1.AgentIdentityService.GetJwks:input_type -> agentid.v1.GetJwksRequest
+	7,  // 40: agentid.v1.AgentIdentityService.Delegate:output_type -> agentid.v1.DelegateResponse
+	9,  // 41: agentid.v1.AgentIdentityService.Check:output_type -> agentid.v1.CheckResponse
+	12, // 42: agentid.v1.AgentIdentityService.StepUp:output_type -> agentid.v1.StepUpResponse
+	14, // 43: agentid.v1.AgentIdentityService.ResolveStepUp:output_type -> agentid.v1.ResolveStepUpResponse
+	16, // 44: agentid.v1.AgentIdentityService.WatchStepUps:output_type -> agentid.v1.WatchStepUpsResponse
+	18, // 45: agentid.v1.AgentIdentityService.Revoke:output_type -> agentid.v1.RevokeResponse
+	22, // 46: agentid.v1.AgentIdentityService.WatchRevocations:output_type -> agentid.v1.WatchRevocationsResponse
+	25, // 47: agentid.v1.AgentIdentityService.Audit:output_type -> agentid.v1.AuditResponse
+	27, // 48: agentid.v1.AgentIdentityService.VerifyAudit:output_type -> agentid.v1.VerifyAuditResponse
+	29, // 49: agentid.v1.AgentIdentityService.GetJwks:output_type -> agentid.v1.GetJwksResponse
+	40, // [40:50] is the sub-list for method output_type
+	30, // [30:40] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_agentid_v1_agentid_proto_init() }
@@ -2583,7 +2709,7 @@ func file_agentid_v1_agentid_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agentid_v1_agentid_proto_rawDesc), len(file_agentid_v1_agentid_proto_rawDesc)),
-			NumEnums:      5,
+			NumEnums:      6,
 			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,

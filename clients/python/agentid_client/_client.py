@@ -236,9 +236,20 @@ class AgentIdClient:
         except grpc.aio.AioRpcError as error:
             raise AgentIdError.from_rpc_error(error) from None
 
-    async def verify_audit(self, from_id: int = 0, to_id: int = 0) -> pb.VerifyAuditResponse:
-        """Recomputes the hash chain over [from_id, to_id] (0 = from the first / to the last)."""
-        request = pb.VerifyAuditRequest(from_id=from_id, to_id=to_id)
+    async def verify_audit(
+        self,
+        from_id: int = 0,
+        to_id: int = 0,
+        *,
+        checkpoints: Sequence[str] = (),
+        checkpoint_now: bool = False,
+    ) -> pb.VerifyAuditResponse:
+        """Recomputes the hash chain over [from_id, to_id] (0 = from the first / to the last)
+        and checks its checkpoints, and ``checkpoints`` kept from earlier (their one-line JSON);
+        ``checkpoint_now`` signs the server's chain head first (returned in the answer)."""
+        request = pb.VerifyAuditRequest(
+            from_id=from_id, to_id=to_id, checkpoints=checkpoints, checkpoint_now=checkpoint_now
+        )
         response: pb.VerifyAuditResponse = await self._call("VerifyAudit", request)
         return response
 

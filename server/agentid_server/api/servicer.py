@@ -268,12 +268,17 @@ class AgentIdentityServicer:
     async def VerifyAudit(
         self, request: pb.VerifyAuditRequest, context: Context, principal: Principal
     ) -> pb.VerifyAuditResponse:
-        result = await self._auditor.verify(request.from_id, request.to_id)
+        result = await self._auditor.verify(
+            request.from_id, request.to_id, list(request.checkpoints), request.checkpoint_now
+        )
         return pb.VerifyAuditResponse(
             ok=result.ok,
             verified=result.verified,
             first_bad_id=result.first_bad_id,
             head_hash=result.head_hash,
+            checkpoints=[checkpoint.text() for checkpoint in result.checkpoints],
+            problem=pb.AuditProblem.ValueType(result.problem),
+            detail=result.detail,
         )
 
     async def WatchStepUps(

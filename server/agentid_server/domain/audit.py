@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from agentid_server.domain.checkpoint import AuditProblem, Checkpoint, parse_kept
 from agentid_server.domain.errors import InvalidArgument, PermissionDenied
 from agentid_server.domain.fanout import Doorbell, Hub, Resync, Subscription
 from agentid_server.domain.model import (
@@ -92,6 +93,9 @@ class Verification:
     verified: int
     first_bad_id: int
     head_hash: bytes
+    problem: AuditProblem = AuditProblem.NONE
+    detail: str = ""  # what was found, for a person
+    checkpoints: tuple[Checkpoint, ...] = ()  # the newest checked checkpoint of each chain
 
 
 class AuditStore(Protocol):
@@ -105,7 +109,9 @@ class AuditStore(Protocol):
         """The delegating user of a session, None for an unknown session."""
         ...
 
-    async def verify(self, from_id: int, to_id: int) -> Verification: ...
+    async def verify(
+        self, from_id: int, to_id: int, kept: tuple[Checkpoint, ...] = ()
+    ) -> Verification: ...
 
 
 AuditHub = Hub[AuditRecord]
@@ -135,10 +141,13 @@ class Auditor:
         hub: AuditHub,
         bell: Doorbell | None = None,
         poll_interval: float = 1.0,
+        checkpoint: Callable[[], Awaitable[Checkpoint | None]] | None = None,
     ) -> None:
         """Followers get live records from ``hub`` (the one writer's commits, in id order) or,
         when several writers share the store, from the store itself whenever ``bell`` rings
-        (any writer committed records) and at least every ``poll_interval`` seconds."""
+        (any writer committed records) and at least every ``poll_interval`` seconds.
+        ``checkpoint`` signs this server's chain head (the journal's checkpoint_now)."""
+        self._checkpoint = checkpoint
         self._store = store
         self._hub = hub
         self._bell = bell
@@ -238,11 +247,27 @@ class Auditor:
                     return
                 await asyncio.sleep(FOLLOW_COALESCE)  # a burst of commits: one read
 
-    async def verify(self, from_id: int, to_id: int) -> Verification:
+    async def verify(
+        self,
+        from_id: int,
+        to_id: int,
+        kept: list[str] | tuple[str, ...] = (),
+        checkpoint_now: bool = False,
+    ) -> Verification:
+        """Verifies the chain over [from_id, to_id] (0: to the end) against its stored
+        checkpoints and the ``kept`` ones (their text form); ``checkpoint_now`` signs this
+        server's chain head first, so the answer's checkpoints cover every record up to now."""
         if to_id and to_id < from_id:
             raise InvalidArgument.field("to_id", "must not be below from_id")
+        checkpoints = parse_kept(kept)
+        if checkpoint_now and self._checkpoint is not None:
+            fresh = await self._checkpoint()
+            if fresh is not None:  # checked like a kept one, whatever the range
+                checkpoints = (*checkpoints, fresh)
         # uint64 on the wire, signed 64-bit in the databases: beyond it lies nothing to verify.
-        return await self._store.verify(min(from_id, MAX_RECORD_ID), min(to_id, MAX_RECORD_ID))
+        return await self._store.verify(
+            min(from_id, MAX_RECORD_ID), min(to_id, MAX_RECORD_ID), checkpoints
+        )
 
     async def _query(self, caller: Principal, request: AuditRequest) -> AuditQuery:
         user_id = request.user_id

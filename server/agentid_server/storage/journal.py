@@ -13,6 +13,13 @@ both backends:
 
 Each job runs in a savepoint, so a job that fails (a domain error, say) rolls back alone and the
 rest of the batch commits.
+
+The journal also signs its chain's head (a checkpoint, storage/checkpoints.py) in the batch that
+brings it `checkpoint_records` records past the last one, at least every `checkpoint_interval`
+seconds while records arrive, on request and at stop; each is logged too, so a copy lives outside
+the database. On SQLite it numbers records above a durable high-water mark (counters row
+`audit_next_id`, reserved ID_BLOCK ids at a time and lowered to the next id at a clean stop), so
+the ids of deleted records are never handed out again.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ from sqlalchemy import Connection, Engine, func, select, text, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from agentid_server.domain.checkpoint import Checkpoint
 from agentid_server.domain.errors import AgentIdError, Unavailable
 from agentid_server.domain.model import AuditEvent, SessionRecord
-from agentid_server.storage import tables
+from agentid_server.storage import checkpoints, tables
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
 from agentid_server.storage.lineage import refusal, serialize
 from agentid_server.storage.rows import (
@@ -56,6 +64,9 @@ LINGER_GROUP = 8
 # calls to Python about one per loop pass, so passes alone gather few. Measured on this 2-core
 # machine: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74; 1 ms was worse.
 LINGER_SECONDS = 0.0003
+# SQLite ids reserved per write of the high-water mark: a batch writes it only when it crosses
+# the reservation, and a crash skips at most this many ids.
+ID_BLOCK = 1000
 
 
 @dataclass
@@ -80,6 +91,8 @@ class _Item:
     with_ids: bool = False
     lineage: bool = False  # revokes sessions: serialized with sub-agents' Delegates
     queued: float = 0.0  # loop time of submission
+    checkpoint: bool = False  # sign the chain's head in this batch (its value: the checkpoint)
+    final: bool = False  # the last batch: also lower SQLite's id mark to the next id
 
 
 @dataclass
@@ -105,10 +118,14 @@ class Journal:
         probe_interval: float = 0.5,
         chain_id: str = "main",
         on_records: Callable[[list[AuditRecordRow]], None] | None = None,
+        checkpoint_key: checkpoints.CheckpointKey | None = None,
+        checkpoint_records: int = 10_000,
+        checkpoint_interval: float = 60.0,
     ) -> None:
         """``sync_engine`` is given for SQLite, None for PostgreSQL. SQLite batches are written
         on a dedicated thread (one hop per batch; a lock held by another process stalls only the
-        writer) or, with ``sqlite_inline``, on the event loop itself."""
+        writer) or, with ``sqlite_inline``, on the event loop itself. Without ``checkpoint_key``
+        no checkpoints are written."""
         self._engine = engine
         self._sync_engine = sync_engine
         self._executor = (
@@ -134,6 +151,18 @@ class Journal:
         self._on_records = on_records
         self._next_id: int | None = None
         self._chain_head: bytes | None = None
+        # The head's id and time, and the checkpoints; loaded with the head, reloaded after a
+        # failed batch (so a batch may advance them before its commit).
+        self._head_id = 0
+        self._head_time_us = 0
+        self._id_mark = 0  # SQLite: every id below it may have been handed out
+        self._checkpoint_key = checkpoint_key
+        self._checkpoint_records = checkpoint_records
+        self._checkpoint_interval = checkpoint_interval
+        self._checkpoint: Checkpoint | None = None  # the chain's newest (maybe uncommitted)
+        self._since_checkpoint = 0  # records sealed since it
+        self._new_checkpoints: list[Checkpoint] = []  # signed in the batch, logged at commit
+        self._checkpointer: asyncio.Task[None] | None = None
         names = ", ".join(SEALED_COLUMNS)
         marks = ", ".join("?" for _ in SEALED_COLUMNS)
         self._sqlite_insert = f"INSERT INTO audit_records ({names}) VALUES ({marks})"  # noqa: S608
@@ -164,13 +193,23 @@ class Journal:
         self._loop = asyncio.get_running_loop()
         self._task = self._loop.create_task(self._run(), name="journal")
         self._watchdog = self._loop.create_task(self._expire_overdue(), name="journal-watchdog")
+        if self._checkpoint_key is not None:
+            self._checkpointer = self._loop.create_task(
+                self._checkpoint_periodically(), name="journal-checkpoints"
+            )
 
     async def stop(self) -> None:
         """Writes what is queued, then ends the writer and closes its connection. Writes submitted
         after this are refused as UNAVAILABLE. Stopping twice is harmless."""
         if self._stopping:
             return
+        if self._task is not None and self._final_batch_due():
+            final = _Item(self._future(), job=_no_change, checkpoint=True, final=True)
+            final.future.add_done_callback(_quiet)
+            self._submit(final)
         self._stopping = True
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -198,6 +237,12 @@ class Journal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
+
+    def _final_batch_due(self) -> bool:
+        """Whether a last batch has work: a head to sign, or SQLite's id mark to lower to the
+        next id (so a clean restart skips no id)."""
+        unsigned = self._checkpoint_key is not None and self._since_checkpoint > 0
+        return unsigned or (self._next_id is not None and self._next_id != self._id_mark)
 
     async def _finish_writer(self) -> None:
         """Lets the writer write what is queued, for as long as a write may take (the append
@@ -231,6 +276,15 @@ class Journal:
         """Runs a write job in the next group commit and returns its value after the commit.
         ``lineage``: it revokes sessions (lineage.serialize)."""
         result: T = await self._submit(_Item(self._future(), job=job, lineage=lineage))
+        return result
+
+    async def checkpoint_now(self) -> Checkpoint | None:
+        """Signs the chain's head in the next batch (unless its newest checkpoint is of the head
+        already) and returns the chain's newest checkpoint after the commit; None while the
+        chain has no record or no key signs."""
+        result: Checkpoint | None = await self._submit(
+            _Item(self._future(), job=_no_change, checkpoint=True)
+        )
         return result
 
     async def run_recorded(self, job: Job[T]) -> tuple[T, list[int]]:
@@ -315,6 +369,7 @@ class Journal:
         except Exception as exc:  # the writer must outlive any failed batch
             self._next_id = self._chain_head = None
             self._pending_records.clear()
+            self._new_checkpoints.clear()
             if self._executor is None:
                 self._close_connections()
             else:
@@ -338,6 +393,9 @@ class Journal:
             return
         if not self.healthy:
             self._set_health(True)
+        for checkpoint in self._new_checkpoints:  # a copy outside the database
+            log.info("audit checkpoint %s", checkpoint.text())
+        self._new_checkpoints.clear()
         if self._pending_records:
             records, self._pending_records = self._pending_records, []
             self.records_committed += len(records)
@@ -386,7 +444,7 @@ class Journal:
         if self._sync_connection is None:
             self._sync_connection = self._sync_engine.connect()
         connection = self._sync_connection
-        if all(item.job is None and item.session is None for item in batch):
+        if all(item.job is None and item.session is None for item in batch):  # Checks
             return self._write_audit_only(connection, batch)
         with connection.begin():
             return self._write_batch(connection, batch)
@@ -402,6 +460,11 @@ class Journal:
         try:
             sealed = self._seal([audit_row(item.event) for item in batch if item.event])
             raw.executemany(self._sqlite_insert, sealed)
+            mark, checkpoint = self._chain_extras(force=False, final=False)
+            if mark is not None:
+                raw.execute(_SQLITE_MARK, (mark,))
+            if checkpoint is not None:
+                raw.execute(_SQLITE_CHECKPOINT, checkpoints.checkpoint_row(checkpoint))
             raw.commit()
         except BaseException:
             raw.rollback()
@@ -453,10 +516,57 @@ class Journal:
             owners.extend(outcome for _ in result.events)
         for owner, record_id in zip(owners, self._insert_audit(connection, rows), strict=True):
             owner.ids.append(record_id)
+        self._write_extras(connection, batch)
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.job is None and outcome.error is None:
                 outcome.value = outcome.ids[0]
+            elif item.checkpoint:
+                outcome.value = self._checkpoint
         return outcomes
+
+    def _write_extras(self, connection: Connection, batch: list[_Item]) -> None:
+        """The id mark and the checkpoint this batch brings, if any."""
+        force = any(item.checkpoint for item in batch)
+        final = any(item.final for item in batch)
+        if self._chain_head is None or (self._sync_engine is not None and self._next_id is None):
+            if not force:  # nothing sealed in this batch (sealing loads the head): nothing due
+                return
+            self._load_head(connection)
+        mark, checkpoint = self._chain_extras(force=force, final=final)
+        if mark is not None:
+            counters = tables.counters
+            connection.execute(
+                update(counters).where(counters.c.name == tables.AUDIT_ID_MARK).values(value=mark)
+            )
+        if checkpoint is not None:
+            connection.execute(
+                tables.audit_checkpoints.insert(),
+                dict(zip(checkpoints.COLUMNS, checkpoints.checkpoint_row(checkpoint), strict=True)),
+            )
+
+    def _chain_extras(self, *, force: bool, final: bool) -> tuple[int | None, Checkpoint | None]:
+        """After sealing a batch: the id mark to store (SQLite: when the batch crossed the
+        reservation, or exactly the next id at the last batch), and the checkpoint to store
+        (when due or forced, and the head is not checkpointed yet)."""
+        mark = None
+        if self._sync_engine is not None and self._next_id is not None:
+            if final and self._next_id != self._id_mark:
+                mark = self._next_id
+            elif self._next_id > self._id_mark:
+                mark = self._next_id + ID_BLOCK
+            if mark is not None:
+                self._id_mark = mark
+        checkpoint = None
+        key = self._checkpoint_key
+        due = force or self._since_checkpoint >= self._checkpoint_records
+        if key is not None and due and self._head_id and self._since_checkpoint:
+            assert self._chain_head is not None
+            checkpoint = key.sign(
+                Checkpoint(self._chain_id, self._head_id, self._chain_head, self._head_time_us)
+            )
+            self._checkpoint, self._since_checkpoint = checkpoint, 0
+            self._new_checkpoints.append(checkpoint)
+        return mark, checkpoint
 
     def _insert_audit(self, connection: Connection, rows: list[AuditRow]) -> list[int]:
         if not rows:
@@ -482,15 +592,30 @@ class Journal:
         return [row[0] for row in sealed]
 
     def _load_head(self, connection: Connection) -> None:
-        """This chain's last hash (and, for SQLite, the next id) from the table."""
+        """This chain's last record and newest checkpoint (and, for SQLite, the next id: above
+        every record and the high-water mark) from the tables."""
         a = tables.audit_records
         if self._sync_engine is not None:  # PostgreSQL reserves ids from the sequence instead
             top = connection.execute(select(func.max(a.c.id))).scalar()
-            self._next_id = int(top or 0) + 1
+            counters = tables.counters
+            mark = connection.execute(
+                select(counters.c.value).where(counters.c.name == tables.AUDIT_ID_MARK)
+            ).scalar()
+            if mark is None:  # the row is gone: written again with the next batch's mark
+                connection.execute(counters.insert().values(name=tables.AUDIT_ID_MARK, value=0))
+            self._id_mark = int(mark or 0)
+            self._next_id = max(int(top or 0) + 1, self._id_mark)
         head = connection.execute(
-            select(a.c.hash).where(a.c.chain_id == self._chain_id).order_by(a.c.id.desc()).limit(1)
-        ).scalar()
-        self._chain_head = bytes(head) if head else GENESIS
+            select(a.c.id, a.c.hash, a.c.time_us)
+            .where(a.c.chain_id == self._chain_id)
+            .order_by(a.c.id.desc())
+            .limit(1)
+        ).first()
+        self._chain_head = bytes(head.hash) if head is not None and head.hash else GENESIS
+        self._head_id, self._head_time_us = (head.id, head.time_us) if head else (0, 0)
+        self._checkpoint = checkpoints.newest(connection, self._chain_id)
+        covered = self._checkpoint is not None and self._checkpoint.record_id == self._head_id
+        self._since_checkpoint = 0 if covered or not self._head_id else 1
 
     def _seal(self, rows: list[AuditRow]) -> list[tuple[Any, ...]]:
         assert self._next_id is not None
@@ -510,7 +635,19 @@ class Journal:
             sealed.append((record_id, *row, chain, head, digest))
             head = digest
         self._chain_head = head
+        if sealed:
+            self._head_id, self._head_time_us = sealed[-1][0], sealed[-1][1]
+            self._since_checkpoint += len(sealed)
         return sealed
+
+    async def _checkpoint_periodically(self) -> None:
+        """Signs the head every ``checkpoint_interval`` seconds while new records arrive."""
+        while True:
+            await asyncio.sleep(self._checkpoint_interval)
+            if self._since_checkpoint and self.healthy:
+                # A failing store: health says so; the next interval tries again.
+                with contextlib.suppress(Unavailable):
+                    await self.checkpoint_now()
 
     def _published(self, sealed: list[tuple[Any, ...]]) -> None:
         if self._on_records is not None and sealed:
@@ -544,6 +681,24 @@ def _give_up(future: asyncio.Future[Any]) -> None:
         future.set_exception(
             Unavailable("the store did not take the write in time", reason="AUDIT_UNAVAILABLE")
         )
+
+
+_SQLITE_MARK = f"UPDATE counters SET value = ? WHERE name = '{tables.AUDIT_ID_MARK}'"  # noqa: S608
+_SQLITE_CHECKPOINT = (
+    f"INSERT INTO audit_checkpoints ({', '.join(checkpoints.COLUMNS)})"  # noqa: S608
+    f" VALUES ({', '.join('?' for _ in checkpoints.COLUMNS)})"
+)
+
+
+def _no_change(_connection: Connection) -> JobResult[None]:
+    """The job of a checkpoint request: the batch itself signs the head."""
+    return JobResult(None)
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Takes a future's outcome nobody awaits (the last batch's), so it is not reported."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _probe_write(connection: Connection) -> JobResult[None]:

@@ -111,6 +111,22 @@ audit_records = Table(
     Index("ix_audit_time", "time_us"),
 )
 
+# Signed heads of each audit chain (storage/checkpoints.py; migration 0009).
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("chain_id", String(64), primary_key=True),
+    Column("record_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", LargeBinary, nullable=False),
+    Column("time_us", BigInteger, nullable=False),
+    Column("kid", String(64), nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+    Index("ix_audit_checkpoints_record", "record_id"),
+)
+
+# counters row: above every audit id ever handed out on SQLite (PostgreSQL has its sequence).
+AUDIT_ID_MARK = "audit_next_id"
+
 step_ups = Table(
     "step_ups",
     metadata,

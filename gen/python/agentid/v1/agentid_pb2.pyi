@@ -159,6 +159,44 @@ ACTOR_KIND_AGENT: ActorKind.ValueType  # 2
 ACTOR_KIND_SERVICE: ActorKind.ValueType  # 3
 Global___ActorKind: _TypeAlias = ActorKind  # noqa: Y015
 
+class _AuditProblem:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditProblemEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditProblem.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_PROBLEM_UNSPECIFIED: _AuditProblem.ValueType  # 0
+    AUDIT_PROBLEM_BROKEN_LINK: _AuditProblem.ValueType  # 1
+    """A record's hash is not that of its stored values, or it does not link to its predecessor of
+    the same chain (changed or removed record).
+    """
+    AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING: _AuditProblem.ValueType  # 2
+    """A checkpointed record is missing: the chain was truncated (or the record deleted)."""
+    AUDIT_PROBLEM_CHECKPOINT_MISMATCH: _AuditProblem.ValueType  # 3
+    """A checkpointed record has another hash: the chain was re-linked (recomputed) after it."""
+    AUDIT_PROBLEM_CHECKPOINT_FORGED: _AuditProblem.ValueType  # 4
+    """A checkpoint's signature does not verify with this server's checkpoint key (forged, or
+    signed under another key-encryption key).
+    """
+
+class AuditProblem(_AuditProblem, metaclass=_AuditProblemEnumTypeWrapper):
+    """Why a verification failed (docs/audit.md)."""
+
+AUDIT_PROBLEM_UNSPECIFIED: AuditProblem.ValueType  # 0
+AUDIT_PROBLEM_BROKEN_LINK: AuditProblem.ValueType  # 1
+"""A record's hash is not that of its stored values, or it does not link to its predecessor of
+the same chain (changed or removed record).
+"""
+AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING: AuditProblem.ValueType  # 2
+"""A checkpointed record is missing: the chain was truncated (or the record deleted)."""
+AUDIT_PROBLEM_CHECKPOINT_MISMATCH: AuditProblem.ValueType  # 3
+"""A checkpointed record has another hash: the chain was re-linked (recomputed) after it."""
+AUDIT_PROBLEM_CHECKPOINT_FORGED: AuditProblem.ValueType  # 4
+"""A checkpoint's signature does not verify with this server's checkpoint key (forged, or
+signed under another key-encryption key).
+"""
+Global___AuditProblem: _TypeAlias = AuditProblem  # noqa: Y015
+
 @_typing.final
 class DelegateRequest(_message.Message):
     """Bearer: a user's IdP token, or an agent token holding `agentid.delegate` for a sub-agent."""
@@ -912,17 +950,33 @@ class VerifyAuditRequest(_message.Message):
 
     FROM_ID_FIELD_NUMBER: _builtins.int
     TO_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_NOW_FIELD_NUMBER: _builtins.int
     from_id: _builtins.int
     to_id: _builtins.int
+    checkpoint_now: _builtins.bool
+    """Sign the head of this server's chain first (a new checkpoint, returned in checkpoints), so
+    what the verifier keeps covers every record up to now.
+    """
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Checkpoints the verifier kept from an earlier answer or from the server's log (the one-line
+        JSON of VerifyAuditResponse.checkpoints), at most 64 of 2048 bytes each: each must carry the
+        server's signature and its record must still be in the chain with that hash, whatever the
+        range (a truncation below a kept checkpoint is found).
+        """
+
     def __init__(
         self,
         *,
         from_id: _builtins.int = ...,
         to_id: _builtins.int = ...,
+        checkpoints: _abc.Iterable[_builtins.str] | None = ...,
+        checkpoint_now: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_id", b"from_id", "to_id", b"to_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_now", b"checkpoint_now", "checkpoints", b"checkpoints", "from_id", b"from_id", "to_id", b"to_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -936,11 +990,26 @@ class VerifyAuditResponse(_message.Message):
     VERIFIED_FIELD_NUMBER: _builtins.int
     FIRST_BAD_ID_FIELD_NUMBER: _builtins.int
     HEAD_HASH_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     verified: _builtins.int
     first_bad_id: _builtins.int
-    """0 when ok."""
+    """0 when ok; with a checkpoint problem, the checkpoint's record id."""
     head_hash: _builtins.bytes
+    problem: Global___AuditProblem.ValueType
+    """UNSPECIFIED when ok."""
+    detail: _builtins.str
+    """What was found, for a person (no secrets), e.g. "record 41 (checkpoint of chain main) is
+    missing"; empty when ok.
+    """
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The newest checkpoint of each chain, signature and record checked (one-line JSON each):
+        keep them outside the database and send them back later as VerifyAuditRequest.checkpoints.
+        """
+
     def __init__(
         self,
         *,
@@ -948,10 +1017,13 @@ class VerifyAuditResponse(_message.Message):
         verified: _builtins.int = ...,
         first_bad_id: _builtins.int = ...,
         head_hash: _builtins.bytes = ...,
+        checkpoints: _abc.Iterable[_builtins.str] | None = ...,
+        problem: Global___AuditProblem.ValueType = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_bad_id", b"first_bad_id", "head_hash", b"head_hash", "ok", b"ok", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "detail", b"detail", "first_bad_id", b"first_bad_id", "head_hash", b"head_hash", "ok", b"ok", "problem", b"problem", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
