@@ -17,7 +17,7 @@ from google.protobuf.message_factory import GetMessageClass
 from agentid_server.api.errors import internal_status, status_for, status_from_error
 from agentid_server.api.method_policy import POLICY, SERVICE, Rule, authorize
 from agentid_server.domain.errors import AgentIdError, FieldViolation
-from agentid_server.domain.model import Principal
+from agentid_server.domain.model import AgentPrincipal, Principal
 from agentid_server.domain.streams import StreamGate
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,8 @@ class _Call:
                 ),
             )
             raise
-        if principal is not None:  # its DPoP proof is spent only by a call it may make
-            await self.authn.spend_proof(principal)
+        if isinstance(principal, AgentPrincipal) and principal.proof is not None:
+            await self.authn.spend_proof(principal)  # spent only by a call it may make
         return request, principal
 
 
