@@ -114,15 +114,25 @@ class IdpFixture:
 
 
 class FakeClock:
-    """A clock tests move by hand. Starts at the wall clock so IdP tokens stay valid."""
+    """A clock tests move by hand. Starts at the wall clock so IdP tokens stay valid.
+    ``advance``: time passes (both clocks move; a negative one is a step back); ``step``: the
+    wall clock alone is set, as by hand or a wrong time source."""
 
     def __init__(self) -> None:
         self.value = time.time()
+        self.ticks = 0.0
 
     def now(self) -> float:
         return self.value
 
+    def monotonic(self) -> float:
+        return self.ticks
+
     def advance(self, seconds: float) -> None:
+        self.value += seconds
+        self.ticks += max(seconds, 0.0)
+
+    def step(self, seconds: float) -> None:
         self.value += seconds
 
 

@@ -31,6 +31,7 @@ from agentid_server.domain.model import (
     ServicePrincipal,
 )
 from agentid_server.domain.ports import Clock, SystemClock
+from agentid_server.domain.pruning import RevocationPruner
 from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.risk import RiskRules
@@ -67,6 +68,7 @@ from agentid_server.tokens.keys import (
 )
 
 log = logging.getLogger(__name__)
+CLOCK_WATCH_INTERVAL = 1.0  # how soon revocations a clock gone back makes live are put back
 AsyncHealthServicer = health_aio.HealthServicer
 
 
@@ -106,8 +108,7 @@ class Running:
 
 async def _housekeeping(
     settings: Settings,
-    revocations: RevocationSet,
-    repo: RevocationRepository,
+    pruner: RevocationPruner,
     step_ups: StepUpRepository,
     keys: _KeyRotation,
     clock: Clock,
@@ -115,10 +116,19 @@ async def _housekeeping(
 ) -> None:
     """Periodically drops expired entries from the bitmap and old history from the table, marks
     step-ups past their expiry EXPIRED (their watchers hear of it), rotates the signing key and
-    forgets spent proofs too old to verify again."""
-    pruned_until = int(clock.now())  # the bitmap was loaded with live entries only
+    forgets spent proofs too old to verify again. In between, every second, puts back the
+    revocations a wall clock gone back has made live again."""
+    loop = asyncio.get_running_loop()
+    interval = settings.revocation.prune_interval
     while True:
-        await asyncio.sleep(settings.revocation.prune_interval)
+        due = loop.time() + interval
+        while (left := due - loop.time()) > 0:
+            await asyncio.sleep(min(left, CLOCK_WATCH_INTERVAL))
+            try:
+                if restored := await pruner.put_back():
+                    log.warning("the clock went back: %d revocations are live again", restored)
+            except Exception as exc:
+                log.warning("restoring revocations failed (will retry): %s", type(exc).__name__)
         now = int(clock.now())
         # Each chore on its own: one failing (the store, say) must not hold back the others;
         # every one of them retries next time.
@@ -127,9 +137,7 @@ async def _housekeeping(
         except Exception as exc:
             log.warning("rotating signing keys failed (will retry): %s", type(exc).__name__)
         try:
-            forgotten = revocations.forget(await repo.expired_serials(pruned_until, now))
-            pruned_until = now
-            deleted = await repo.prune_history(int(now - settings.revocation.history_retention))
+            forgotten, deleted = await pruner.prune()
             if forgotten or deleted:
                 log.info("pruned %d expired revocations (%d history rows)", forgotten, deleted)
         except Exception as exc:
@@ -241,8 +249,7 @@ async def build_server(
         # the two reads is in the rows, never only counted (counted but missing, it would stay
         # unapplied here: the catch-up reads only beyond what is applied).
         written = await reader.last_sequence()
-        for revocation in await reader.live(now):
-            revocations.apply(revocation)
+        revocations.restore(await reader.revoked_serials(now))  # from the sessions: never pruned
         revocations.advance(written)
         idp = IdpVerifier(
             settings.idps,
@@ -416,8 +423,13 @@ async def build_server(
     housekeeping = asyncio.create_task(
         _housekeeping(
             settings,
-            revocations,
-            revocation_repo,
+            RevocationPruner(
+                revocations,
+                revocation_repo,
+                clock,
+                loaded_through=now,
+                history_retention=settings.revocation.history_retention,
+            ),
             step_up_repo,
             _KeyRotation(ring, kek, KeyRepository(engine), journal, settings),
             clock,

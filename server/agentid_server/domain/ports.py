@@ -25,6 +25,11 @@ class Clock(Protocol):
         """Seconds since the epoch."""
         ...
 
+    def monotonic(self) -> float:
+        """Seconds on a clock that is never set (time.monotonic): how much time really passed
+        between two readings, whatever was done to the wall clock meanwhile."""
+        ...
+
 
 class AgentTokenVerifier(Protocol):
     def verify(self, token: str) -> AgentClaims:
@@ -105,6 +110,9 @@ class SystemClock:
     def now(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        return time.monotonic()
+
 
 class SequenceWaiter(Protocol):
     async def await_sequence(self, sequence: int, budget: float) -> None:
@@ -124,6 +132,7 @@ class RevocationStore(Protocol):
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
+        known: Callable[[int, int], bool] | None = None,
     ) -> list[Revocation]:
         """Revokes, in one transaction, the live sessions of the subtree rooted at
         ``root_session_id`` (or every live session of ``user_id``): revocation rows with the next
@@ -131,7 +140,12 @@ class RevocationStore(Protocol):
         commit, before this returns, in commit order. ``authorize`` is first handed, in the same
         transaction, the root session (None when there is none) and a function reading its
         lineage (its id and its ancestors'); what it raises refuses the revocation, nothing
-        written."""
+        written.
+
+        A live session revoked before is revoked again (a new sequence, so watchers hear of it)
+        when its revocation was lost: no revocation row is left (pruned), or ``known(serial,
+        sequence of its last row)`` says the revocation set does not hold it. ``known`` may be
+        called on the writer's thread: a plain read."""
         ...
 
     async def events_after(self, sequence: int, limit: int) -> list[Revocation]:

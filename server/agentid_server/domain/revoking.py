@@ -109,6 +109,7 @@ class Revoker:
             audit=lambda session, revocation: _audit_event(caller, session, revocation),
             on_commit=self._applied,
             authorize=authorize,
+            known=self._revoked.holds,
         )
         sequence = revocations[-1].sequence if revocations else self._revoked.applied_sequence
         if sequence > self._revoked.applied_sequence:  # another replica's revocations come first
