@@ -141,7 +141,7 @@ def base_config(tmp_path: Path, idp: IdpFixture) -> dict[str, Any]:
     if not kek.exists():
         kek.write_text(new_kek())
     return {
-        "server": {"listen": "127.0.0.1:0", "shutdown_grace": "2s"},
+        "server": {"listen": "127.0.0.1:0", "shutdown_grace": "2s", "drain": "0s"},
         "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'agentid.db'}"},
         "tokens": {"issuer": ISSUER, "kek_file": str(kek)},
         "idp": [{"issuer": IDP_ISSUER, "audience": IDP_AUDIENCE, "jwks_file": str(idp.jwks_path)}],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +87,22 @@ class Running:
     housekeeping: asyncio.Task[None]
     listener: PeerListener | None = None  # PostgreSQL: what the other replicas committed
     telemetry: Telemetry | None = None
+    _draining: asyncio.Event = field(default_factory=asyncio.Event)  # set: end the drain now
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful: stop taking calls, end watch streams cleanly, let in-flight calls finish,
-        then flush the journal and close."""
+    async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
+        """Graceful: health turns NOT_SERVING while calls are still served for the drain
+        (`server.drain`; ``hurry`` ends it early), so load balancers and clients move away
+        first; then new calls are refused, watch streams end cleanly, in-flight calls finish
+        within the grace, the journal is flushed and everything closed.
+
+        The drain comes before grpc's stop because that cancels not only new calls but those
+        it has received and not yet handed to a handler: CANCELLED, which clients do not retry."""
         await self.health.enter_graceful_shutdown()
+        drain = self.settings.server.drain if drain is None else drain
+        if drain > 0:
+            log.info("health is NOT_SERVING; still serving for %.1f s (server.drain)", drain)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), drain)
         for hub in self.hubs:
             hub.close()
         await self.server.stop(self.settings.server.shutdown_grace if grace is None else grace)
@@ -104,6 +115,10 @@ class Running:
         await self.engines.dispose()
         if self.telemetry is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
+
+    def hurry(self) -> None:
+        """Ends the drain of a stop under way (a second signal): stop serving now."""
+        self._draining.set()
 
 
 async def _housekeeping(

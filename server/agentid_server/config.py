@@ -57,6 +57,9 @@ class ServerSettings:
     max_message_bytes: int = 1 << 20
     max_consistency_wait: float = 5.0
     shutdown_grace: float = 10.0
+    # At a stop, health is NOT_SERVING this long while calls are still served, so load balancers
+    # and clients move to other replicas before new calls are refused (0: refuse at once).
+    drain: float = 5.0
     token_cache_size: int = 50_000
     event_loop: str = "asyncio"
     # A request's `context` (Check, StepUp) is recorded with every decision: its size is capped.
@@ -200,7 +203,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     "server": {
         "listen": "str", "tls_cert": "str", "tls_key": "str", "client_ca": "str",
         "max_token_bytes": "int", "max_message_bytes": "int",
-        "max_consistency_wait": "duration", "shutdown_grace": "duration",
+        "max_consistency_wait": "duration", "shutdown_grace": "duration", "drain": "duration0",
         "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
         "log_format": "str", "reuse_port": "bool", "keepalive_time": "duration",
         "keepalive_timeout": "duration", "min_client_ping_interval": "duration",
@@ -270,14 +273,16 @@ def _convert(value: Any, kind: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise TypeError("must be an integer")
         return int(value)
-    if kind == "duration":
+    if kind in ("duration", "duration0"):  # duration0: zero allowed (turns a wait off)
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = float(value)
         elif isinstance(value, str):
             seconds = parse_duration(value)
         else:
             raise TypeError("must be a duration like 15m")
-        if seconds <= 0:
+        if kind == "duration0" and seconds < 0:
+            raise ValueError("must not be negative")
+        if kind == "duration" and seconds <= 0:
             raise ValueError("must be positive")
         return seconds
     if kind == "bool":

@@ -259,3 +259,12 @@ def test_reuse_port_is_a_boolean_also_from_the_environment() -> None:
         "server.reuse_port",
         "must be true or false",
     )
+
+
+def test_the_drain_may_be_zero_but_not_negative() -> None:
+    assert settings_from_mapping({}, "x.toml", {}).server.drain == 5.0
+    off = settings_from_mapping({}, "x.toml", {"AGENTID_SERVER_DRAIN": "0s"})
+    assert off.server.drain == 0.0
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"server": {"drain": -1}}, "x.toml", {})
+    assert (caught.value.key, caught.value.problem) == ("server.drain", "must not be negative")
