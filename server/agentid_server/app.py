@@ -303,6 +303,7 @@ async def build_server(
         max_batch=settings.audit.max_batch,
         sqlite_inline=inline,
         on_health=store_health,
+        unhealthy_after=settings.database.unhealthy_after,
         chain_id=settings.audit.chain_id,
         on_records=(
             (lambda _rows: audit_bell.ring())

@@ -86,6 +86,9 @@ class DatabaseSettings:
     sqlite_synchronous: str = "NORMAL"
     sqlite_writer: str = "inline"
     busy_timeout: float = 5.0
+    # A write batch not committed within this long marks the store failing (health NOT_SERVING,
+    # waiting writes UNAVAILABLE at once) without waiting for the store's own timeout.
+    unhealthy_after: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "database": {
         "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
-        "busy_timeout": "duration",
+        "busy_timeout": "duration", "unhealthy_after": "duration",
     },
     "tokens": {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
