@@ -69,7 +69,11 @@ async def test_a_stuck_store_is_unhealthy_long_before_its_busy_timeout(
             waiting = asyncio.ensure_future(h.check(token, "tickets.read"))
             await health_becomes(h, NOT_SERVING, within=12)
             await refused(waiting)
-            await refused(h.check(token, "tickets.read"))  # while stuck: refused, not queued
+            with pytest.raises(grpc.aio.AioRpcError) as caught:  # while stuck: not queued
+                await asyncio.wait_for(h.check(token, "tickets.read"), 20)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            info = error_info(caught.value)
+            assert (info.reason, info.metadata["unhealthy_after"]) == ("AUDIT_UNAVAILABLE", "0.5")
         await health_becomes(h, SERVING, within=20)  # the stuck batch commits once unlocked
         assert (await h.check(token, "tickets.read")).decision == pb.DECISION_ALLOW
 

@@ -258,7 +258,7 @@ class Journal:
         if self._stopping:
             raise Unavailable("the server is shutting down", reason="AUDIT_UNAVAILABLE")
         if self._stalled:
-            raise Unavailable("the store is not taking writes", reason="AUDIT_UNAVAILABLE")
+            raise self._stalled_error()
         item.queued = self._loop.time()
         self._pending.append(item)
         if self._wakeup is not None:
@@ -392,9 +392,16 @@ class Journal:
         self._stalled = True
         self._set_health(False)
         for item in self._writing:  # answered; the batch may still commit
-            _give_up(item.future)
+            _give_up(item.future, self._stalled_error())
         while self._pending:  # not written yet: never will be
-            _give_up(self._pending.popleft().future)
+            _give_up(self._pending.popleft().future, self._stalled_error())
+
+    def _stalled_error(self) -> Unavailable:
+        return Unavailable(
+            f"the store has not committed a write for {self._unhealthy_after:g} s",
+            reason="AUDIT_UNAVAILABLE",
+            metadata={"unhealthy_after": f"{self._unhealthy_after:g}"},
+        )
 
     def _set_health(self, healthy: bool) -> None:
         if healthy == self.healthy:
@@ -570,12 +577,13 @@ def _refused_data(error: DBAPIError) -> bool:
     return str(getattr(error.orig, "sqlstate", "") or "")[:2] in ("22", "23")
 
 
-def _give_up(future: asyncio.Future[Any]) -> None:
+def _give_up(future: asyncio.Future[Any], error: Unavailable | None = None) -> None:
     """The write did not commit in time: answer UNAVAILABLE (it may still commit later, but no
     caller is told it succeeded before it did)."""
     if not future.done():
         future.set_exception(
-            Unavailable("the store did not take the write in time", reason="AUDIT_UNAVAILABLE")
+            error
+            or Unavailable("the store did not take the write in time", reason="AUDIT_UNAVAILABLE")
         )
 
 
