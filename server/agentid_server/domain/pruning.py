@@ -12,6 +12,11 @@ sessions would be allowed again once the clock is put right. So:
   ahead, then put right), those entries are put back from the store at once;
 * the store keeps every revocation on its session (`revoked_at`, never pruned): the set is built
   from there at start, so a pruned revocation history loses nothing.
+
+Not a persisted high-water mark of the wall clock: one step far ahead would raise it for good,
+and pruning by it would forget live revocations once the clock came back. Across a restart
+nothing measures the time that passed, so a server started with its clock ahead prunes by it;
+what it forgot comes back from the sessions as soon as its clock is put right.
 """
 
 from __future__ import annotations
