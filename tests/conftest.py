@@ -114,15 +114,25 @@ class IdpFixture:
 
 
 class FakeClock:
-    """A clock tests move by hand. Starts at the wall clock so IdP tokens stay valid."""
+    """A clock tests move by hand. Starts at the wall clock so IdP tokens stay valid.
+    ``advance``: time passes (both clocks move; a negative one is a step back); ``step``: the
+    wall clock alone is set, as by hand or a wrong time source."""
 
     def __init__(self) -> None:
         self.value = time.time()
+        self.ticks = 0.0
 
     def now(self) -> float:
         return self.value
 
+    def monotonic(self) -> float:
+        return self.ticks
+
     def advance(self, seconds: float) -> None:
+        self.value += seconds
+        self.ticks += max(seconds, 0.0)
+
+    def step(self, seconds: float) -> None:
         self.value += seconds
 
 
@@ -131,7 +141,7 @@ def base_config(tmp_path: Path, idp: IdpFixture) -> dict[str, Any]:
     if not kek.exists():
         kek.write_text(new_kek())
     return {
-        "server": {"listen": "127.0.0.1:0", "shutdown_grace": "2s"},
+        "server": {"listen": "127.0.0.1:0", "shutdown_grace": "2s", "drain": "0s"},
         "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'agentid.db'}"},
         "tokens": {"issuer": ISSUER, "kek_file": str(kek)},
         "idp": [{"issuer": IDP_ISSUER, "audience": IDP_AUDIENCE, "jwks_file": str(idp.jwks_path)}],

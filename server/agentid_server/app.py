@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from agentid_server.domain.model import (
     ServicePrincipal,
 )
 from agentid_server.domain.ports import Clock, SystemClock
+from agentid_server.domain.pruning import RevocationPruner
 from agentid_server.domain.ratelimit import Rate
 from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
@@ -70,6 +71,7 @@ from agentid_server.tokens.keys import (
 )
 
 log = logging.getLogger(__name__)
+CLOCK_WATCH_INTERVAL = 1.0  # how soon revocations a clock gone back makes live are put back
 
 
 @dataclass
@@ -87,11 +89,22 @@ class Running:
     housekeeping: asyncio.Task[None]
     listener: PeerListener | None = None  # PostgreSQL: what the other replicas committed
     telemetry: Telemetry | None = None
+    _draining: asyncio.Event = field(default_factory=asyncio.Event)  # set: end the drain now
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful: stop taking calls, end watch streams cleanly, let in-flight calls finish,
-        then flush the journal and close."""
+    async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
+        """Graceful: health turns NOT_SERVING while calls are still served for the drain
+        (`server.drain`; ``hurry`` ends it early), so load balancers and clients move away
+        first; then new calls are refused, watch streams end cleanly, in-flight calls finish
+        within the grace, the journal is flushed and everything closed.
+
+        The drain comes before grpc's stop because that cancels not only new calls but those
+        it has received and not yet handed to a handler: CANCELLED, which clients do not retry."""
         await self.health.enter_graceful_shutdown()
+        drain = self.settings.server.drain if drain is None else drain
+        if drain > 0:
+            log.info("health is NOT_SERVING; still serving for %.1f s (server.drain)", drain)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), drain)
         for hub in self.hubs:
             hub.close()
         await self.server.stop(self.settings.server.shutdown_grace if grace is None else grace)
@@ -105,11 +118,14 @@ class Running:
         if self.telemetry is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
 
+    def hurry(self) -> None:
+        """Ends the drain of a stop under way (a second signal): stop serving now."""
+        self._draining.set()
+
 
 async def _housekeeping(
     settings: Settings,
-    revocations: RevocationSet,
-    repo: RevocationRepository,
+    pruner: RevocationPruner,
     step_ups: StepUpRepository,
     keys: _KeyRotation,
     clock: Clock,
@@ -117,10 +133,19 @@ async def _housekeeping(
 ) -> None:
     """Periodically drops expired entries from the bitmap and old history from the table, marks
     step-ups past their expiry EXPIRED (their watchers hear of it), rotates the signing key and
-    forgets spent proofs too old to verify again."""
-    pruned_until = int(clock.now())  # the bitmap was loaded with live entries only
+    forgets spent proofs too old to verify again. In between, every second, puts back the
+    revocations a wall clock gone back has made live again."""
+    loop = asyncio.get_running_loop()
+    interval = settings.revocation.prune_interval
     while True:
-        await asyncio.sleep(settings.revocation.prune_interval)
+        due = loop.time() + interval
+        while (left := due - loop.time()) > 0:
+            await asyncio.sleep(min(left, CLOCK_WATCH_INTERVAL))
+            try:
+                if restored := await pruner.put_back():
+                    log.warning("the clock went back: %d revocations are live again", restored)
+            except Exception as exc:
+                log.warning("restoring revocations failed (will retry): %s", type(exc).__name__)
         now = int(clock.now())
         # Each chore on its own: one failing (the store, say) must not hold back the others;
         # every one of them retries next time.
@@ -129,9 +154,7 @@ async def _housekeeping(
         except Exception as exc:
             log.warning("rotating signing keys failed (will retry): %s", type(exc).__name__)
         try:
-            forgotten = revocations.forget(await repo.expired_serials(pruned_until, now))
-            pruned_until = now
-            deleted = await repo.prune_history(int(now - settings.revocation.history_retention))
+            forgotten, deleted = await pruner.prune()
             if forgotten or deleted:
                 log.info("pruned %d expired revocations (%d history rows)", forgotten, deleted)
         except Exception as exc:
@@ -243,8 +266,7 @@ async def build_server(
         # the two reads is in the rows, never only counted (counted but missing, it would stay
         # unapplied here: the catch-up reads only beyond what is applied).
         written = await reader.last_sequence()
-        for revocation in await reader.live(now):
-            revocations.apply(revocation)
+        revocations.restore(await reader.revoked_serials(now))  # from the sessions: never pruned
         revocations.advance(written)
         idp = IdpVerifier(
             settings.idps,
@@ -295,6 +317,7 @@ async def build_server(
         max_batch=settings.audit.max_batch,
         sqlite_inline=inline,
         on_health=store_health,
+        unhealthy_after=settings.database.unhealthy_after,
         chain_id=settings.audit.chain_id,
         checkpoint_key=checkpoint_key,
         checkpoint_records=settings.audit.checkpoint_records,
@@ -471,8 +494,13 @@ async def build_server(
     housekeeping = asyncio.create_task(
         _housekeeping(
             settings,
-            revocations,
-            revocation_repo,
+            RevocationPruner(
+                revocations,
+                revocation_repo,
+                clock,
+                loaded_through=now,
+                history_retention=settings.revocation.history_retention,
+            ),
             step_up_repo,
             _KeyRotation(ring, kek, KeyRepository(engine), journal, settings),
             clock,

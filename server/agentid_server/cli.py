@@ -122,7 +122,9 @@ async def _serve_until_signalled(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop.set)
     log.info("agentid serving on %s (port %d)", settings.server.listen, running.port)
     await stop.wait()
-    log.info("shutting down: finishing in-flight calls")
+    log.info("shutting down: draining, then finishing in-flight calls (a second signal: no drain)")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, running.hurry)
     await running.stop()
     log.info("stopped")
     return 0

@@ -57,6 +57,9 @@ class ServerSettings:
     max_message_bytes: int = 1 << 20
     max_consistency_wait: float = 5.0
     shutdown_grace: float = 10.0
+    # At a stop, health is NOT_SERVING this long while calls are still served, so load balancers
+    # and clients move to other replicas before new calls are refused (0: refuse at once).
+    drain: float = 5.0
     token_cache_size: int = 50_000
     # The verified-token caches are bounded by an estimate of their memory too: a caller picks
     # its tokens' sizes (agent tokens, then users' IdP tokens).
@@ -103,6 +106,9 @@ class DatabaseSettings:
     sqlite_synchronous: str = "NORMAL"
     sqlite_writer: str = "inline"
     busy_timeout: float = 5.0
+    # A write batch not committed within this long marks the store failing (health NOT_SERVING,
+    # waiting writes UNAVAILABLE at once) without waiting for the store's own timeout.
+    unhealthy_after: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     "server": {
         "listen": "str", "tls_cert": "str", "tls_key": "str", "client_ca": "str",
         "max_token_bytes": "int", "max_message_bytes": "int",
-        "max_consistency_wait": "duration", "shutdown_grace": "duration",
+        "max_consistency_wait": "duration", "shutdown_grace": "duration", "drain": "duration0",
         "token_cache_size": "int", "event_loop": "str", "max_context_bytes": "int",
         "token_cache_bytes": "int", "user_token_cache_bytes": "int",
         "log_format": "str", "reuse_port": "bool", "keepalive_time": "duration",
@@ -256,12 +262,12 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "database": {
         "url": "str", "sqlite_synchronous": "str", "sqlite_writer": "str",
-        "busy_timeout": "duration",
+        "busy_timeout": "duration", "unhealthy_after": "duration",
     },
     "tokens": {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
         "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
-        "publish_ahead": "duration", "nbf_leeway": "leeway",
+        "publish_ahead": "duration", "nbf_leeway": "duration0",
         "max_delegation_depth": "int", "dpop_replay_cache_bytes": "int",
         "dpop_replay_bytes_per_user": "int", "delegate_per_user_per_minute": "float",
         "delegate_per_user_burst": "int", "delegate_per_agent_per_minute": "float",
@@ -329,20 +335,18 @@ def _convert(value: Any, kind: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise TypeError("must be an integer")
         return int(value)
-    if kind == "duration":
+    if kind in ("duration", "duration0"):  # duration0: zero allowed (turns a wait off)
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = float(value)
         elif isinstance(value, str):
             seconds = parse_duration(value)
         else:
             raise TypeError("must be a duration like 15m")
-        if seconds <= 0:
+        if kind == "duration0" and seconds < 0:
+            raise ValueError("must not be negative")
+        if kind == "duration" and seconds <= 0:
             raise ValueError("must be positive")
         return seconds
-    if kind == "leeway":  # a duration that may be 0 (none)
-        if value in (0, "0", "0s") and not isinstance(value, bool):
-            return 0.0
-        return _convert(value, "duration")
     if kind == "bool":
         if isinstance(value, bool):
             return value

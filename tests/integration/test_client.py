@@ -60,7 +60,7 @@ def on_port(port: int) -> Mutator:
     """The test config, serving on ``port`` again: the same server restarted, or another one."""
 
     def mutate(config: dict[str, object]) -> None:
-        config["server"] = {"listen": f"127.0.0.1:{port}", "shutdown_grace": "1s"}
+        config["server"] = {"listen": f"127.0.0.1:{port}", "shutdown_grace": "1s", "drain": "0s"}
 
     return mutate
 

@@ -28,6 +28,7 @@ class Server:
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
         self.env["AGENTID_SERVER_LISTEN"] = f"127.0.0.1:{self.port}"
+        self.env["AGENTID_SERVER_DRAIN"] = "0s"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

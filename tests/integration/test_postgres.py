@@ -975,3 +975,69 @@ async def test_a_mass_revoke_in_slices_leaves_every_replicas_watchers_connected_
             await a.stub.Audit(pb.AuditRequest(follow=True), metadata=bearer(user)).read()
         assert error_info(caught.value).reason == "TOO_MANY_STREAMS"
         held.cancel()
+
+
+async def test_a_hanging_store_turns_health_not_serving_without_waiting_for_it(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """A statement waiting on another session's lock has no end of its own: health turns
+    NOT_SERVING within database.unhealthy_after all the same, and back once it commits."""
+    from tests.integration.test_store_health import NOT_SERVING, SERVING, health_becomes, refused
+
+    a, _ = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    engine = create_async_engine(URL)
+    try:
+        async with engine.connect() as dba:
+            await dba.execute(text("LOCK TABLE audit_records IN ACCESS EXCLUSIVE MODE"))
+            waiting = asyncio.ensure_future(a.check(session.token, "tickets.read"))
+            await health_becomes(a, NOT_SERVING, within=12)
+            await refused(waiting)
+            await refused(a.check(session.token, "tickets.read"))
+            await dba.rollback()
+    finally:
+        await engine.dispose()
+    await health_becomes(a, SERVING, within=20)
+    assert (await a.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def test_a_replica_started_with_its_clock_ahead_loses_no_revocation(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Its pruning deletes a live token's revocation history; once the clock is put right the
+    revocation is back (from the session), and a Revoke re-applies it with a new sequence."""
+    from google.protobuf.duration_pb2 import Duration
+
+    await wipe(URL)
+    settings = replica(tmp_path, idp, "replica-a")
+    pruning = dataclasses.replace(settings.revocation, prune_interval=0.02, history_retention=1.0)
+    fast = dataclasses.replace(settings, revocation=pruning)
+    revoke = pb.RevokeRequest
+    async with running_harness(tmp_path, idp, clock, settings) as a:
+        live = await a.delegate(scopes=["tickets.read"], ttl=Duration(seconds=600))
+        first = await a.stub.Revoke(revoke(session_id=live.session_id), metadata=bearer(ADMIN_KEY))
+    clock.step(7200)
+    engine = create_async_engine(URL)
+    try:
+        async with running_harness(tmp_path, idp, clock, fast) as a:
+            for _ in range(250):
+                async with engine.connect() as db:
+                    rows = (await db.execute(text("SELECT count(*) FROM revocations"))).scalar()
+                if rows == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert rows == 0
+            clock.step(-7200)
+            for _ in range(250):
+                answer = await a.check(live.token, "tickets.read")
+                if answer.decision == pb.DECISION_DENY:
+                    break
+                await asyncio.sleep(0.02)
+            assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+            again = await a.stub.Revoke(
+                revoke(session_id=live.session_id), metadata=bearer(ADMIN_KEY)
+            )
+            assert list(again.session_ids) == [live.session_id]
+            assert again.revocation_sequence == first.revocation_sequence + 1
+    finally:
+        await engine.dispose()

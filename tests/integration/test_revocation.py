@@ -318,6 +318,24 @@ async def test_a_burst_larger_than_the_buffer_reaches_a_watcher_as_a_fresh_snaps
         stream.cancel()
 
 
+async def test_a_mass_revoke_pages_past_sessions_revoked_before(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Slices page through the user's live sessions by serial: a first slice made only of
+    sessions revoked already (skipped, still held) does not end the Revoke early, leaving the
+    rest live."""
+    mutate = with_config(revocation={"revoke_slice": 3})
+    async with running_harness(tmp_path, idp, clock, mutate=mutate) as h:
+        sessions = [await h.delegate() for _ in range(8)]
+        for session in sessions[:4]:  # the lowest serials: more than one slice of them
+            await revoke(h, ADMIN_KEY, session_id=session.session_id)
+        done = await revoke(h, ADMIN_KEY, user_id="alice")
+        assert sorted(done.session_ids) == sorted(s.session_id for s in sessions[4:])
+        for session in sessions:
+            answer = await h.check(session.token, "tickets.read")
+            assert answer.reason == pb.REASON_SESSION_REVOKED
+
+
 async def test_shutdown_ends_watch_streams_cleanly(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:

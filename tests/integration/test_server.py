@@ -154,7 +154,7 @@ async def test_revocations_in_the_database_are_loaded_at_start(
     delegated = await first.delegate()
     await first.channel.close()
     await first.running.stop(grace=1)
-    with sqlite3.connect(tmp_path / "agentid.db") as db:  # as Revoke (a later issue) will write it
+    with sqlite3.connect(tmp_path / "agentid.db") as db:  # as Revoke writes it
         db.execute(
             "INSERT INTO revocations VALUES (1, ?, ?, 'alice', 'test', ?, ?)",
             (
@@ -164,6 +164,11 @@ async def test_revocations_in_the_database_are_loaded_at_start(
                 delegated.expires_at.seconds,
             ),
         )
+        db.execute(
+            "UPDATE sessions SET revoked_at = ?, revoke_reason = 'test' WHERE id = ?",
+            (int(time.time()), delegated.session_id),
+        )
+        db.execute("UPDATE counters SET value = 1 WHERE name = 'revocation_sequence'")
     async with running_harness(tmp_path, idp, clock) as second:
         response = await second.check(delegated.token, "tickets.read")
         assert (response.decision, response.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)

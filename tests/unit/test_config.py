@@ -270,3 +270,12 @@ def test_nbf_leeway_defaults_to_5s_and_may_be_none(
 ) -> None:
     path = write(tmp_path, GOOD.replace("[tokens]", f"[tokens]\n{line}"))
     assert load_settings(path, environ={}).tokens.nbf_leeway == seconds
+
+
+def test_the_drain_may_be_zero_but_not_negative() -> None:
+    assert settings_from_mapping({}, "x.toml", {}).server.drain == 5.0
+    off = settings_from_mapping({}, "x.toml", {"AGENTID_SERVER_DRAIN": "0s"})
+    assert off.server.drain == 0.0
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"server": {"drain": -1}}, "x.toml", {})
+    assert (caught.value.key, caught.value.problem) == ("server.drain", "must not be negative")

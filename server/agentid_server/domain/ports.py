@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agentid_server.domain.model import AgentClaims, AuditEvent, Reason, SessionRecord
@@ -23,6 +24,11 @@ class TokenRejected(Exception):
 class Clock(Protocol):
     def now(self) -> float:
         """Seconds since the epoch."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that is never set (time.monotonic): how much time really passed
+        between two readings, whatever was done to the wall clock meanwhile."""
         ...
 
 
@@ -102,12 +108,24 @@ class SystemClock:
     def now(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        return time.monotonic()
+
 
 class SequenceWaiter(Protocol):
     async def await_sequence(self, sequence: int, budget: float) -> None:
         """Returns once ``sequence`` is applied here; OutOfRange when it was never written,
         Unavailable when ``budget`` seconds pass first."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedSlice:
+    """What one slice of a Revoke revoked, and the serial the next slice starts after (None:
+    this was the last)."""
+
+    revocations: list[Revocation]
+    following: int | None
 
 
 class RevocationStore(Protocol):
@@ -121,16 +139,23 @@ class RevocationStore(Protocol):
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
+        known: Callable[[int, int], bool] | None = None,
         limit: int = 250,
-    ) -> list[Revocation]:
+        after_serial: int = 0,
+    ) -> RevokedSlice:
         """Revokes, in one transaction, the live sessions of the subtree rooted at
-        ``root_session_id`` (or every live session of ``user_id``), at most ``limit`` of them
-        (the lowest serials: call again for the rest): revocation rows with the next
-        gap-free sequences, sessions marked, one audit record each. ``on_commit`` runs after the
-        commit, before this returns, in commit order. ``authorize`` is first handed, in the same
-        transaction, the root session (None when there is none) and a function reading its
-        lineage (its id and its ancestors'); what it raises refuses the revocation, nothing
-        written."""
+        ``root_session_id`` (or every live session of ``user_id``) among the next ``limit`` live
+        ones by serial after ``after_serial`` (the slice's ``following`` is where the next call
+        starts, None after the last): revocation rows with the next gap-free sequences, sessions
+        marked, one audit record each. ``on_commit`` runs after the commit, before this returns,
+        in commit order. ``authorize`` is first handed, in the same transaction, the root
+        session (None when there is none) and a function reading its lineage (its id and its
+        ancestors'); what it raises refuses the revocation, nothing written.
+
+        A live session revoked before is revoked again (a new sequence, so watchers hear of it)
+        when its revocation was lost: no revocation row is left (pruned), or ``known(serial,
+        sequence of its last row)`` says the revocation set does not hold it. ``known`` may be
+        called on the writer's thread: a plain read."""
         ...
 
     async def events_after(self, sequence: int, limit: int) -> list[Revocation]:

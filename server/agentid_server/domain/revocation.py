@@ -114,6 +114,19 @@ class RevocationSet:
         self._bitmap -= expired
         return before - len(self._bitmap)
 
+    def restore(self, serials: Iterable[int]) -> int:
+        """Puts back entries forgotten too early (the clock went back: their tokens are live
+        again as this server sees them); returns how many were missing."""
+        before = len(self._bitmap)
+        self._bitmap.update(serial_bit(s) for s in serials)
+        return len(self._bitmap) - before
+
+    def holds(self, serial: int, sequence: int) -> bool:
+        """Whether the revocation of ``serial`` written as ``sequence`` is in the set, or will
+        be once the sequences before it are applied. Safe from another thread: two plain reads,
+        each one step under the GIL."""
+        return sequence > self.applied_sequence or serial_bit(serial) in self._bitmap
+
     def snapshot(self) -> Snapshot:
         """The current set, consistent with ``applied_sequence`` (taken without an await)."""
         return Snapshot(self.applied_sequence, bytes(self._bitmap.serialize()), len(self._bitmap))

@@ -117,6 +117,7 @@ class Revoker:
         # slices before it revoked; the same Revoke again revokes the rest.
         now = self._clock.now()
         revocations: list[Revocation] = []
+        after_serial = 0
         while True:
             written = await self._store.revoke(
                 root_session_id=session_id or None,
@@ -126,11 +127,14 @@ class Revoker:
                 audit=lambda session, revocation: _audit_event(caller, session, revocation),
                 on_commit=self._applied,
                 authorize=authorize,
+                known=self._revoked.holds,
                 limit=self._slice,
+                after_serial=after_serial,
             )
-            revocations += written
-            if len(written) < self._slice:
+            revocations += written.revocations
+            if written.following is None:
                 break
+            after_serial = written.following
             authorize = None  # asked once, of the root, in the first slice's transaction
             await asyncio.sleep(0)  # let the Checks and watchers waiting meanwhile run
         sequence = revocations[-1].sequence if revocations else self._revoked.applied_sequence

@@ -116,6 +116,7 @@ class Journal:
         sqlite_inline: bool = False,
         on_health: Callable[[bool], None] | None = None,
         probe_interval: float = 0.5,
+        unhealthy_after: float = 1.0,
         chain_id: str = "main",
         on_records: Callable[[list[AuditRecordRow]], None] | None = None,
         checkpoint_key: checkpoints.CheckpointKey | None = None,
@@ -124,13 +125,18 @@ class Journal:
     ) -> None:
         """``sync_engine`` is given for SQLite, None for PostgreSQL. SQLite batches are written
         on a dedicated thread (one hop per batch; a lock held by another process stalls only the
-        writer) or, with ``sqlite_inline``, on the event loop itself. Without ``checkpoint_key``
-        no checkpoints are written."""
+        writer) or, with ``sqlite_inline``, on the event loop itself while the store is healthy
+        (after a failed batch, on the thread until one commits: a failing store must not stall
+        the loop batch after batch). ``unhealthy_after``: a batch not committed within this
+        long makes the store unhealthy at once, its callers and those waiting behind it are
+        answered UNAVAILABLE, and new writes are refused until it ends. Without
+        ``checkpoint_key`` no checkpoints are written."""
         self._engine = engine
         self._sync_engine = sync_engine
-        self._executor = (
+        self._inline = sqlite_inline
+        self._executor = (  # its thread starts at the first use: never, inline and healthy
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
-            if sync_engine is not None and not sqlite_inline
+            if sync_engine is not None
             else None
         )
         self._max_batch = max_batch
@@ -138,6 +144,9 @@ class Journal:
         self._loop: asyncio.AbstractEventLoop  # the running loop, from start()
         self._pending: deque[_Item] = deque()  # submitted, not yet taken into a batch
         self._writing: Sequence[_Item] = ()  # the batch being written
+        self._writing_since = 0.0  # loop time it was taken
+        self._stalled = False  # it is older than unhealthy_after: writes are refused meanwhile
+        self._unhealthy_after = unhealthy_after
         self._wakeup: asyncio.Future[None] | None = None  # set while the writer waits for work
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -302,6 +311,8 @@ class Journal:
     def _submit(self, item: _Item) -> asyncio.Future[Any]:
         if self._stopping:
             raise Unavailable("the server is shutting down", reason="AUDIT_UNAVAILABLE")
+        if self._stalled:
+            raise self._stalled_error()
         item.queued = self._loop.time()
         self._pending.append(item)
         if self._wakeup is not None:
@@ -315,11 +326,16 @@ class Journal:
 
     async def _expire_overdue(self) -> None:
         """Answers UNAVAILABLE to every write still waiting after the append timeout (the store
-        is stuck, say, behind another process's lock). One timer for all, not one per write."""
-        period = min(max(self._timeout / 4, 0.01), 1.0)
+        is stuck, say, behind another process's lock), and to every one at once when the batch
+        being written is older than ``unhealthy_after``. One timer for all, not one per write."""
+        period = min(max(min(self._timeout, self._unhealthy_after) / 4, 0.01), 1.0)
         while True:
             await asyncio.sleep(period)
-            overdue = self._loop.time() - self._timeout
+            now = self._loop.time()
+            stuck = self._writing and self._writing_since <= now - self._unhealthy_after
+            if stuck and not self._stalled:
+                self._stall()
+            overdue = now - self._timeout
             for item in self._writing:  # being written: answered, may still commit
                 if item.queued > overdue:
                     break
@@ -348,24 +364,27 @@ class Journal:
             if self._busy and len(pending) < LINGER_GROUP:
                 await asyncio.sleep(LINGER_SECONDS)
             take = min(len(pending), self._max_batch)
+            if take == 0:
+                continue  # answered meanwhile (the store stalled)
             batch = [pending.popleft() for _ in range(take)]
             self._busy = take > 1
-            self._writing = batch
+            self._writing, self._writing_since = batch, self._loop.time()
             try:
                 await self._commit(batch)
             finally:
-                self._writing = ()
+                self._writing, self._stalled = (), False
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
-            if self._executor is not None:
+            if self._sync_engine is None:
+                outcomes = await self._write_async(batch)
+            elif self._inline and self.healthy:
+                outcomes = self._write_sqlite(batch)
+            else:
+                assert self._executor is not None
                 outcomes = await self._loop.run_in_executor(
                     self._executor, self._write_sqlite, batch
                 )
-            elif self._sync_engine is not None:
-                outcomes = self._write_sqlite(batch)
-            else:
-                outcomes = await self._write_async(batch)
         except Exception as exc:  # the writer must outlive any failed batch
             self._next_id = self._chain_head = None
             self._pending_records.clear()
@@ -420,6 +439,27 @@ class Journal:
                 item.future.set_result((outcome.value, outcome.ids))
             else:
                 item.future.set_result(outcome.value)
+
+    def _stall(self) -> None:
+        """The batch being written has not committed within ``unhealthy_after``: the store is
+        failing (a lock another process holds, a disk that hangs), whatever its own timeout."""
+        log.error(
+            "the store has not committed a write for %.1f s; failing writes until it does",
+            self._unhealthy_after,
+        )
+        self._stalled = True
+        self._set_health(False)
+        for item in self._writing:  # answered; the batch may still commit
+            _give_up(item.future, self._stalled_error())
+        while self._pending:  # not written yet: never will be
+            _give_up(self._pending.popleft().future, self._stalled_error())
+
+    def _stalled_error(self) -> Unavailable:
+        return Unavailable(
+            f"the store has not committed a write for {self._unhealthy_after:g} s",
+            reason="AUDIT_UNAVAILABLE",
+            metadata={"unhealthy_after": f"{self._unhealthy_after:g}"},
+        )
 
     def _set_health(self, healthy: bool) -> None:
         if healthy == self.healthy:
@@ -674,12 +714,13 @@ def _refused_data(error: DBAPIError) -> bool:
     return str(getattr(error.orig, "sqlstate", "") or "")[:2] in ("22", "23")
 
 
-def _give_up(future: asyncio.Future[Any]) -> None:
+def _give_up(future: asyncio.Future[Any], error: Unavailable | None = None) -> None:
     """The write did not commit in time: answer UNAVAILABLE (it may still commit later, but no
     caller is told it succeeded before it did)."""
     if not future.done():
         future.set_exception(
-            Unavailable("the store did not take the write in time", reason="AUDIT_UNAVAILABLE")
+            error
+            or Unavailable("the store did not take the write in time", reason="AUDIT_UNAVAILABLE")
         )
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, SessionRecord
+from agentid_server.domain.ports import RevokedSlice
 from agentid_server.domain.revocation import Revocation
 from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
@@ -84,17 +85,26 @@ def bump_counter(connection: Connection, name: str, by: int = 1) -> int:
 def _revoke_statements() -> dict[str, Any]:
     """The revoke job's statements, built once with bind parameters (building them per call was
     most of a Revoke's CPU)."""
-    s = tables.sessions
+    s, r = tables.sessions, tables.revocations
     root: BindParameter[str] = bindparam("root")
-    live = (s.c.revoked_at.is_(None), s.c.expires_at > bindparam("now"))
+    # Live sessions from a serial on (a Revoke pages through them in slices, by serial), the
+    # revoked ones too: their revocation may have been lost (see revoke).
+    live = (s.c.expires_at > bindparam("now"), s.c.serial > bindparam("after"))
+    # The sequence of the session's last revocation row; None when none is (never, or pruned).
+    recorded = (
+        select(func.max(r.c.sequence))
+        .where(r.c.session_id == s.c.id)
+        .scalar_subquery()
+        .label("recorded")
+    )
     return {
         "session": select(s).where(s.c.id == root),
         "lineage": session_lineage(root),
-        "subtree": select(s)
+        "subtree": select(s, recorded)
         .where(s.c.id.in_(session_subtree(root)), *live)
         .order_by(s.c.serial)
         .limit(bindparam("limit")),
-        "of_user": select(s)
+        "of_user": select(s, recorded)
         .where(s.c.user_id == bindparam("user"), *live)
         .order_by(s.c.serial)
         .limit(bindparam("limit")),
@@ -137,9 +147,20 @@ class RevocationRepository:
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
+        known: Callable[[int, int], bool] | None = None,
         limit: int = 250,
-    ) -> list[Revocation]:
-        def job(connection: Connection) -> JobResult[list[Revocation]]:
+        after_serial: int = 0,
+    ) -> RevokedSlice:
+        """See the RevocationStore port: live sessions not revoked yet, and revoked ones whose
+        revocation was lost (re-applied with a new sequence; their first revoked_at is kept),
+        among the next ``limit`` live sessions by serial after ``after_serial``."""
+
+        def lost(row: Any) -> bool:
+            if row.recorded is None:
+                return True  # its history row is gone while its token is live
+            return known is not None and not known(row.serial, row.recorded)
+
+        def job(connection: Connection) -> JobResult[RevokedSlice]:
             root = {"root": root_session_id}
             if authorize is not None and root_session_id is not None:
                 row = connection.execute(_REVOKE["session"], root).first()
@@ -147,14 +168,18 @@ class RevocationRepository:
                     _session(row) if row is not None else None,
                     lambda: [r.id for r in connection.execute(_REVOKE["lineage"], root)],
                 )
-            live = {"now": int(now), "limit": limit}
+            live = {"now": int(now), "limit": limit, "after": after_serial}
             if root_session_id is not None:
                 targets = connection.execute(_REVOKE["subtree"], {**root, **live})
             else:
                 targets = connection.execute(_REVOKE["of_user"], {"user": user_id, **live})
-            sessions = [_session(row) for row in targets]
+            examined = list(targets)
+            # Where the next slice starts; None once this one was the last.
+            following = examined[-1].serial if len(examined) >= limit else None
+            rows = [row for row in examined if row.revoked_at is None or lost(row)]
+            sessions = [_session(row) for row in rows]
             if not sessions:
-                return JobResult([])
+                return JobResult(RevokedSlice([], following))
             last = bump_counter(connection, REVOCATION_SEQUENCE, len(sessions))
             first = last - len(sessions) + 1
             revocations = [
@@ -163,9 +188,9 @@ class RevocationRepository:
             ]
             connection.execute(_REVOKE["insert"], [_revocation_row(r) for r in revocations])
             notify_revocations(connection, last)  # the other replicas, once this commits
-            connection.execute(
-                _REVOKE["mark"], {"ids": [x.id for x in sessions], "at": int(now), "reason": reason}
-            )
+            if fresh := [row.id for row in rows if row.revoked_at is None]:  # lost ones keep theirs
+                mark = {"ids": fresh, "at": int(now), "reason": reason}
+                connection.execute(_REVOKE["mark"], mark)
             # Revoking a session expires its pending and approved step-ups.
             expired = expire_for_sessions(connection, [x.id for x in sessions])
             notify_step_ups(connection, [x.id for x in expired])
@@ -176,15 +201,19 @@ class RevocationRepository:
                 if expired and self._on_step_up_change is not None:
                     self._on_step_up_change(expired)
 
-            return JobResult(revocations, events, after_commit)
+            return JobResult(RevokedSlice(revocations, following), events, after_commit)
 
         return await self._writer().run(job, lineage=True)
 
-    async def live(self, now: int) -> list[Revocation]:
-        """Revocations whose token has not expired yet, in sequence order (the bitmap at start)."""
-        r = tables.revocations
-        statement = select(r).where(r.c.expires_at > now).order_by(r.c.sequence)
-        return [_revocation(row) for row in await read_all(self._engine, statement)]
+    async def revoked_serials(self, after: int, until: int | None = None) -> list[int]:
+        """Serials of the revoked sessions whose token expires in (after, until], or after
+        ``after``. Read from the sessions, which keep every revocation (its history rows may be
+        pruned): the revocation set at start, and what a clock gone back makes live again."""
+        s = tables.sessions
+        statement = select(s.c.serial).where(s.c.revoked_at.is_not(None), s.c.expires_at > after)
+        if until is not None:
+            statement = statement.where(s.c.expires_at <= until)
+        return [int(row[0]) for row in await read_all(self._engine, statement)]
 
     async def events_after(self, sequence: int, limit: int) -> list[Revocation]:
         r = tables.revocations
@@ -201,12 +230,6 @@ class RevocationRepository:
         statement = select(c.c.value).where(c.c.name == REVOCATION_SEQUENCE)
         rows = await read_all(self._engine, statement)
         return int(rows[0][0])
-
-    async def expired_serials(self, after: int, until: int) -> list[int]:
-        """Serials of revoked sessions whose token expired in (after, until]."""
-        r = tables.revocations
-        statement = select(r.c.serial).where(r.c.expires_at > after, r.c.expires_at <= until)
-        return [int(row[0]) for row in await read_all(self._engine, statement)]
 
     async def prune_history(self, expired_before: int) -> int:
         """Deletes revocation rows of tokens that expired before the given time."""

@@ -48,6 +48,13 @@ sessions = Table(
     Column("revoke_reason", Text, nullable=True),
     Index("ix_sessions_user", "user_id", "expires_at"),
     Index("ix_sessions_parent", "parent_id"),
+    # Revoked sessions by expiry (migration 0009): the revocation set is built from them.
+    Index(
+        "ix_sessions_revoked",
+        "expires_at",
+        sqlite_where=text("revoked_at IS NOT NULL"),
+        postgresql_where=text("revoked_at IS NOT NULL"),
+    ),
 )
 
 revocations = Table(
