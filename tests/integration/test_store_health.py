@@ -18,7 +18,17 @@ import pytest
 from agentid.v1 import agentid_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import FakeClock, Harness, IdpFixture, error_info, running_harness
+from tests.conftest import (
+    ADMIN_KEY,
+    FakeClock,
+    Harness,
+    IdpFixture,
+    bearer,
+    error_info,
+    make_settings,
+    running_harness,
+    start_harness,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -106,3 +116,33 @@ async def test_a_failing_store_does_not_stall_the_event_loop_batch_after_batch(
     assert stalls <= 4, f"the loop stalled {stalls} times while the store failed"
     await health_becomes(harness, SERVING, within=20)
     assert (await harness.check(token, "tickets.read")).decision == pb.DECISION_ALLOW
+
+
+async def test_a_stop_while_the_store_is_stuck_ends_cleanly(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """SIGTERM while a write is stuck: the stop queues no last batch into a store it knows is
+    failing (that raised UNAVAILABLE from stop, leaving the writer, its lock and the engines
+    behind), and the next start takes the writer lock and signs the head."""
+
+    def quick(config: dict[str, Any]) -> None:
+        patient_thread_writer(config)
+        config["database"]["busy_timeout"] = "3s"  # the stuck writer thread gives up sooner
+
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, quick))
+    try:
+        token = (await h.delegate()).token
+        with locked(h):
+            waiting = asyncio.ensure_future(h.check(token, "tickets.read"))
+            await health_becomes(h, NOT_SERVING, within=12)
+            await refused(waiting)
+            await h.channel.close()
+            await h.running.stop(grace=0.5)  # raised Unavailable before
+    finally:
+        await h.channel.close()
+    async with running_harness(tmp_path, idp, clock, mutate=quick) as again:
+        assert (await again.check(token, "tickets.read")).decision == pb.DECISION_ALLOW
+        verified = await again.stub.VerifyAudit(
+            pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY)
+        )
+        assert verified.ok

@@ -212,10 +212,10 @@ class Journal:
         after this are refused as UNAVAILABLE. Stopping twice is harmless."""
         if self._stopping:
             return
-        if self._task is not None and self._final_batch_due():
+        if self._task is not None and not self._stalled and self._final_batch_due():
             final = _Item(self._future(), job=_no_change, checkpoint=True, final=True)
             final.future.add_done_callback(_quiet)
-            self._submit(final)
+            self._submit(final)  # a stalled store takes none: the next start signs the head
         self._stopping = True
         if self._checkpointer is not None:
             self._checkpointer.cancel()
@@ -387,6 +387,9 @@ class Journal:
                 )
         except Exception as exc:  # the writer must outlive any failed batch
             self._next_id = self._chain_head = None
+            # A checkpoint the batch signed did not commit: the head is read again, and signed
+            # at the latest in the last batch at stop.
+            self._since_checkpoint = max(self._since_checkpoint, 1)
             self._pending_records.clear()
             self._new_checkpoints.clear()
             if self._executor is None:
