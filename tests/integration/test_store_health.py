@@ -142,7 +142,5 @@ async def test_a_stop_while_the_store_is_stuck_ends_cleanly(
         await h.channel.close()
     async with running_harness(tmp_path, idp, clock, mutate=quick) as again:
         assert (await again.check(token, "tickets.read")).decision == pb.DECISION_ALLOW
-        verified = await again.stub.VerifyAudit(
-            pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY)
-        )
+        verified = await again.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
         assert verified.ok

@@ -124,6 +124,31 @@ async def test_streams_are_capped_per_principal(
             stream.cancel()
 
 
+async def test_a_users_agents_share_the_users_stream_budget(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Delegating more sessions buys no more streams: an agent's streams count as its user's
+    (before, each agent session had a budget of its own)."""
+
+    async def watch_own_step_ups(token: str) -> Any:
+        request = pb.StepUpRequest(action="tickets.read", resource="ticket/1")
+        await h.stub.StepUp(request, metadata=bearer(token))  # something to send at once
+        return h.stub.WatchStepUps(pb.WatchStepUpsRequest(), metadata=bearer(token))
+
+    limits = with_config(server={"max_streams_per_user": 2})
+    async with running_harness(tmp_path, idp, clock, mutate=limits) as h:
+        agents = [(await h.delegate()).token for _ in range(2)]
+        own = follow(h, h.idp.token())
+        await first(own)
+        watching = await watch_own_step_ups(agents[0])
+        await first(watching)
+        refused = await refusal(await watch_own_step_ups(agents[1]))
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(refused).reason == "TOO_MANY_STREAMS"
+        for stream in (own, watching):
+            stream.cancel()
+
+
 async def test_health_watches_are_capped_for_the_whole_server(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:

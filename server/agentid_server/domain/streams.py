@@ -1,8 +1,9 @@
 """The live streams of callers (WatchRevocations, WatchStepUps, Audit): how many each principal
 holds, and the end of each once the credential it was opened with is no longer good.
 
-* A principal holds at most so many streams at once (services more than users and agents, as a
-  service's instances share its key); one more is RESOURCE_EXHAUSTED / TOO_MANY_STREAMS.
+* A principal holds at most so many streams at once (services more than users, as a service's
+  instances share its key; a user's agents count as the user); one more is RESOURCE_EXHAUSTED /
+  TOO_MANY_STREAMS.
 * A user's stream ends when their IdP token expires (its `exp` plus the IdP's leeway, as at
   authentication), an agent's when its token expires or its session is revoked:
   UNAUTHENTICATED / TOKEN_EXPIRED or SESSION_REVOKED. The client reconnects with a fresh
@@ -25,7 +26,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
-    per_user: int = 32  # a user's or an agent session's streams at once
+    per_user: int = 32  # a user's streams at once, their agents' included
     per_service: int = 1000  # a service's (all its instances share its key)
 
 
@@ -97,11 +98,13 @@ class StreamGate:
             key: Hashable = ("user", principal.user_id)
             session_id, expires, limit = "", principal.valid_until, self._limits.per_user
         elif isinstance(principal, AgentPrincipal):
+            # Counted as its user's: a user's agents share the user's budget, else delegating
+            # more sessions would buy more streams.
             session_id = principal.claims.session_id
             key, expires, limit = (
-                ("agent", session_id),
+                ("user", principal.claims.user_id),
                 principal.claims.expires_at,
-                (self._limits.per_user),
+                self._limits.per_user,
             )
         else:
             key, session_id, expires, limit = (
