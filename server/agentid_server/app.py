@@ -361,6 +361,7 @@ async def build_server(
     streams = StreamGate(
         StreamLimits(settings.server.max_streams_per_user, settings.server.max_streams_per_service),
         clock,
+        revoked=revocations.__contains__,
     )
     revoker = Revoker(
         store=revocation_repo,

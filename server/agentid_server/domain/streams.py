@@ -13,7 +13,7 @@ holds, and the end of each once the credential it was opened with is no longer g
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -84,20 +84,30 @@ class LiveStream:
 
 class StreamGate:
     """Admits streams under the per-principal limits and ends them when their credential is no
-    longer good (``session_revoked`` is told of every revocation applied: O(1) each)."""
+    longer good (``session_revoked`` is told of every revocation applied: O(1) each).
 
-    def __init__(self, limits: StreamLimits, clock: Clock) -> None:
+    ``revoked`` says whether an agent token's serial is revoked now. The caller was authenticated
+    a few awaits before its stream opens (a DPoP proof spent in the store, for one); a revocation
+    applied in between found no stream to end, so ``open`` asks again: from then on
+    ``session_revoked`` reaches the stream."""
+
+    def __init__(self, limits: StreamLimits, clock: Clock, revoked: Callable[[int], bool]) -> None:
         self._limits = limits
         self._clock = clock
+        self._revoked = revoked
         self._open: dict[Hashable, int] = {}
         self._by_session: dict[str, set[LiveStream]] = {}
 
     def open(self, principal: Principal) -> LiveStream:
-        """A stream for ``principal``; ResourceExhausted when it holds its limit already."""
+        """A stream for ``principal``; ResourceExhausted when it holds its limit already,
+        Unauthenticated / SESSION_REVOKED when it is an agent whose session was revoked since it
+        was authenticated."""
         if isinstance(principal, UserPrincipal):
             key: Hashable = ("user", principal.user_id)
             session_id, expires, limit = "", principal.valid_until, self._limits.per_user
         elif isinstance(principal, AgentPrincipal):
+            if self._revoked(principal.claims.serial):
+                raise _revoked()
             # Counted as its user's: a user's agents share the user's budget, else delegating
             # more sessions would buy more streams.
             session_id = principal.claims.session_id
