@@ -48,7 +48,10 @@ sessions = Table(
     Column("revoke_reason", Text, nullable=True),
     Index("ix_sessions_user", "user_id", "expires_at"),
     Index("ix_sessions_parent", "parent_id"),
-    # Revoked sessions by expiry (migration 0009): the revocation set is built from them.
+    # A user's sessions by serial (migration 0011): a Revoke of the user pages through them in
+    # slices by serial, each slice a range read instead of a sort of all their sessions.
+    Index("ix_sessions_user_serial", "user_id", "serial"),
+    # Revoked sessions by expiry (migration 0010): the revocation set is built from them.
     Index(
         "ix_sessions_revoked",
         "expires_at",
