@@ -461,3 +461,28 @@ async def test_delegate_is_rate_limited_per_user_and_per_agent_session(
         clock.advance(1)
         assert await h.delegate()  # a minute's 60 come one a second
         assert session_count(h) == 8  # what was refused was never recorded
+
+
+async def test_a_refused_delegate_is_not_charged_to_the_rate_limit(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """A request refused for its size spends none of the user's Delegate budget (before, three
+    oversized requests used up a burst of three and the user could not delegate at all)."""
+    tokens = {
+        "issuer": ISSUER, "kek_file": str(tmp_path / "kek"),
+        "delegate_per_user_per_minute": 1, "delegate_per_user_burst": 3,
+    }  # fmt: skip
+    huge = [f"tickets.{'a' * 480}{n:02d}" for n in range(20)]
+    async with running_harness(tmp_path, idp, clock, mutate=with_config(tokens=tokens)) as h:
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await h.delegate(scopes=huge)
+            assert error_info(caught.value).reason == "TOKEN_TOO_LARGE"
+        for _ in range(3):
+            await h.delegate()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.delegate()
+        assert error_info(caught.value).reason == "RATE_LIMITED"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.delegate(scopes=huge)  # over the rate: refused before its size is known
+        assert error_info(caught.value).reason == "RATE_LIMITED"

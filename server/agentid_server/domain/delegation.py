@@ -138,7 +138,9 @@ class Delegator:
         now = int(self._clock.now())
         ttl = self._granted_ttl(request.ttl_seconds, agent, parent, now)
         user_id = parent.user_id if parent else _user_id(delegator)
-        self._admit(user_id, parent, self._clock.now())
+        # Refused over the rate before a serial is spent or a token signed; charged only once the
+        # token is known to be usable, so a refused request costs the caller nothing.
+        self._admit(user_id, parent, self._clock.now(), charge=False)
         session = SessionRecord(
             id=new_session_id(),
             serial=await self._sessions.allocate_serial(),
@@ -154,6 +156,7 @@ class Delegator:
         )
         token = self._tokens.issue(self._claims(session, parent))
         _require_usable_size(token, self._limits.max_token_bytes)
+        self._admit(user_id, parent, self._clock.now())  # again: others took some meanwhile
         actor_kind, actor_id = (
             (ActorKind.AGENT, parent.session_id) if parent else (ActorKind.USER, user_id)
         )
@@ -175,10 +178,12 @@ class Delegator:
         )
         return Delegation(session=session, token=token)
 
-    def _admit(self, user_id: str, parent: AgentClaims | None, now: float) -> None:
+    def _admit(
+        self, user_id: str, parent: AgentClaims | None, now: float, *, charge: bool = True
+    ) -> None:
         """Takes a token of the user's bucket and, for a sub-agent, of the delegating
         session's; RESOURCE_EXHAUSTED / RATE_LIMITED, naming the bound, when either is empty
-        (then neither is taken)."""
+        (then neither is taken). ``charge=False`` only asks."""
         waits = [(self._by_user.wait(user_id, now), "delegate_per_user", self._by_user)]
         if parent is not None:
             agent_wait = self._by_agent.wait(parent.session_id, now)
@@ -198,6 +203,8 @@ class Delegator:
                 },
                 retry_after=wait,
             )
+        if not charge:
+            return
         self._by_user.take(user_id, now)
         if parent is not None:
             self._by_agent.take(parent.session_id, now)
