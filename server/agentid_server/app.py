@@ -354,6 +354,7 @@ async def build_server(
             max_auth_age=int(settings.step_up.max_auth_age),
             accepted_acr=settings.step_up.accepted_acr,
             max_context_bytes=settings.step_up.max_context_bytes,
+            max_pending_per_session=settings.step_up.max_pending_per_session,
         ),
         hub=step_up_hub,
         clock=clock,

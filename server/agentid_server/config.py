@@ -183,6 +183,7 @@ class StepUpSettings:
     max_auth_age: float = 300.0
     accepted_acr: tuple[str, ...] = ()
     max_context_bytes: int = 16 * 1024
+    max_pending_per_session: int = 20
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "step_up": {
         "pending_ttl": "duration", "approval_ttl": "duration", "max_auth_age": "duration",
-        "accepted_acr": "list", "max_context_bytes": "int",
+        "accepted_acr": "list", "max_context_bytes": "int", "max_pending_per_session": "int",
     },
     "audit": {
         "max_batch": "int",
@@ -590,6 +591,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         (server, "max_streams_per_service", s.server.max_streams_per_service),
         (server, "max_health_watches", s.server.max_health_watches),
         (sections["revocation"], "revoke_slice", s.revocation.revoke_slice),
+        (sections["step_up"], "max_pending_per_session", s.step_up.max_pending_per_session),
         (sections["audit"], "max_batch", s.audit.max_batch),
         (sections["audit"], "checkpoint_records", s.audit.checkpoint_records),
     ):

@@ -298,6 +298,41 @@ async def test_accepted_acr_is_required_when_configured(
         ).state == pb.STEP_UP_STATE_APPROVED
 
 
+async def test_an_agent_session_holds_a_bounded_number_of_pending_step_ups(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """Each pending step-up is a row, an audit record and a line in the user's inbox: at most
+    step_up.max_pending_per_session at once, one more RESOURCE_EXHAUSTED /
+    TOO_MANY_PENDING_STEP_UPS with nothing written. Asking again for one already pending, another
+    session, and a resolved or expired one free of the bound (before, any number was kept)."""
+
+    def capped(config: dict[str, Any]) -> None:
+        config["risk"] = RULES
+        config["step_up"] = {"pending_ttl": "10m", "max_pending_per_session": 2}
+
+    async with running_harness(tmp_path, idp, clock, mutate=capped) as h:
+        session = await agent(h, scopes=["payments.transfer"])
+        first = await step_up(h, session.token, resource="account/1")
+        await step_up(h, session.token, resource="account/2")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await step_up(h, session.token, resource="account/3")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = error_info(caught.value)
+        assert (info.reason, dict(info.metadata)) == ("TOO_MANY_PENDING_STEP_UPS", {"limit": "2"})
+        assert (await step_up(h, session.token, resource="account/1")).id == first.id
+        other = await agent(h, scopes=["payments.transfer"])
+        assert await step_up(h, other.token, resource="account/3")
+        await resolve(h, first.id, approve=False)
+        third = await step_up(h, session.token, resource="account/3")
+        clock.advance(601)
+        assert (await step_up(h, session.token, resource="account/4")).id != third.id
+        with sqlite3.connect(h.tmp_path / "agentid.db") as db:
+            (held,) = db.execute(
+                "SELECT count(*) FROM step_ups WHERE session_id = ?", (session.session_id,)
+            ).fetchone()
+        assert held == 4  # the refused one left nothing
+
+
 async def test_resolving_twice_or_late_fails_precondition(h: Harness) -> None:
     session = await agent(h)
     first = await step_up(h, session.token)

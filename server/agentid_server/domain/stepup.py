@@ -23,6 +23,7 @@ from agentid_server.domain.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
 from agentid_server.domain.fanout import Hub, Resync
@@ -124,6 +125,9 @@ class StepUpPolicy:
     max_auth_age: int
     accepted_acr: tuple[str, ...]
     max_context_bytes: int = 16 * 1024
+    # PENDING step-ups of one agent session at once: each is a row, an audit record and a line
+    # in its user's inbox, so an agent cannot bury the one that matters.
+    max_pending_per_session: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +158,12 @@ def validate_step_up_id(value: str) -> None:
 
 
 class StepUpStore(Protocol):
-    async def request(self, candidate: StepUp, event: AuditEvent, now: float) -> StepUp:
+    async def request(
+        self, candidate: StepUp, event: AuditEvent, now: float, max_pending: int
+    ) -> StepUp | None:
         """The PENDING step-up of the candidate's binding if one is live, else the candidate,
-        inserted with its audit record."""
+        inserted with its audit record; None (nothing written) when its session has
+        ``max_pending`` live PENDING step-ups already."""
         ...
 
     async def get(self, step_up_id: str) -> StepUp | None: ...
@@ -259,7 +266,17 @@ class StepUps:
         event = candidate.event(
             now, EventType.STEP_UP_REQUESTED, ActorKind.AGENT, claims.session_id, binding_message
         )
-        return await self._store.request(candidate, event, now)
+        limit = self._policy.max_pending_per_session
+        step_up = await self._store.request(candidate, event, now, limit)
+        if step_up is None:
+            raise ResourceExhausted(
+                f"this agent session has {limit} step-ups waiting for its user already, the most"
+                " allowed (step_up.max_pending_per_session); wait for one to be resolved or to"
+                " expire",
+                reason="TOO_MANY_PENDING_STEP_UPS",
+                metadata={"limit": str(limit)},
+            )
+        return step_up
 
     async def resolve(
         self, user: UserPrincipal, *, step_up_id: str, approve: bool, comment: str

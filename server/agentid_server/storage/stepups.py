@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, bindparam, select, update
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, Decision, Reason
@@ -39,16 +39,28 @@ class StepUpRepository:
         notify_step_ups(connection, [s.id for s in step_ups])
         return lambda _ids: self._on_change(step_ups)
 
-    async def request(self, candidate: StepUp, event: AuditEvent, now: float) -> StepUp:
-        def job(connection: Connection) -> JobResult[StepUp]:
+    async def request(
+        self, candidate: StepUp, event: AuditEvent, now: float, max_pending: int
+    ) -> StepUp | None:
+        def job(connection: Connection) -> JobResult[StepUp | None]:
             s = tables.step_ups
+            live = (s.c.state == int(StepUpState.PENDING), s.c.expires_at > now)
             pending = connection.execute(
-                _binding_query(_binding(candidate))
-                .where(s.c.state == int(StepUpState.PENDING), s.c.expires_at > now)
-                .limit(1)
+                _binding_query(_binding(candidate)).where(*live).limit(1)
             ).first()
             if pending is not None:
                 return JobResult(_step_up(pending))
+            # The session's live PENDING ones (the binding index leads with session_id).
+            held = connection.execute(
+                select(func.count()).select_from(
+                    select(s.c.id)
+                    .where(s.c.session_id == candidate.session_id, *live)
+                    .limit(max_pending)
+                    .subquery()
+                )
+            ).scalar_one()
+            if held >= max_pending:
+                return JobResult(None)
             connection.execute(s.insert().values(**_row(candidate)))
             return JobResult(candidate, [event], self._changed(connection, [candidate]))
 
