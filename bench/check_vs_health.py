@@ -25,7 +25,8 @@ import harness
 from harness import CHECK_METHOD, HEALTH_METHOD, LoadResult, log
 
 BARS = {
-    "warm_vs_health_rps": (">=", 0.85),
+    # quality.md restated the warm bar at 0.70 with the durable audit (0.85 was without it).
+    "warm_vs_health_rps": (">=", 0.70),
     "cold_vs_health_rps": (">=", 0.40),
     "check_vs_health_p50_1_in_flight": ("<=", 1.50),
 }
