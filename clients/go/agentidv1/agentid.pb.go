@@ -412,7 +412,11 @@ type DelegateRequest struct {
 	// Resource services the token is meant for (`aud`); empty = any.
 	Audiences []string `protobuf:"bytes,5,rep,name=audiences,proto3" json:"audiences,omitempty"`
 	// Optional RFC 7638 thumbprint of the agent's own key, bound as `cnf.jkt`.
-	Jkt           string `protobuf:"bytes,6,opt,name=jkt,proto3" json:"jkt,omitempty"`
+	Jkt string `protobuf:"bytes,6,opt,name=jkt,proto3" json:"jkt,omitempty"`
+	// The agent's client assertion (RFC 7523: a JWT with `iss` = `sub` = the agent id, `aud` =
+	// tokens.issuer, `exp` at most 5 minutes ahead, a `jti` used once), required when the agent
+	// has keys (`[[agents]] jwks_file` or `jwks_url`); else ignored.
+	ActorToken    string `protobuf:"bytes,7,opt,name=actor_token,json=actorToken,proto3" json:"actor_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -485,6 +489,13 @@ func (x *DelegateRequest) GetAudiences() []string {
 func (x *DelegateRequest) GetJkt() string {
 	if x != nil {
 		return x.Jkt
+	}
+	return ""
+}
+
+func (x *DelegateRequest) GetActorToken() string {
+	if x != nil {
+		return x.ActorToken
 	}
 	return ""
 }
@@ -2351,14 +2362,16 @@ var File_agentid_v1_agentid_proto protoreflect.FileDescriptor
 const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\n" +
 	"\x18agentid/v1/agentid.proto\x12\n" +
-	"agentid.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n" +
+	"agentid.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n" +
 	"\x0fDelegateRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x16\n" +
 	"\x06scopes\x18\x02 \x03(\tR\x06scopes\x12+\n" +
 	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x12\n" +
 	"\x04task\x18\x04 \x01(\tR\x04task\x12\x1c\n" +
 	"\taudiences\x18\x05 \x03(\tR\taudiences\x12\x10\n" +
-	"\x03jkt\x18\x06 \x01(\tR\x03jkt\"\xf7\x01\n" +
+	"\x03jkt\x18\x06 \x01(\tR\x03jkt\x12\x1f\n" +
+	"\vactor_token\x18\a \x01(\tR\n" +
+	"actorToken\"\xf7\x01\n" +
 	"\x10DelegateResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x14\n" +

@@ -148,10 +148,17 @@ class AgentIdClient:
         task: str = "",
         audiences: Sequence[str] = (),
         jkt: str = "",
+        actor_token: str = "",
     ) -> pb.DelegateResponse:
-        """A new agent session with a subset of the caller's scopes."""
+        """A new agent session with a subset of the caller's scopes. ``actor_token``: the
+        agent's client assertion (RFC 7523), required when the agent has keys."""
         request = pb.DelegateRequest(
-            agent_id=agent_id, scopes=list(scopes), task=task, audiences=list(audiences), jkt=jkt
+            agent_id=agent_id,
+            scopes=list(scopes),
+            task=task,
+            audiences=list(audiences),
+            jkt=jkt,
+            actor_token=actor_token,
         )
         if ttl is not None:
             request.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl.total_seconds())))

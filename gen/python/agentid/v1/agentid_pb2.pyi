@@ -209,12 +209,18 @@ class DelegateRequest(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     AUDIENCES_FIELD_NUMBER: _builtins.int
     JKT_FIELD_NUMBER: _builtins.int
+    ACTOR_TOKEN_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Registered agent kind, e.g. "support-bot" (config `[[agents]]`)."""
     task: _builtins.str
     """What the agent is for; recorded in the token and the audit trail."""
     jkt: _builtins.str
     """Optional RFC 7638 thumbprint of the agent's own key, bound as `cnf.jkt`."""
+    actor_token: _builtins.str
+    """The agent's client assertion (RFC 7523: a JWT with `iss` = `sub` = the agent id, `aud` =
+    tokens.issuer, `exp` at most 5 minutes ahead, a `jti` used once), required when the agent
+    has keys (`[[agents]] jwks_file` or `jwks_url`); else ignored.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Requested scopes; each must be covered by a scope the delegator holds."""
@@ -238,10 +244,11 @@ class DelegateRequest(_message.Message):
         task: _builtins.str = ...,
         audiences: _abc.Iterable[_builtins.str] | None = ...,
         jkt: _builtins.str = ...,
+        actor_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "audiences", b"audiences", "jkt", b"jkt", "scopes", b"scopes", "task", b"task", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_token", b"actor_token", "agent_id", b"agent_id", "audiences", b"audiences", "jkt", b"jkt", "scopes", b"scopes", "task", b"task", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
