@@ -19,7 +19,7 @@ import logging
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,12 +42,22 @@ VERIFIED_CACHE_BYTES = 32 << 20  # and the memory they may take, as cached_bytes
 
 
 class JwksCache:
-    """The public keys of one IdP by kid, loaded from its file or URL."""
+    """The public keys of one IdP (or one agent: its client assertions' keys) by kid, loaded
+    from its file or URL. ``monotonic``: the clock that paces fetches (the server's, so tests
+    can move it); ``owner``: whose keys they are, as logged."""
 
     def __init__(
-        self, source_file: str, source_url: str, min_refresh: float, max_age: float = 600.0
+        self,
+        source_file: str,
+        source_url: str,
+        min_refresh: float,
+        max_age: float = 600.0,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        owner: str = "IdP",
     ) -> None:
         self._file, self._url = source_file, source_url
+        self._monotonic, self._owner = monotonic, owner
         self._min_refresh = min_refresh
         self._max_age = max_age
         self._keys: dict[str, IdpKey] = {}
@@ -64,13 +74,13 @@ class JwksCache:
 
     def _due(self, kid: str) -> bool:
         """Fetch when the keys are old or lack ``kid``, at most once per min_refresh."""
-        now = time.monotonic()
+        now = self._monotonic()
         if now - self._tried_at < self._min_refresh:
             return False
         return kid not in self._keys or now - self._loaded_at >= self._max_age
 
     async def refresh(self) -> None:
-        started = self._tried_at = time.monotonic()
+        started = self._tried_at = self._monotonic()
         try:
             document = await asyncio.to_thread(self._read)
             self._keys = parse_jwks(document)
@@ -78,7 +88,9 @@ class JwksCache:
         except (OSError, ValueError) as exc:
             # Keep serving with the keys we have; the next call after jwks_min_refresh tries again.
             source = self._file or _without_secrets(self._url)
-            log.warning("could not load IdP JWKS from %s: %s", source, type(exc).__name__)
+            log.warning(
+                "could not load %s JWKS from %s: %s", self._owner, source, type(exc).__name__
+            )
 
     def _read(self) -> Any:
         if self._file:
@@ -126,7 +138,7 @@ def parse_jwks(document: Any) -> dict[str, IdpKey]:
     return keys
 
 
-def _key_fits(alg: str, key: IdpKey) -> bool:
+def key_fits(alg: str, key: IdpKey) -> bool:
     """Does the key's type fit the algorithm (and its own `alg`, when the JWK states one)?"""
     if key.declared_alg is not None and key.declared_alg != alg:
         return False
@@ -239,7 +251,7 @@ class IdpVerifier:
         key = await self._jwks[idp.issuer].key(kid)
         if key is None:
             raise Unauthenticated("the token's signing key is unknown", reason="UNKNOWN_KEY")
-        if not _key_fits(alg, key):
+        if not key_fits(alg, key):
             raise Unauthenticated(
                 "the key does not fit the algorithm", reason="ALGORITHM_NOT_ALLOWED"
             )
