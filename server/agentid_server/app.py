@@ -59,8 +59,13 @@ from agentid_server.storage.stepups import StepUpRepository
 from agentid_server.telemetry import Telemetry
 from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
 from agentid_server.tokens.callers import CallerAuthenticator
+from agentid_server.tokens.client_assertion import (
+    AGENT_JWKS_MAX_AGE,
+    AGENT_JWKS_MIN_REFRESH,
+    ClientAssertionVerifier,
+)
 from agentid_server.tokens.dpop import DpopVerifier
-from agentid_server.tokens.idp import IdpVerifier
+from agentid_server.tokens.idp import IdpVerifier, JwksCache
 from agentid_server.tokens.keys import (
     KeyRing,
     SigningKey,
@@ -385,6 +390,8 @@ async def build_server(
     )
     # Several replicas (PostgreSQL): a proof one of them accepted is spent for all, in the store.
     ledger = ProofLedgerRepository(journal) if shared_store else None
+    actors = _client_assertions(settings, clock, ledger)
+    await actors.load()
     principals = [(s, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services]
     services = [(s.key_sha256, principal) for s, principal in principals if s.key_sha256]
     certified = {s.cert_identity: principal for s, principal in principals if s.cert_identity}
@@ -413,6 +420,7 @@ async def build_server(
                     settings.tokens.delegate_per_agent_burst,
                 ),
             ),
+            actors=actors,
         ),
         checker=Checker(
             verifier=verifier,
@@ -523,6 +531,25 @@ async def build_server(
         listener,
         telemetry,
     )
+
+
+def _client_assertions(
+    settings: Settings, clock: Clock, ledger: ProofLedgerRepository | None
+) -> ClientAssertionVerifier:
+    """The agents with keys (their JWKS cached like an IdP's) and where their jtis are spent."""
+    jwks = {
+        a.id: JwksCache(
+            a.jwks_file,
+            a.jwks_url,
+            AGENT_JWKS_MIN_REFRESH,
+            AGENT_JWKS_MAX_AGE,
+            monotonic=clock.monotonic,
+            owner=f"agent {a.id!r}",
+        )
+        for a in settings.agents
+        if a.jwks_file or a.jwks_url
+    }
+    return ClientAssertionVerifier(jwks, clock, ledger=ledger)
 
 
 async def _abandon(journal: Journal, engines: Engines, telemetry: Telemetry | None) -> None:

@@ -174,6 +174,10 @@ class AgentSettings:
     id: str
     max_scopes: tuple[str, ...]
     max_ttl: float
+    # The public keys of its client assertions (RFC 7523), at most one of the two; neither: a
+    # public client, named by its id alone.
+    jwks_file: str = ""
+    jwks_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -505,14 +509,25 @@ def _service(r: _Reader) -> ServiceSettings:
 
 
 def _agent(r: _Reader) -> AgentSettings:
-    r.reject_unknown({"id", "max_scopes", "max_ttl"})
+    r.reject_unknown({"id", "max_scopes", "max_ttl", "jwks_file", "jwks_url"})
     scopes = r.get("max_scopes", "list", ())
     for scope in scopes:
         try:
             Scope.parse(scope)
         except ScopeSyntaxError as exc:
             raise r.fail("max_scopes", f"{scope!r}: {exc}") from None
-    return AgentSettings(r.required("id"), tuple(scopes), r.get("max_ttl", "duration", 0.0))
+    jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
+    if jwks_file and jwks_url:
+        raise r.fail("jwks_file", "set at most one of jwks_file and jwks_url")
+    if jwks_url and not _https_or_loopback(jwks_url):
+        raise r.fail("jwks_url", "must be https (plain http only on loopback)")
+    return AgentSettings(
+        r.required("id"),
+        tuple(scopes),
+        r.get("max_ttl", "duration", 0.0),
+        jwks_file=jwks_file,
+        jwks_url=jwks_url,
+    )
 
 
 def _risk(r: _Reader) -> RiskRuleSettings:

@@ -163,6 +163,7 @@ class AgentIdentityServicer:
                 task=request.task,
                 audiences=list(request.audiences),
                 jkt=request.jkt,
+                actor_token=request.actor_token,
             ),
         )
         session = result.session

@@ -29,7 +29,14 @@ from agentid_server.domain.model import (
     UserPrincipal,
     unreadable,
 )
-from agentid_server.domain.ports import AgentTokenIssuer, AuditLog, Clock, SessionStore
+from agentid_server.domain.ports import (
+    ActorAuthenticator,
+    AgentTokenIssuer,
+    AssertionRejected,
+    AuditLog,
+    Clock,
+    SessionStore,
+)
 from agentid_server.domain.ratelimit import Rate, TokenBuckets
 from agentid_server.domain.revocation import serial_bit
 from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
@@ -75,6 +82,11 @@ class DelegateInput:
     task: str
     audiences: Sequence[str]
     jkt: str
+    # The agent's client assertion (RFC 7523), required when it has keys; kept out of reprs.
+    actor_token: str = field(default="", repr=False)
+    # The audiences the assertion may name (the HTTP token endpoint adds its URL); empty: the
+    # issuer alone, as over gRPC.
+    actor_audiences: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +113,10 @@ class Delegator:
         audit: AuditLog,
         clock: Clock,
         limits: DelegationLimits | None = None,
+        actors: ActorAuthenticator | None = None,
     ) -> None:
+        """``actors``: authenticates agents that have keys; None when no agent has any."""
+        self._actors = actors
         self._limits = limits or DelegationLimits()
         self._by_user = TokenBuckets(self._limits.per_user)
         self._by_agent = TokenBuckets(self._limits.per_agent)
@@ -124,6 +139,7 @@ class Delegator:
                 reason="AGENT_NOT_REGISTERED",
                 metadata={"agent_id": request.agent_id},
             )
+        await self._authenticate_actor(request)
         parent = delegator.claims if isinstance(delegator, AgentPrincipal) else None
         holder = _holder_scopes(delegator)
         if parent is not None:
@@ -177,6 +193,23 @@ class Delegator:
             new_session=session,
         )
         return Delegation(session=session, token=token)
+
+    async def _authenticate_actor(self, request: DelegateInput) -> None:
+        """An agent with keys is delegated to only with its own fresh client assertion, so a
+        stolen user token alone cannot mint sessions for it (RFC 7523 private_key_jwt). Checked
+        before anything is charged or spent: a refused request costs no rate, serial or
+        signature."""
+        if self._actors is None or not self._actors.has_keys(request.agent_id):
+            return  # a public client: the agent id alone names it
+        if not request.actor_token:
+            raise _actor_unauthenticated(
+                request.agent_id, "it has keys: actor_token must carry its client assertion"
+            )
+        audiences = request.actor_audiences or (self._issuer,)
+        try:
+            await self._actors.verify(request.agent_id, request.actor_token, audiences)
+        except AssertionRejected as exc:
+            raise _actor_unauthenticated(request.agent_id, str(exc)) from None
 
     def _admit(
         self, user_id: str, parent: AgentClaims | None, now: float, *, charge: bool = True
@@ -288,6 +321,14 @@ def _validate(request: DelegateInput) -> list[Scope]:
             "; ".join(f"{v.field}: {v.description}" for v in violations), violations=violations
         )
     return requested
+
+
+def _actor_unauthenticated(agent_id: str, problem: str) -> PermissionDenied:
+    return PermissionDenied(
+        f"agent {agent_id!r} is not authenticated: {problem}",
+        reason="ACTOR_UNAUTHENTICATED",
+        metadata={"agent_id": agent_id},
+    )
 
 
 def _holder_scopes(delegator: UserPrincipal | AgentPrincipal) -> ScopeSet:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,6 +80,25 @@ class ProofLedger(Protocol):
     ) -> tuple[bool, int]:
         """Spends the proof and records ``recorded`` or, when it was already spent, ``refused``,
         in one transaction; (whether it was spent now, the record's id)."""
+        ...
+
+
+class AssertionRejected(Exception):
+    """An agent's client assertion failed verification; the message says what is wrong, never
+    what the assertion held."""
+
+
+class ActorAuthenticator(Protocol):
+    """Authenticates the agent a Delegate is for (RFC 7523 private_key_jwt), when it has keys."""
+
+    def has_keys(self, agent_id: str) -> bool:
+        """Does the agent have public keys (then it must prove it holds one)?"""
+        ...
+
+    async def verify(self, agent_id: str, assertion: str, audiences: Sequence[str]) -> None:
+        """Checks the assertion (signed by one of the agent's keys, for one of ``audiences``,
+        fresh) and spends its `jti`; raises AssertionRejected, or ResourceExhausted when no room
+        is left to remember it."""
         ...
 
 

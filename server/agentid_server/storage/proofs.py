@@ -1,6 +1,8 @@
 """DPoP proofs spent once across replicas (PostgreSQL): each use is a row keyed by the proof's key
 thumbprint and its jti's SHA-256, inserted in the group commit; a second insert of the same key
-finds it there and the proof is refused. Rows are dropped once the proof is too old to verify."""
+finds it there and the proof is refused. Rows are dropped once the proof is too old to verify.
+Agents' client assertions are spent in the same table, keyed "ca:" + their agent id's SHA-256
+(tokens/client_assertion.py): a key no thumbprint can be."""
 
 from __future__ import annotations
 
@@ -41,6 +43,11 @@ class ProofLedgerRepository:
     async def spend(self, use: ProofUse) -> None:
         if not await self._journal.run(lambda connection: JobResult(_spend(connection, use))):
             raise TokenRejected(Reason.PROOF_OF_POSSESSION_FAILED, PROOF_ALREADY_USED)
+
+    async def claim(self, use: ProofUse) -> bool:
+        """Spends the use (a client assertion's jti, under its own namespaced key); False when
+        it was spent already."""
+        return await self._journal.run(lambda connection: JobResult(_spend(connection, use)))
 
     async def spend_and_record(
         self, use: ProofUse, recorded: AuditEvent, refused: AuditEvent
