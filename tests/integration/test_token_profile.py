@@ -91,7 +91,7 @@ async def test_at_jwt_tokens_pass_a_generic_rfc9068_validator_which_sees_the_sco
         assert isinstance(claims["iat"], int)
         assert claims["act"] == {"sub": "support-bot", "sid": delegated.session_id}
         assert claims["scope"] == "tickets.read tickets.comment.add"
-        validated(validator, delegated.token, ["tickets.read", "tickets.comment.add"])
+        validated(validator, delegated.token, ["tickets.read tickets.comment.add"])  # both
         with pytest.raises(InsufficientScopeError):
             validated(validator, delegated.token, ["tickets.write"])
 
@@ -150,6 +150,21 @@ async def test_eddsa_tokens_need_a_validator_that_allows_eddsa(
         with pytest.raises(InvalidTokenError) as refused:
             validator.authenticate_token(delegated.token)
         assert isinstance(refused.value.__cause__, UnsupportedAlgorithmError)
+
+
+async def test_a_validator_compares_scopes_literally_where_check_matches_patterns(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """A generic validator knows no scope grammar: `tickets.*` in the token is not
+    `tickets.read` to it, although Check allows tickets.read by it (docs/api.md)."""
+    profile = tokens_config(typ="at+jwt", algorithm="ES256")
+    async with running_harness(tmp_path, idp, clock, mutate=profile) as h:
+        delegated = await h.delegate(scopes=["tickets.*"], audiences=[RESOURCE_SERVER])
+        assert (await h.check(delegated.token, "tickets.read")).decision == pb.DECISION_ALLOW
+        validator = await validator_for(h)
+        validated(validator, delegated.token, ["tickets.*"])
+        with pytest.raises(InsufficientScopeError):
+            validated(validator, delegated.token, ["tickets.read"])
 
 
 async def test_replicas_accept_either_typ_while_tokens_typ_changes(
