@@ -405,7 +405,7 @@ async def build_server(
                 int(settings.tokens.max_ttl),
             ),
             sessions=sessions,
-            tokens=AgentTokenIssuer(ring),
+            tokens=AgentTokenIssuer(ring, settings.tokens.typ),
             audit=journal,
             clock=clock,
             limits=DelegationLimits(
@@ -463,6 +463,7 @@ async def build_server(
         clock=clock,
         proof_ledger=ledger,
         nbf_leeway=settings.tokens.nbf_leeway,
+        agent_issuer=settings.tokens.issuer,
     )
 
     server = grpc.aio.server(options=_server_options(settings.server))

@@ -25,6 +25,8 @@ _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 IDP_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 SIGNING_ALGORITHMS = ("EdDSA", "ES256")
+# The agent token's header typ: api.md's, or RFC 9068's for generic access token validators.
+TOKEN_TYPES = ("agent+jwt", "at+jwt")
 
 
 class ConfigError(Exception):
@@ -118,6 +120,9 @@ class TokenSettings:
     min_ttl: float = 60
     max_ttl: float = 60 * 60
     algorithm: str = "EdDSA"
+    # The header typ of the agent tokens issued: agent+jwt (api.md), or at+jwt (RFC 9068 §2.1),
+    # which generic JWT access token validators require. Either is verified whatever this is.
+    typ: str = "agent+jwt"
     kek_file: str = ""
     kek_env: str = "AGENTID_KEK"
     rotation_period: float = 30 * 86400
@@ -271,7 +276,8 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "tokens": {
         "issuer": "str", "default_ttl": "duration", "min_ttl": "duration", "max_ttl": "duration",
-        "algorithm": "str", "kek_file": "str", "kek_env": "str", "rotation_period": "duration",
+        "algorithm": "str", "typ": "str", "kek_file": "str", "kek_env": "str",
+        "rotation_period": "duration",
         "publish_ahead": "duration", "nbf_leeway": "duration0",
         "max_delegation_depth": "int", "dpop_replay_cache_bytes": "int",
         "dpop_replay_bytes_per_user": "int", "delegate_per_user_per_minute": "float",
@@ -565,6 +571,8 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         raise tokens.fail("issuer", "is required")
     if s.tokens.algorithm not in SIGNING_ALGORITHMS:
         raise tokens.fail("algorithm", f"must be one of {', '.join(SIGNING_ALGORITHMS)}")
+    if s.tokens.typ not in TOKEN_TYPES:
+        raise tokens.fail("typ", f"must be one of {', '.join(TOKEN_TYPES)}")
     if not s.tokens.publish_ahead < s.tokens.rotation_period:
         raise tokens.fail("publish_ahead", "must be shorter than rotation_period")
     if s.tokens.publish_ahead < 2 * s.revocation.prune_interval:

@@ -279,3 +279,18 @@ def test_the_drain_may_be_zero_but_not_negative() -> None:
     with pytest.raises(ConfigError) as caught:
         settings_from_mapping({"server": {"drain": -1}}, "x.toml", {})
     assert (caught.value.key, caught.value.problem) == ("server.drain", "must not be negative")
+
+
+def test_tokens_typ_is_agent_jwt_unless_set_to_rfc9068s_at_jwt() -> None:
+    """The header typ of issued tokens: api.md's by default; RFC 9068's by choice (file or
+    environment); nothing else, since our own verifier accepts exactly these two."""
+    assert settings_from_mapping({}, "x.toml", {}).tokens.typ == "agent+jwt"
+    by_file = settings_from_mapping({"tokens": {"typ": "at+jwt"}}, "x.toml", {})
+    assert by_file.tokens.typ == "at+jwt"
+    by_env = settings_from_mapping({}, "x.toml", {"AGENTID_TOKENS_TYP": "at+jwt"})
+    assert by_env.tokens.typ == "at+jwt"
+    for wrong in ("application/at+jwt", "JWT", ""):
+        with pytest.raises(ConfigError) as caught:
+            settings_from_mapping({"tokens": {"typ": wrong}}, "x.toml", {})
+        assert caught.value.key == "tokens.typ"
+        assert "agent+jwt, at+jwt" in caught.value.problem

@@ -261,6 +261,7 @@ class Delegator:
             "iss": self._issuer,
             "sub": session.user_id,
             "act": act,
+            "client_id": session.agent_id,  # RFC 9068 §2.2: the acting agent, as act.sub
             "scope": " ".join(session.scopes),
             "jti": session.id,
             "sn": serial_bit(session.serial),

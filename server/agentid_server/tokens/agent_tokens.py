@@ -1,5 +1,6 @@
-"""Agent tokens: issuing (compact JWS, typ agent+jwt) and verification with a bounded cache keyed
-by the exact token string, so a signature is verified once per token, not once per Check."""
+"""Agent tokens: issuing (compact JWS, typ agent+jwt or, by config, at+jwt) and verification with a
+bounded cache keyed by the exact token string, so a signature is verified once per token, not once
+per Check."""
 
 from __future__ import annotations
 
@@ -24,14 +25,24 @@ from agentid_server.domain.scopes import ScopeSet, ScopeSyntaxError
 from agentid_server.tokens.keys import KeyRing, SigningKey
 
 AGENT_TOKEN_TYPE = "agent+jwt"  # noqa: S105 - a media type, not a secret
+# RFC 9068 §2.1: the header typ a generic JWT access token validator requires (tokens.typ).
+ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a secret
+# Every typ we issue is accepted whatever this replica issues: during a change of tokens.typ,
+# replicas with the old and the new value verify each other's tokens.
+TOKEN_TYPES = frozenset({AGENT_TOKEN_TYPE, ACCESS_TOKEN_TYPE})
 _REQUIRED = ["iss", "sub", "act", "jti", "sn", "iat", "nbf", "exp", "scope"]
 
 
 class AgentTokenIssuer:
-    """Signs agent token claims with the key due at their ``iat``."""
+    """Signs agent token claims with the key due at their ``iat``. The header's ``typ`` is
+    api.md's agent+jwt, or RFC 9068's at+jwt (``tokens.typ``) for resource servers that validate
+    agent tokens with a generic JWT access token validator."""
 
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: KeyRing, typ: str = AGENT_TOKEN_TYPE) -> None:
+        if typ not in TOKEN_TYPES:
+            raise ValueError(f"typ must be one of {', '.join(sorted(TOKEN_TYPES))}")
         self._keys = keys
+        self._typ = typ
 
     def issue(self, claims: dict[str, Any]) -> str:
         """Signed with the key whose time has come at the token's ``iat``."""
@@ -42,7 +53,7 @@ class AgentTokenIssuer:
             claims,
             key.private_key,
             algorithm=key.alg,
-            headers={"kid": key.kid, "typ": AGENT_TOKEN_TYPE},
+            headers={"kid": key.kid, "typ": self._typ},
         )
 
 
@@ -102,7 +113,8 @@ class AgentTokenVerifier:
         header = json_object(header_part)
         if header is None:
             raise TokenRejected(Reason.TOKEN_MALFORMED, "not a well-formed compact JWS")
-        if header.get("typ") != AGENT_TOKEN_TYPE:
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ not in TOKEN_TYPES:  # a list would not even hash
             raise TokenRejected(Reason.TOKEN_MALFORMED, "not an agent token (typ)")
         if "crit" in header:
             raise TokenRejected(Reason.TOKEN_MALFORMED, "critical header extensions are refused")
@@ -225,6 +237,8 @@ def claims_from_payload(payload: Mapping[str, Any]) -> AgentClaims:
         and 0 <= sn < SERIAL_SPACE
         and all(isinstance(t, int) and not isinstance(t, bool) for t in times)
         and isinstance(scope, str)
+        # RFC 9068's client_id names the acting agent, as act.sub does (older tokens lack it).
+        and payload.get("client_id", act.get("sub")) == act.get("sub")
     ):
         raise TokenRejected(Reason.TOKEN_MALFORMED, "claims do not have the agent token shape")
     try:

@@ -1,7 +1,8 @@
 """Caller authentication: turns the bearer credential of a call into a Principal.
 
 * a JWT with `typ: agent+jwt` is one of our agent tokens (signature, times, revocation, and a
-  DPoP proof in the `dpop` metadata when the token is bound to a key);
+  DPoP proof in the `dpop` metadata when the token is bound to a key), and so is one with
+  `typ: at+jwt` (tokens.typ) whose `iss` is ours: IdPs issue at+jwt access tokens too;
 * any other JWT is a user's IdP token (a trusted `[[idp]]`);
 * anything else is a service API key, known only by its SHA-256;
 * no credential at all, over mTLS: the service its client certificate names (`cert_identity`).
@@ -23,7 +24,7 @@ from agentid_server.domain.ports import (
     TokenRejected,
 )
 from agentid_server.domain.revocation import RevocationSet
-from agentid_server.tokens.agent_tokens import AGENT_TOKEN_TYPE, json_object
+from agentid_server.tokens.agent_tokens import ACCESS_TOKEN_TYPE, AGENT_TOKEN_TYPE, json_object
 from agentid_server.tokens.idp import IdpVerifier
 
 MAX_API_KEY_LENGTH = 4096  # longer credentials are tokens, never hashed as keys
@@ -47,6 +48,16 @@ def _jwt_type(credential: str) -> str | None:
     return typ if isinstance(typ, str) else ""
 
 
+def _issued_by(credential: str, issuer: str) -> bool:
+    """Whether a JWT-shaped credential's (unverified) payload names ``issuer``: only which
+    verifier to ask is decided by it, and that verifier checks the signature and `iss`."""
+    payload = credential.split(".")[1]
+    if len(payload) > 1 << 20:  # not ours: tokens.max_token_bytes is at most 1 MiB
+        return False
+    claims = json_object(payload)
+    return claims is not None and claims.get("iss") == issuer
+
+
 def _refused(rejected: TokenRejected) -> Unauthenticated:
     return Unauthenticated(f"agent token refused: {rejected.message}", reason=rejected.reason.name)
 
@@ -64,10 +75,13 @@ class CallerAuthenticator:
         clock: Clock,
         proof_ledger: ProofLedger | None = None,
         nbf_leeway: float = 0.0,
+        agent_issuer: str = "",
     ) -> None:
         """``proof_ledger``: where DPoP proofs are spent when several servers share the store;
-        ``nbf_leeway``: how far ahead of this clock an agent token's `nbf` may be."""
+        ``nbf_leeway``: how far ahead of this clock an agent token's `nbf` may be;
+        ``agent_issuer``: our tokens.issuer, which tells our at+jwt tokens from an IdP's."""
         self._nbf_leeway = nbf_leeway
+        self._agent_issuer = agent_issuer
         self._services = dict(services)
         self._certified = dict(certified or {})
         self._known_keys: dict[str, ServicePrincipal] = {}
@@ -102,7 +116,11 @@ class CallerAuthenticator:
         if service is not None:
             return service
         typ = _jwt_type(credential)
-        if typ == AGENT_TOKEN_TYPE:
+        if typ == AGENT_TOKEN_TYPE or (
+            typ == ACCESS_TOKEN_TYPE
+            and self._agent_issuer
+            and _issued_by(credential, self._agent_issuer)
+        ):
             return await self._agent(credential, proof, method)
         if typ is not None:
             return await self._users.verify(credential)
