@@ -293,10 +293,18 @@ Mutator = Callable[[dict[str, Any]], None]
 
 
 def with_config(**sections: dict[str, Any]) -> Mutator:
-    """A config change setting whole sections, e.g. ``with_config(revocation={...})``."""
+    """A config change setting keys of sections, e.g. ``with_config(revocation={...})``: a
+    table's other keys stay (the test config's `listen` on port 0 among them: replacing the
+    whole `[server]` bound the default port, taken when another run was on); arrays of tables
+    are replaced."""
 
     def mutate(config: dict[str, Any]) -> None:
-        config.update(sections)
+        for name, value in sections.items():
+            held = config.get(name)
+            if isinstance(held, dict) and isinstance(value, dict):
+                held.update(value)
+            else:
+                config[name] = value
 
     return mutate
 
