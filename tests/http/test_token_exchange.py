@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid_server.tokens.jwk import public_jwk, thumbprint
 from authlib.integrations.httpx_client import AsyncOAuth2Client
