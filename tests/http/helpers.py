@@ -43,10 +43,12 @@ async def post_form(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
     """POSTs the form; the status, the JSON body ({} when empty) and the headers."""
-    async with aiohttp.ClientSession() as session:
-        async with session.post(h.http_url + path, data=form, headers=headers or {}) as response:
-            text = await response.text()
-            return response.status, (json.loads(text) if text else {}), response.headers
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(h.http_url + path, data=form, headers=headers or {}) as response,
+    ):
+        text = await response.text()
+        return response.status, (json.loads(text) if text else {}), response.headers
 
 
 def claims_of(token: str) -> dict[str, Any]:

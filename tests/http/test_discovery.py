@@ -110,7 +110,7 @@ async def test_pyjwkclient_verifies_agent_tokens_across_a_rotation(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:
     async with running_harness(tmp_path, idp, clock, mutate=with_rotation) as h:
-        status, _, headers = await get(h, "/.well-known/jwks.json")
+        _, _, headers = await get(h, "/.well-known/jwks.json")
         assert max_age(headers) <= 30  # publish_ahead 1m
         client = jwt.PyJWKClient(h.http_url + "/.well-known/jwks.json")
         fetched = 0
@@ -170,5 +170,3 @@ async def test_node_jose_verifies_agent_tokens_across_a_rotation(
         out, _ = await asyncio.wait_for(process.communicate(), 120)
         assert process.returncode == 0, out.decode()
         assert "# pass 2" in out.decode(), out.decode()
-
-

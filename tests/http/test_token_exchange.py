@@ -13,10 +13,9 @@ from agentid_server.tokens.jwk import public_jwk, thumbprint
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import IDP_ISSUER, FakeClock, Harness, IdpFixture, running_harness
+from tests.conftest import FakeClock, Harness, IdpFixture, running_harness
 from tests.http.helpers import (
     JWT_TYPE,
-    TOKEN_ENDPOINT,
     TOKEN_EXCHANGE,
     claims_of,
     delegate_records,
@@ -293,7 +292,3 @@ async def test_unknown_paths_and_methods(harness: Harness) -> None:
             assert response.status == 404
         async with session.post(harness.http_url + "/.well-known/jwks.json") as response:
             assert response.status == 405
-
-
-def test_token_endpoint_is_the_issuers() -> None:
-    assert TOKEN_ENDPOINT.startswith("https://agentid.test/") and IDP_ISSUER
