@@ -142,6 +142,7 @@ def base_config(tmp_path: Path, idp: IdpFixture) -> dict[str, Any]:
         kek.write_text(new_kek())
     return {
         "server": {"listen": "127.0.0.1:0", "shutdown_grace": "2s", "drain": "0s"},
+        "http": {"listen": "127.0.0.1:0"},
         "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'agentid.db'}"},
         "tokens": {"issuer": ISSUER, "kek_file": str(kek)},
         "idp": [{"issuer": IDP_ISSUER, "audience": IDP_AUDIENCE, "jwks_file": str(idp.jwks_path)}],
@@ -224,6 +225,11 @@ class Harness:
     clock: FakeClock
     tmp_path: Path
     good_token: str = ""
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP door's base URL (it listens on 127.0.0.1, a free port)."""
+        return f"http://127.0.0.1:{self.running.http_port}"
 
     async def delegate(self, user_token: str | None = None, **fields: Any) -> pb.DelegateResponse:
         fields.setdefault("agent_id", "support-bot")

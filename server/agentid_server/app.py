@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,11 @@ from agentid_server.tokens.keys import (
     seal,
     unseal,
 )
+from agentid_server.web.door import DoorSettings, HttpDoor
+from agentid_server.web.listener import HttpListener, start_http
 
 log = logging.getLogger(__name__)
+JWKS_MAX_AGE = 3600  # seconds a discovery document or the JWKS may be cached, at most
 CLOCK_WATCH_INTERVAL = 1.0  # how soon revocations a clock gone back makes live are put back
 
 
@@ -94,6 +98,7 @@ class Running:
     housekeeping: asyncio.Task[None]
     listener: PeerListener | None = None  # PostgreSQL: what the other replicas committed
     telemetry: Telemetry | None = None
+    http: HttpListener | None = None  # the HTTP door (`[http] listen`), when on
     _draining: asyncio.Event = field(default_factory=asyncio.Event)  # set: end the drain now
 
     async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
@@ -112,7 +117,12 @@ class Running:
                 await asyncio.wait_for(self._draining.wait(), drain)
         for hub in self.hubs:
             hub.close()
-        await self.server.stop(self.settings.server.shutdown_grace if grace is None else grace)
+        grace = self.settings.server.shutdown_grace if grace is None else grace
+        # HTTP served through the drain as gRPC did; both stop together (HTTP requests in
+        # flight get the shutdown grace the listener was started with).
+        await asyncio.gather(
+            self.server.stop(grace), *([self.http.stop()] if self.http is not None else [])
+        )
         self.housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.housekeeping
@@ -122,6 +132,11 @@ class Running:
         await self.engines.dispose()
         if self.telemetry is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP door's bound port (0 when `[http] listen` is empty)."""
+        return self.http.port if self.http is not None else 0
 
     def hurry(self) -> None:
         """Ends the drain of a stop under way (a second signal): stop serving now."""
@@ -395,46 +410,48 @@ async def build_server(
     principals = [(s, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services]
     services = [(s.key_sha256, principal) for s, principal in principals if s.key_sha256]
     certified = {s.cert_identity: principal for s, principal in principals if s.cert_identity}
+    delegator = Delegator(
+        issuer=settings.tokens.issuer,
+        agents=agents,
+        ttl=TtlPolicy(
+            int(settings.tokens.default_ttl),
+            int(settings.tokens.min_ttl),
+            int(settings.tokens.max_ttl),
+        ),
+        sessions=sessions,
+        tokens=AgentTokenIssuer(ring, settings.tokens.typ),
+        audit=journal,
+        clock=clock,
+        limits=DelegationLimits(
+            settings.server.max_token_bytes,
+            settings.tokens.max_delegation_depth,
+            per_user=Rate(
+                settings.tokens.delegate_per_user_per_minute,
+                settings.tokens.delegate_per_user_burst,
+            ),
+            per_agent=Rate(
+                settings.tokens.delegate_per_agent_per_minute,
+                settings.tokens.delegate_per_agent_burst,
+            ),
+        ),
+        actors=actors,
+    )
+    checker = Checker(
+        verifier=verifier,
+        proofs=proofs,
+        revocations=revocations,
+        consistency=revoker,
+        risks=risks,
+        step_ups=step_up_repo,
+        audit=journal,
+        clock=clock,
+        max_token_bytes=settings.server.max_token_bytes,
+        proof_ledger=ledger,
+        nbf_leeway=settings.tokens.nbf_leeway,
+    )
     servicer = AgentIdentityServicer(
-        delegator=Delegator(
-            issuer=settings.tokens.issuer,
-            agents=agents,
-            ttl=TtlPolicy(
-                int(settings.tokens.default_ttl),
-                int(settings.tokens.min_ttl),
-                int(settings.tokens.max_ttl),
-            ),
-            sessions=sessions,
-            tokens=AgentTokenIssuer(ring, settings.tokens.typ),
-            audit=journal,
-            clock=clock,
-            limits=DelegationLimits(
-                settings.server.max_token_bytes,
-                settings.tokens.max_delegation_depth,
-                per_user=Rate(
-                    settings.tokens.delegate_per_user_per_minute,
-                    settings.tokens.delegate_per_user_burst,
-                ),
-                per_agent=Rate(
-                    settings.tokens.delegate_per_agent_per_minute,
-                    settings.tokens.delegate_per_agent_burst,
-                ),
-            ),
-            actors=actors,
-        ),
-        checker=Checker(
-            verifier=verifier,
-            proofs=proofs,
-            revocations=revocations,
-            consistency=revoker,
-            risks=risks,
-            step_ups=step_up_repo,
-            audit=journal,
-            clock=clock,
-            max_token_bytes=settings.server.max_token_bytes,
-            proof_ledger=ledger,
-            nbf_leeway=settings.tokens.nbf_leeway,
-        ),
+        delegator=delegator,
+        checker=checker,
         revoker=revoker,
         step_ups=step_ups,
         auditor=Auditor(
@@ -485,6 +502,28 @@ async def build_server(
         await _abandon(journal, engines, telemetry)
         raise
     await server.start()
+    http = None
+    if settings.http.listen:
+        door = HttpDoor(
+            _door_settings(settings),
+            delegator=delegator,
+            checker=checker,
+            revoker=revoker,
+            authn=authn,
+            agent_tokens=verifier,
+            revocations=revocations,
+            proofs=proofs,
+            proof_ledger=ledger,
+            agents=frozenset(agents),
+            jwks=ring.jwks,
+            clock=clock,
+        )
+        try:
+            http = await _listen_http(door, settings)
+        except BaseException:
+            await server.stop(0)
+            await _abandon(journal, engines, telemetry)
+            raise
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     listener = None
@@ -531,6 +570,7 @@ async def build_server(
         housekeeping,
         listener,
         telemetry,
+        http,
     )
 
 
@@ -551,6 +591,41 @@ def _client_assertions(
         if a.jwks_file or a.jwks_url
     }
     return ClientAssertionVerifier(jwks, clock, ledger=ledger)
+
+
+def _door_settings(settings: Settings) -> DoorSettings:
+    base_url = settings.http.base_url(settings.tokens.issuer)
+    if base_url != settings.tokens.issuer.rstrip("/"):
+        log.warning(
+            "http.public_url %s is not tokens.issuer %s: discovery is valid only where they are"
+            " the same (RFC 8414 section 3.3)",
+            base_url,
+            settings.tokens.issuer,
+        )
+    return DoorSettings(
+        issuer=settings.tokens.issuer,
+        base_url=base_url,
+        max_body_bytes=settings.server.max_message_bytes,
+        # At most half of publish_ahead: a cached JWKS always holds a key before it signs.
+        cache_max_age=max(1, min(JWKS_MAX_AGE, int(settings.tokens.publish_ahead / 2))),
+        max_token_bytes=settings.server.max_token_bytes,
+        nbf_leeway=settings.tokens.nbf_leeway,
+    )
+
+
+async def _listen_http(door: HttpDoor, settings: Settings) -> HttpListener:
+    listen = settings.http.listen
+    try:
+        return await start_http(door.application(), settings.http, settings.server.shutdown_grace)
+    except ssl.SSLError as exc:
+        raise CannotListen(f"cannot use http.tls_cert / http.tls_key: {exc.reason}") from None
+    except OSError as exc:
+        if exc.filename is not None:
+            raise CannotListen(f"cannot read {exc.filename} (HTTP TLS): {exc.strerror}") from None
+        raise CannotListen(
+            f"cannot listen on {listen} (http.listen): the address is taken or not this"
+            f" host's ({exc.strerror or exc})"
+        ) from None
 
 
 async def _abandon(journal: Journal, engines: Engines, telemetry: Telemetry | None) -> None:

@@ -19,7 +19,8 @@ from agentid_server.config import ConfigError, Settings, load_settings, parse_du
 from agentid_server.tokens.keys import KeyMaterialError
 
 DEV_DIR = Path("var/dev")
-DEV_ISSUER = "https://idp.dev.agentid.local"
+DEV_ISSUER = "https://idp.dev.agentid.local"  # the dev IdP's (user tokens)
+DEV_AGENTID_ISSUER = "http://127.0.0.1:8080"  # agentid's own (agent tokens): the [http] listener
 DEV_AUDIENCE = "agentid"
 DEV_SERVICE = "dev-service"
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentid", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve = commands.add_parser("serve", help="run the server (gRPC; HTTP too with [http] listen)")
     serve.add_argument("--config", required=True, help="TOML configuration file")
     serve.set_defaults(run=_serve)
 
@@ -154,11 +155,15 @@ DEV_CONFIG = """\
 [server]
 listen = "127.0.0.1:50051"
 
+# The HTTP door (docs/http.md): discovery, JWKS, token exchange, introspection, revocation.
+[http]
+listen = "127.0.0.1:8080"
+
 [database]
 url = "sqlite+aiosqlite:///var/agentid.db"
 
 [tokens]
-issuer = "https://agentid.local"
+issuer = "{agentid_issuer}"  # the HTTP door's URL, so its discovery document is valid
 default_ttl = "15m"
 min_ttl = "1m"
 max_ttl = "60m"
@@ -246,6 +251,7 @@ def _dev_init(args: argparse.Namespace) -> int:
         DEV_CONFIG.format(
             dir=directory,
             issuer=DEV_ISSUER,
+            agentid_issuer=DEV_AGENTID_ISSUER,
             audience=DEV_AUDIENCE,
             service=DEV_SERVICE,
             digest=digest,

@@ -240,6 +240,23 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP door (docs/http.md): discovery, JWKS, token exchange, introspection, revocation.
+    Served by the same process and event loop as gRPC; off while ``listen`` is empty."""
+
+    listen: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # The base URL clients reach this listener at (behind a proxy, the proxy's): discovery's
+    # URLs and the DPoP `htu` of the token endpoint are built from it. Empty: `tokens.issuer`.
+    public_url: str = ""
+
+    def base_url(self, issuer: str) -> str:
+        """The public base URL, without a trailing slash."""
+        return (self.public_url or issuer).rstrip("/")
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str = "<defaults>"
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -249,6 +266,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     revocation: RevocationSettings = field(default_factory=RevocationSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     idps: tuple[IdpSettings, ...] = ()
     services: tuple[ServiceSettings, ...] = ()
     agents: tuple[AgentSettings, ...] = ()
@@ -303,6 +321,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "otlp_endpoint": "str", "service_name": "str", "trace_ratio": "float",
         "metric_interval": "duration", "export_timeout": "duration",
     },
+    "http": {"listen": "str", "tls_cert": "str", "tls_key": "str", "public_url": "str"},
 }  # fmt: skip
 _ARRAYS = {"idp", "services", "agents", "risk"}
 
@@ -410,6 +429,7 @@ def settings_from_mapping(
         audit=_build(AuditSettings, sections["audit"]),
         revocation=_build(RevocationSettings, sections["revocation"]),
         telemetry=_build(TelemetrySettings, sections["telemetry"]),
+        http=_build(HttpSettings, sections["http"]),
         idps=tuple(_idp(r) for r in _array(data, "idp", source)),
         services=tuple(_service(r) for r in _array(data, "services", source)),
         agents=tuple(_agent(r) for r in _array(data, "agents", source)),
@@ -637,6 +657,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
             raise telemetry.fail("otlp_endpoint", "must be an http(s)://host:port URL")
     if not s.telemetry.service_name:
         raise telemetry.fail("service_name", "is required")
+    _validate_http(s.http, sections["http"])
     _unique(s, "services", [x.name for x in s.services], "name")
     _unique(s, "services", [x.key_sha256 for x in s.services], "key_sha256")
     _unique(s, "services", [x.cert_identity for x in s.services], "cert_identity")
@@ -649,6 +670,21 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     _unique(s, "idp", [x.issuer for x in s.idps], "issuer")
     _subject_prefixes(s)
     _unique(s, "risk", [x.name for x in s.risk], "name")
+
+
+def _validate_http(http: HttpSettings, reader: _Reader) -> None:
+    if http.listen:
+        _check_listen(http.listen, reader)
+    if bool(http.tls_cert) != bool(http.tls_key):
+        raise reader.fail("tls_cert", "tls_cert and tls_key go together")
+    if http.tls_cert and not http.listen:
+        raise reader.fail("tls_cert", "is set but http.listen is empty (the listener is off)")
+    if http.public_url:
+        parts = urlsplit(http.public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise reader.fail("public_url", "must be an http(s)://host[:port][/path] URL")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise reader.fail("public_url", "must have no query, fragment or user info")
 
 
 def _subject_prefixes(s: Settings) -> None:

@@ -184,6 +184,20 @@ class Checker:
             revocation_sequence=applied,
         )
 
+    def introspect(self, caller: ServicePrincipal, token: str) -> AgentClaims | None:
+        """The claims of a token currently valid for ``caller`` (RFC 7662 introspection), or
+        None: the rules of a Check up to its action (size, signature, times, the revocation
+        set, the caller's audience), without a proof (no action is asked) or an audit record
+        (no decision is made: the same answer a service verifying with the JWKS gets)."""
+        try:
+            claims = self._verified(token)
+            check_token_times(claims, self._clock.now(), self._nbf_leeway)
+        except TokenRejected:
+            return None
+        if claims.serial in self._revocations or _audience_mismatch(claims, caller):
+            return None
+        return claims
+
     def _verified(self, token: str) -> AgentClaims:
         if len(token) > self._max_token_bytes:
             raise TokenRejected(
@@ -215,7 +229,7 @@ class Checker:
                 now=now,
                 owner=claims.user_id,
             )
-        if claims.audiences is not None and caller.audience not in claims.audiences:
+        if _audience_mismatch(claims, caller):
             return (
                 Decision.DENY,
                 Reason.AUDIENCE_MISMATCH,
@@ -236,6 +250,10 @@ class Checker:
 
 
 _PROOF_REUSED = Reason.PROOF_OF_POSSESSION_FAILED
+
+
+def _audience_mismatch(claims: AgentClaims, caller: ServicePrincipal) -> bool:
+    return claims.audiences is not None and caller.audience not in claims.audiences
 
 
 _STEP_UP_MESSAGES = {

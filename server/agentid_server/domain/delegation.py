@@ -139,7 +139,11 @@ class Delegator:
                 reason="AGENT_NOT_REGISTERED",
                 metadata={"agent_id": request.agent_id},
             )
-        await self._authenticate_actor(request)
+        # Before anything is charged or spent: a refused request costs no rate, serial or
+        # signature.
+        await self.authenticate_actor(
+            request.agent_id, request.actor_token, request.actor_audiences
+        )
         parent = delegator.claims if isinstance(delegator, AgentPrincipal) else None
         holder = _holder_scopes(delegator)
         if parent is not None:
@@ -194,22 +198,24 @@ class Delegator:
         )
         return Delegation(session=session, token=token)
 
-    async def _authenticate_actor(self, request: DelegateInput) -> None:
-        """An agent with keys is delegated to only with its own fresh client assertion, so a
-        stolen user token alone cannot mint sessions for it (RFC 7523 private_key_jwt). Checked
-        before anything is charged or spent: a refused request costs no rate, serial or
-        signature."""
-        if self._actors is None or not self._actors.has_keys(request.agent_id):
-            return  # a public client: the agent id alone names it
-        if not request.actor_token:
+    async def authenticate_actor(
+        self, agent_id: str, assertion: str, audiences: tuple[str, ...] = ()
+    ) -> None:
+        """An agent with keys acts only with its own fresh client assertion (RFC 7523
+        private_key_jwt), so a stolen user token alone cannot mint sessions for it, nor a
+        leaked agent token revoke others' at the OAuth revocation endpoint. An agent without
+        keys is a public client: its id alone names it. ``audiences``: what the assertion's
+        `aud` may name; empty, the issuer. PERMISSION_DENIED / ACTOR_UNAUTHENTICATED."""
+        if self._actors is None or not self._actors.has_keys(agent_id):
+            return
+        if not assertion:
             raise _actor_unauthenticated(
-                request.agent_id, "it has keys: actor_token must carry its client assertion"
+                agent_id, "it has keys: actor_token must carry its client assertion"
             )
-        audiences = request.actor_audiences or (self._issuer,)
         try:
-            await self._actors.verify(request.agent_id, request.actor_token, audiences)
+            await self._actors.verify(agent_id, assertion, audiences or (self._issuer,))
         except AssertionRejected as exc:
-            raise _actor_unauthenticated(request.agent_id, str(exc)) from None
+            raise _actor_unauthenticated(agent_id, str(exc)) from None
 
     def _admit(
         self, user_id: str, parent: AgentClaims | None, now: float, *, charge: bool = True

@@ -47,14 +47,15 @@ class ProofVerifier(Protocol):
         jkt: str,
         method: str,
         uri: str,
-        token: str,
+        token: str | None,
         now: float,
         path_only: bool = False,
         owner: str = "",
     ) -> ProofUse:
         """Checks a DPoP proof (RFC 9449) for a token bound to ``jkt`` (delegated by user
         ``owner``), and that this process has not spent it; raises TokenRejected with
-        REASON_PROOF_OF_POSSESSION_FAILED. With ``path_only`` only the path of its htu counts.
+        REASON_PROOF_OF_POSSESSION_FAILED. With ``path_only`` only the path of its htu counts;
+        ``token`` None: a proof at a token endpoint, which presents no token (no `ath`).
         Nothing is remembered: ``spend`` does that, once the call is allowed to use it."""
         ...
 

@@ -112,7 +112,7 @@ class CallerAuthenticator:
             )
         # An API key is whatever its service was given (dots included): looked up first, by the
         # keys that matched before, then by digest; anything else JWT-shaped is a token.
-        service = self._service(credential)
+        service = self.service(credential)
         if service is not None:
             return service
         typ = _jwt_type(credential)
@@ -171,8 +171,9 @@ class CallerAuthenticator:
             reason="CERTIFICATE_UNKNOWN",
         )
 
-    def _service(self, key: str) -> ServicePrincipal | None:
-        """The service whose API key this is, or None."""
+    def service(self, key: str) -> ServicePrincipal | None:
+        """The service whose API key this is, or None (also the HTTP door's callers: a key and
+        nothing else, never a token)."""
         principal = self._known_keys.get(key)
         if principal is not None or len(key) > MAX_API_KEY_LENGTH:
             return principal

@@ -61,6 +61,19 @@ class AssertionLedger(Protocol):
         ...
 
 
+def claimed_client(assertion: str) -> str | None:
+    """The agent an assertion says it is from (its `sub`), read unverified: RFC 7521 section
+    4.2 lets a client authenticated by an assertion leave `client_id` out, so the token
+    endpoint learns from this which agent's keys to verify it with (which then checks iss and
+    sub again, signed). None when it names none."""
+    try:
+        claims = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject if isinstance(subject, str) and subject else None
+
+
 def _rejected(problem: str) -> AssertionRejected:
     return AssertionRejected(f"the client assertion {problem}")
 

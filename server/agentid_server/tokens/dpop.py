@@ -77,6 +77,21 @@ def _same_target(htu: str, uri: str, path_only: bool) -> bool:
         return False
 
 
+def proof_thumbprint(proof: str) -> str:
+    """The RFC 7638 thumbprint of the key a DPoP proof's header carries, unverified: the key a
+    token asked for with this proof will be bound to, once ``DpopVerifier.verify`` accepts the
+    proof for that thumbprint."""
+    if not proof or len(proof) > MAX_PROOF_BYTES:
+        raise _fail("the DPoP proof is missing or too large")
+    try:
+        jwk = jwt.get_unverified_header(proof).get("jwk")
+        if not isinstance(jwk, dict):
+            raise _fail("the DPoP proof header carries no jwk")
+        return thumbprint(jwk)
+    except (jwt.InvalidTokenError, ValueError, KeyError, TypeError):
+        raise _fail("the DPoP proof is not a well-formed JWS") from None
+
+
 REPLAY_CACHE_BYTES = 64 << 20
 REPLAY_BYTES_PER_USER = 8 << 20
 MAX_JTI_LENGTH = 128  # a UUID is 36 characters; longer ones would only fill the replay cache
@@ -115,14 +130,16 @@ class DpopVerifier:
         jkt: str,
         method: str,
         uri: str,
-        token: str,
+        token: str | None,
         now: float,
         path_only: bool = False,
         owner: str = "",
     ) -> ProofUse:
         """``path_only``: ``uri`` is a path, and only the path of the proof's htu must equal it
-        (agentid's own methods, reached under whatever host a deployment gives it). Nothing is
-        remembered here: ``spend`` the use once the call may go on."""
+        (agentid's own methods, reached under whatever host a deployment gives it). ``token``
+        None: a proof sent to a token endpoint to bind the token it asks for (RFC 9449 section
+        5), which presents no access token, so no `ath` is compared. Nothing is remembered
+        here: ``spend`` the use once the call may go on."""
         if not proof:
             raise _fail("the token is bound to a key: a DPoP proof is required")
         if len(proof) > MAX_PROOF_BYTES:
@@ -155,9 +172,10 @@ class DpopVerifier:
         htu = claims.get("htu")
         if not isinstance(htu, str) or not _same_target(htu, uri, path_only):
             raise _fail("the DPoP proof is for another URI")
-        expected_ath = b64url(hashlib.sha256(token.encode("ascii", "replace")).digest())
-        if claims.get("ath") != expected_ath:
-            raise _fail("the DPoP proof is not bound to this token (ath)")
+        if token is not None:
+            expected_ath = b64url(hashlib.sha256(token.encode("ascii", "replace")).digest())
+            if claims.get("ath") != expected_ath:
+                raise _fail("the DPoP proof is not bound to this token (ath)")
         iat = claims.get("iat")
         if not isinstance(iat, int | float) or abs(now - iat) > self._max_age:
             raise _fail("the DPoP proof is stale or from the future")

@@ -1,0 +1,123 @@
+"""Agents with keys authenticate at the token and revocation endpoints with a client assertion
+(RFC 7523 private_key_jwt), by the rule gRPC's Delegate applies to `actor_token`: one check in
+the domain for both doors. A real OAuth library (Authlib) signs the assertion."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from agentid.v1 import agentid_pb2 as pb
+from authlib.integrations.httpx_client import AsyncOAuth2Client
+from authlib.oauth2.rfc7523 import PrivateKeyJWT
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
+
+from tests.conftest import ISSUER, FakeClock, Harness, IdpFixture, running_harness
+from tests.http.helpers import (
+    JWT_TYPE,
+    TOKEN_ENDPOINT,
+    TOKEN_EXCHANGE,
+    exchange_form,
+    session_count,
+)
+from tests.http.helpers import post_form as post
+from tests.security.test_client_assertions import AGENT, AgentKeys, keyed
+
+REVOCATION_ENDPOINT = ISSUER + "/oauth2/revoke"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+@pytest.fixture
+def agent_keys(tmp_path: Path, clock: FakeClock) -> AgentKeys:
+    return AgentKeys(tmp_path / "agent-jwks.json", clock)
+
+
+@pytest.fixture
+async def h(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, agent_keys: AgentKeys
+) -> AsyncIterator[Harness]:
+    async with running_harness(tmp_path, idp, clock, mutate=keyed(agent_keys)) as harness:
+        yield harness
+
+
+def authenticated(form: dict[str, str], assertion: str) -> dict[str, str]:
+    return {**form, "client_assertion_type": ASSERTION_TYPE, "client_assertion": assertion}
+
+
+async def test_an_agent_with_keys_must_authenticate_at_the_token_endpoint(
+    h: Harness, agent_keys: AgentKeys
+) -> None:
+    form = exchange_form(h.idp.token(), client_id=AGENT)
+    status, body, _ = await post(h, "/oauth2/token", form)
+    assert (status, body["error"]) == (401, "invalid_client")
+    assert "client assertion" in body["error_description"]
+    assert session_count(h) == 0
+    for audience in (TOKEN_ENDPOINT, ISSUER):  # RFC 7523 section 3: either names us
+        assertion = agent_keys.assertion(aud=audience)
+        status, body, _ = await post(h, "/oauth2/token", authenticated(form, assertion))
+        assert status == 200, body
+    status, body, _ = await post(h, "/oauth2/token", authenticated(form, assertion))
+    assert (status, body["error"]) == (401, "invalid_client")  # its jti is spent
+    assert assertion[:40] not in body["error_description"]
+    wrong = agent_keys.assertion(aud="https://elsewhere.example/token")
+    status, body, _ = await post(h, "/oauth2/token", authenticated(form, wrong))
+    assert (status, body["error"]) == (401, "invalid_client")
+    assert session_count(h) == 2
+
+
+async def test_authlib_authenticates_with_private_key_jwt(
+    h: Harness, agent_keys: AgentKeys
+) -> None:
+    pem = agent_keys.keys["agent-rsa"].private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+    )
+    # Authlib's assertions live an hour unless told; http.md allows five minutes.
+    auth = PrivateKeyJWT(
+        TOKEN_ENDPOINT,
+        claims={"exp": int(time.time()) + 120},
+        headers={"kid": "agent-rsa"},
+        alg="RS256",
+    )
+    async with AsyncOAuth2Client(
+        client_id=AGENT,
+        client_secret=pem.decode(),
+        token_endpoint_auth_method=auth,
+        scope="tickets.read",
+    ) as client:
+        token = await client.fetch_token(
+            h.http_url + "/oauth2/token",
+            grant_type=TOKEN_EXCHANGE,
+            subject_token=h.idp.token(),
+            subject_token_type=JWT_TYPE,
+        )
+    assert token["scope"] == "tickets.read"
+    check = await h.check(token["access_token"], "tickets.read")
+    assert check.decision == pb.DECISION_ALLOW
+
+
+async def test_an_agent_with_keys_must_authenticate_to_revoke(
+    h: Harness, agent_keys: AgentKeys
+) -> None:
+    """A leaked token alone revokes nothing for a client with keys: the revocation endpoint
+    asks for the token endpoint's client authentication."""
+    form = exchange_form(h.idp.token(), client_id=AGENT)
+    assertion = agent_keys.assertion(aud=TOKEN_ENDPOINT)
+    _, issued, _ = await post(h, "/oauth2/token", authenticated(form, assertion))
+    token = issued["access_token"]
+    revoke = {"token": token, "client_id": AGENT}
+    status, body, _ = await post(h, "/oauth2/revoke", revoke)
+    assert (status, body["error"]) == (401, "invalid_client")
+    assert (await h.check(token, "tickets.read")).decision == pb.DECISION_ALLOW
+    for audience in (REVOCATION_ENDPOINT, TOKEN_ENDPOINT):
+        status, body, _ = await post(
+            h, "/oauth2/revoke", authenticated(revoke, agent_keys.assertion(aud=audience))
+        )
+        assert status == 200, body
+    check = await h.check(token, "tickets.read")
+    assert (check.decision, check.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
