@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
@@ -50,4 +51,25 @@ async def test_a_stop_drains_before_refusing_calls(
     with pytest.raises(grpc.aio.AioRpcError) as refused:  # after the drain
         await check()
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    await h.channel.close()
+
+
+async def test_the_http_door_drains_and_stops_with_grpc(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """HTTP is served through the drain like gRPC (a gateway's health check is on gRPC; its
+    requests keep coming until it moves away), then refused once the server has stopped."""
+    h = await start_harness(tmp_path, idp, clock, make_settings(tmp_path, idp, long_drain))
+    url = h.http_url + "/.well-known/jwks.json"
+    stopping = asyncio.ensure_future(h.running.stop(grace=5))
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200  # during the drain
+        assert not stopping.done()
+    finally:
+        h.running.hurry()
+        await stopping
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            await response.read()
     await h.channel.close()

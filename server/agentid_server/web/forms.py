@@ -60,7 +60,7 @@ async def read_form(request: web.Request, max_bytes: int, repeatable: Collection
         if name in repeatable:
             repeated.setdefault(name, []).append(value)
         elif name in single:
-            raise invalid_request(f"{name}: the parameter is repeated")
+            raise invalid_request(f"{name[:64]}: the parameter is repeated")
         else:
             single[name] = value
     return Form(single, repeated)
