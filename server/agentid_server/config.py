@@ -250,6 +250,10 @@ class HttpSettings:
     # The base URL clients reach this listener at (behind a proxy, the proxy's): discovery's
     # URLs and the DPoP `htu` of the token endpoint are built from it. Empty: `tokens.issuer`.
     public_url: str = ""
+    # Connections at once (more are closed at accept), and how long an idle keep-alive
+    # connection is held: what one client can hold of the process's file descriptors.
+    max_connections: int = 1000
+    keepalive_timeout: float = 15.0
 
     def base_url(self, issuer: str) -> str:
         """The public base URL, without a trailing slash."""
@@ -321,7 +325,10 @@ _SCALARS: dict[str, dict[str, str]] = {
         "otlp_endpoint": "str", "service_name": "str", "trace_ratio": "float",
         "metric_interval": "duration", "export_timeout": "duration",
     },
-    "http": {"listen": "str", "tls_cert": "str", "tls_key": "str", "public_url": "str"},
+    "http": {
+        "listen": "str", "tls_cert": "str", "tls_key": "str", "public_url": "str",
+        "max_connections": "int", "keepalive_timeout": "duration",
+    },
 }  # fmt: skip
 _ARRAYS = {"idp", "services", "agents", "risk"}
 
@@ -673,6 +680,8 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
 
 
 def _validate_http(http: HttpSettings, reader: _Reader) -> None:
+    if http.max_connections < 1:
+        raise reader.fail("max_connections", "must be at least 1")
     if http.listen:
         _check_listen(http.listen, reader)
     if bool(http.tls_cert) != bool(http.tls_key):
