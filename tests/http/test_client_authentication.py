@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from agentid.v1 import agentid_pb2 as pb
@@ -27,7 +28,7 @@ from tests.http.helpers import (
     session_count,
 )
 from tests.http.helpers import post_form as post
-from tests.security.test_client_assertions import AGENT, AgentKeys, keyed
+from tests.security.test_client_assertions import AGENT, ATTACKS, AgentKeys, keyed
 
 REVOCATION_ENDPOINT = ISSUER + "/oauth2/revoke"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -121,3 +122,32 @@ async def test_an_agent_with_keys_must_authenticate_to_revoke(
         assert status == 200, body
     check = await h.check(token, "tickets.read")
     assert (check.decision, check.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+
+
+# Over HTTP the token endpoint is an accepted audience: not an attack there. The shape checks
+# the door makes itself (oversized, binary, not a JWS) answer before the Delegator is asked.
+HTTP_ATTACKS = [name for name in ATTACKS if name != "the token endpoint over gRPC"]
+
+
+@pytest.mark.parametrize("attack", HTTP_ATTACKS)
+async def test_a_bad_assertion_is_invalid_client_with_nothing_stored(
+    h: Harness, agent_keys: AgentKeys, attack: str
+) -> None:
+    """Every known JWT attack of the gRPC tests, at the token endpoint: 401 invalid_client,
+    the description saying what is wrong but never the assertion, nothing stored."""
+    make, _ = ATTACKS[attack]
+    assertion = make(agent_keys)
+    form = authenticated(exchange_form(h.idp.token(), client_id=AGENT), assertion)
+    status, body, _ = await post(h, "/oauth2/token", form)
+    assert (status, body["error"]) == (401, "invalid_client"), body
+    assert assertion[:40] not in body["error_description"]
+    assert quote(assertion[:40]) not in body["error_description"]
+    assert session_count(h) == 0
+
+
+async def test_an_agent_token_is_not_a_client_assertion(h: Harness) -> None:
+    agent_token = (await h.delegate()).token
+    form = authenticated(exchange_form(h.idp.token(), client_id=AGENT), agent_token)
+    status, body, _ = await post(h, "/oauth2/token", form)
+    assert (status, body["error"]) == (401, "invalid_client")
+    assert session_count(h) == 1  # the gRPC delegation only
