@@ -610,6 +610,7 @@ def _door_settings(settings: Settings) -> DoorSettings:
         cache_max_age=max(1, min(JWKS_MAX_AGE, int(settings.tokens.publish_ahead / 2))),
         max_token_bytes=settings.server.max_token_bytes,
         nbf_leeway=settings.tokens.nbf_leeway,
+        signing_algorithm=settings.tokens.algorithm,
     )
 
 

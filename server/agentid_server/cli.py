@@ -23,6 +23,11 @@ DEV_ISSUER = "https://idp.dev.agentid.local"  # the dev IdP's (user tokens)
 DEV_AGENTID_ISSUER = "http://127.0.0.1:8080"  # agentid's own (agent tokens): the [http] listener
 DEV_AUDIENCE = "agentid"
 DEV_SERVICE = "dev-service"
+# A second dev service, role `check` only, whose key `dev init` keeps in var/dev/ (0600) beside
+# the KEK and the dev IdP's private key: the README's HTTP walk-through reads it with `cat`, so
+# it runs as written. The admin key is never kept: it may do anything, this one only ask.
+DEV_CHECK_SERVICE = "dev-checker"
+DEV_CHECK_KEY_FILE = "check-service-key"
 
 log = logging.getLogger("agentid")
 
@@ -180,6 +185,12 @@ name = "{service}"
 key_sha256 = "{digest}"
 roles = ["admin"]
 
+# May only Check, introspect and watch revocations; its key is in {dir}/{check_key_file}.
+[[services]]
+name = "{check_service}"
+key_sha256 = "{check_digest}"
+roles = ["check"]
+
 [[agents]]
 id = "support-bot"
 max_scopes = ["tickets.*", "payments.refund", "payments.transfer", "agentid.delegate"]
@@ -247,6 +258,9 @@ def _dev_init(args: argparse.Namespace) -> int:
     }
     (directory / "idp-jwks.json").write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n")
     key, digest = _new_service_key()
+    check_key, check_digest = _new_service_key()
+    check_file = directory / DEV_CHECK_KEY_FILE
+    _write_secret(check_file, check_key.encode() + b"\n")
     config.write_text(
         DEV_CONFIG.format(
             dir=directory,
@@ -255,9 +269,13 @@ def _dev_init(args: argparse.Namespace) -> int:
             audience=DEV_AUDIENCE,
             service=DEV_SERVICE,
             digest=digest,
+            check_service=DEV_CHECK_SERVICE,
+            check_digest=check_digest,
+            check_key_file=DEV_CHECK_KEY_FILE,
         )
     )
     print(f"created {directory}/: key-encryption key, dev IdP keys and JWKS, config {config}")
+    print(f"dev service {DEV_CHECK_SERVICE!r} (role check): its API key is in {check_file}")
     print(f"dev service {DEV_SERVICE!r} (role admin) API key, shown only now; keep it:")
     print(f"  {key}")
     return 0
@@ -301,8 +319,9 @@ def _dev_service_key(args: argparse.Namespace) -> int:
         print(f"agentid: no {config}: run `agentid dev init` first", file=sys.stderr)
         return 2
     key, digest = _new_service_key()
+    # The admin service's key, not the check service's below it (whose key is kept in a file).
     updated, count = re.subn(
-        r'key_sha256 = "[0-9a-f]{64}"', f'key_sha256 = "{digest}"', text, count=1
+        rf'(name = "{DEV_SERVICE}"\nkey_sha256 = ")[0-9a-f]{{64}}"', rf'\g<1>{digest}"', text
     )
     if count != 1:
         print(f"agentid: no [[services]] key_sha256 in {config}", file=sys.stderr)

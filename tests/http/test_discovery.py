@@ -1,6 +1,7 @@
-"""Discovery (RFC 8414) and the JWKS over HTTP: contents, cache headers, and JWKS consumers that
-know nothing of agentid (PyJWT's PyJWKClient, Node's jose) verifying agent tokens from the URL
-alone, across a signing key rotation."""
+"""Discovery (RFC 8414) and the JWKS over HTTP: contents, cache headers, what Vault's OIDC
+discovery needs (docs/integrations.md), and JWKS consumers that know nothing of agentid (PyJWT's
+PyJWKClient, Node's jose) verifying agent tokens from the URL alone, across a signing key
+rotation."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import aiohttp
 import jwt
 import pytest
 from agentid.v1 import agentid_pb2 as pb
+from joserfc import jwt as jose_jwt
+from joserfc.jwk import KeySet
 
-from tests.conftest import ISSUER, FakeClock, Harness, IdpFixture, running_harness
+from tests.conftest import ISSUER, FakeClock, Harness, IdpFixture, free_port, running_harness
 from tests.integration.test_key_rotation import kid_of, rotate_often
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,3 +173,42 @@ async def test_node_jose_verifies_agent_tokens_across_a_rotation(
         out, _ = await asyncio.wait_for(process.communicate(), 120)
         assert process.returncode == 0, out.decode()
         assert "# pass 2" in out.decode(), out.decode()
+
+
+@pytest.mark.parametrize("algorithm", ["EdDSA", "ES256"])
+async def test_discovery_is_what_vaults_oidc_discovery_url_needs(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, algorithm: str
+) -> None:
+    """docs/integrations.md: Vault's JWT auth with `oidc_discovery_url = <public_url>` fetches
+    `<public_url>/.well-known/openid-configuration`, refuses it unless `issuer` is that URL
+    exactly, verifies with the keys at `jwks_uri` as given, and `bound_issuer` must be the
+    tokens' `iss`. Served where the issuer says (a free port) so no URL is rewritten here."""
+    public_url = f"http://127.0.0.1:{free_port()}"
+
+    def served_at_the_issuer(config: dict[str, Any]) -> None:
+        config["http"]["listen"] = public_url.removeprefix("http://")
+        config["tokens"]["issuer"] = public_url
+        config["tokens"]["algorithm"] = algorithm
+
+    async with running_harness(tmp_path, idp, clock, mutate=served_at_the_issuer) as h:
+        assert h.http_url == public_url
+        async with aiohttp.ClientSession() as session:
+            discovery = public_url + "/.well-known/openid-configuration"
+            async with session.get(discovery) as response:
+                document = await response.json()
+            assert document["issuer"] == public_url  # cap's NewOIDCDiscoveryKeySet: exactly
+            assert document["jwks_uri"] == public_url + "/.well-known/jwks.json"
+            # go-oidc's Provider.Verifier accepts these algorithms (RS256 alone without them)
+            assert document["id_token_signing_alg_values_supported"] == [algorithm]
+            async with session.get(document["jwks_uri"]) as response:
+                jwks = await response.json()
+
+        token = (await h.delegate(audiences=["vault"])).token
+        verified = jose_jwt.decode(
+            token,
+            KeySet.import_key_set(jwks),
+            algorithms=document["id_token_signing_alg_values_supported"],
+        )
+        assert verified.header["alg"] == algorithm
+        assert verified.claims["iss"] == document["issuer"]  # Vault's bound_issuer
+        assert verified.claims["aud"] == ["vault"]

@@ -96,3 +96,4 @@ def test_dev_init_keeps_keys_in_private_folders(
     assert mode(dev.parent) == 0o700
     assert mode(dev / "kek") == 0o600
     assert mode(dev / "idp-private.pem") == 0o600
+    assert mode(dev / "check-service-key") == 0o600

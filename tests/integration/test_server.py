@@ -223,6 +223,10 @@ def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path, event_loop: str) 
     assert key not in config  # only its SHA-256 is stored
     assert oct((tmp_path / "var/dev/kek").stat().st_mode & 0o777) == "0o600"
     assert run_cli("dev", "init", cwd=tmp_path).returncode == 0  # idempotent
+    check_key = (tmp_path / "var/dev/check-service-key").read_text().strip()
+    assert check_key.startswith("aid_sk_")
+    assert check_key not in config
+    assert check_key not in init.stdout
     token = run_cli(
         "dev",
         "user-token",
@@ -260,6 +264,11 @@ def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path, event_loop: str) 
             metadata=(("authorization", f"Bearer {key}"),),
         )
         assert check.decision == pb.DECISION_ALLOW
+        checked = stub.Check(  # by dev-checker, role check, its key kept in var/dev/
+            pb.CheckRequest(token=delegated.token, action="tickets.read", resource="ticket/1"),
+            metadata=(("authorization", f"Bearer {check_key}"),),
+        )
+        assert checked.decision == pb.DECISION_ALLOW
         jwks = json.loads(stub.GetJwks(pb.GetJwksRequest()).jwks_json)
         assert jwks["keys"][0]["kty"] == "OKP"
         channel.close()
@@ -269,7 +278,27 @@ def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path, event_loop: str) 
     assert server.returncode == 0
     assert "stopped" in stderr
     assert key not in stderr  # no secret in the log
+    assert check_key not in stderr
     assert token.stdout.strip() not in stderr
+
+
+def test_dev_service_key_replaces_the_admin_key_only(tmp_path: Path) -> None:
+    """`agentid dev service-key` gives dev-service (admin) a new key; dev-checker's, whose key
+    the README's HTTP walk-through reads from var/dev/, keeps working."""
+    from agentid_server.config import load_settings
+    from agentid_server.tokens.callers import api_key_digest
+
+    assert run_cli("dev", "init", cwd=tmp_path).returncode == 0
+    check_key = (tmp_path / "var/dev/check-service-key").read_text().strip()
+    issued = run_cli("dev", "service-key", cwd=tmp_path)
+    assert issued.returncode == 0, issued.stderr
+    new_key = issued.stdout.split()[-1]
+    settings = load_settings(tmp_path / "var/dev/agentid.toml", {})
+    digests = {service.name: service.key_sha256 for service in settings.services}
+    assert digests == {
+        "dev-service": api_key_digest(new_key),
+        "dev-checker": api_key_digest(check_key),
+    }
 
 
 async def test_a_taken_address_stops_the_start_cleanly(

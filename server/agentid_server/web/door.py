@@ -84,6 +84,7 @@ class DoorSettings:
     cache_max_age: int  # seconds; at most half of tokens.publish_ahead (docs/http.md)
     max_token_bytes: int
     nbf_leeway: float
+    signing_algorithm: str  # tokens.algorithm: what the agent tokens are signed with
 
 
 class HttpDoor:
@@ -117,7 +118,9 @@ class HttpDoor:
         self._agents = agents
         self._jwks = jwks
         self._clock = clock
-        self._metadata = json.dumps(metadata(settings.issuer, settings.base_url))
+        self._metadata = json.dumps(
+            metadata(settings.issuer, settings.base_url, settings.signing_algorithm)
+        )
         self._assertion_audiences = (settings.issuer, self.url("token_endpoint"))
 
     def url(self, name: str) -> str:
@@ -319,13 +322,19 @@ class HttpDoor:
         return None if claims.serial in self._revocations else claims
 
 
-def metadata(issuer: str, base_url: str) -> dict[str, Any]:
-    """The RFC 8414 authorization server metadata (also served as openid-configuration)."""
+def metadata(issuer: str, base_url: str, signing_algorithm: str) -> dict[str, Any]:
+    """The RFC 8414 authorization server metadata (also served as openid-configuration).
+
+    `id_token_signing_alg_values_supported` though no ID token is issued: OpenID Connect
+    Discovery requires it, and verifiers built on it (go-oidc) take the algorithms they accept
+    for this issuer's JWTs from it, RS256 alone when it is missing, which refuses our agent
+    tokens. It names the algorithm they are signed with (docs/integrations.md)."""
     return {
         "issuer": issuer,
         **{name: base_url + path for name, path in PATHS.items()},
         "grant_types_supported": [TOKEN_EXCHANGE],
         "response_types_supported": [],  # no authorization endpoint
+        "id_token_signing_alg_values_supported": [signing_algorithm],
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": list(CLIENT_ASSERTION_ALGORITHMS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "bearer"],
