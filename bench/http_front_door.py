@@ -247,13 +247,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for concurrency, seconds, kinds in plan:
                     for round_no in range(args.rounds):
                         log(f"round {round_no + 1}/{args.rounds}, {concurrency} in flight")
-                        shift = round_no % len(kinds)
-                        for name in kinds[shift:] + kinds[:shift]:
+                        for name in _order(kinds, round_no):
                             result = measure(name, concurrency, seconds)
                             raw[str(concurrency)].setdefault(name, []).append(result)
         for side in servers:
             harness.check_server_log(directory / side / "server.log", f"agentid ({side})")
     return _report(args, machine, code, starlette_venv, raw)
+
+
+def _order(kinds: list[str], round_no: int) -> list[str]:
+    """The kinds rotated by the round, and on/off of the Check pair swapped every other round:
+    rotation alone would measure `on` first in most rounds, and whichever of the two goes first
+    follows the HTTP load's aftermath."""
+    shift = round_no % len(kinds)
+    order = kinds[shift:] + kinds[:shift]
+    if round_no % 2 and "check_on" in order:
+        i, j = order.index("check_on"), order.index("check_off")
+        order[i], order[j] = order[j], order[i]
+    return order
 
 
 def _report(
