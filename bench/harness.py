@@ -647,3 +647,133 @@ def finish(
     print_summary(report)
     print(f"(written to {out})")
     return 0
+
+
+# -- wrk (HTTP load) -------------------------------------------------------------------------------
+
+WRK_DEBIAN_PACKAGE = "wrk"
+
+# wrk's done() hook writes its summary as one JSON line (latencies in microseconds, from its HDR
+# histogram), so nothing has to parse wrk's human-readable text.
+_WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d,'
+    .. ' "status": %d, "timeout": %d, "p50_us": %.1f, "p90_us": %.1f, "p99_us": %.1f}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"""
+
+
+def ensure_wrk() -> Path:
+    """The wrk binary: on PATH, or installed now from Debian's package (as root, the way this
+    project's machines run), like ensure_ghz installs ghz."""
+    found = shutil.which("wrk")
+    if found:
+        return Path(found)
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise RuntimeError("wrk is missing: install Debian's `wrk` package (apt-get install wrk)")
+    log(f"installing wrk: apt-get install {WRK_DEBIAN_PACKAGE}")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", WRK_DEBIAN_PACKAGE],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+    found = shutil.which("wrk")
+    if not found:
+        raise RuntimeError("apt-get installed wrk but it is not on PATH")
+    return Path(found)
+
+
+def wrk_version(binary: Path) -> str:
+    """wrk prints its version in the first line of its usage text (and exits 1)."""
+    with contextlib.suppress(OSError):
+        shown = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+        words = (shown.stdout or shown.stderr).split()
+        if len(words) >= 2:
+            return words[1]
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class HttpRequestSpec:
+    """One kind of request wrk sends on every call; the headers may hold a credential, so they
+    go to a 0600 Lua script in the run's temporary directory, never onto wrk's command line."""
+
+    path: str
+    method: str = "GET"
+    body: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def script(self) -> str:
+        lines = [f"wrk.method = {_lua_string(self.method)}"]
+        if self.body:
+            lines.append(f"wrk.body = {_lua_string(self.body)}")
+        lines += [f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in self.headers]
+        return "\n".join(lines) + "\n" + _WRK_DONE
+
+
+def _lua_string(value: str) -> str:
+    """A JSON string of printable ASCII is also a valid Lua string literal (JSON's \\uXXXX
+    escapes, for anything else, are not)."""
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError("wrk script values must be printable ASCII")
+    return json.dumps(value)
+
+
+@dataclass
+class Wrk:
+    """wrk against one HTTP server on the loopback: ``threads`` event-loop threads (1 leaves the
+    server a core of this 2-core machine, as ghz's --cpus 1 does) and ``concurrency`` keep-alive
+    HTTP/1.1 connections, each with one request in flight."""
+
+    binary: Path
+    directory: Path
+    threads: int = 1
+
+    def run(
+        self,
+        name: str,
+        port: int,
+        request: HttpRequestSpec,
+        *,
+        concurrency: int,
+        seconds: int,
+        server: ServerProcess | None = None,
+    ) -> LoadResult:
+        script = self.directory / f"wrk-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.lua"
+        write_private(script, request.script())
+        argv = [
+            str(self.binary), "--threads", str(min(self.threads, concurrency)),
+            "--connections", str(concurrency), "--duration", f"{seconds}s",
+            "--script", str(script), f"http://127.0.0.1:{port}{request.path}",
+        ]  # fmt: skip
+        cpu_before = server.cpu_seconds() if server else 0.0
+        finished = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        cpu_after = server.cpu_seconds() if server else 0.0
+        line = next((x for x in finished.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+        if finished.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed ({finished.returncode}): {finished.stderr[-2000:]}")
+        report = json.loads(line.removeprefix("WRK_JSON "))
+        # Non-2xx/3xx answers are counted in `status` and are failures here, like ghz's non-OK.
+        errors = sum(int(report[k]) for k in ("connect", "read", "write", "status", "timeout"))
+        calls = int(report["requests"]) - int(report["status"])
+        if errors:
+            log(f"{name}: {errors} failed calls: {report}")
+        seconds_run = report["duration_us"] / 1e6
+        return LoadResult(
+            name=name,
+            concurrency=concurrency,
+            calls=calls,
+            errors=errors,
+            seconds=round(seconds_run, 3),
+            rps=round(calls / seconds_run, 1),
+            p50_ms=round(report["p50_us"] / 1e3, 3),
+            p90_ms=round(report["p90_us"] / 1e3, 3),
+            p99_ms=round(report["p99_us"] / 1e3, 3),
+            server_cpu_s=round(cpu_after - cpu_before, 3),
+        )
