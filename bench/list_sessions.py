@@ -90,12 +90,12 @@ def questions(now: int) -> list[tuple[str, Callable[[random.Random], SessionQuer
     def deep(rng: random.Random) -> Cursor:  # a page somewhere in the history
         return Cursor(now - rng.randrange(HISTORY), 1 << 40)
 
-    def live(**where: str) -> Callable[[random.Random], SessionQuery]:
-        return lambda rng: SessionQuery(**where, now=now, limit=PAGE + 1)
+    def live(user_id: str = "", agent_id: str = "") -> Callable[[random.Random], SessionQuery]:
+        return lambda rng: SessionQuery(user_id, agent_id, now=now, limit=PAGE + 1)
 
-    def ended(**where: str) -> Callable[[random.Random], SessionQuery]:
+    def ended(user_id: str = "", agent_id: str = "") -> Callable[[random.Random], SessionQuery]:
         return lambda rng: SessionQuery(
-            **where, include_ended=True, after=deep(rng), now=now, limit=PAGE + 1
+            user_id, agent_id, include_ended=True, after=deep(rng), now=now, limit=PAGE + 1
         )
 
     def user_live(rng: random.Random) -> SessionQuery:
