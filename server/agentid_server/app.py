@@ -38,6 +38,7 @@ from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.risk import RiskRules
 from agentid_server.domain.scopes import ScopeSet
+from agentid_server.domain.sessions import PageTokens, SessionLister
 from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps, step_up_keys
 from agentid_server.domain.streams import StreamGate, StreamLimits
 from agentid_server.storage.audit import AuditRepository, record_from_row
@@ -56,6 +57,7 @@ from agentid_server.storage.repositories import (
     RevocationRepository,
     SessionRepository,
 )
+from agentid_server.storage.session_listing import SessionListing
 from agentid_server.storage.stepups import StepUpRepository
 from agentid_server.telemetry import Telemetry
 from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
@@ -70,6 +72,7 @@ from agentid_server.tokens.idp import IdpVerifier, JwksCache
 from agentid_server.tokens.keys import (
     KeyRing,
     SigningKey,
+    derive_key,
     generate_signing_key,
     load_kek,
     seal,
@@ -80,6 +83,7 @@ from agentid_server.web.listener import HttpListener, start_http
 
 log = logging.getLogger(__name__)
 JWKS_MAX_AGE = 3600  # seconds a discovery document or the JWKS may be cached, at most
+PAGE_TOKEN_KEY_LABEL = b"agentid list-sessions page token key v1"  # HKDF info, from the KEK
 CLOCK_WATCH_INTERVAL = 1.0  # how soon revocations a clock gone back makes live are put back
 
 
@@ -464,6 +468,11 @@ async def build_server(
             bell=audit_bell,
             poll_interval=settings.revocation.poll_interval,
             checkpoint=journal.checkpoint_now,
+        ),
+        sessions=SessionLister(
+            store=SessionListing(engine),
+            tokens=PageTokens(derive_key(kek, PAGE_TOKEN_KEY_LABEL)),
+            clock=clock,
         ),
         jwks=ring.jwks,
         max_consistency_wait=settings.server.max_consistency_wait,

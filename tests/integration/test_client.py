@@ -15,6 +15,7 @@ from agentid_client import (
     Decision,
     Reason,
     RevocationWatcher,
+    SessionState,
     WatcherNotReady,
     WatcherStopped,
 )
@@ -54,6 +55,20 @@ async def test_delegate_check_revoke(harness: Harness) -> None:
     async with AgentIdClient(target(harness), session.token) as agent:
         done = await agent.revoke(session_id=session.session_id, reason="task_complete")
     assert list(done.session_ids) == [session.session_id]
+
+
+async def test_list_sessions_follows_the_pages(harness: Harness) -> None:
+    async with AgentIdClient(target(harness), harness.idp.token()) as user:
+        made = [await user.delegate("support-bot", ["tickets.read"]) for _ in range(5)]
+        listed = [s async for s in user.list_sessions(page_size=2)]
+        assert [s.session_id for s in listed] == [m.session_id for m in reversed(made)]
+        assert {s.state for s in listed} == {SessionState.Value("SESSION_STATE_ACTIVE")}
+        with pytest.raises(AgentIdError) as caught:
+            [s async for s in user.list_sessions(user_id="bob")]
+        assert caught.value.reason == "NOT_YOUR_SESSIONS"
+    async with AgentIdClient(target(harness), ADMIN_KEY) as admin:
+        everyone = [s async for s in admin.list_sessions(agent_id="support-bot", page_size=3)]
+    assert len(everyone) == 5
 
 
 def on_port(port: int) -> Mutator:

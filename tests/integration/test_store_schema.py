@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentid_server.domain.sessions import Cursor, SessionQuery
 from agentid_server.storage import tables
 from agentid_server.storage.database import create_engines, migrate
 from agentid_server.storage.repositories import _REVOKE
+from agentid_server.storage.session_listing import listing_statement
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
@@ -59,3 +61,49 @@ def test_a_revoke_of_a_user_reads_each_slice_by_serial_without_sorting(database:
     found = plan(database, _REVOKE["of_user"], params)
     assert "ix_sessions_user_serial" in found
     assert "TEMP B-TREE" not in found
+
+
+NOW = 1_800_000_000
+AFTER = Cursor(NOW - 60, 1234)
+LISTINGS = [
+    # (the query, the index it must read by, whether it may sort: only the live sessions)
+    (SessionQuery(user_id="alice", now=NOW, after=AFTER), "ix_sessions_user ", True),
+    (SessionQuery(user_id="alice", include_ended=True), "ix_sessions_user_created", False),
+    (
+        SessionQuery(user_id="alice", include_ended=True, after=AFTER),
+        "ix_sessions_user_created (user_id=? AND created_at<?)",
+        False,
+    ),
+    (SessionQuery(user_id="alice", agent_id="bot", now=NOW), "ix_sessions_user ", True),
+    (
+        SessionQuery(user_id="alice", agent_id="bot", include_ended=True, after=AFTER),
+        "ix_sessions_user_created (user_id=? AND created_at<?)",
+        False,
+    ),
+    (SessionQuery(agent_id="bot", now=NOW, after=AFTER), "ix_sessions_agent_expires", True),
+    (
+        SessionQuery(agent_id="bot", include_ended=True, after=AFTER),
+        "ix_sessions_agent_created (agent_id=? AND created_at<?)",
+        False,
+    ),
+    (SessionQuery(now=NOW, after=AFTER), "ix_sessions_expires (expires_at>?)", True),
+    (
+        SessionQuery(include_ended=True, after=AFTER),
+        "ix_sessions_created (created_at<?)",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("query", "index", "sorts"), LISTINGS)
+def test_list_sessions_reads_by_its_index(
+    database: Path, query: SessionQuery, index: str, sorts: bool
+) -> None:
+    """Every session ended or not: a range read backwards from the cursor along (…, created_at,
+    serial), no sort, so a page costs a page however long the history. Live sessions only: the
+    range of sessions not expired yet of that user or agent, sorted; never a walk through ended
+    sessions (none is ever pruned) in created_at order."""
+    found = plan(database, listing_statement(query), {})
+    assert index in found
+    assert ("TEMP B-TREE" in found) == sorts
+    assert "SCAN sessions" not in found

@@ -13,6 +13,8 @@ def test_public_names() -> None:
         "Reason",
         "RevocationWatcher",
         "RevokeResponse",
+        "Session",
+        "SessionState",
         "WatcherNotReady",
         "WatcherStopped",
         "channel_options",

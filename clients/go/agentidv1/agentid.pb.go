@@ -397,6 +397,59 @@ func (AuditProblem) EnumDescriptor() ([]byte, []int) {
 	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{5}
 }
 
+// Where a session stands now. A revoked session is REVOKED even after its expiry.
+type SessionState int32
+
+const (
+	SessionState_SESSION_STATE_UNSPECIFIED SessionState = 0
+	SessionState_SESSION_STATE_ACTIVE      SessionState = 1
+	SessionState_SESSION_STATE_EXPIRED     SessionState = 2
+	SessionState_SESSION_STATE_REVOKED     SessionState = 3
+)
+
+// Enum value maps for SessionState.
+var (
+	SessionState_name = map[int32]string{
+		0: "SESSION_STATE_UNSPECIFIED",
+		1: "SESSION_STATE_ACTIVE",
+		2: "SESSION_STATE_EXPIRED",
+		3: "SESSION_STATE_REVOKED",
+	}
+	SessionState_value = map[string]int32{
+		"SESSION_STATE_UNSPECIFIED": 0,
+		"SESSION_STATE_ACTIVE":      1,
+		"SESSION_STATE_EXPIRED":     2,
+		"SESSION_STATE_REVOKED":     3,
+	}
+)
+
+func (x SessionState) Enum() *SessionState {
+	p := new(SessionState)
+	*p = x
+	return p
+}
+
+func (x SessionState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SessionState) Descriptor() protoreflect.EnumDescriptor {
+	return file_agentid_v1_agentid_proto_enumTypes[6].Descriptor()
+}
+
+func (SessionState) Type() protoreflect.EnumType {
+	return &file_agentid_v1_agentid_proto_enumTypes[6]
+}
+
+func (x SessionState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SessionState.Descriptor instead.
+func (SessionState) EnumDescriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{6}
+}
+
 // Bearer: a user's IdP token, or an agent token holding `agentid.delegate` for a sub-agent.
 type DelegateRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2357,6 +2410,301 @@ func (x *GetJwksResponse) GetJwksJson() string {
 	return ""
 }
 
+// An agent session as stored: what its token says, and whether it has ended.
+type Session struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "ses_" + ULID; the token's `jti`.
+	SessionId string `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	AgentId   string `protobuf:"bytes,2,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	// The delegating user (`sub`).
+	UserId string `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// The parent session, for a sub-agent.
+	ParentSessionId string `protobuf:"bytes,4,opt,name=parent_session_id,json=parentSessionId,proto3" json:"parent_session_id,omitempty"`
+	// Granted scopes, in the order granted.
+	Scopes []string `protobuf:"bytes,5,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// The token's `aud`; empty = any.
+	Audiences  []string               `protobuf:"bytes,6,rep,name=audiences,proto3" json:"audiences,omitempty"`
+	Task       string                 `protobuf:"bytes,7,opt,name=task,proto3" json:"task,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// Set when revoked.
+	RevokeTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=revoke_time,json=revokeTime,proto3" json:"revoke_time,omitempty"`
+	// The reason given to Revoke, when revoked.
+	RevokeReason string `protobuf:"bytes,11,opt,name=revoke_reason,json=revokeReason,proto3" json:"revoke_reason,omitempty"`
+	// The session serial `sn`.
+	Serial uint64 `protobuf:"varint,12,opt,name=serial,proto3" json:"serial,omitempty"`
+	// The thumbprint the token is bound to (`cnf.jkt`), if any.
+	Jkt           string       `protobuf:"bytes,13,opt,name=jkt,proto3" json:"jkt,omitempty"`
+	State         SessionState `protobuf:"varint,14,opt,name=state,proto3,enum=agentid.v1.SessionState" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Session) Reset() {
+	*x = Session{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Session) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Session) ProtoMessage() {}
+
+func (x *Session) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Session.ProtoReflect.Descriptor instead.
+func (*Session) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *Session) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *Session) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
+func (x *Session) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *Session) GetParentSessionId() string {
+	if x != nil {
+		return x.ParentSessionId
+	}
+	return ""
+}
+
+func (x *Session) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+func (x *Session) GetAudiences() []string {
+	if x != nil {
+		return x.Audiences
+	}
+	return nil
+}
+
+func (x *Session) GetTask() string {
+	if x != nil {
+		return x.Task
+	}
+	return ""
+}
+
+func (x *Session) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Session) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *Session) GetRevokeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokeTime
+	}
+	return nil
+}
+
+func (x *Session) GetRevokeReason() string {
+	if x != nil {
+		return x.RevokeReason
+	}
+	return ""
+}
+
+func (x *Session) GetSerial() uint64 {
+	if x != nil {
+		return x.Serial
+	}
+	return 0
+}
+
+func (x *Session) GetJkt() string {
+	if x != nil {
+		return x.Jkt
+	}
+	return ""
+}
+
+func (x *Session) GetState() SessionState {
+	if x != nil {
+		return x.State
+	}
+	return SessionState_SESSION_STATE_UNSPECIFIED
+}
+
+// Bearer: a user's IdP token, an agent token, or a service API key with role audit or admin.
+type ListSessionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Whose sessions: empty = the calling user's own (a user may name only themselves); for a
+	// service, empty = every user's.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Only the sessions of this agent kind.
+	AgentId string `protobuf:"bytes,2,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	// Also the expired and revoked sessions (state EXPIRED or REVOKED).
+	IncludeEnded bool `protobuf:"varint,3,opt,name=include_ended,json=includeEnded,proto3" json:"include_ended,omitempty"`
+	// 0 = 100; more than 1000 is taken as 1000; negative is INVALID_ARGUMENT.
+	PageSize int32 `protobuf:"varint,4,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The previous answer's next_page_token, for the same query by the same caller.
+	PageToken     string `protobuf:"bytes,5,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSessionsRequest) Reset() {
+	*x = ListSessionsRequest{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSessionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSessionsRequest) ProtoMessage() {}
+
+func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
+func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ListSessionsRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *ListSessionsRequest) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
+func (x *ListSessionsRequest) GetIncludeEnded() bool {
+	if x != nil {
+		return x.IncludeEnded
+	}
+	return false
+}
+
+func (x *ListSessionsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListSessionsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+type ListSessionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Newest first (by create_time, then serial).
+	Sessions []*Session `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	// Empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSessionsResponse) Reset() {
+	*x = ListSessionsResponse{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSessionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSessionsResponse) ProtoMessage() {}
+
+func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
+func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ListSessionsResponse) GetSessions() []*Session {
+	if x != nil {
+		return x.Sessions
+	}
+	return nil
+}
+
+func (x *ListSessionsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
 var File_agentid_v1_agentid_proto protoreflect.FileDescriptor
 
 const file_agentid_v1_agentid_proto_rawDesc = "" +
@@ -2538,7 +2886,37 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x06detail\x18\a \x01(\tR\x06detail\"\x10\n" +
 	"\x0eGetJwksRequest\".\n" +
 	"\x0fGetJwksResponse\x12\x1b\n" +
-	"\tjwks_json\x18\x01 \x01(\tR\bjwksJson*j\n" +
+	"\tjwks_json\x18\x01 \x01(\tR\bjwksJson\"\x88\x04\n" +
+	"\aSession\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x19\n" +
+	"\bagent_id\x18\x02 \x01(\tR\aagentId\x12\x17\n" +
+	"\auser_id\x18\x03 \x01(\tR\x06userId\x12*\n" +
+	"\x11parent_session_id\x18\x04 \x01(\tR\x0fparentSessionId\x12\x16\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes\x12\x1c\n" +
+	"\taudiences\x18\x06 \x03(\tR\taudiences\x12\x12\n" +
+	"\x04task\x18\a \x01(\tR\x04task\x12;\n" +
+	"\vcreate_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vexpire_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12;\n" +
+	"\vrevoke_time\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"revokeTime\x12#\n" +
+	"\rrevoke_reason\x18\v \x01(\tR\frevokeReason\x12\x16\n" +
+	"\x06serial\x18\f \x01(\x04R\x06serial\x12\x10\n" +
+	"\x03jkt\x18\r \x01(\tR\x03jkt\x12.\n" +
+	"\x05state\x18\x0e \x01(\x0e2\x18.agentid.v1.SessionStateR\x05state\"\xaa\x01\n" +
+	"\x13ListSessionsRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x19\n" +
+	"\bagent_id\x18\x02 \x01(\tR\aagentId\x12#\n" +
+	"\rinclude_ended\x18\x03 \x01(\bR\fincludeEnded\x12\x1b\n" +
+	"\tpage_size\x18\x04 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x05 \x01(\tR\tpageToken\"o\n" +
+	"\x14ListSessionsResponse\x12/\n" +
+	"\bsessions\x18\x01 \x03(\v2\x13.agentid.v1.SessionR\bsessions\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*j\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +
@@ -2584,7 +2962,12 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x19AUDIT_PROBLEM_BROKEN_LINK\x10\x01\x12+\n" +
 	"'AUDIT_PROBLEM_CHECKPOINT_RECORD_MISSING\x10\x02\x12%\n" +
 	"!AUDIT_PROBLEM_CHECKPOINT_MISMATCH\x10\x03\x12#\n" +
-	"\x1fAUDIT_PROBLEM_CHECKPOINT_FORGED\x10\x042\xfd\x05\n" +
+	"\x1fAUDIT_PROBLEM_CHECKPOINT_FORGED\x10\x04*}\n" +
+	"\fSessionState\x12\x1d\n" +
+	"\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14SESSION_STATE_ACTIVE\x10\x01\x12\x19\n" +
+	"\x15SESSION_STATE_EXPIRED\x10\x02\x12\x19\n" +
+	"\x15SESSION_STATE_REVOKED\x10\x032\xd0\x06\n" +
 	"\x14AgentIdentityService\x12E\n" +
 	"\bDelegate\x12\x1b.agentid.v1.DelegateRequest\x1a\x1c.agentid.v1.DelegateResponse\x12<\n" +
 	"\x05Check\x12\x18.agentid.v1.CheckRequest\x1a\x19.agentid.v1.CheckResponse\x12?\n" +
@@ -2595,7 +2978,8 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x10WatchRevocations\x12#.agentid.v1.WatchRevocationsRequest\x1a$.agentid.v1.WatchRevocationsResponse0\x01\x12>\n" +
 	"\x05Audit\x12\x18.agentid.v1.AuditRequest\x1a\x19.agentid.v1.AuditResponse0\x01\x12N\n" +
 	"\vVerifyAudit\x12\x1e.agentid.v1.VerifyAuditRequest\x1a\x1f.agentid.v1.VerifyAuditResponse\x12B\n" +
-	"\aGetJwks\x12\x1a.agentid.v1.GetJwksRequest\x1a\x1b.agentid.v1.GetJwksResponseb\x06proto3"
+	"\aGetJwks\x12\x1a.agentid.v1.GetJwksRequest\x1a\x1b.agentid.v1.GetJwksResponse\x12Q\n" +
+	"\fListSessions\x12\x1f.agentid.v1.ListSessionsRequest\x1a .agentid.v1.ListSessionsResponseb\x06proto3"
 
 var (
 	file_agentid_v1_agentid_proto_rawDescOnce sync.Once
@@ -2609,8 +2993,8 @@ func file_agentid_v1_agentid_proto_rawDescGZIP() []byte {
 	return file_agentid_v1_agentid_proto_rawDescData
 }
 
-var file_agentid_v1_agentid_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_agentid_v1_agentid_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_agentid_v1_agentid_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_agentid_v1_agentid_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_agentid_v1_agentid_proto_goTypes = []any{
 	(Decision)(0),                    // 0: agentid.v1.Decision
 	(Reason)(0),                      // 1: agentid.v1.Reason
@@ -2618,90 +3002,101 @@ var file_agentid_v1_agentid_proto_goTypes = []any{
 	(EventType)(0),                   // 3: agentid.v1.EventType
 	(ActorKind)(0),                   // 4: agentid.v1.ActorKind
 	(AuditProblem)(0),                // 5: agentid.v1.AuditProblem
-	(*DelegateRequest)(nil),          // 6: agentid.v1.DelegateRequest
-	(*DelegateResponse)(nil),         // 7: agentid.v1.DelegateResponse
-	(*CheckRequest)(nil),             // 8: agentid.v1.CheckRequest
-	(*CheckResponse)(nil),            // 9: agentid.v1.CheckResponse
-	(*StepUp)(nil),                   // 10: agentid.v1.StepUp
-	(*StepUpRequest)(nil),            // 11: agentid.v1.StepUpRequest
-	(*StepUpResponse)(nil),           // 12: agentid.v1.StepUpResponse
-	(*ResolveStepUpRequest)(nil),     // 13: agentid.v1.ResolveStepUpRequest
-	(*ResolveStepUpResponse)(nil),    // 14: agentid.v1.ResolveStepUpResponse
-	(*WatchStepUpsRequest)(nil),      // 15: agentid.v1.WatchStepUpsRequest
-	(*WatchStepUpsResponse)(nil),     // 16: agentid.v1.WatchStepUpsResponse
-	(*RevokeRequest)(nil),            // 17: agentid.v1.RevokeRequest
-	(*RevokeResponse)(nil),           // 18: agentid.v1.RevokeResponse
-	(*WatchRevocationsRequest)(nil),  // 19: agentid.v1.WatchRevocationsRequest
-	(*RevocationSnapshot)(nil),       // 20: agentid.v1.RevocationSnapshot
-	(*RevocationEvent)(nil),          // 21: agentid.v1.RevocationEvent
-	(*WatchRevocationsResponse)(nil), // 22: agentid.v1.WatchRevocationsResponse
-	(*AuditRecord)(nil),              // 23: agentid.v1.AuditRecord
-	(*AuditRequest)(nil),             // 24: agentid.v1.AuditRequest
-	(*AuditResponse)(nil),            // 25: agentid.v1.AuditResponse
-	(*VerifyAuditRequest)(nil),       // 26: agentid.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),      // 27: agentid.v1.VerifyAuditResponse
-	(*GetJwksRequest)(nil),           // 28: agentid.v1.GetJwksRequest
-	(*GetJwksResponse)(nil),          // 29: agentid.v1.GetJwksResponse
-	(*durationpb.Duration)(nil),      // 30: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 31: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),          // 32: google.protobuf.Struct
+	(SessionState)(0),                // 6: agentid.v1.SessionState
+	(*DelegateRequest)(nil),          // 7: agentid.v1.DelegateRequest
+	(*DelegateResponse)(nil),         // 8: agentid.v1.DelegateResponse
+	(*CheckRequest)(nil),             // 9: agentid.v1.CheckRequest
+	(*CheckResponse)(nil),            // 10: agentid.v1.CheckResponse
+	(*StepUp)(nil),                   // 11: agentid.v1.StepUp
+	(*StepUpRequest)(nil),            // 12: agentid.v1.StepUpRequest
+	(*StepUpResponse)(nil),           // 13: agentid.v1.StepUpResponse
+	(*ResolveStepUpRequest)(nil),     // 14: agentid.v1.ResolveStepUpRequest
+	(*ResolveStepUpResponse)(nil),    // 15: agentid.v1.ResolveStepUpResponse
+	(*WatchStepUpsRequest)(nil),      // 16: agentid.v1.WatchStepUpsRequest
+	(*WatchStepUpsResponse)(nil),     // 17: agentid.v1.WatchStepUpsResponse
+	(*RevokeRequest)(nil),            // 18: agentid.v1.RevokeRequest
+	(*RevokeResponse)(nil),           // 19: agentid.v1.RevokeResponse
+	(*WatchRevocationsRequest)(nil),  // 20: agentid.v1.WatchRevocationsRequest
+	(*RevocationSnapshot)(nil),       // 21: agentid.v1.RevocationSnapshot
+	(*RevocationEvent)(nil),          // 22: agentid.v1.RevocationEvent
+	(*WatchRevocationsResponse)(nil), // 23: agentid.v1.WatchRevocationsResponse
+	(*AuditRecord)(nil),              // 24: agentid.v1.AuditRecord
+	(*AuditRequest)(nil),             // 25: agentid.v1.AuditRequest
+	(*AuditResponse)(nil),            // 26: agentid.v1.AuditResponse
+	(*VerifyAuditRequest)(nil),       // 27: agentid.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),      // 28: agentid.v1.VerifyAuditResponse
+	(*GetJwksRequest)(nil),           // 29: agentid.v1.GetJwksRequest
+	(*GetJwksResponse)(nil),          // 30: agentid.v1.GetJwksResponse
+	(*Session)(nil),                  // 31: agentid.v1.Session
+	(*ListSessionsRequest)(nil),      // 32: agentid.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),     // 33: agentid.v1.ListSessionsResponse
+	(*durationpb.Duration)(nil),      // 34: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 35: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),          // 36: google.protobuf.Struct
 }
 var file_agentid_v1_agentid_proto_depIdxs = []int32{
-	30, // 0: agentid.v1.DelegateRequest.ttl:type_name -> google.protobuf.Duration
-	31, // 1: agentid.v1.DelegateResponse.expires_at:type_name -> google.protobuf.Timestamp
-	32, // 2: agentid.v1.CheckRequest.context:type_name -> google.protobuf.Struct
+	34, // 0: agentid.v1.DelegateRequest.ttl:type_name -> google.protobuf.Duration
+	35, // 1: agentid.v1.DelegateResponse.expires_at:type_name -> google.protobuf.Timestamp
+	36, // 2: agentid.v1.CheckRequest.context:type_name -> google.protobuf.Struct
 	0,  // 3: agentid.v1.CheckResponse.decision:type_name -> agentid.v1.Decision
 	1,  // 4: agentid.v1.CheckResponse.reason:type_name -> agentid.v1.Reason
-	32, // 5: agentid.v1.StepUp.context:type_name -> google.protobuf.Struct
+	36, // 5: agentid.v1.StepUp.context:type_name -> google.protobuf.Struct
 	2,  // 6: agentid.v1.StepUp.state:type_name -> agentid.v1.StepUpState
-	31, // 7: agentid.v1.StepUp.created_at:type_name -> google.protobuf.Timestamp
-	31, // 8: agentid.v1.StepUp.expires_at:type_name -> google.protobuf.Timestamp
-	31, // 9: agentid.v1.StepUp.resolved_at:type_name -> google.protobuf.Timestamp
-	32, // 10: agentid.v1.StepUpRequest.context:type_name -> google.protobuf.Struct
-	10, // 11: agentid.v1.StepUpResponse.step_up:type_name -> agentid.v1.StepUp
-	10, // 12: agentid.v1.ResolveStepUpResponse.step_up:type_name -> agentid.v1.StepUp
-	10, // 13: agentid.v1.WatchStepUpsResponse.step_up:type_name -> agentid.v1.StepUp
-	31, // 14: agentid.v1.RevocationEvent.revoked_at:type_name -> google.protobuf.Timestamp
-	31, // 15: agentid.v1.RevocationEvent.expires_at:type_name -> google.protobuf.Timestamp
-	20, // 16: agentid.v1.WatchRevocationsResponse.snapshot:type_name -> agentid.v1.RevocationSnapshot
-	21, // 17: agentid.v1.WatchRevocationsResponse.event:type_name -> agentid.v1.RevocationEvent
-	31, // 18: agentid.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	35, // 7: agentid.v1.StepUp.created_at:type_name -> google.protobuf.Timestamp
+	35, // 8: agentid.v1.StepUp.expires_at:type_name -> google.protobuf.Timestamp
+	35, // 9: agentid.v1.StepUp.resolved_at:type_name -> google.protobuf.Timestamp
+	36, // 10: agentid.v1.StepUpRequest.context:type_name -> google.protobuf.Struct
+	11, // 11: agentid.v1.StepUpResponse.step_up:type_name -> agentid.v1.StepUp
+	11, // 12: agentid.v1.ResolveStepUpResponse.step_up:type_name -> agentid.v1.StepUp
+	11, // 13: agentid.v1.WatchStepUpsResponse.step_up:type_name -> agentid.v1.StepUp
+	35, // 14: agentid.v1.RevocationEvent.revoked_at:type_name -> google.protobuf.Timestamp
+	35, // 15: agentid.v1.RevocationEvent.expires_at:type_name -> google.protobuf.Timestamp
+	21, // 16: agentid.v1.WatchRevocationsResponse.snapshot:type_name -> agentid.v1.RevocationSnapshot
+	22, // 17: agentid.v1.WatchRevocationsResponse.event:type_name -> agentid.v1.RevocationEvent
+	35, // 18: agentid.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
 	3,  // 19: agentid.v1.AuditRecord.event_type:type_name -> agentid.v1.EventType
 	4,  // 20: agentid.v1.AuditRecord.actor_kind:type_name -> agentid.v1.ActorKind
 	0,  // 21: agentid.v1.AuditRecord.decision:type_name -> agentid.v1.Decision
 	1,  // 22: agentid.v1.AuditRecord.reason:type_name -> agentid.v1.Reason
-	32, // 23: agentid.v1.AuditRecord.context:type_name -> google.protobuf.Struct
+	36, // 23: agentid.v1.AuditRecord.context:type_name -> google.protobuf.Struct
 	4,  // 24: agentid.v1.AuditRequest.actor_kind:type_name -> agentid.v1.ActorKind
 	3,  // 25: agentid.v1.AuditRequest.event_types:type_name -> agentid.v1.EventType
-	31, // 26: agentid.v1.AuditRequest.since:type_name -> google.protobuf.Timestamp
-	31, // 27: agentid.v1.AuditRequest.until:type_name -> google.protobuf.Timestamp
-	23, // 28: agentid.v1.AuditResponse.record:type_name -> agentid.v1.AuditRecord
+	35, // 26: agentid.v1.AuditRequest.since:type_name -> google.protobuf.Timestamp
+	35, // 27: agentid.v1.AuditRequest.until:type_name -> google.protobuf.Timestamp
+	24, // 28: agentid.v1.AuditResponse.record:type_name -> agentid.v1.AuditRecord
 	5,  // 29: agentid.v1.VerifyAuditResponse.problem:type_name -> agentid.v1.AuditProblem
-	6,  // 30: agentid.v1.AgentIdentityService.Delegate:input_type -> agentid.v1.DelegateRequest
-	8,  // 31: agentid.v1.AgentIdentityService.Check:input_type -> agentid.v1.CheckRequest
-	11, // 32: agentid.v1.AgentIdentityService.StepUp:input_type -> agentid.v1.StepUpRequest
-	13, // 33: agentid.v1.AgentIdentityService.ResolveStepUp:input_type -> agentid.v1.ResolveStepUpRequest
-	15, // 34: agentid.v1.AgentIdentityService.WatchStepUps:input_type -> agentid.v1.WatchStepUpsRequest
-	17, // 35: agentid.v1.AgentIdentityService.Revoke:input_type -> agentid.v1.RevokeRequest
-	19, // 36: agentid.v1.AgentIdentityService.WatchRevocations:input_type -> agentid.v1.WatchRevocationsRequest
-	24, // 37: agentid.v1.AgentIdentityService.Audit:input_type -> agentid.v1.AuditRequest
-	26, // 38: agentid.v1.AgentIdentityService.VerifyAudit:input_type -> agentid.v1.VerifyAuditRequest
-	28, // 39: agentid.v1.AgentIdentityService.GetJwks:input_type -> agentid.v1.GetJwksRequest
-	7,  // 40: agentid.v1.AgentIdentityService.Delegate:output_type -> agentid.v1.DelegateResponse
-	9,  // 41: agentid.v1.AgentIdentityService.Check:output_type -> agentid.v1.CheckResponse
-	12, // 42: agentid.v1.AgentIdentityService.StepUp:output_type -> agentid.v1.StepUpResponse
-	14, // 43: agentid.v1.AgentIdentityService.ResolveStepUp:output_type -> agentid.v1.ResolveStepUpResponse
-	16, // 44: agentid.v1.AgentIdentityService.WatchStepUps:output_type -> agentid.v1.WatchStepUpsResponse
-	18, // 45: agentid.v1.AgentIdentityService.Revoke:output_type -> agentid.v1.RevokeResponse
-	22, // 46: agentid.v1.AgentIdentityService.WatchRevocations:output_type -> agentid.v1.WatchRevocationsResponse
-	25, // 47: agentid.v1.AgentIdentityService.Audit:output_type -> agentid.v1.AuditResponse
-	27, // 48: agentid.v1.AgentIdentityService.VerifyAudit:output_type -> agentid.v1.VerifyAuditResponse
-	29, // 49: agentid.v1.AgentIdentityService.GetJwks:output_type -> agentid.v1.GetJwksResponse
-	40, // [40:50] is the sub-list for method output_type
-	30, // [30:40] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	35, // 30: agentid.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	35, // 31: agentid.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 32: agentid.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
+	6,  // 33: agentid.v1.Session.state:type_name -> agentid.v1.SessionState
+	31, // 34: agentid.v1.ListSessionsResponse.sessions:type_name -> agentid.v1.Session
+	7,  // 35: agentid.v1.AgentIdentityService.Delegate:input_type -> agentid.v1.DelegateRequest
+	9,  // 36: agentid.v1.AgentIdentityService.Check:input_type -> agentid.v1.CheckRequest
+	12, // 37: agentid.v1.AgentIdentityService.StepUp:input_type -> agentid.v1.StepUpRequest
+	14, // 38: agentid.v1.AgentIdentityService.ResolveStepUp:input_type -> agentid.v1.ResolveStepUpRequest
+	16, // 39: agentid.v1.AgentIdentityService.WatchStepUps:input_type -> agentid.v1.WatchStepUpsRequest
+	18, // 40: agentid.v1.AgentIdentityService.Revoke:input_type -> agentid.v1.RevokeRequest
+	20, // 41: agentid.v1.AgentIdentityService.WatchRevocations:input_type -> agentid.v1.WatchRevocationsRequest
+	25, // 42: agentid.v1.AgentIdentityService.Audit:input_type -> agentid.v1.AuditRequest
+	27, // 43: agentid.v1.AgentIdentityService.VerifyAudit:input_type -> agentid.v1.VerifyAuditRequest
+	29, // 44: agentid.v1.AgentIdentityService.GetJwks:input_type -> agentid.v1.GetJwksRequest
+	32, // 45: agentid.v1.AgentIdentityService.ListSessions:input_type -> agentid.v1.ListSessionsRequest
+	8,  // 46: agentid.v1.AgentIdentityService.Delegate:output_type -> agentid.v1.DelegateResponse
+	10, // 47: agentid.v1.AgentIdentityService.Check:output_type -> agentid.v1.CheckResponse
+	13, // 48: agentid.v1.AgentIdentityService.StepUp:output_type -> agentid.v1.StepUpResponse
+	15, // 49: agentid.v1.AgentIdentityService.ResolveStepUp:output_type -> agentid.v1.ResolveStepUpResponse
+	17, // 50: agentid.v1.AgentIdentityService.WatchStepUps:output_type -> agentid.v1.WatchStepUpsResponse
+	19, // 51: agentid.v1.AgentIdentityService.Revoke:output_type -> agentid.v1.RevokeResponse
+	23, // 52: agentid.v1.AgentIdentityService.WatchRevocations:output_type -> agentid.v1.WatchRevocationsResponse
+	26, // 53: agentid.v1.AgentIdentityService.Audit:output_type -> agentid.v1.AuditResponse
+	28, // 54: agentid.v1.AgentIdentityService.VerifyAudit:output_type -> agentid.v1.VerifyAuditResponse
+	30, // 55: agentid.v1.AgentIdentityService.GetJwks:output_type -> agentid.v1.GetJwksResponse
+	33, // 56: agentid.v1.AgentIdentityService.ListSessions:output_type -> agentid.v1.ListSessionsResponse
+	46, // [46:57] is the sub-list for method output_type
+	35, // [35:46] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_agentid_v1_agentid_proto_init() }
@@ -2722,8 +3117,8 @@ func file_agentid_v1_agentid_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agentid_v1_agentid_proto_rawDesc), len(file_agentid_v1_agentid_proto_rawDesc)),
-			NumEnums:      6,
-			NumMessages:   24,
+			NumEnums:      7,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,7 @@ const (
 	AgentIdentityService_Audit_FullMethodName            = "/agentid.v1.AgentIdentityService/Audit"
 	AgentIdentityService_VerifyAudit_FullMethodName      = "/agentid.v1.AgentIdentityService/VerifyAudit"
 	AgentIdentityService_GetJwks_FullMethodName          = "/agentid.v1.AgentIdentityService/GetJwks"
+	AgentIdentityService_ListSessions_FullMethodName     = "/agentid.v1.AgentIdentityService/ListSessions"
 )
 
 // AgentIdentityServiceClient is the client API for AgentIdentityService service.
@@ -62,6 +63,9 @@ type AgentIdentityServiceClient interface {
 	VerifyAudit(ctx context.Context, in *VerifyAuditRequest, opts ...grpc.CallOption) (*VerifyAuditResponse, error)
 	// The public keys that verify agent tokens (RFC 7517 JWK Set).
 	GetJwks(ctx context.Context, in *GetJwksRequest, opts ...grpc.CallOption) (*GetJwksResponse, error)
+	// Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
+	// audit or admin) anyone's; live ones only unless include_ended.
+	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
 }
 
 type agentIdentityServiceClient struct {
@@ -199,6 +203,16 @@ func (c *agentIdentityServiceClient) GetJwks(ctx context.Context, in *GetJwksReq
 	return out, nil
 }
 
+func (c *agentIdentityServiceClient) ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListSessionsResponse)
+	err := c.cc.Invoke(ctx, AgentIdentityService_ListSessions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentIdentityServiceServer is the server API for AgentIdentityService service.
 // All implementations must embed UnimplementedAgentIdentityServiceServer
 // for forward compatibility.
@@ -227,6 +241,9 @@ type AgentIdentityServiceServer interface {
 	VerifyAudit(context.Context, *VerifyAuditRequest) (*VerifyAuditResponse, error)
 	// The public keys that verify agent tokens (RFC 7517 JWK Set).
 	GetJwks(context.Context, *GetJwksRequest) (*GetJwksResponse, error)
+	// Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
+	// audit or admin) anyone's; live ones only unless include_ended.
+	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
 	mustEmbedUnimplementedAgentIdentityServiceServer()
 }
 
@@ -266,6 +283,9 @@ func (UnimplementedAgentIdentityServiceServer) VerifyAudit(context.Context, *Ver
 }
 func (UnimplementedAgentIdentityServiceServer) GetJwks(context.Context, *GetJwksRequest) (*GetJwksResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetJwks not implemented")
+}
+func (UnimplementedAgentIdentityServiceServer) ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListSessions not implemented")
 }
 func (UnimplementedAgentIdentityServiceServer) mustEmbedUnimplementedAgentIdentityServiceServer() {}
 func (UnimplementedAgentIdentityServiceServer) testEmbeddedByValue()                              {}
@@ -447,6 +467,24 @@ func _AgentIdentityService_GetJwks_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentIdentityService_ListSessions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListSessionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentIdentityServiceServer).ListSessions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentIdentityService_ListSessions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentIdentityServiceServer).ListSessions(ctx, req.(*ListSessionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AgentIdentityService_ServiceDesc is the grpc.ServiceDesc for AgentIdentityService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -481,6 +519,10 @@ var AgentIdentityService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetJwks",
 			Handler:    _AgentIdentityService_GetJwks_Handler,
+		},
+		{
+			MethodName: "ListSessions",
+			Handler:    _AgentIdentityService_ListSessions_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

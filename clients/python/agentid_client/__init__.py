@@ -6,6 +6,8 @@ from agentid.v1.agentid_pb2 import (
     DelegateResponse,
     Reason,
     RevokeResponse,
+    Session,
+    SessionState,
 )
 
 from agentid_client._client import AgentIdClient, channel_options
@@ -21,6 +23,8 @@ __all__ = [
     "Reason",
     "RevocationWatcher",
     "RevokeResponse",
+    "Session",
+    "SessionState",
     "WatcherNotReady",
     "WatcherStopped",
     "channel_options",

@@ -198,6 +198,28 @@ class AgentIdClient:
         response: pb.RevokeResponse = await self._call("Revoke", request)
         return response
 
+    async def list_sessions(
+        self,
+        *,
+        user_id: str = "",
+        agent_id: str = "",
+        include_ended: bool = False,
+        page_size: int = 0,
+    ) -> AsyncIterator[pb.Session]:
+        """Sessions the caller may see, newest first, page after page (``page_size`` per call,
+        0 = the server's 100): a user's own, an agent's own and its descendants', or, with role
+        audit or admin, anyone's; live ones only unless ``include_ended``."""
+        request = pb.ListSessionsRequest(
+            user_id=user_id, agent_id=agent_id, include_ended=include_ended, page_size=page_size
+        )
+        while True:
+            response: pb.ListSessionsResponse = await self._call("ListSessions", request)
+            for session in response.sessions:
+                yield session
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
     async def step_up(
         self,
         action: str,

@@ -52,6 +52,8 @@ POLICY: dict[str, Rule] = {
     "Audit": Rule(users=True, roles=_roles(Role.AUDIT)),
     "VerifyAudit": Rule(roles=_roles(Role.AUDIT)),
     "GetJwks": Rule(public=True),
+    # Which sessions each caller sees is the domain's rule (domain/sessions.py).
+    "ListSessions": Rule(users=True, agents=True, roles=_roles(Role.AUDIT)),
 }
 
 

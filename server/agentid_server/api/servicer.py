@@ -28,6 +28,7 @@ from agentid_server.domain.model import (
 )
 from agentid_server.domain.revocation import Revocation, Snapshot
 from agentid_server.domain.revoking import Revoker
+from agentid_server.domain.sessions import ListedSession, ListSessionsInput, SessionLister
 from agentid_server.domain.stepup import StepUp, StepUps
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -117,6 +118,28 @@ def revocation_event(revocation: Revocation) -> pb.RevocationEvent:
     )
 
 
+def session_message(listed: ListedSession, now: float) -> pb.Session:
+    session = listed.record
+    message = pb.Session(
+        session_id=session.id,
+        agent_id=session.agent_id,
+        user_id=session.user_id,
+        parent_session_id=session.parent_id,
+        scopes=session.scopes,
+        audiences=session.audiences,
+        task=session.task,
+        create_time=timestamp(session.created_at),
+        expire_time=timestamp(session.expires_at),
+        revoke_reason=listed.revoke_reason,
+        serial=session.serial,
+        jkt=session.jkt,
+        state=pb.SessionState.ValueType(listed.state(now)),
+    )
+    if listed.revoked_at is not None:
+        message.revoke_time.CopyFrom(timestamp(listed.revoked_at))
+    return message
+
+
 @lru_cache(maxsize=4096)
 def watched_event_bytes(revocation: Revocation) -> bytes:
     """A live revocation as every watcher's stream sends it, built and serialized once for all of
@@ -133,6 +156,7 @@ class AgentIdentityServicer:
         revoker: Revoker,
         step_ups: StepUps,
         auditor: Auditor,
+        sessions: SessionLister,
         jwks: Callable[[], str],
         max_consistency_wait: float,
         max_context_bytes: int,
@@ -145,6 +169,7 @@ class AgentIdentityServicer:
         self._revoker = revoker
         self._step_ups = step_ups
         self._auditor = auditor
+        self._sessions = sessions
         self._jwks = jwks
         self._max_wait = max_consistency_wait
         self._max_context_bytes = max_context_bytes
@@ -264,6 +289,24 @@ class AgentIdentityServicer:
         )
         return pb.RevokeResponse(
             session_ids=outcome.session_ids, revocation_sequence=outcome.sequence
+        )
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context, principal: Principal
+    ) -> pb.ListSessionsResponse:
+        page = await self._sessions.list(
+            principal,
+            ListSessionsInput(
+                user_id=request.user_id,
+                agent_id=request.agent_id,
+                include_ended=request.include_ended,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+        )
+        return pb.ListSessionsResponse(
+            sessions=[session_message(listed, page.now) for listed in page.sessions],
+            next_page_token=page.next_page_token,
         )
 
     async def VerifyAudit(

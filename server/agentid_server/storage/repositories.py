@@ -28,6 +28,7 @@ from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
 from agentid_server.storage.lineage import session_lineage, session_subtree
 from agentid_server.storage.notify import notify_revocations, notify_step_ups
+from agentid_server.storage.rows import session_record as _session
 from agentid_server.storage.stepups import expire_for_sessions
 from agentid_server.tokens.keys import SigningKey
 
@@ -263,22 +264,6 @@ def _revocation(row: Any) -> Revocation:
         reason=row.reason,
         revoked_at=row.revoked_at,
         expires_at=row.expires_at,
-    )
-
-
-def _session(row: Any) -> SessionRecord:
-    return SessionRecord(
-        id=row.id,
-        serial=row.serial,
-        user_id=row.user_id,
-        agent_id=row.agent_id,
-        scopes=tuple(row.scopes),
-        audiences=tuple(row.audiences),
-        task=row.task,
-        jkt=row.jkt,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        parent_id=row.parent_id or "",
     )
 
 

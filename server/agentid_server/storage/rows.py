@@ -65,3 +65,20 @@ def session_row(session: SessionRecord) -> dict[str, Any]:
         "created_at": session.created_at,
         "expires_at": session.expires_at,
     }
+
+
+def session_record(row: Any) -> SessionRecord:
+    """A sessions row as the domain's record."""
+    return SessionRecord(
+        id=row.id,
+        serial=row.serial,
+        user_id=row.user_id,
+        agent_id=row.agent_id,
+        scopes=tuple(row.scopes),
+        audiences=tuple(row.audiences),
+        task=row.task,
+        jkt=row.jkt,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        parent_id=row.parent_id or "",
+    )

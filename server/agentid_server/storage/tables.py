@@ -51,6 +51,13 @@ sessions = Table(
     # A user's sessions by serial (migration 0011): a Revoke of the user pages through them in
     # slices by serial, each slice a range read instead of a sort of all their sessions.
     Index("ix_sessions_user_serial", "user_id", "serial"),
+    # ListSessions (migration 0012): newest first, ended sessions too, for a user, an agent or
+    # everyone; and the live ones (not expired yet) of an agent or of everyone.
+    Index("ix_sessions_user_created", "user_id", "created_at", "serial"),
+    Index("ix_sessions_agent_created", "agent_id", "created_at", "serial"),
+    Index("ix_sessions_created", "created_at", "serial"),
+    Index("ix_sessions_agent_expires", "agent_id", "expires_at"),
+    Index("ix_sessions_expires", "expires_at"),
     # Revoked sessions by expiry (migration 0010): the revocation set is built from them.
     Index(
         "ix_sessions_revoked",

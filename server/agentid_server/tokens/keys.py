@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.signing import VerifyKey
 
 from agentid_server.tokens.jwk import PublicKey, public_jwk, thumbprint
@@ -115,6 +116,13 @@ def load_kek(kek_file: str, kek_env: str, environ: dict[str, str] | None = None)
     if len(kek) != KEK_BYTES:
         raise KeyMaterialError(f"the key-encryption key in {where} must be {KEK_BYTES} bytes")
     return kek
+
+
+def derive_key(kek: bytes, label: bytes) -> bytes:
+    """A 32-byte key for one purpose (``label``), derived from the KEK with HKDF-SHA256: stored
+    nowhere, the same on every replica sharing the KEK, and telling nothing of the KEK or of
+    another label's key."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(kek)
 
 
 def new_kek() -> str:

@@ -197,6 +197,26 @@ signed under another key-encryption key).
 """
 Global___AuditProblem: _TypeAlias = AuditProblem  # noqa: Y015
 
+class _SessionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_STATE_UNSPECIFIED: _SessionState.ValueType  # 0
+    SESSION_STATE_ACTIVE: _SessionState.ValueType  # 1
+    SESSION_STATE_EXPIRED: _SessionState.ValueType  # 2
+    SESSION_STATE_REVOKED: _SessionState.ValueType  # 3
+
+class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper):
+    """Where a session stands now. A revoked session is REVOKED even after its expiry."""
+
+SESSION_STATE_UNSPECIFIED: SessionState.ValueType  # 0
+SESSION_STATE_ACTIVE: SessionState.ValueType  # 1
+SESSION_STATE_EXPIRED: SessionState.ValueType  # 2
+SESSION_STATE_REVOKED: SessionState.ValueType  # 3
+Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
 @_typing.final
 class DelegateRequest(_message.Message):
     """Bearer: a user's IdP token, or an agent token holding `agentid.delegate` for a sub-agent."""
@@ -1070,3 +1090,146 @@ class GetJwksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetJwksResponse: _TypeAlias = GetJwksResponse  # noqa: Y015
+
+@_typing.final
+class Session(_message.Message):
+    """An agent session as stored: what its token says, and whether it has ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PARENT_SESSION_ID_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    AUDIENCES_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_REASON_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    JKT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """"ses_" + ULID; the token's `jti`."""
+    agent_id: _builtins.str
+    user_id: _builtins.str
+    """The delegating user (`sub`)."""
+    parent_session_id: _builtins.str
+    """The parent session, for a sub-agent."""
+    task: _builtins.str
+    revoke_reason: _builtins.str
+    """The reason given to Revoke, when revoked."""
+    serial: _builtins.int
+    """The session serial `sn`."""
+    jkt: _builtins.str
+    """The thumbprint the token is bound to (`cnf.jkt`), if any."""
+    state: Global___SessionState.ValueType
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Granted scopes, in the order granted."""
+
+    @_builtins.property
+    def audiences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The token's `aud`; empty = any."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """Set when revoked."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        parent_session_id: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        audiences: _abc.Iterable[_builtins.str] | None = ...,
+        task: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_reason: _builtins.str = ...,
+        serial: _builtins.int = ...,
+        jkt: _builtins.str = ...,
+        state: Global___SessionState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "audiences", b"audiences", "create_time", b"create_time", "expire_time", b"expire_time", "jkt", b"jkt", "parent_session_id", b"parent_session_id", "revoke_reason", b"revoke_reason", "revoke_time", b"revoke_time", "scopes", b"scopes", "serial", b"serial", "session_id", b"session_id", "state", b"state", "task", b"task", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class ListSessionsRequest(_message.Message):
+    """Bearer: a user's IdP token, an agent token, or a service API key with role audit or admin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_ENDED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Whose sessions: empty = the calling user's own (a user may name only themselves); for a
+    service, empty = every user's.
+    """
+    agent_id: _builtins.str
+    """Only the sessions of this agent kind."""
+    include_ended: _builtins.bool
+    """Also the expired and revoked sessions (state EXPIRED or REVOKED)."""
+    page_size: _builtins.int
+    """0 = 100; more than 1000 is taken as 1000; negative is INVALID_ARGUMENT."""
+    page_token: _builtins.str
+    """The previous answer's next_page_token, for the same query by the same caller."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        include_ended: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "include_ended", b"include_ended", "page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+        """Newest first (by create_time, then serial)."""
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___Session] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015

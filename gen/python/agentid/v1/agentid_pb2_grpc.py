@@ -86,6 +86,11 @@ class AgentIdentityServiceStub(object):
                 request_serializer=agentid_dot_v1_dot_agentid__pb2.GetJwksRequest.SerializeToString,
                 response_deserializer=agentid_dot_v1_dot_agentid__pb2.GetJwksResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/agentid.v1.AgentIdentityService/ListSessions',
+                request_serializer=agentid_dot_v1_dot_agentid__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=agentid_dot_v1_dot_agentid__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentIdentityServiceServicer(object):
@@ -164,6 +169,14 @@ class AgentIdentityServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
+        audit or admin) anyone's; live ones only unless include_ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentIdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +229,11 @@ def add_AgentIdentityServiceServicer_to_server(servicer, server):
                     servicer.GetJwks,
                     request_deserializer=agentid_dot_v1_dot_agentid__pb2.GetJwksRequest.FromString,
                     response_serializer=agentid_dot_v1_dot_agentid__pb2.GetJwksResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=agentid_dot_v1_dot_agentid__pb2.ListSessionsRequest.FromString,
+                    response_serializer=agentid_dot_v1_dot_agentid__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +508,33 @@ class AgentIdentityService(object):
             '/agentid.v1.AgentIdentityService/GetJwks',
             agentid_dot_v1_dot_agentid__pb2.GetJwksRequest.SerializeToString,
             agentid_dot_v1_dot_agentid__pb2.GetJwksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentid.v1.AgentIdentityService/ListSessions',
+            agentid_dot_v1_dot_agentid__pb2.ListSessionsRequest.SerializeToString,
+            agentid_dot_v1_dot_agentid__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,10 @@ class AgentIdentityServiceStub:
     """Recomputes the audit hash chain over a range of records."""
     GetJwks: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.GetJwksRequest, _agentid_pb2.GetJwksResponse]
     """The public keys that verify agent tokens (RFC 7517 JWK Set)."""
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.ListSessionsRequest, _agentid_pb2.ListSessionsResponse]
+    """Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
+    audit or admin) anyone's; live ones only unless include_ended.
+    """
 
 @_typing.type_check_only
 class AgentIdentityServiceAsyncStub(AgentIdentityServiceStub):
@@ -89,6 +93,10 @@ class AgentIdentityServiceAsyncStub(AgentIdentityServiceStub):
     """Recomputes the audit hash chain over a range of records."""
     GetJwks: _aio.UnaryUnaryMultiCallable[_agentid_pb2.GetJwksRequest, _agentid_pb2.GetJwksResponse]  # type: ignore[assignment]
     """The public keys that verify agent tokens (RFC 7517 JWK Set)."""
+    ListSessions: _aio.UnaryUnaryMultiCallable[_agentid_pb2.ListSessionsRequest, _agentid_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
+    audit or admin) anyone's; live ones only unless include_ended.
+    """
 
 class AgentIdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every call carries `authorization: Bearer <credential>` metadata: a user's IdP token, an agent
@@ -176,5 +184,15 @@ class AgentIdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agentid_pb2.GetJwksResponse, _abc.Awaitable[_agentid_pb2.GetJwksResponse]]:
         """The public keys that verify agent tokens (RFC 7517 JWK Set)."""
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _agentid_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentid_pb2.ListSessionsResponse, _abc.Awaitable[_agentid_pb2.ListSessionsResponse]]:
+        """Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
+        audit or admin) anyone's; live ones only unless include_ended.
+        """
 
 def add_AgentIdentityServiceServicer_to_server(servicer: AgentIdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
