@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 GEN := gen/python
 DEV_CONFIG := var/dev/agentid.toml
+DEV_IDP_CONFIG := var/dev/idp/config.json
 GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
 
-.PHONY: run test install proto proto-check go-check lint typecheck unit bench clean
+.PHONY: run node-check test install proto proto-check go-check lint typecheck unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +28,15 @@ $(BUF): package.json package-lock.json
 $(DEV_CONFIG): | $(VENV)/.installed
 	$(BIN)/agentid dev init
 
-run: $(VENV)/.installed $(DEV_CONFIG)
-	$(BIN)/agentid serve --config $(DEV_CONFIG)
+node-check:
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+	  echo "make: Node.js (20 or later, with npm) is needed: buf, and the dev IdP of make run" >&2; \
+	  exit 2; }
+
+# agentid (gRPC 127.0.0.1:50051, HTTP 127.0.0.1:8080, console at /console/) and the dev IdP
+# (127.0.0.1:9000); `agentid dev users` prints the dev users' passwords.
+run: node-check $(VENV)/.installed $(DEV_CONFIG) $(BUF)
+	./scripts/run-dev $(DEV_CONFIG) $(DEV_IDP_CONFIG) $(BIN)/agentid
 
 proto: $(VENV)/.installed $(BUF)
 	$(BUF) format -w
@@ -57,7 +65,7 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy bench
 	$(BIN)/lint-imports
 
-unit: $(VENV)/.installed
+unit: $(VENV)/.installed $(BUF)  # $(BUF): npm ci, for the dev IdP (oidc-provider) in tests
 	$(BIN)/pytest
 
 test: lint typecheck proto-check go-check unit

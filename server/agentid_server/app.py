@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agentid_server import __version__
@@ -78,6 +79,7 @@ from agentid_server.tokens.keys import (
     seal,
     unseal,
 )
+from agentid_server.web.console import mount_console
 from agentid_server.web.door import DoorSettings, HttpDoor
 from agentid_server.web.listener import HttpListener, start_http
 
@@ -527,8 +529,10 @@ async def build_server(
             jwks=ring.jwks,
             clock=clock,
         )
+        application = door.application()
         try:
-            http = await _listen_http(door, settings)
+            mount_console(application, settings, idp, clock)
+            http = await _listen_http(application, settings)
         except BaseException:
             await server.stop(0)
             await _abandon(journal, engines, telemetry)
@@ -623,10 +627,10 @@ def _door_settings(settings: Settings) -> DoorSettings:
     )
 
 
-async def _listen_http(door: HttpDoor, settings: Settings) -> HttpListener:
+async def _listen_http(application: web.Application, settings: Settings) -> HttpListener:
     listen = settings.http.listen
     try:
-        return await start_http(door.application(), settings.http, settings.server.shutdown_grace)
+        return await start_http(application, settings.http, settings.server.shutdown_grace)
     except ssl.SSLError as exc:
         raise CannotListen(f"cannot use http.tls_cert / http.tls_key: {exc.reason}") from None
     except OSError as exc:

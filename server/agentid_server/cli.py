@@ -16,10 +16,14 @@ from typing import TextIO
 
 from agentid_server import audit_cli, stepups_cli
 from agentid_server.config import ConfigError, Settings, load_settings, parse_duration
+from agentid_server.devidp import CONSOLE_CLIENT
 from agentid_server.tokens.keys import KeyMaterialError
 
 DEV_DIR = Path("var/dev")
-DEV_ISSUER = "https://idp.dev.agentid.local"  # the dev IdP's (user tokens)
+# The dev IdP's issuer (user tokens): devidp/server.mjs serves it for `make run`, and
+# `agentid dev user-token` signs with the same key under the same issuer.
+DEV_ISSUER = "http://127.0.0.1:9000"
+DEV_IDP_PORT = 9000
 DEV_AGENTID_ISSUER = "http://127.0.0.1:8080"  # agentid's own (agent tokens): the [http] listener
 DEV_AUDIENCE = "agentid"
 DEV_SERVICE = "dev-service"
@@ -57,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     token.add_argument("--dir", type=Path, default=DEV_DIR)
     token.set_defaults(run=_dev_user_token)
+    users = dev_commands.add_parser(
+        "users", help="the dev IdP's users, their passwords and one-time codes"
+    )
+    users.add_argument("--dir", type=Path, default=DEV_DIR)
+    users.set_defaults(run=_dev_users)
     key = dev_commands.add_parser("service-key", help="issue a new dev service API key")
     key.add_argument("--dir", type=Path, default=DEV_DIR)
     key.set_defaults(run=_dev_service_key)
@@ -98,6 +107,7 @@ def configure_logging(log_format: str, stream: TextIO | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request to the IdP
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -174,11 +184,16 @@ min_ttl = "1m"
 max_ttl = "60m"
 kek_file = "{dir}/kek"
 
+# The dev IdP (devidp/server.mjs, started by `make run`): users sign in to the console at
+# http://127.0.0.1:8080/console/ there; `agentid dev users` lists them.
 [[idp]]
 issuer = "{issuer}"
 audience = "{audience}"
 jwks_file = "{dir}/idp-jwks.json"
 scope_claim = "scope"
+client_id = "{client_id}"
+client_secret_file = "{dir}/idp/console-secret"
+login_scopes = ["openid", "agentid"]
 
 [[services]]
 name = "{service}"
@@ -272,12 +287,57 @@ def _dev_init(args: argparse.Namespace) -> int:
             check_service=DEV_CHECK_SERVICE,
             check_digest=check_digest,
             check_key_file=DEV_CHECK_KEY_FILE,
+            client_id=CONSOLE_CLIENT,
         )
     )
+    _dev_init_idp(directory, jwk["kid"])
     print(f"created {directory}/: key-encryption key, dev IdP keys and JWKS, config {config}")
     print(f"dev service {DEV_CHECK_SERVICE!r} (role check): its API key is in {check_file}")
     print(f"dev service {DEV_SERVICE!r} (role admin) API key, shown only now; keep it:")
     print(f"  {key}")
+    _print_dev_users(directory / "idp")
+    return 0
+
+
+def _dev_init_idp(directory: Path, kid: str) -> None:
+    """The dev OpenID Provider's files under ``directory``/idp: it signs with the dev IdP's key
+    (idp-private.pem), so its tokens and `dev user-token`'s verify alike."""
+    from agentid_server.devidp import new_users, write_devidp
+
+    write_devidp(
+        directory / "idp",
+        issuer=DEV_ISSUER,
+        port=DEV_IDP_PORT,
+        audience=DEV_AUDIENCE,
+        pem_file=directory / "idp-private.pem",
+        kid=kid,
+        console_redirect_uris=[DEV_AGENTID_ISSUER + "/console/callback"],
+        users=new_users(),
+    )
+
+
+def _print_dev_users(idp_dir: Path) -> bool:
+    from agentid_server.devidp import read_users
+
+    try:
+        users = read_users(idp_dir)
+    except (OSError, ValueError, KeyError):
+        return False
+    print(f"dev IdP users (dev only; sign in at {DEV_AGENTID_ISSUER}/console/):")
+    for name, user in users.items():
+        print(f"  {name}: password {user['password']}  one-time code {user['code']}")
+        print(f"    scopes: {user['scope']}")
+    return True
+
+
+def _dev_users(args: argparse.Namespace) -> int:
+    if not _print_dev_users(args.dir / "idp"):
+        print(
+            f"agentid: no dev IdP users in {args.dir}/idp: run `agentid dev init` first"
+            " (an older var/dev has none: delete it and run it again)",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

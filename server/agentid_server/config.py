@@ -163,6 +163,14 @@ class IdpSettings:
     # Prepended to the token's `sub` to make the user id: with several IdPs each has its own, so
     # "alice" at one is never "alice" at another (one IdP may go without).
     subject_prefix: str = ""
+    # OIDC sign-in to the console (the HTTP door's /console/): agentid as this IdP's client.
+    # Empty client_id: no sign-in here. The endpoints come from the issuer's discovery document.
+    client_id: str = ""
+    # A confidential client's secret: read from this environment variable, else this file;
+    # never inline in the config. Neither: a public client (PKCE alone).
+    client_secret_env: str = ""
+    client_secret_file: str = ""
+    login_scopes: tuple[str, ...] = ("openid",)  # `scope` of the authorization request
 
 
 @dataclass(frozen=True)
@@ -491,6 +499,10 @@ def _idp(r: _Reader) -> IdpSettings:
             "jwks_min_refresh",
             "jwks_max_age",
             "subject_prefix",
+            "client_id",
+            "client_secret_env",
+            "client_secret_file",
+            "login_scopes",
         }
     )
     jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
@@ -506,6 +518,16 @@ def _idp(r: _Reader) -> IdpSettings:
     max_age = r.get("jwks_max_age", "duration", 600.0)
     if max_age <= 0:
         raise r.fail("jwks_max_age", "must be positive")
+    client_id = r.get("client_id", "str", "")
+    secret_env = r.get("client_secret_env", "str", "")
+    secret_file = r.get("client_secret_file", "str", "")
+    if (secret_env or secret_file) and not client_id:
+        raise r.fail("client_id", "is required with client_secret_env or client_secret_file")
+    if secret_env and secret_file:
+        raise r.fail("client_secret_env", "set at most one of client_secret_env and _file")
+    login_scopes = r.get("login_scopes", "list", ("openid",))
+    if "openid" not in login_scopes:
+        raise r.fail("login_scopes", "must include openid (the sign-in is OpenID Connect)")
     return IdpSettings(
         issuer=r.required("issuer"),
         audience=r.required("audience"),
@@ -517,6 +539,10 @@ def _idp(r: _Reader) -> IdpSettings:
         jwks_min_refresh=min_refresh,
         jwks_max_age=max_age,
         subject_prefix=r.get("subject_prefix", "str", ""),
+        client_id=client_id,
+        client_secret_env=secret_env,
+        client_secret_file=secret_file,
+        login_scopes=tuple(login_scopes),
     )
 
 
@@ -676,6 +702,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     _unique(s, "agents", [x.id for x in s.agents], "id")
     _unique(s, "idp", [x.issuer for x in s.idps], "issuer")
     _subject_prefixes(s)
+    _console_idp(s)
     _unique(s, "risk", [x.name for x in s.risk], "name")
 
 
@@ -694,6 +721,22 @@ def _validate_http(http: HttpSettings, reader: _Reader) -> None:
             raise reader.fail("public_url", "must be an http(s)://host[:port][/path] URL")
         if parts.query or parts.fragment or parts.username or parts.password:
             raise reader.fail("public_url", "must have no query, fragment or user info")
+
+
+def _console_idp(s: Settings) -> None:
+    """The console signs users in at one IdP: at most one [[idp]] has a client_id, and its
+    issuer is an https URL (plain http only on loopback) where discovery can be fetched."""
+    clients = [i for i, x in enumerate(s.idps) if x.client_id]
+    if len(clients) > 1:
+        raise ConfigError(
+            s.source, f"idp[{clients[1]}].client_id", "only one [[idp]] may sign users in"
+        )
+    if clients and not _https_or_loopback(s.idps[clients[0]].issuer):
+        raise ConfigError(
+            s.source,
+            f"idp[{clients[0]}].issuer",
+            "must be https (plain http only on loopback) to sign users in (discovery)",
+        )
 
 
 def _subject_prefixes(s: Settings) -> None:

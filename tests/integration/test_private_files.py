@@ -97,3 +97,20 @@ def test_dev_init_keeps_keys_in_private_folders(
     assert mode(dev / "kek") == 0o600
     assert mode(dev / "idp-private.pem") == 0o600
     assert mode(dev / "check-service-key") == 0o600
+
+
+def test_dev_init_writes_the_dev_idp_privately_and_dev_users_lists_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with umask(0o022):
+        assert agentid_main(["dev", "init"]) == 0
+    idp = tmp_path / "var" / "dev" / "idp"
+    assert mode(idp) == 0o700
+    for name in ("config.json", "users.json", "console-secret"):
+        assert mode(idp / name) == 0o600
+    capsys.readouterr()
+    assert agentid_main(["dev", "users"]) == 0
+    listed = capsys.readouterr().out
+    assert "alice: password " in listed
+    assert "bob: password " in listed

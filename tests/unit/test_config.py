@@ -294,3 +294,36 @@ def test_tokens_typ_is_agent_jwt_unless_set_to_rfc9068s_at_jwt() -> None:
             settings_from_mapping({"tokens": {"typ": wrong}}, "x.toml", {})
         assert caught.value.key == "tokens.typ"
         assert "agent+jwt, at+jwt" in caught.value.problem
+
+
+IDP_LINE = 'jwks_file = "var/dev/idp-jwks.json"'
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "problem"),
+    [
+        ('client_secret_file = "var/dev/secret"', "idp[0].client_id", "is required with"),
+        ('client_id = "c"\nclient_secret_env = "S"\nclient_secret_file = "f"', "idp[0].client_secret_env", "at most one"),
+        ('client_id = "c"\nlogin_scopes = ["profile"]', "idp[0].login_scopes", "must include openid"),
+        ('client_id = "c"\nclient_secret = "inline"', "idp[0].client_secret", "unknown key"),
+    ],
+)  # fmt: skip
+def test_console_sign_in_keys_are_checked(
+    tmp_path: Path, extra: str, key: str, problem: str
+) -> None:
+    path = write(tmp_path, GOOD.replace(IDP_LINE, f"{IDP_LINE}\n{extra}", 1))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+def test_console_sign_in_needs_an_https_or_loopback_issuer(tmp_path: Path) -> None:
+    text = GOOD.replace(IDP_LINE, f'{IDP_LINE}\nclient_id = "agentid-console"', 1)
+    settings = load_settings(write(tmp_path, text), environ={})
+    assert settings.idps[0].client_id == "agentid-console"
+    assert settings.idps[0].login_scopes == ("openid",)
+    plain = text.replace('"https://idp.example.com"', '"http://idp.example.com"')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, plain), environ={})
+    assert caught.value.key == "idp[0].issuer"
