@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 from agentid.v1 import agentid_pb2 as pb
-from agentid_server.config import Settings
+from agentid_server.config import Settings, TelemetrySettings
 from agentid_server.domain.notices import NoticeEvent
 from agentid_server.domain.stepup import StepUp, StepUpState
+from agentid_server.telemetry import Telemetry
 from agentid_server.webhooks import Endpoint, WebhookNotifier
 from aiohttp import web
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tests.conftest import (
     FakeClock,
@@ -419,11 +421,42 @@ async def test_only_the_replica_that_committed_a_change_notifies_of_it(
         states = [(await asyncio.wait_for(on_a.read(), 10)).step_up.state for _ in range(2)]
         assert states == [pb.STEP_UP_STATE_PENDING, pb.STEP_UP_STATE_APPROVED]  # a heard
         await receiver.until(2)
-        for h in (a, b):
-            assert h.running.notifier is not None
-            await until(lambda h=h: h.running.notifier.pending == 0)  # type: ignore[union-attr]
-        assert (a.running.notifier.delivered, b.running.notifier.delivered) == (1, 1)  # type: ignore[union-attr]
+        senders = [h.running.notifier for h in (a, b)]
+        assert None not in senders
+        await until(lambda: all(n is not None and n.pending == 0 for n in senders))
+        # Each sent what it committed; had b also sent a's, its count would be 2.
+        assert [n.delivered for n in senders if n is not None] == [1, 1]
         on_a.cancel()
         on_b.cancel()
     ids = sorted(d.headers["webhook-id"] for d in receiver.received)
     assert ids == [f"{pending.id}_requested", f"{pending.id}_resolved"]
+
+
+async def test_delivered_and_failed_notices_are_metrics(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, receiver: Receiver
+) -> None:
+    receiver.answers = [200, 400]
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(TelemetrySettings(), metric_readers=[reader])
+    mutate = notifying(receiver, tmp_path)
+    async with running_harness(tmp_path, idp, clock, mutate=mutate, telemetry=telemetry) as h:
+        session = await agent(h, scopes=["payments.transfer"])
+        await step_up(h, session.token)
+        await receiver.until(1)
+        await step_up(h, session.token, resource="account/43")
+        notifier = h.running.notifier
+        assert notifier is not None
+        await until(lambda: (notifier.delivered, notifier.failed) == (1, 1))
+        data = reader.get_metrics_data()
+        values = {
+            metric.name: [p.value for p in metric.data.data_points]
+            for resource in (data.resource_metrics if data else ())
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name.startswith("agentid.step_up.notifications.")
+        }
+    assert values == {
+        "agentid.step_up.notifications.delivered": [1],
+        "agentid.step_up.notifications.failed": [1],
+        "agentid.step_up.notifications.dropped": [0],
+    }

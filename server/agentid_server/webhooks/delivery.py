@@ -22,7 +22,7 @@ import contextlib
 import enum
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
@@ -88,16 +88,13 @@ class WebhookNotifier:
         user_agent: str = "agentid",
         queue_size: int = QUEUE_SIZE,
         workers: int = WORKERS,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """``base_url``: the public URL the console links are built on. ``sleep``: how a
-        retry waits (tests pass a quicker one)."""
+        """``base_url``: the public URL the console links are built on."""
         self._lanes = [_Lane(e, asyncio.Queue(maxsize=queue_size)) for e in endpoints]
         self._base_url = base_url
         self._clock = clock
         self._user_agent = user_agent
         self._workers_each = workers
-        self._sleep = sleep
         self._wanted = frozenset(e for lane in self._lanes for e in lane.endpoint.events)
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -202,7 +199,7 @@ class WebhookNotifier:
                 why,
                 delay,
             )
-            await self._sleep(delay)
+            await asyncio.sleep(delay)
 
     async def _attempt(
         self, endpoint: Endpoint, notice: Notice
