@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from agentid_server.domain.model import (
     EventType,
     ServicePrincipal,
 )
+from agentid_server.domain.notices import NoticeEvent
 from agentid_server.domain.ports import Clock, SystemClock
 from agentid_server.domain.pruning import RevocationPruner
 from agentid_server.domain.ratelimit import Rate
@@ -82,6 +84,7 @@ from agentid_server.tokens.keys import (
 from agentid_server.web.console import mount_console
 from agentid_server.web.door import DoorSettings, HttpDoor
 from agentid_server.web.listener import HttpListener, start_http
+from agentid_server.webhooks import Endpoint, WebhookNotifier, load_secret
 
 log = logging.getLogger(__name__)
 JWKS_MAX_AGE = 3600  # seconds a discovery document or the JWKS may be cached, at most
@@ -105,6 +108,7 @@ class Running:
     listener: PeerListener | None = None  # PostgreSQL: what the other replicas committed
     telemetry: Telemetry | None = None
     http: HttpListener | None = None  # the HTTP door (`[http] listen`), when on
+    notifier: WebhookNotifier | None = None  # `[[step_up.notify]]` webhooks, when any
     _draining: asyncio.Event = field(default_factory=asyncio.Event)  # set: end the drain now
 
     async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
@@ -124,6 +128,8 @@ class Running:
         for hub in self.hubs:
             hub.close()
         grace = self.settings.server.shutdown_grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         # HTTP served through the drain as gRPC did; both stop together (HTTP requests in
         # flight get the shutdown grace the listener was started with).
         await asyncio.gather(
@@ -132,12 +138,14 @@ class Running:
         self.housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.housekeeping
+        if self.notifier is not None:  # what the grace leaves, for notices still going out
+            await self.notifier.stop(max(0.0, deadline - loop.time()))
         if self.listener is not None:
             await self.listener.stop()
         await self.journal.stop()
         await self.engines.dispose()
         if self.telemetry is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.telemetry.shutdown)
+            await loop.run_in_executor(None, self.telemetry.shutdown)
 
     @property
     def http_port(self) -> int:
@@ -274,6 +282,7 @@ async def build_server(
     `telemetry.otlp_endpoint` when that is set, else none."""
     clock = clock or SystemClock()
     now = int(clock.now())
+    notifier = _notifier(settings, clock)  # first: a secret it cannot read stops the start
     inline = settings.database.sqlite_writer == "inline"
     engines = create_engines(
         settings.database.url,
@@ -366,8 +375,15 @@ async def build_server(
         for step_up in changed:
             step_up_hub.publish(step_up, step_up_keys(step_up))
 
-    step_up_repo = StepUpRepository(engine, journal, step_ups_changed)
-    revocation_repo = RevocationRepository(engine, journal, step_ups_changed)
+    def step_ups_committed_here(changed: list[StepUp]) -> None:
+        """Only the replica that committed a change notifies of it: one webhook, not one per
+        replica (the others hear of it through ``step_ups_changed_elsewhere``)."""
+        step_ups_changed(changed)
+        if notifier is not None:
+            notifier.submit(changed)
+
+    step_up_repo = StepUpRepository(engine, journal, step_ups_committed_here)
+    revocation_repo = RevocationRepository(engine, journal, step_ups_committed_here)
     hub = RevocationHub(settings.revocation.watch_buffer)
     sessions = SessionRepository(journal)
     risks = RiskRules.compile([(r.name, r.action, r.when) for r in settings.risk])
@@ -503,7 +519,7 @@ async def build_server(
         )
     )
     if telemetry is not None:
-        _observe(telemetry, journal, revocations)
+        _observe(telemetry, journal, revocations, notifier)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME])
     server.add_generic_rpc_handlers((UnknownMethods(),))  # last: what nothing else serves
@@ -571,6 +587,8 @@ async def build_server(
         ),
         name="housekeeping",
     )
+    if notifier is not None:
+        notifier.start()
     return Running(
         server,
         port,
@@ -584,6 +602,30 @@ async def build_server(
         listener,
         telemetry,
         http,
+        notifier,
+    )
+
+
+def _notifier(settings: Settings, clock: Clock) -> WebhookNotifier | None:
+    """The `[[step_up.notify]]` webhooks, their secrets read (a ConfigError if one cannot be);
+    None when there are none. Console links are built on the HTTP door's public URL."""
+    if not settings.step_up.notify:
+        return None
+    endpoints = [
+        Endpoint(
+            index=index,
+            url=hook.url,
+            secret=load_secret(hook, f"step_up.notify[{index}]", settings.source),
+            events=frozenset(NoticeEvent(e) for e in hook.events),
+            timeout=hook.timeout,
+            max_attempts=hook.max_attempts,
+            retry_delay=hook.retry_delay,
+        )
+        for index, hook in enumerate(settings.step_up.notify)
+    ]
+    base_url = settings.http.base_url(settings.tokens.issuer)
+    return WebhookNotifier(
+        endpoints, base_url=base_url, clock=clock, user_agent=f"agentid/{__version__}"
     )
 
 
@@ -651,8 +693,26 @@ async def _abandon(journal: Journal, engines: Engines, telemetry: Telemetry | No
         telemetry.shutdown()
 
 
-def _observe(telemetry: Telemetry, journal: Journal, revocations: RevocationSet) -> None:
+def _observe(
+    telemetry: Telemetry,
+    journal: Journal,
+    revocations: RevocationSet,
+    notifier: WebhookNotifier | None = None,
+) -> None:
     """The metrics read from the running parts when the exporter collects."""
+    if notifier is not None:
+        webhooks: list[tuple[str, Callable[[], int], str]] = [
+            ("delivered", lambda: notifier.delivered, "a webhook answered 2xx"),
+            ("failed", lambda: notifier.failed, "given up: a final answer or every attempt"),
+            ("dropped", lambda: notifier.dropped, "dropped unsent: a full queue, or the stop"),
+        ]
+        for outcome, read, what in webhooks:
+            telemetry.counter(
+                f"agentid.step_up.notifications.{outcome}",
+                read,
+                "{notification}",
+                f"Step-up notifications {what}",
+            )
     telemetry.gauge(
         "agentid.audit.store.healthy",
         lambda: 1.0 if journal.healthy else 0.0,

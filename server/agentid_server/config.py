@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -194,6 +194,23 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """One `[[step_up.notify]]` endpoint (docs/api.md, "Step-up notifications"). The signing
+    secret is read at start from ``secret_env`` or ``secret_file``, never from this file."""
+
+    url: str
+    secret_env: str = ""
+    secret_file: str = ""
+    timeout: float = 5.0
+    events: tuple[str, ...] = ("requested",)
+    max_attempts: int = 5
+    retry_delay: float = 3.0  # before the 2nd attempt; doubled each time, with jitter
+
+
+WEBHOOK_EVENTS = ("requested", "resolved", "expired")
+
+
+@dataclass(frozen=True)
 class StepUpSettings:
     pending_ttl: float = 600.0
     approval_ttl: float = 300.0
@@ -201,6 +218,7 @@ class StepUpSettings:
     accepted_acr: tuple[str, ...] = ()
     max_context_bytes: int = 16 * 1024
     max_pending_per_session: int = 20
+    notify: tuple[WebhookSettings, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -431,6 +449,10 @@ def settings_from_mapping(
     data: Mapping[str, Any], source: str, environ: Mapping[str, str]
 ) -> Settings:
     data = _apply_environment(data, environ)
+    # [[step_up.notify]]: an array of tables inside [step_up], read apart from its scalars.
+    step_up_table = data.get("step_up")
+    hooks = step_up_table.pop("notify", []) if isinstance(step_up_table, dict) else []
+    notify = _array({"step_up.notify": hooks}, "step_up.notify", source)
     for key in data:
         if key not in _SCALARS and key not in _ARRAYS:
             raise ConfigError(source, key, "unknown section")
@@ -440,7 +462,10 @@ def settings_from_mapping(
         server=_build(ServerSettings, sections["server"]),
         database=_build(DatabaseSettings, sections["database"]),
         tokens=_build(TokenSettings, sections["tokens"]),
-        step_up=_build(StepUpSettings, sections["step_up"]),
+        step_up=replace(
+            _build(StepUpSettings, sections["step_up"]),
+            notify=tuple(_webhook(r) for r in notify),
+        ),
         audit=_build(AuditSettings, sections["audit"]),
         revocation=_build(RevocationSettings, sections["revocation"]),
         telemetry=_build(TelemetrySettings, sections["telemetry"]),
@@ -586,6 +611,44 @@ def _agent(r: _Reader) -> AgentSettings:
         r.get("max_ttl", "duration", 0.0),
         jwks_file=jwks_file,
         jwks_url=jwks_url,
+    )
+
+
+def _webhook(r: _Reader) -> WebhookSettings:
+    if "secret" in r.table:
+        raise r.fail("secret", "keep the secret out of the config: use secret_env or secret_file")
+    r.reject_unknown(
+        {"url", "secret_env", "secret_file", "timeout", "events", "max_attempts", "retry_delay"}
+    )
+    url = r.required("url")
+    parts = urlsplit(url)
+    if not _https_or_loopback(url) or not parts.hostname:
+        raise r.fail("url", "must be an https URL (plain http only on loopback)")
+    if parts.username or parts.password or parts.fragment:
+        raise r.fail("url", "must have no user info or fragment")
+    secret_env, secret_file = r.get("secret_env", "str", ""), r.get("secret_file", "str", "")
+    if secret_env and secret_file:
+        raise r.fail("secret_env", "set at most one of secret_env and secret_file")
+    events = r.get("events", "list", ("requested",))
+    if not events:
+        raise r.fail("events", f"name at least one of {', '.join(WEBHOOK_EVENTS)}")
+    for event in events:
+        if event not in WEBHOOK_EVENTS:
+            raise r.fail("events", f"{event!r} is not one of {', '.join(WEBHOOK_EVENTS)}")
+    timeout = r.get("timeout", "duration", 5.0)
+    if timeout > 60:
+        raise r.fail("timeout", "must be at most 60s")
+    attempts = r.get("max_attempts", "int", 5)
+    if not 1 <= attempts <= 20:
+        raise r.fail("max_attempts", "must be between 1 and 20")
+    return WebhookSettings(
+        url=url,
+        secret_env=secret_env,
+        secret_file=secret_file,
+        timeout=timeout,
+        events=tuple(dict.fromkeys(events)),
+        max_attempts=attempts,
+        retry_delay=r.get("retry_delay", "duration", 3.0),
     )
 
 
