@@ -241,6 +241,8 @@ def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path, event_loop: str) 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
     env["AGENTID_SERVER_LISTEN"] = f"127.0.0.1:{port}"
+    # Not make run's 8080: another run (a developer's make run, a second checkout) may hold it.
+    env["AGENTID_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
     env["AGENTID_SERVER_EVENT_LOOP"] = event_loop
     server = subprocess.Popen(
         [*AGENTID, "serve", "--config", "var/dev/agentid.toml"],
@@ -329,6 +331,7 @@ def test_serve_on_a_taken_address_exits_2_saying_so(tmp_path: Path) -> None:
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
         env["AGENTID_SERVER_LISTEN"] = address
+        env["AGENTID_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
         result = subprocess.run(
             [*AGENTID, "serve", "--config", "var/dev/agentid.toml"],
             cwd=tmp_path,
