@@ -82,6 +82,7 @@ from agentid_server.tokens.keys import (
     unseal,
 )
 from agentid_server.web.console import mount_console
+from agentid_server.web.console_pages import ConsoleServices, mount_pages
 from agentid_server.web.door import DoorSettings, HttpDoor
 from agentid_server.web.listener import HttpListener, start_http
 from agentid_server.webhooks import Endpoint, WebhookNotifier, load_secret
@@ -471,27 +472,29 @@ async def build_server(
         proof_ledger=ledger,
         nbf_leeway=settings.tokens.nbf_leeway,
     )
+    auditor = Auditor(
+        store=AuditRepository(
+            engine,
+            wait_for_writers=settings.database.busy_timeout,
+            checkpoint_key=checkpoint_key,
+        ),
+        hub=audit_hub,
+        bell=audit_bell,
+        poll_interval=settings.revocation.poll_interval,
+        checkpoint=journal.checkpoint_now,
+    )
+    session_lister = SessionLister(
+        store=SessionListing(engine),
+        tokens=PageTokens(derive_key(kek, PAGE_TOKEN_KEY_LABEL)),
+        clock=clock,
+    )
     servicer = AgentIdentityServicer(
         delegator=delegator,
         checker=checker,
         revoker=revoker,
         step_ups=step_ups,
-        auditor=Auditor(
-            store=AuditRepository(
-                engine,
-                wait_for_writers=settings.database.busy_timeout,
-                checkpoint_key=checkpoint_key,
-            ),
-            hub=audit_hub,
-            bell=audit_bell,
-            poll_interval=settings.revocation.poll_interval,
-            checkpoint=journal.checkpoint_now,
-        ),
-        sessions=SessionLister(
-            store=SessionListing(engine),
-            tokens=PageTokens(derive_key(kek, PAGE_TOKEN_KEY_LABEL)),
-            clock=clock,
-        ),
+        auditor=auditor,
+        sessions=session_lister,
         jwks=ring.jwks,
         max_consistency_wait=settings.server.max_consistency_wait,
         max_context_bytes=settings.server.max_context_bytes,
@@ -547,7 +550,10 @@ async def build_server(
         )
         application = door.application()
         try:
-            mount_console(application, settings, idp, clock)
+            console = mount_console(application, settings, idp, clock)
+            if console is not None:  # the same domain objects as the servicer's
+                acting = ConsoleServices(authn, step_ups, revoker, session_lister, auditor, streams)
+                mount_pages(application, console, acting, settings.server.max_message_bytes)
             http = await _listen_http(application, settings)
         except BaseException:
             await server.stop(0)

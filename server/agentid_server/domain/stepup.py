@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -337,7 +337,7 @@ class StepUps:
 
     async def watch(
         self, caller: UserPrincipal | AgentPrincipal, step_up_id: str, current_only: bool
-    ) -> AsyncIterator[StepUp]:
+    ) -> AsyncGenerator[StepUp, None]:
         """The caller's step-ups (a user's pending inbox, an agent's own), or one of them: the
         current state first, then every change, pushed as it happens."""
         wants = self._filter(caller, step_up_id)

@@ -17,7 +17,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 
@@ -49,6 +49,13 @@ HEADERS = {
     "Content-Security-Policy": "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
     "Referrer-Policy": "no-referrer",
 }
+# Every console page's policy: scripts and styles only from our own static files (no inline
+# script or style), no framing, no <base>; forms post only here, and may be redirected on to
+# the IdP's login (an approval that needs a fresh login): form-action also names its origin.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'self' {idp}"
+)
 
 
 def fresh_login_path(next_path: str, max_age: int, acr_values: Sequence[str] = ()) -> str:
@@ -78,6 +85,9 @@ class Console:
         self._verify_user = verify_user
         self._prefix = subject_prefix
         self._max_body = max_body_bytes
+        # The signed-in user's overview, once the console's pages are mounted (console_pages.py).
+        self.overview: Callable[[web.Request, ConsoleUser], Awaitable[web.StreamResponse]] | None
+        self.overview = None
 
     def mount(self, app: web.Application) -> None:
         app.router.add_get("/console/", self.home, allow_head=False)
@@ -85,10 +95,16 @@ class Console:
         app.router.add_get("/console/callback", self.callback, allow_head=False)
         app.router.add_post("/console/logout", self.logout)
 
-    async def home(self, request: web.Request) -> web.Response:
+    async def home(self, request: web.Request) -> web.StreamResponse:
         user = self.sessions.current(request)
         if user is None:
-            return _page(200, "agentid console", '<p><a href="/console/login">Sign in</a></p>')
+            return _page(
+                200,
+                "agentid console",
+                '<p><a href="/console/login" data-testid="sign-in">Sign in</a></p>',
+            )
+        if self.overview is not None:
+            return await self.overview(request, user)
         scopes = " ".join(user.scopes) or "(none)"
         body = (
             f"<p>Signed in as <strong>{_e(user.user_id)}</strong>.</p>"
@@ -183,6 +199,8 @@ class Console:
         if replaced is not None and replaced.user_id != principal.user_id:
             return _refused(403, "the fresh sign-in was as another user", "USER_CHANGED")
         previous = self.sessions.current(request)
+        # An action the fresh login was for (a step-up's approval) goes on with the new session.
+        intent = self.sessions.take_intent(replaced.session_id) if replaced is not None else None
         for old in (replaced, previous):
             if old is not None:
                 self.sessions.close(old.session_id)
@@ -195,6 +213,8 @@ class Console:
             acr=sign_in.id_token.acr,
             token_valid_until=principal.valid_until,
         )
+        if intent is not None:
+            self.sessions.hold(user.session_id, intent)
         log.info("console sign-in: user %s (acr %s)", user.user_id, user.acr or "-")
         response = _redirect(pending.next_path)
         remaining = user.expires_at - self.sessions.clock.now()
@@ -234,7 +254,30 @@ def mount_console(
     )
     console.mount(app)
     app[CONSOLE] = console
+    app.on_response_prepare.append(_security_headers(CSP.format(idp=_origin(idp.issuer))))
     return console
+
+
+def _security_headers(
+    csp: str,
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Sets the console's security headers on every answer under /console/ (pages, refusals,
+    redirects, the event stream, aiohttp's own 404s alike)."""
+
+    async def secure(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.startswith("/console"):
+            response.headers["Content-Security-Policy"] = csp
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            response.headers["Referrer-Policy"] = "no-referrer"
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["X-Frame-Options"] = "DENY"
+
+    return secure
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _client_secret(settings: Settings, index: int) -> str | None:

@@ -10,6 +10,10 @@ everyone out: the console is for humans, who sign in again.
 Sign-ins in progress are bound to the browser that began them (cookie `agentid_login`), so a
 `state` from one browser is refused in another (login CSRF). Each session carries a CSRF token
 for the console's POST forms: `check_csrf`.
+
+An action that needs a fresh login first (approving a step-up) is kept here as the session's
+`Intent` while the user signs in again, never in a URL: one per session, `login_ttl` long,
+taken once, and carried only to the session a fresh login of the same user opens in its place.
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ class PendingLogin:
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """What a CSRF-checked POST asked for, to be done once the fresh login it needs is done:
+    ``action`` names it (the page that resumes it knows), ``target`` what it acts on."""
+
+    action: str
+    target: str
+    fields: tuple[tuple[str, str], ...]
+    expires_at: float
+
+
 @dataclass
 class ConsoleSessions:
     """The store; every read of the clock is ``clock``'s, so tests move time instead of
@@ -79,6 +94,7 @@ class ConsoleSessions:
     max_pending: int = MAX_PENDING
     _sessions: dict[str, ConsoleUser] = field(default_factory=dict)
     _pending: dict[str, PendingLogin] = field(default_factory=dict)
+    _intents: dict[str, Intent] = field(default_factory=dict)  # by session id
 
     # -- sign-ins in progress --------------------------------------------------------------------
 
@@ -121,12 +137,12 @@ class ConsoleSessions:
             expires_at = min(expires_at, token_valid_until)
         theirs = [s for s in self._sessions.values() if s.user_id == user_id]
         for old in theirs[: max(0, len(theirs) - self.max_per_user + 1)]:
-            del self._sessions[old.session_id]  # oldest first: dicts keep insertion order
+            self.close(old.session_id)  # oldest first: dicts keep insertion order
         if len(self._sessions) >= self.max_sessions:
             for sid in [k for k, s in self._sessions.items() if s.expires_at <= now]:
-                del self._sessions[sid]
+                self.close(sid)
         while len(self._sessions) >= self.max_sessions:
-            del self._sessions[next(iter(self._sessions))]
+            self.close(next(iter(self._sessions)))
         user = ConsoleUser(
             session_id=secrets.token_urlsafe(32),
             user_id=user_id,
@@ -144,7 +160,7 @@ class ConsoleSessions:
     def get(self, session_id: str) -> ConsoleUser | None:
         user = self._sessions.get(session_id)
         if user is not None and user.expires_at <= self.clock.now():
-            del self._sessions[session_id]
+            self.close(session_id)
             return None
         return user
 
@@ -155,6 +171,22 @@ class ConsoleSessions:
 
     def close(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
+        self._intents.pop(session_id, None)
+
+    # -- actions waiting for a fresh login -------------------------------------------------------
+
+    def hold(self, session_id: str, intent: Intent) -> None:
+        """Keeps ``intent`` for the session (replacing any earlier one: the newest click wins)."""
+        if session_id in self._sessions:
+            self._intents[session_id] = intent
+
+    def take_intent(self, session_id: str) -> Intent | None:
+        """The session's waiting action, removed: it is done at most once. None when there is
+        none or it expired."""
+        intent = self._intents.pop(session_id, None)
+        if intent is None or intent.expires_at <= self.clock.now():
+            return None
+        return intent
 
     def __len__(self) -> int:
         return len(self._sessions)
