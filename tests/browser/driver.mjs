@@ -6,7 +6,8 @@
 // the answer with the same id, {"id": 1, "ok": true, "value": ...} or
 // {"id": 1, "ok": false, "error": "..."}. Commands run one at a time, in order. The browser
 // closes when stdin ends. The page's console errors, uncaught exceptions and failed requests are
-// kept; the "log" command returns them (pytest prints them when a test fails).
+// kept, as are the dialogs (accepted); the "log" command returns them (pytest prints them when
+// a test fails).
 //
 // Chromium runs without its sandbox (playwright-core's chromiumSandbox: false, which passes
 // --no-sandbox): CI runs as root, where Chromium refuses to start with the sandbox on ("Running
@@ -39,6 +40,12 @@ page.on('console', (message) => {
   if (message.type() === 'error' || message.type() === 'warning') {
     log.push(`console.${message.type()}: ${message.text()} (${where})`);
   }
+});
+// A confirm() ("Revoke every session?") is answered yes, as the person clicking means it; its
+// text is kept.
+page.on('dialog', (dialog) => {
+  log.push(`dialog ${dialog.type()} accepted: ${dialog.message()}`);
+  dialog.accept().catch(() => {});
 });
 page.on('pageerror', (error) => log.push(`page error: ${error.message}`));
 page.on('requestfailed', (request) => {
