@@ -5,8 +5,7 @@ denies; revoking a session denies that agent's next Check.
 Written against the pages' hooks as agreed with branch h9 (step-up rows carry
 `data-step-up-id`, their buttons `data-testid="approve"` / `"deny"`; session rows carry
 `data-session-id`, their button `data-testid="revoke"`, and the page one
-`data-testid="revoke-all"`) before those pages were on this branch: marked xfail until they
-are. The agent is a real one: delegated with the access token the dev IdP gave the console.
+`data-testid="revoke-all"`). The agent is a real one: delegated with the access token the dev IdP gave the console.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from tests.browser.driver import Browser
 from tests.browser.pages import at_idp_login, sign_in, sign_in_again_if_asked
 from tests.conftest import Harness, bearer, struct
 from tests.http.test_console import Provider, signed_in
-
-pytestmark = pytest.mark.xfail(strict=False, reason="console pages land with branch h9")
 
 STEP_UPS = "/console/step-ups"
 SESSIONS = "/console/sessions"
