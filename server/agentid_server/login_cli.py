@@ -28,7 +28,7 @@ import webbrowser
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx2
 from aiohttp import web
@@ -40,6 +40,7 @@ from agentid_server.stored_login import StoredLogin, StoredLoginError
 from agentid_server.tokens.idp import JwksCache
 from agentid_server.tokens.oidc import (
     FETCH_TIMEOUT,
+    Authorization,
     LoginFailed,
     authorization_request,
     exchange_code,
@@ -172,9 +173,21 @@ async def sign_in(
         raise LoginFailed(
             f"cannot read the discovery document of {options.issuer}: {error}", "IDP_UNAVAILABLE"
         ) from None
-    keys = JwksCache("", document["jwks_uri"], 0.0, owner=f"IdP {options.issuer} (ID tokens)")
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))  # RFC 8252 7.3: the loopback IP literal, any free port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))  # RFC 8252 7.3: the loopback IP literal, any free port
+        return await _flow(options, document, listener, max_age, acr_values, out)
+
+
+async def _flow(
+    options: LoginOptions,
+    document: dict[str, Any],
+    listener: socket.socket,
+    max_age: int | None,
+    acr_values: Sequence[str],
+    out: TextIO,
+) -> StoredLogin:
+    """The listener up for this one login, the user sent to the IdP, the redirect awaited; the
+    browser's page answered with the outcome before the listener closes."""
     redirect_uri = f"http://127.0.0.1:{listener.getsockname()[1]}{CALLBACK_PATH}"
     client = AsyncOAuth2Client(
         client_id=options.client_id,
@@ -205,48 +218,62 @@ async def sign_in(
                     f"no sign-in within {options.timeout:g} s", "LOGIN_TIMEOUT"
                 ) from None
             try:
-                token = await exchange_code(
-                    client, document["token_endpoint"], code, request.code_verifier
+                login = await _complete(
+                    options, document, client, request, code, max_age, acr_values
                 )
-                claims = await validate_id_token(
-                    token["id_token"],
-                    keys=keys,
-                    algorithms=offered_algorithms(document, ID_TOKEN_ALGORITHMS),
-                    issuer=options.issuer,
-                    client_id=options.client_id,
-                    nonce=request.nonce,
-                    access_token=token["access_token"],
-                    now=time.time(),
-                    leeway=LEEWAY,
-                    max_age=max_age,
-                    acr_values=acr_values,
-                )
-                login = StoredLogin(
-                    access_token=token["access_token"],
-                    issuer=options.issuer,
-                    client_id=options.client_id,
-                    subject=claims.subject,
-                    expires_at=_expires_at(token.get("expires_in")),
-                    auth_time=claims.auth_time,
-                    acr=claims.acr,
-                    id_token=token["id_token"],
-                    refresh_token=_text(token.get("refresh_token")),
-                )
-                stored_login.save(login)
             except LoginFailed as failure:
                 callback.finish(str(failure))
                 raise
-            except OSError as error:
-                callback.finish("the login could not be stored")
-                raise LoginFailed(
-                    f"cannot store the login in {stored_login.config_directory()}: "
-                    f"{error.strerror}",
-                    "NOT_STORED",
-                ) from None
             callback.finish(None)
             return login
         finally:
             await runner.cleanup()  # lets the browser's page be answered first
+
+
+async def _complete(
+    options: LoginOptions,
+    document: dict[str, Any],
+    client: AsyncOAuth2Client,
+    request: Authorization,
+    code: str,
+    max_age: int | None,
+    acr_values: Sequence[str],
+) -> StoredLogin:
+    """The code exchanged (with the PKCE verifier), the ID token checked, the login stored."""
+    token = await exchange_code(client, document["token_endpoint"], code, request.code_verifier)
+    keys = JwksCache("", document["jwks_uri"], 0.0, owner=f"IdP {options.issuer} (ID tokens)")
+    claims = await validate_id_token(
+        token["id_token"],
+        keys=keys,
+        algorithms=offered_algorithms(document, ID_TOKEN_ALGORITHMS),
+        issuer=options.issuer,
+        client_id=options.client_id,
+        nonce=request.nonce,
+        access_token=token["access_token"],
+        now=time.time(),
+        leeway=LEEWAY,
+        max_age=max_age,
+        acr_values=acr_values,
+    )
+    login = StoredLogin(
+        access_token=token["access_token"],
+        issuer=options.issuer,
+        client_id=options.client_id,
+        subject=claims.subject,
+        expires_at=_expires_at(token.get("expires_in")),
+        auth_time=claims.auth_time,
+        acr=claims.acr,
+        id_token=token["id_token"],
+        refresh_token=_text(token.get("refresh_token")),
+    )
+    try:
+        stored_login.save(login)
+    except OSError as error:
+        raise LoginFailed(
+            f"cannot store the login in {stored_login.config_directory()}: {error.strerror}",
+            "NOT_STORED",
+        ) from None
+    return login
 
 
 def _expires_at(expires_in: object) -> int | None:
@@ -287,7 +314,7 @@ class _Callback:
             return _page(400, "Refused: this is not the sign-in agentid login started.")
         error = query.get("error")
         if error is not None or not query.get("code"):
-            said = (error or "no code")[:64]
+            said = _printable(error or "no code")
             self._refuse(f"the IdP did not sign you in: {said}", "IDP_REFUSED")
             return _page(400, f"The IdP did not sign you in ({said}).")
         self.code.set_result(query["code"])
@@ -301,6 +328,11 @@ class _Callback:
 
     def _refuse(self, message: str, reason: str) -> None:
         self.code.set_exception(LoginFailed(message, reason))
+
+
+def _printable(text: str) -> str:
+    """The IdP's words for a terminal and a page: short, and nothing a terminal acts on."""
+    return "".join(c if c.isprintable() else "?" for c in text[:64])
 
 
 def _page(status: int, text: str) -> web.Response:

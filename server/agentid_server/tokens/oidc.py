@@ -131,7 +131,7 @@ async def exchange_code(
         )
     except OAuthError as error:
         raise LoginFailed(
-            f"the IdP refused the code: {str(error.error)[:64]}", "CODE_REFUSED"
+            f"the IdP refused the code: {_printable(str(error.error))}", "CODE_REFUSED"
         ) from None
     except (httpx2.HTTPError, ValueError) as error:
         log.warning("the IdP's token endpoint failed: %s", type(error).__name__)
@@ -139,6 +139,11 @@ async def exchange_code(
     if not isinstance(token.get("access_token"), str) or not isinstance(token.get("id_token"), str):
         raise LoginFailed("the IdP answered without an ID and access token", "NO_TOKENS")
     return token
+
+
+def _printable(text: str) -> str:
+    """The IdP's error code as shown (a page, a terminal): short, and nothing that acts."""
+    return "".join(c if c.isprintable() else "?" for c in text[:64])
 
 
 async def validate_id_token(
