@@ -227,6 +227,24 @@ async def test_a_forged_state_is_refused_and_nothing_is_kept(
     assert not cli.login_file.exists()
 
 
+async def test_an_idp_error_is_refused_and_nothing_is_kept(
+    h: Harness, provider: Provider, tmp_path: Path
+) -> None:
+    cli = Cli(tmp_path, h)
+    process = await cli.start("login", "--no-browser", "--issuer", provider.issuer)
+    url, seen = await sign_in_url(process)
+    [state] = parse_qs(urlsplit(url).query)["state"]
+    async with browser() as session:
+        denied = f"{redirect_uri(url)}?error=access_denied%1b%5b2J&state={state}"
+        async with session.get(denied) as response:
+            assert response.status == 400
+    code, _, err = await finish(process, seen)
+    assert code == 1
+    assert "the IdP did not sign you in: access_denied?[2J" in err
+    assert "\x1b" not in err
+    assert not cli.login_file.exists()
+
+
 async def test_a_replayed_redirect_finds_nobody_listening(
     h: Harness,
     provider: Provider,
