@@ -256,11 +256,13 @@ async def agentid_cli(
     h: Harness, command: str, credential: str, *args: str
 ) -> tuple[int, str, str]:
     """`agentid <command> --target <h> <args>` in a subprocess, the credential in $AGENTID_TOKEN
-    (never on a command line); its exit code, stdout and stderr."""
+    (never on a command line); its exit code, stdout and stderr. Its config folder and working
+    directory are the test's: no login the developer keeps, no var/dev/, is seen."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
+    env["XDG_CONFIG_HOME"] = str(h.tmp_path / "config")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentid_server", command, "--target", f"127.0.0.1:{h.running.port}",
-        *args, env={**env, "AGENTID_TOKEN": credential},
+        *args, env={**env, "AGENTID_TOKEN": credential}, cwd=h.tmp_path,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), 60)

@@ -14,15 +14,12 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from agentid_server import audit_cli, stepups_cli
+from agentid_server import audit_cli, login_cli, stepups_cli
 from agentid_server.config import ConfigError, Settings, load_settings, parse_duration
-from agentid_server.devidp import CONSOLE_CLIENT
+from agentid_server.devidp import CONSOLE_CLIENT, DEV_ISSUER
 from agentid_server.tokens.keys import KeyMaterialError
 
 DEV_DIR = Path("var/dev")
-# The dev IdP's issuer (user tokens): devidp/server.mjs serves it for `make run`, and
-# `agentid dev user-token` signs with the same key under the same issuer.
-DEV_ISSUER = "http://127.0.0.1:9000"
 DEV_IDP_PORT = 9000
 DEV_AGENTID_ISSUER = "http://127.0.0.1:8080"  # agentid's own (agent tokens): the [http] listener
 DEV_AUDIENCE = "agentid"
@@ -70,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     key.add_argument("--dir", type=Path, default=DEV_DIR)
     key.set_defaults(run=_dev_service_key)
 
+    login_cli.add_parser(commands)
     stepups_cli.add_parser(commands)
     audit_cli.add_parser(commands)
 

@@ -1,5 +1,8 @@
 """What the terminal commands that call a running agentid (`agentid step-ups`, `agentid audit`)
-share: where the server is, the credential, and how a refused call is reported."""
+share: where the server is, the credential, and how a refused call is reported.
+
+The credential: --token, else $AGENTID_TOKEN, else the login `agentid login` stored (its
+access token; an expired one is not sent, the user is told to log in again)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from typing import Any
 import grpc
 from agentid_client import AgentIdClient, AgentIdError
 
+from agentid_server import stored_login
+from agentid_server.tokens.oidc import LoginFailed
+
 TOKEN_ENV = "AGENTID_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 
 
@@ -22,7 +28,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser, credential: str) -
         "--token",
         default=None,
         help=f"{credential} (default: ${TOKEN_ENV}, which is better: other users of this "
-        "machine can read a command line, not your environment)",
+        "machine can read a command line, not your environment; else the login `agentid login` "
+        "kept)",
     )
     tls = parser.add_argument_group(
         "connection", "plaintext to a target on this machine; anywhere else TLS (or --plaintext)"
@@ -72,9 +79,17 @@ def run_with_credential(
 ) -> int:
     """Runs ``main(credential)``; refusals and bad arguments become a message and an exit code
     (1: refused, 2: usage, 130: interrupted)."""
-    token = args.token or os.environ.get(TOKEN_ENV, "")
+    try:
+        token = args.token or os.environ.get(TOKEN_ENV, "") or _stored_token()
+    except stored_login.StoredLoginError as error:
+        print(f"agentid {command}: {error}", file=sys.stderr)
+        return 2
     if not token:
-        print(f"agentid {command}: give a credential in ${TOKEN_ENV} (or --token)", file=sys.stderr)
+        print(
+            f"agentid {command}: no credential: run `agentid login`, or give one in ${TOKEN_ENV}"
+            " (or --token)",
+            file=sys.stderr,
+        )
         return 2
     try:
         return asyncio.run(main(token))
@@ -82,8 +97,25 @@ def run_with_credential(
         text = explain(error) if explain else f"{error.code.name} {error.reason}: {error.message}"
         print(f"agentid {command}: {text}", file=sys.stderr)
         return 1
+    except LoginFailed as error:
+        print(f"agentid {command}: the login failed: {error}", file=sys.stderr)
+        return 1
     except ValueError as error:
         print(f"agentid {command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _stored_token() -> str:
+    """The stored login's access token; "" when there is none. An expired one is refused here
+    (StoredLoginError) rather than sent: agentid would only refuse it less clearly."""
+    login = stored_login.load()
+    if login is None:
+        return ""
+    if login.expired():
+        raise stored_login.StoredLoginError(
+            f"the login kept for {login.subject} at {login.issuer} has expired: run"
+            " `agentid login` again"
+        )
+    return login.access_token

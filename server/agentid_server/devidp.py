@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The dev IdP's issuer (user tokens): devidp/server.mjs serves it for `make run`, and
+# `agentid dev user-token` signs with the same key under the same issuer.
+DEV_ISSUER = "http://127.0.0.1:9000"
 CONSOLE_CLIENT = "agentid-console"
 CLI_CLIENT = "agentid-cli"
 RESOURCE = "urn:agentid"  # the resource indicator (RFC 8707) the IdP issues agentid's tokens for

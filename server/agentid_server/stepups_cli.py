@@ -1,15 +1,21 @@
 """`agentid step-ups`: a human's tool to list, watch, approve and deny step-ups from a terminal,
-with their IdP token (for trying agentid out, and for operators)."""
+with their IdP token (for trying agentid out, and for operators).
+
+Approving or denying needs a recent login (RFC 9470). When agentid answers that the login is
+too old, or not of the kind asked (`max_age`, `acr_values` in its error), the command runs that
+fresh login itself (`agentid login` with `prompt=login`) and tries once more with its token."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 
 from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdError
 from google.protobuf import json_format
 
+from agentid_server import login_cli
 from agentid_server.client_cli import (
     TOKEN_ENV,
     add_connection_arguments,
@@ -18,13 +24,16 @@ from agentid_server.client_cli import (
 )
 from agentid_server.domain.model import BIDI_CONTROLS
 from agentid_server.domain.stepup import canonical_context
+from agentid_server.tokens.oidc import LoginFailed
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "step-ups",
         help="list, watch, approve or deny step-ups with your IdP token",
-        description=f"Your IdP token comes from --token or the environment variable {TOKEN_ENV}.",
+        description=f"Your IdP token comes from --token, else the environment variable "
+        f"{TOKEN_ENV}, else the login `agentid login` kept. Approving or denying signs you in "
+        "again when agentid asks for a fresher login.",
     )
     add_connection_arguments(parser, "your IdP token")
     actions = parser.add_subparsers(dest="step_up_command", required=True)
@@ -34,6 +43,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         command = actions.add_parser(verb, help=f"{verb} one step-up (needs a fresh login)")
         command.add_argument("step_up_id")
         command.add_argument("--comment", default="")
+        login_cli.add_login_arguments(command)
     parser.set_defaults(run=run)
 
 
@@ -45,9 +55,14 @@ async def _run(args: argparse.Namespace, token: str) -> int:
     async with connect(args, token) as client:
         command = args.step_up_command
         if command in ("approve", "deny"):
-            step_up = await client.resolve_step_up(
-                args.step_up_id, approve=command == "approve", comment=args.comment
-            )
+            try:
+                step_up = await client.resolve_step_up(
+                    args.step_up_id, approve=command == "approve", comment=args.comment
+                )
+            except AgentIdError as error:
+                if error.reason != "INSUFFICIENT_USER_AUTHENTICATION":
+                    raise
+                step_up = await _resolve_after_fresh_login(args, error)
             print(f"{step_up.id} is now {_state(step_up)}")
             return 0
         if command == "list":
@@ -55,6 +70,42 @@ async def _run(args: argparse.Namespace, token: str) -> int:
         async for step_up in client.watch_step_ups(current_only=command == "list"):
             print(row(step_up), flush=True)
     return 0
+
+
+async def _resolve_after_fresh_login(args: argparse.Namespace, error: AgentIdError) -> pb.StepUp:
+    """RFC 9470's answer: a new login as recent and of the kind agentid asks, then the same
+    call once more with its token. A second refusal is the server's word, reported as such.
+    With no IdP known to sign in at, the first refusal stands (and says what to do)."""
+    try:
+        options = login_cli.LoginOptions.from_args(args)
+    except ValueError:
+        raise error from None
+    max_age = _int(error.metadata.get("max_age", ""))
+    acr_values = error.metadata.get("acr_values", "").split()
+    print(
+        "agentid step-ups: this needs a fresh login"
+        + (f" with one of: {' '.join(acr_values)}" if acr_values else "")
+        + ": signing you in again",
+        file=sys.stderr,
+        flush=True,
+    )
+    login = await login_cli.sign_in(options, max_age=max_age, acr_values=acr_values)
+    async with connect(args, login.access_token) as client:
+        try:
+            return await client.resolve_step_up(
+                args.step_up_id, approve=args.step_up_command == "approve", comment=args.comment
+            )
+        except AgentIdError as again:
+            if again.reason != "INSUFFICIENT_USER_AUTHENTICATION":
+                raise
+            raise LoginFailed(
+                "agentid still finds the new login too old or not of the kind it asks: refused",
+                "LOGIN_NOT_ENOUGH",
+            ) from None
+
+
+def _int(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
 
 
 HEADER = f"{'ID':<30} {'STATE':<9} {'AGENT':<16} {'EXPIRES':<8} RULE"
@@ -100,7 +151,8 @@ def _explain(error: AgentIdError) -> str:
         acr = error.metadata.get("acr_values", "")
         needs = f" with one of: {acr}" if acr else ""
         return (
-            "approving needs a fresh login: sign in again at your identity provider"
-            f"{needs} (no more than {error.metadata.get('max_age', '?')} s ago), then retry"
+            "approving needs a fresh login: run `agentid login` (or sign in again at your"
+            f" identity provider){needs} (no more than {error.metadata.get('max_age', '?')} s"
+            " ago), then retry"
         )
     return f"{error.code.name} {error.reason}: {error.message}"
