@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from agentid_server.tokens.client_assertion import claimed_client
 from agentid_server.tokens.dpop import PROOF_ALGORITHMS, proof_thumbprint
 from agentid_server.web.forms import Form, read_form
 from agentid_server.web.oauth import (
+    NO_STORE,
     OAuthError,
     delegate_error,
     invalid_client,
@@ -122,6 +124,7 @@ class HttpDoor:
             metadata(settings.issuer, settings.base_url, settings.signing_algorithm)
         )
         self._assertion_audiences = (settings.issuer, self.url("token_endpoint"))
+        self._answers: OrderedDict[str, tuple[AgentClaims, bytes]] = OrderedDict()
 
     def url(self, name: str) -> str:
         return self._s.base_url + PATHS[name]
@@ -247,8 +250,23 @@ class HttpDoor:
         token = _required(form, "token")
         claims = self._checker.introspect(caller, token)
         if claims is None:
-            return json_response({"active": False})
-        return json_response(introspection(self._s.issuer, claims))
+            return _answer(INACTIVE)
+        return _answer(self._introspected(claims))
+
+    def _introspected(self, claims: AgentClaims) -> bytes:
+        """The active answer for ``claims``, serialized once per verified token: the verifier's
+        cache hands back the same claims object for the same token, and the answer depends on
+        nothing else (whether it is active is decided anew on every call, above). At most
+        INTROSPECTION_CACHE answers are kept, the least recently used going first."""
+        cached = self._answers.get(claims.session_id)
+        if cached is not None and cached[0] is claims:
+            self._answers.move_to_end(claims.session_id)
+            return cached[1]
+        body = json.dumps(introspection(self._s.issuer, claims), separators=(",", ":")).encode()
+        self._answers[claims.session_id] = (claims, body)
+        if len(self._answers) > INTROSPECTION_CACHE:
+            self._answers.popitem(last=False)
+        return body
 
     def _check_service(self, request: web.Request) -> ServicePrincipal:
         """The calling service (Bearer API key, or Basic name:key): 401 when missing or
@@ -341,6 +359,19 @@ def metadata(issuer: str, base_url: str, signing_algorithm: str) -> dict[str, An
         "revocation_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
         "dpop_signing_alg_values_supported": list(PROOF_ALGORITHMS),
     }
+
+
+# Active introspection answers kept serialized: about 0.5 KB each, so at most about 2 MB (their
+# claims objects are the token cache's own).
+INTROSPECTION_CACHE = 4096
+INACTIVE = b'{"active":false}'
+_ANSWER_HEADERS = {"Content-Type": "application/json", **NO_STORE}
+
+
+def _answer(body: bytes) -> web.Response:
+    """A 200 JSON answer already serialized, never cached by the client (RFC 7662 section 2.2
+    via RFC 6749 section 5.1)."""
+    return web.Response(body=body, headers=_ANSWER_HEADERS)
 
 
 def introspection(issuer: str, claims: AgentClaims) -> dict[str, Any]:

@@ -4,11 +4,12 @@ section 3.2: "Request and response parameters MUST NOT be included more than onc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from agentid_server.web.oauth import OAuthError, invalid_request
 
@@ -36,11 +37,12 @@ async def read_form(request: web.Request, max_bytes: int, repeatable: Collection
     """The request's form; OAuthError 400 invalid_request for another media type, a body that
     is not UTF-8 form encoding, too many parameters, or a repeated parameter (named), and 413
     for a body over ``max_bytes`` (`server.max_message_bytes`)."""
-    if request.content_type != FORM_TYPE:
-        raise invalid_request(f"the body must be {FORM_TYPE}")
-    charset = request.charset
-    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
-        raise invalid_request("the form must be UTF-8")
+    if request.headers.get(hdrs.CONTENT_TYPE) != FORM_TYPE:  # else parsed: parameters, case
+        if request.content_type != FORM_TYPE:
+            raise invalid_request(f"the body must be {FORM_TYPE}")
+        charset = request.charset
+        if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+            raise invalid_request("the form must be UTF-8")
     body = await _body(request, max_bytes)
     try:
         pairs = parse_qsl(
@@ -67,8 +69,16 @@ async def read_form(request: web.Request, max_bytes: int, repeatable: Collection
 
 
 async def _body(request: web.Request, max_bytes: int) -> bytes:
-    if request.content_length is not None and request.content_length > max_bytes:
+    length = request.content_length
+    if length is not None and length > max_bytes:
         raise too_large(max_bytes)
+    if length is not None and not request.headers.get(hdrs.TRANSFER_ENCODING):
+        # The stated length, read at once (the parser has checked it is a number and ends the
+        # body there); `read` collects it chunk by chunk, which costs an introspection ~3 us.
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise invalid_request("the body ended before its Content-Length") from None
     try:
         return await request.read()  # bounded by the application's client_max_size as well
     except web.HTTPRequestEntityTooLarge:
