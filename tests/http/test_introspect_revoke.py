@@ -68,6 +68,25 @@ async def test_anything_not_currently_valid_is_only_inactive(harness: Harness) -
     assert (await introspect(harness, expiring.token))[1] == {"active": False}
 
 
+async def test_an_answer_once_active_is_decided_anew_on_every_call(harness: Harness) -> None:
+    """The active answer is kept serialized per token; whether the token is active is not: a
+    token introspected active, then revoked, expired or asked by another audience's service is
+    inactive at once."""
+    revoked, expiring = await harness.delegate(), await harness.delegate()
+    scoped = await harness.delegate(audiences=["payments-api"])
+    for delegated in (revoked, expiring, scoped):
+        assert (await introspect(harness, delegated.token))[1]["active"] is True
+    await harness.stub.Revoke(
+        pb.RevokeRequest(session_id=revoked.session_id), metadata=bearer(ADMIN_KEY)
+    )
+    assert (await introspect(harness, revoked.token))[1] == {"active": False}
+    assert (await introspect(harness, scoped.token, f"Bearer {OTHER_AUDIENCE_KEY}"))[1] == {
+        "active": False
+    }
+    harness.clock.advance(901)
+    assert (await introspect(harness, expiring.token))[1] == {"active": False}
+
+
 async def test_introspection_callers(harness: Harness) -> None:
     token = (await harness.delegate()).token
     status, body, headers = await introspect(harness, token, "")
