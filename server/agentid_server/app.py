@@ -7,7 +7,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,9 @@ from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import DelegationLimits, Delegator, TtlPolicy
 from agentid_server.domain.fanout import Doorbell
+from agentid_server.domain.keys import KeyRetirer
 from agentid_server.domain.model import (
-    ActorKind,
     AgentKind,
-    AuditEvent,
-    EventType,
     ServicePrincipal,
 )
 from agentid_server.domain.notices import NoticeEvent
@@ -44,6 +42,7 @@ from agentid_server.domain.scopes import ScopeSet
 from agentid_server.domain.sessions import PageTokens, SessionLister
 from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps, step_up_keys
 from agentid_server.domain.streams import StreamGate, StreamLimits
+from agentid_server.signing_keys import KeyRotation, load_signing_keys
 from agentid_server.storage.audit import AuditRepository, record_from_row
 from agentid_server.storage.checkpoints import CheckpointKey
 from agentid_server.storage.database import (
@@ -74,12 +73,7 @@ from agentid_server.tokens.dpop import DpopVerifier
 from agentid_server.tokens.idp import IdpVerifier, JwksCache
 from agentid_server.tokens.keys import (
     KeyRing,
-    SigningKey,
     derive_key,
-    generate_signing_key,
-    load_kek,
-    seal,
-    unseal,
 )
 from agentid_server.web.console import mount_console
 from agentid_server.web.console_pages import ConsoleServices, mount_pages
@@ -162,14 +156,39 @@ async def _housekeeping(
     settings: Settings,
     pruner: RevocationPruner,
     step_ups: StepUpRepository,
-    keys: _KeyRotation,
+    keys: KeyRotation,
     clock: Clock,
     ledger: ProofLedgerRepository | None = None,
+    *,
+    follow_keys: bool = False,
 ) -> None:
     """Periodically drops expired entries from the bitmap and old history from the table, marks
     step-ups past their expiry EXPIRED (their watchers hear of it), rotates the signing key and
     forgets spent proofs too old to verify again. In between, every second, puts back the
-    revocations a wall clock gone back has made live again."""
+    revocations a wall clock gone back has made live again. ``follow_keys`` (several replicas):
+    the signing keys are read every `revocation.poll_interval` too, for the keys withdrawn."""
+    if not follow_keys:
+        await _chores(settings, pruner, step_ups, keys, clock, ledger)
+        return
+    follower = asyncio.create_task(
+        keys.follow(settings.revocation.poll_interval, clock.now), name="signing keys"
+    )
+    try:
+        await _chores(settings, pruner, step_ups, keys, clock, ledger)
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+
+async def _chores(
+    settings: Settings,
+    pruner: RevocationPruner,
+    step_ups: StepUpRepository,
+    keys: KeyRotation,
+    clock: Clock,
+    ledger: ProofLedgerRepository | None,
+) -> None:
     loop = asyncio.get_running_loop()
     interval = settings.revocation.prune_interval
     while True:
@@ -205,76 +224,6 @@ async def _housekeeping(
                 log.warning("forgetting spent proofs failed (will retry): %s", type(exc).__name__)
 
 
-async def _signing_keys(
-    settings: Settings, repo: KeyRepository, now: int
-) -> tuple[list[SigningKey], bytes]:
-    """The stored keys, unsealed; at the first start (no live key of the configured algorithm)
-    one generated, or the one a replica starting at the same time stored first."""
-    kek = load_kek(settings.tokens.kek_file, settings.tokens.kek_env)
-    algorithm = settings.tokens.algorithm
-    rows = await repo.all()
-    if not any(alg == algorithm and retired is None for _, alg, _, _, retired in rows):
-        key = generate_signing_key(algorithm, now)
-        if await repo.add_first(key, seal(key, kek)):
-            log.info("generated signing key %s (%s)", key.kid, key.alg)
-        rows = await repo.all()
-    ttl = int(settings.tokens.max_ttl)
-    keys = [
-        unseal(kid, alg, sealed, kek, created, retired)
-        for kid, alg, sealed, created, retired in rows
-        if retired is None or retired + ttl > now  # else every token it signed has expired
-    ]
-    return keys, kek
-
-
-class _KeyRotation:
-    """Rotates the signing key every `tokens.rotation_period`: the next key is published
-    `tokens.publish_ahead` before it signs (one replica publishes it, for all; the others read
-    it at their next run), and the retired key keeps verifying, in the JWKS, until every token
-    it signed has expired."""
-
-    def __init__(
-        self, ring: KeyRing, kek: bytes, repo: KeyRepository, journal: Journal, settings: Settings
-    ) -> None:
-        self._ring, self._kek, self._repo, self._journal = ring, kek, repo, journal
-        self._algorithm = settings.tokens.algorithm
-        self._period = settings.tokens.rotation_period
-        self._ahead = settings.tokens.publish_ahead
-        self._max_token_ttl = int(settings.tokens.max_ttl)
-
-    async def run(self, now: int) -> None:
-        await self._read(now)
-        self._ring.drop_expired(now)
-        latest = self._ring.latest
-        if latest.created_at > now or now < latest.created_at + self._period - self._ahead:
-            return  # the next key is published already, or not due yet
-        new = generate_signing_key(self._algorithm, now + int(self._ahead))
-        event = AuditEvent(
-            time=now,
-            event_type=EventType.KEY_ROTATED,
-            actor_kind=ActorKind.SERVICE,
-            actor_id="agentid",
-            action="agentid.keys.rotate",
-            detail=f"{latest.kid} -> {new.kid} at {new.created_at}",
-        )
-        job = self._repo.rotation_job(new, seal(new, self._kek), latest, event)
-        if await self._journal.run(job):
-            log.info("published signing key %s, signing from %d", new.kid, new.created_at)
-        await self._read(now)  # ours, or the one another replica published first
-
-    async def _read(self, now: int) -> None:
-        """The keys other replicas published or retired since the last run."""
-        keys = []
-        for kid, alg, sealed, created, retired in await self._repo.all():
-            if retired is not None and retired + self._max_token_ttl <= now:
-                continue  # every token it signed has expired
-            known = self._ring.get(kid)
-            key = known or unseal(kid, alg, sealed, self._kek, created, retired)
-            keys.append(replace(key, retired_at=retired))
-        for kid in self._ring.update(keys, now):
-            log.info("signing key %s was published by another replica", kid)
-
-
 async def build_server(
     settings: Settings, *, clock: Clock | None = None, telemetry: Telemetry | None = None
 ) -> Running:
@@ -294,7 +243,7 @@ async def build_server(
     engine = engines.main
     try:
         await migrate(engine)
-        keys, kek = await _signing_keys(settings, KeyRepository(engine), now)
+        keys, kek = await load_signing_keys(settings, KeyRepository(engine), now)
         ring = KeyRing(keys, settings.tokens.algorithm, int(settings.tokens.max_ttl))
         revocations = RevocationSet()
         reader = RevocationRepository(engine, journal=None)
@@ -371,6 +320,9 @@ async def build_server(
         raise
     journal.start()
     step_up_hub = StepUpHub(settings.revocation.watch_buffer)
+    rotation = KeyRotation(
+        ring, kek, KeyRepository(engine), journal, settings, verifier.forget_keys
+    )
 
     def step_ups_changed(changed: list[StepUp]) -> None:
         for step_up in changed:
@@ -495,6 +447,7 @@ async def build_server(
         step_ups=step_ups,
         auditor=auditor,
         sessions=session_lister,
+        keys=KeyRetirer(rotation, clock),
         jwks=ring.jwks,
         max_consistency_wait=settings.server.max_consistency_wait,
         max_context_bytes=settings.server.max_context_bytes,
@@ -587,9 +540,10 @@ async def build_server(
                 history_retention=settings.revocation.history_retention,
             ),
             step_up_repo,
-            _KeyRotation(ring, kek, KeyRepository(engine), journal, settings),
+            rotation,
             clock,
             ledger,
+            follow_keys=shared_store,
         ),
         name="housekeeping",
     )

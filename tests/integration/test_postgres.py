@@ -1041,3 +1041,35 @@ async def test_a_replica_started_with_its_clock_ahead_loses_no_revocation(
             assert again.revocation_sequence == first.revocation_sequence + 1
     finally:
         await engine.dispose()
+
+
+async def test_a_signing_key_retired_on_one_replica_stops_verifying_on_the_other(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """RetireSigningKey on a: a's Check denies the key's tokens before the answer, b's within
+    revocation.poll_interval (its verified-token cache forgotten too), and b signs with the new
+    key."""
+    a, b = replicas
+    session = await a.delegate()
+    old = kid_of(session.token)
+    for h in (a, b, b):  # b's second Check comes from its cache
+        assert (await h.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    answer = await a.stub.RetireSigningKey(
+        pb.RetireSigningKeyRequest(kid=old, reason="compromised"), metadata=bearer(ADMIN_KEY)
+    )
+    assert answer.retired_kid == old
+    assert (await a.check(session.token, "tickets.read")).reason == pb.REASON_SIGNATURE_INVALID
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + b.running.settings.revocation.poll_interval + 1.0
+    while (await b.check(session.token, "tickets.read")).decision == pb.DECISION_ALLOW:
+        assert loop.time() < deadline, "b still verifies the retired key"
+        await asyncio.sleep(0.05)
+    denied = await b.check(session.token, "tickets.read")
+    assert denied.reason == pb.REASON_SIGNATURE_INVALID
+    jwks = json.loads((await b.stub.GetJwks(pb.GetJwksRequest())).jwks_json)
+    assert [key["kid"] for key in jwks["keys"]] == [answer.signing_kid]
+    fresh = await b.delegate()
+    assert kid_of(fresh.token) == answer.signing_kid
+    assert (await a.check(fresh.token, "tickets.read")).decision == pb.DECISION_ALLOW
+    [record] = await audit(b, event_types=[pb.EVENT_TYPE_KEY_RETIRED])
+    assert record.detail == f"{old}: compromised"

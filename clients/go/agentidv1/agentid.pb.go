@@ -232,18 +232,21 @@ const (
 	EventType_EVENT_TYPE_STEP_UP_RESOLVED  EventType = 4
 	EventType_EVENT_TYPE_REVOKE            EventType = 5
 	EventType_EVENT_TYPE_KEY_ROTATED       EventType = 6
+	// A signing key retired by RetireSigningKey; `detail` names the kid.
+	EventType_EVENT_TYPE_KEY_RETIRED EventType = 11
 )
 
 // Enum value maps for EventType.
 var (
 	EventType_name = map[int32]string{
-		0: "EVENT_TYPE_UNSPECIFIED",
-		1: "EVENT_TYPE_DELEGATE",
-		2: "EVENT_TYPE_CHECK",
-		3: "EVENT_TYPE_STEP_UP_REQUESTED",
-		4: "EVENT_TYPE_STEP_UP_RESOLVED",
-		5: "EVENT_TYPE_REVOKE",
-		6: "EVENT_TYPE_KEY_ROTATED",
+		0:  "EVENT_TYPE_UNSPECIFIED",
+		1:  "EVENT_TYPE_DELEGATE",
+		2:  "EVENT_TYPE_CHECK",
+		3:  "EVENT_TYPE_STEP_UP_REQUESTED",
+		4:  "EVENT_TYPE_STEP_UP_RESOLVED",
+		5:  "EVENT_TYPE_REVOKE",
+		6:  "EVENT_TYPE_KEY_ROTATED",
+		11: "EVENT_TYPE_KEY_RETIRED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":       0,
@@ -253,6 +256,7 @@ var (
 		"EVENT_TYPE_STEP_UP_RESOLVED":  4,
 		"EVENT_TYPE_REVOKE":            5,
 		"EVENT_TYPE_KEY_ROTATED":       6,
+		"EVENT_TYPE_KEY_RETIRED":       11,
 	}
 )
 
@@ -2705,6 +2709,115 @@ func (x *ListSessionsResponse) GetNextPageToken() string {
 	return ""
 }
 
+// Bearer: a service API key with role admin.
+type RetireSigningKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key's `kid` (as in the JWKS and the tokens' header).
+	Kid string `protobuf:"bytes,1,opt,name=kid,proto3" json:"kid,omitempty"`
+	// Why, for the audit record.
+	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetireSigningKeyRequest) Reset() {
+	*x = RetireSigningKeyRequest{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetireSigningKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetireSigningKeyRequest) ProtoMessage() {}
+
+func (x *RetireSigningKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetireSigningKeyRequest.ProtoReflect.Descriptor instead.
+func (*RetireSigningKeyRequest) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *RetireSigningKeyRequest) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
+func (x *RetireSigningKeyRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type RetireSigningKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key retired (the request's kid).
+	RetiredKid string `protobuf:"bytes,1,opt,name=retired_kid,json=retiredKid,proto3" json:"retired_kid,omitempty"`
+	// The key signing now: a new one when the retired key was signing.
+	SigningKid    string `protobuf:"bytes,2,opt,name=signing_kid,json=signingKid,proto3" json:"signing_kid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetireSigningKeyResponse) Reset() {
+	*x = RetireSigningKeyResponse{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetireSigningKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetireSigningKeyResponse) ProtoMessage() {}
+
+func (x *RetireSigningKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetireSigningKeyResponse.ProtoReflect.Descriptor instead.
+func (*RetireSigningKeyResponse) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *RetireSigningKeyResponse) GetRetiredKid() string {
+	if x != nil {
+		return x.RetiredKid
+	}
+	return ""
+}
+
+func (x *RetireSigningKeyResponse) GetSigningKid() string {
+	if x != nil {
+		return x.SigningKid
+	}
+	return ""
+}
+
 var File_agentid_v1_agentid_proto protoreflect.FileDescriptor
 
 const file_agentid_v1_agentid_proto_rawDesc = "" +
@@ -2916,7 +3029,15 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"page_token\x18\x05 \x01(\tR\tpageToken\"o\n" +
 	"\x14ListSessionsResponse\x12/\n" +
 	"\bsessions\x18\x01 \x03(\v2\x13.agentid.v1.SessionR\bsessions\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*j\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"C\n" +
+	"\x17RetireSigningKeyRequest\x12\x10\n" +
+	"\x03kid\x18\x01 \x01(\tR\x03kid\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\\\n" +
+	"\x18RetireSigningKeyResponse\x12\x1f\n" +
+	"\vretired_kid\x18\x01 \x01(\tR\n" +
+	"retiredKid\x12\x1f\n" +
+	"\vsigning_kid\x18\x02 \x01(\tR\n" +
+	"signingKid*j\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +
@@ -2943,7 +3064,7 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x16STEP_UP_STATE_APPROVED\x10\x02\x12\x18\n" +
 	"\x14STEP_UP_STATE_DENIED\x10\x03\x12\x19\n" +
 	"\x15STEP_UP_STATE_EXPIRED\x10\x04\x12\x1a\n" +
-	"\x16STEP_UP_STATE_CONSUMED\x10\x05*\xcc\x01\n" +
+	"\x16STEP_UP_STATE_CONSUMED\x10\x05*\xe8\x01\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13EVENT_TYPE_DELEGATE\x10\x01\x12\x14\n" +
@@ -2951,7 +3072,8 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x1cEVENT_TYPE_STEP_UP_REQUESTED\x10\x03\x12\x1f\n" +
 	"\x1bEVENT_TYPE_STEP_UP_RESOLVED\x10\x04\x12\x15\n" +
 	"\x11EVENT_TYPE_REVOKE\x10\x05\x12\x1a\n" +
-	"\x16EVENT_TYPE_KEY_ROTATED\x10\x06*j\n" +
+	"\x16EVENT_TYPE_KEY_ROTATED\x10\x06\x12\x1a\n" +
+	"\x16EVENT_TYPE_KEY_RETIRED\x10\v*j\n" +
 	"\tActorKind\x12\x1a\n" +
 	"\x16ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fACTOR_KIND_USER\x10\x01\x12\x14\n" +
@@ -2967,7 +3089,7 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SESSION_STATE_ACTIVE\x10\x01\x12\x19\n" +
 	"\x15SESSION_STATE_EXPIRED\x10\x02\x12\x19\n" +
-	"\x15SESSION_STATE_REVOKED\x10\x032\xd0\x06\n" +
+	"\x15SESSION_STATE_REVOKED\x10\x032\xaf\a\n" +
 	"\x14AgentIdentityService\x12E\n" +
 	"\bDelegate\x12\x1b.agentid.v1.DelegateRequest\x1a\x1c.agentid.v1.DelegateResponse\x12<\n" +
 	"\x05Check\x12\x18.agentid.v1.CheckRequest\x1a\x19.agentid.v1.CheckResponse\x12?\n" +
@@ -2979,7 +3101,8 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x05Audit\x12\x18.agentid.v1.AuditRequest\x1a\x19.agentid.v1.AuditResponse0\x01\x12N\n" +
 	"\vVerifyAudit\x12\x1e.agentid.v1.VerifyAuditRequest\x1a\x1f.agentid.v1.VerifyAuditResponse\x12B\n" +
 	"\aGetJwks\x12\x1a.agentid.v1.GetJwksRequest\x1a\x1b.agentid.v1.GetJwksResponse\x12Q\n" +
-	"\fListSessions\x12\x1f.agentid.v1.ListSessionsRequest\x1a .agentid.v1.ListSessionsResponseb\x06proto3"
+	"\fListSessions\x12\x1f.agentid.v1.ListSessionsRequest\x1a .agentid.v1.ListSessionsResponse\x12]\n" +
+	"\x10RetireSigningKey\x12#.agentid.v1.RetireSigningKeyRequest\x1a$.agentid.v1.RetireSigningKeyResponseb\x06proto3"
 
 var (
 	file_agentid_v1_agentid_proto_rawDescOnce sync.Once
@@ -2994,7 +3117,7 @@ func file_agentid_v1_agentid_proto_rawDescGZIP() []byte {
 }
 
 var file_agentid_v1_agentid_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_agentid_v1_agentid_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_agentid_v1_agentid_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_agentid_v1_agentid_proto_goTypes = []any{
 	(Decision)(0),                    // 0: agentid.v1.Decision
 	(Reason)(0),                      // 1: agentid.v1.Reason
@@ -3030,44 +3153,46 @@ var file_agentid_v1_agentid_proto_goTypes = []any{
 	(*Session)(nil),                  // 31: agentid.v1.Session
 	(*ListSessionsRequest)(nil),      // 32: agentid.v1.ListSessionsRequest
 	(*ListSessionsResponse)(nil),     // 33: agentid.v1.ListSessionsResponse
-	(*durationpb.Duration)(nil),      // 34: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 35: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),          // 36: google.protobuf.Struct
+	(*RetireSigningKeyRequest)(nil),  // 34: agentid.v1.RetireSigningKeyRequest
+	(*RetireSigningKeyResponse)(nil), // 35: agentid.v1.RetireSigningKeyResponse
+	(*durationpb.Duration)(nil),      // 36: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 37: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),          // 38: google.protobuf.Struct
 }
 var file_agentid_v1_agentid_proto_depIdxs = []int32{
-	34, // 0: agentid.v1.DelegateRequest.ttl:type_name -> google.protobuf.Duration
-	35, // 1: agentid.v1.DelegateResponse.expires_at:type_name -> google.protobuf.Timestamp
-	36, // 2: agentid.v1.CheckRequest.context:type_name -> google.protobuf.Struct
+	36, // 0: agentid.v1.DelegateRequest.ttl:type_name -> google.protobuf.Duration
+	37, // 1: agentid.v1.DelegateResponse.expires_at:type_name -> google.protobuf.Timestamp
+	38, // 2: agentid.v1.CheckRequest.context:type_name -> google.protobuf.Struct
 	0,  // 3: agentid.v1.CheckResponse.decision:type_name -> agentid.v1.Decision
 	1,  // 4: agentid.v1.CheckResponse.reason:type_name -> agentid.v1.Reason
-	36, // 5: agentid.v1.StepUp.context:type_name -> google.protobuf.Struct
+	38, // 5: agentid.v1.StepUp.context:type_name -> google.protobuf.Struct
 	2,  // 6: agentid.v1.StepUp.state:type_name -> agentid.v1.StepUpState
-	35, // 7: agentid.v1.StepUp.created_at:type_name -> google.protobuf.Timestamp
-	35, // 8: agentid.v1.StepUp.expires_at:type_name -> google.protobuf.Timestamp
-	35, // 9: agentid.v1.StepUp.resolved_at:type_name -> google.protobuf.Timestamp
-	36, // 10: agentid.v1.StepUpRequest.context:type_name -> google.protobuf.Struct
+	37, // 7: agentid.v1.StepUp.created_at:type_name -> google.protobuf.Timestamp
+	37, // 8: agentid.v1.StepUp.expires_at:type_name -> google.protobuf.Timestamp
+	37, // 9: agentid.v1.StepUp.resolved_at:type_name -> google.protobuf.Timestamp
+	38, // 10: agentid.v1.StepUpRequest.context:type_name -> google.protobuf.Struct
 	11, // 11: agentid.v1.StepUpResponse.step_up:type_name -> agentid.v1.StepUp
 	11, // 12: agentid.v1.ResolveStepUpResponse.step_up:type_name -> agentid.v1.StepUp
 	11, // 13: agentid.v1.WatchStepUpsResponse.step_up:type_name -> agentid.v1.StepUp
-	35, // 14: agentid.v1.RevocationEvent.revoked_at:type_name -> google.protobuf.Timestamp
-	35, // 15: agentid.v1.RevocationEvent.expires_at:type_name -> google.protobuf.Timestamp
+	37, // 14: agentid.v1.RevocationEvent.revoked_at:type_name -> google.protobuf.Timestamp
+	37, // 15: agentid.v1.RevocationEvent.expires_at:type_name -> google.protobuf.Timestamp
 	21, // 16: agentid.v1.WatchRevocationsResponse.snapshot:type_name -> agentid.v1.RevocationSnapshot
 	22, // 17: agentid.v1.WatchRevocationsResponse.event:type_name -> agentid.v1.RevocationEvent
-	35, // 18: agentid.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	37, // 18: agentid.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
 	3,  // 19: agentid.v1.AuditRecord.event_type:type_name -> agentid.v1.EventType
 	4,  // 20: agentid.v1.AuditRecord.actor_kind:type_name -> agentid.v1.ActorKind
 	0,  // 21: agentid.v1.AuditRecord.decision:type_name -> agentid.v1.Decision
 	1,  // 22: agentid.v1.AuditRecord.reason:type_name -> agentid.v1.Reason
-	36, // 23: agentid.v1.AuditRecord.context:type_name -> google.protobuf.Struct
+	38, // 23: agentid.v1.AuditRecord.context:type_name -> google.protobuf.Struct
 	4,  // 24: agentid.v1.AuditRequest.actor_kind:type_name -> agentid.v1.ActorKind
 	3,  // 25: agentid.v1.AuditRequest.event_types:type_name -> agentid.v1.EventType
-	35, // 26: agentid.v1.AuditRequest.since:type_name -> google.protobuf.Timestamp
-	35, // 27: agentid.v1.AuditRequest.until:type_name -> google.protobuf.Timestamp
+	37, // 26: agentid.v1.AuditRequest.since:type_name -> google.protobuf.Timestamp
+	37, // 27: agentid.v1.AuditRequest.until:type_name -> google.protobuf.Timestamp
 	24, // 28: agentid.v1.AuditResponse.record:type_name -> agentid.v1.AuditRecord
 	5,  // 29: agentid.v1.VerifyAuditResponse.problem:type_name -> agentid.v1.AuditProblem
-	35, // 30: agentid.v1.Session.create_time:type_name -> google.protobuf.Timestamp
-	35, // 31: agentid.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
-	35, // 32: agentid.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
+	37, // 30: agentid.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	37, // 31: agentid.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	37, // 32: agentid.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
 	6,  // 33: agentid.v1.Session.state:type_name -> agentid.v1.SessionState
 	31, // 34: agentid.v1.ListSessionsResponse.sessions:type_name -> agentid.v1.Session
 	7,  // 35: agentid.v1.AgentIdentityService.Delegate:input_type -> agentid.v1.DelegateRequest
@@ -3081,19 +3206,21 @@ var file_agentid_v1_agentid_proto_depIdxs = []int32{
 	27, // 43: agentid.v1.AgentIdentityService.VerifyAudit:input_type -> agentid.v1.VerifyAuditRequest
 	29, // 44: agentid.v1.AgentIdentityService.GetJwks:input_type -> agentid.v1.GetJwksRequest
 	32, // 45: agentid.v1.AgentIdentityService.ListSessions:input_type -> agentid.v1.ListSessionsRequest
-	8,  // 46: agentid.v1.AgentIdentityService.Delegate:output_type -> agentid.v1.DelegateResponse
-	10, // 47: agentid.v1.AgentIdentityService.Check:output_type -> agentid.v1.CheckResponse
-	13, // 48: agentid.v1.AgentIdentityService.StepUp:output_type -> agentid.v1.StepUpResponse
-	15, // 49: agentid.v1.AgentIdentityService.ResolveStepUp:output_type -> agentid.v1.ResolveStepUpResponse
-	17, // 50: agentid.v1.AgentIdentityService.WatchStepUps:output_type -> agentid.v1.WatchStepUpsResponse
-	19, // 51: agentid.v1.AgentIdentityService.Revoke:output_type -> agentid.v1.RevokeResponse
-	23, // 52: agentid.v1.AgentIdentityService.WatchRevocations:output_type -> agentid.v1.WatchRevocationsResponse
-	26, // 53: agentid.v1.AgentIdentityService.Audit:output_type -> agentid.v1.AuditResponse
-	28, // 54: agentid.v1.AgentIdentityService.VerifyAudit:output_type -> agentid.v1.VerifyAuditResponse
-	30, // 55: agentid.v1.AgentIdentityService.GetJwks:output_type -> agentid.v1.GetJwksResponse
-	33, // 56: agentid.v1.AgentIdentityService.ListSessions:output_type -> agentid.v1.ListSessionsResponse
-	46, // [46:57] is the sub-list for method output_type
-	35, // [35:46] is the sub-list for method input_type
+	34, // 46: agentid.v1.AgentIdentityService.RetireSigningKey:input_type -> agentid.v1.RetireSigningKeyRequest
+	8,  // 47: agentid.v1.AgentIdentityService.Delegate:output_type -> agentid.v1.DelegateResponse
+	10, // 48: agentid.v1.AgentIdentityService.Check:output_type -> agentid.v1.CheckResponse
+	13, // 49: agentid.v1.AgentIdentityService.StepUp:output_type -> agentid.v1.StepUpResponse
+	15, // 50: agentid.v1.AgentIdentityService.ResolveStepUp:output_type -> agentid.v1.ResolveStepUpResponse
+	17, // 51: agentid.v1.AgentIdentityService.WatchStepUps:output_type -> agentid.v1.WatchStepUpsResponse
+	19, // 52: agentid.v1.AgentIdentityService.Revoke:output_type -> agentid.v1.RevokeResponse
+	23, // 53: agentid.v1.AgentIdentityService.WatchRevocations:output_type -> agentid.v1.WatchRevocationsResponse
+	26, // 54: agentid.v1.AgentIdentityService.Audit:output_type -> agentid.v1.AuditResponse
+	28, // 55: agentid.v1.AgentIdentityService.VerifyAudit:output_type -> agentid.v1.VerifyAuditResponse
+	30, // 56: agentid.v1.AgentIdentityService.GetJwks:output_type -> agentid.v1.GetJwksResponse
+	33, // 57: agentid.v1.AgentIdentityService.ListSessions:output_type -> agentid.v1.ListSessionsResponse
+	35, // 58: agentid.v1.AgentIdentityService.RetireSigningKey:output_type -> agentid.v1.RetireSigningKeyResponse
+	47, // [47:59] is the sub-list for method output_type
+	35, // [35:47] is the sub-list for method input_type
 	35, // [35:35] is the sub-list for extension type_name
 	35, // [35:35] is the sub-list for extension extendee
 	0,  // [0:35] is the sub-list for field type_name
@@ -3118,7 +3245,7 @@ func file_agentid_v1_agentid_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agentid_v1_agentid_proto_rawDesc), len(file_agentid_v1_agentid_proto_rawDesc)),
 			NumEnums:      7,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

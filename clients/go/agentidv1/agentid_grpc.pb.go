@@ -33,6 +33,7 @@ const (
 	AgentIdentityService_VerifyAudit_FullMethodName      = "/agentid.v1.AgentIdentityService/VerifyAudit"
 	AgentIdentityService_GetJwks_FullMethodName          = "/agentid.v1.AgentIdentityService/GetJwks"
 	AgentIdentityService_ListSessions_FullMethodName     = "/agentid.v1.AgentIdentityService/ListSessions"
+	AgentIdentityService_RetireSigningKey_FullMethodName = "/agentid.v1.AgentIdentityService/RetireSigningKey"
 )
 
 // AgentIdentityServiceClient is the client API for AgentIdentityService service.
@@ -66,6 +67,9 @@ type AgentIdentityServiceClient interface {
 	// Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
 	// audit or admin) anyone's; live ones only unless include_ended.
 	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
+	// Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
+	// (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
+	RetireSigningKey(ctx context.Context, in *RetireSigningKeyRequest, opts ...grpc.CallOption) (*RetireSigningKeyResponse, error)
 }
 
 type agentIdentityServiceClient struct {
@@ -213,6 +217,16 @@ func (c *agentIdentityServiceClient) ListSessions(ctx context.Context, in *ListS
 	return out, nil
 }
 
+func (c *agentIdentityServiceClient) RetireSigningKey(ctx context.Context, in *RetireSigningKeyRequest, opts ...grpc.CallOption) (*RetireSigningKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RetireSigningKeyResponse)
+	err := c.cc.Invoke(ctx, AgentIdentityService_RetireSigningKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentIdentityServiceServer is the server API for AgentIdentityService service.
 // All implementations must embed UnimplementedAgentIdentityServiceServer
 // for forward compatibility.
@@ -244,6 +258,9 @@ type AgentIdentityServiceServer interface {
 	// Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
 	// audit or admin) anyone's; live ones only unless include_ended.
 	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
+	// Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
+	// (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
+	RetireSigningKey(context.Context, *RetireSigningKeyRequest) (*RetireSigningKeyResponse, error)
 	mustEmbedUnimplementedAgentIdentityServiceServer()
 }
 
@@ -286,6 +303,9 @@ func (UnimplementedAgentIdentityServiceServer) GetJwks(context.Context, *GetJwks
 }
 func (UnimplementedAgentIdentityServiceServer) ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListSessions not implemented")
+}
+func (UnimplementedAgentIdentityServiceServer) RetireSigningKey(context.Context, *RetireSigningKeyRequest) (*RetireSigningKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RetireSigningKey not implemented")
 }
 func (UnimplementedAgentIdentityServiceServer) mustEmbedUnimplementedAgentIdentityServiceServer() {}
 func (UnimplementedAgentIdentityServiceServer) testEmbeddedByValue()                              {}
@@ -485,6 +505,24 @@ func _AgentIdentityService_ListSessions_Handler(srv interface{}, ctx context.Con
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentIdentityService_RetireSigningKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RetireSigningKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentIdentityServiceServer).RetireSigningKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentIdentityService_RetireSigningKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentIdentityServiceServer).RetireSigningKey(ctx, req.(*RetireSigningKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AgentIdentityService_ServiceDesc is the grpc.ServiceDesc for AgentIdentityService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -523,6 +561,10 @@ var AgentIdentityService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListSessions",
 			Handler:    _AgentIdentityService_ListSessions_Handler,
+		},
+		{
+			MethodName: "RetireSigningKey",
+			Handler:    _AgentIdentityService_RetireSigningKey_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -54,6 +54,7 @@ POLICY: dict[str, Rule] = {
     "GetJwks": Rule(public=True),
     # Which sessions each caller sees is the domain's rule (domain/sessions.py).
     "ListSessions": Rule(users=True, agents=True, roles=_roles(Role.AUDIT)),
+    "RetireSigningKey": Rule(roles=_roles(Role.ADMIN)),
 }
 
 

@@ -18,6 +18,7 @@ from agentid_server.domain.audit import Auditor, AuditRecord, AuditRequest
 from agentid_server.domain.check import Checker, CheckInput
 from agentid_server.domain.delegation import DelegateInput, Delegator
 from agentid_server.domain.errors import InvalidArgument
+from agentid_server.domain.keys import KeyRetirer
 from agentid_server.domain.model import (
     ActorKind,
     AgentPrincipal,
@@ -157,6 +158,7 @@ class AgentIdentityServicer:
         step_ups: StepUps,
         auditor: Auditor,
         sessions: SessionLister,
+        keys: KeyRetirer,
         jwks: Callable[[], str],
         max_consistency_wait: float,
         max_context_bytes: int,
@@ -170,6 +172,7 @@ class AgentIdentityServicer:
         self._step_ups = step_ups
         self._auditor = auditor
         self._sessions = sessions
+        self._keys = keys
         self._jwks = jwks
         self._max_wait = max_consistency_wait
         self._max_context_bytes = max_context_bytes
@@ -289,6 +292,15 @@ class AgentIdentityServicer:
         )
         return pb.RevokeResponse(
             session_ids=outcome.session_ids, revocation_sequence=outcome.sequence
+        )
+
+    async def RetireSigningKey(
+        self, request: pb.RetireSigningKeyRequest, context: Context, principal: Principal
+    ) -> pb.RetireSigningKeyResponse:
+        assert isinstance(principal, ServicePrincipal)  # the method policy ensures it
+        retired = await self._keys.retire(principal, request.kid, request.reason)
+        return pb.RetireSigningKeyResponse(
+            retired_kid=retired.retired_kid, signing_kid=retired.signing_kid
         )
 
     async def ListSessions(

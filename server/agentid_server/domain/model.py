@@ -45,6 +45,7 @@ class EventType(enum.IntEnum):
     STEP_UP_RESOLVED = 4
     REVOKE = 5
     KEY_ROTATED = 6
+    KEY_RETIRED = 11
 
 
 class ActorKind(enum.IntEnum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BindParameter,
@@ -275,10 +275,46 @@ class KeyRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    async def all(self) -> list[tuple[str, str, bytes, int, int | None]]:
+    async def all(self) -> list[KeyRow]:
         k = tables.signing_keys
         rows = await read_all(self._engine, select(k).order_by(k.c.created_at))
-        return [(r.kid, r.alg, r.sealed_private_key, r.created_at, r.retired_at) for r in rows]
+        return [
+            KeyRow(r.kid, r.alg, r.sealed_private_key, r.created_at, r.retired_at, r.withdrawn_at)
+            for r in rows
+        ]
+
+    @staticmethod
+    def withdrawal_job(
+        kid: str, signing_here: str, replacement: SigningKey, sealed: bytes, event: AuditEvent
+    ) -> Callable[[Connection], JobResult[Withdrawal | None]]:
+        """Withdraws ``kid`` (RetireSigningKey), with the KEY_RETIRED record, at once; when it
+        was the key signing (in the store, or ``signing_here`` on this replica),
+        ``replacement`` (of the configured algorithm, created now) is stored to sign from now.
+        None: no such key."""
+        now = int(event.time)
+
+        def job(connection: Connection) -> JobResult[Withdrawal | None]:
+            _lock_keys(connection)
+            k = tables.signing_keys
+            row = connection.execute(select(k.c.withdrawn_at).where(k.c.kid == kid)).first()
+            if row is None:
+                return JobResult(None)
+            if row.withdrawn_at is not None:
+                return JobResult(Withdrawal(withdrawn=False, replaced=False))
+            replaced = kid in (signing_here, _signing_in_store(connection, replacement.alg, now))
+            if replaced:
+                connection.execute(
+                    k.insert().values(
+                        kid=replacement.kid,
+                        alg=replacement.alg,
+                        sealed_private_key=sealed,
+                        created_at=replacement.created_at,
+                    )
+                )
+            connection.execute(update(k).where(k.c.kid == kid).values(withdrawn_at=now))
+            return JobResult(Withdrawal(withdrawn=True, replaced=replaced), [event])
+
+        return job
 
     @staticmethod
     def rotation_job(
@@ -319,13 +355,46 @@ class KeyRepository:
         return True
 
 
-def _newest_key(connection: Connection, alg: str, *, live_only: bool = False) -> int | None:
-    """The created_at of the newest key of ``alg`` (not retired, with ``live_only``), read after
-    taking the key lock on PostgreSQL (held to the end of the transaction)."""
+class Withdrawal(NamedTuple):
+    withdrawn: bool  # False: withdrawn before
+    replaced: bool  # the replacement was stored (the key was signing)
+
+
+class KeyRow(NamedTuple):
+    kid: str
+    alg: str
+    sealed: bytes
+    created_at: int
+    retired_at: int | None
+    withdrawn_at: int | None
+
+
+def _lock_keys(connection: Connection) -> None:
+    """The key lock on PostgreSQL, held to the end of the transaction."""
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _KEYS_LOCK})
+
+
+def _signing_in_store(connection: Connection, alg: str, now: int) -> str | None:
+    """The kid of the key of ``alg`` signing at ``now`` as KeyRing chooses it: the newest one
+    due, else (a clock gone back) the oldest; withdrawn keys left out."""
     k = tables.signing_keys
-    query = select(func.max(k.c.created_at)).where(k.c.alg == alg)
+    live = select(k.c.kid).where(k.c.alg == alg, k.c.withdrawn_at.is_(None))
+    due = connection.execute(
+        live.where(k.c.created_at <= now).order_by(k.c.created_at.desc()).limit(1)
+    ).scalar()
+    if due is not None:
+        return str(due)
+    first = connection.execute(live.order_by(k.c.created_at).limit(1)).scalar()
+    return None if first is None else str(first)
+
+
+def _newest_key(connection: Connection, alg: str, *, live_only: bool = False) -> int | None:
+    """The created_at of the newest key of ``alg`` not withdrawn (nor retired, with
+    ``live_only``), read after taking the key lock on PostgreSQL."""
+    _lock_keys(connection)
+    k = tables.signing_keys
+    query = select(func.max(k.c.created_at)).where(k.c.alg == alg, k.c.withdrawn_at.is_(None))
     if live_only:
         query = query.where(k.c.retired_at.is_(None))
     newest = connection.execute(query).scalar()

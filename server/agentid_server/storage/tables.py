@@ -89,6 +89,9 @@ signing_keys = Table(
     Column("sealed_private_key", LargeBinary, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("retired_at", BigInteger, nullable=True),
+    # RetireSigningKey (compromised): verifies no more, on no replica. The row stays, for the
+    # audit trail's sake and so that no replica takes the key back.
+    Column("withdrawn_at", BigInteger, nullable=True),
 )
 
 audit_records = Table(

@@ -99,6 +99,16 @@ class AgentTokenVerifier:
         cache[token] = claims  # (re)inserted last: the most recently used
         return claims
 
+    def forget_keys(self, kids: frozenset[str]) -> int:
+        """Drops the verified tokens signed by these keys (withdrawn: they must stop verifying
+        now, not when they leave the cache); returns how many. Reads each cached token's header:
+        a rare, emergency cost, kept off the hot path."""
+        cache = self._cache
+        signed = [token for token in cache if _kid_of(token) in kids]
+        for token in signed:
+            self._bytes -= cached_bytes(token, len(cache.pop(token).scopes.scopes))
+        return len(signed)
+
     def _verify_signature_and_shape(self, token: str) -> AgentClaims:
         """The cold path: one signature verification (_signature_valid), nothing else costly.
 
@@ -142,6 +152,13 @@ class AgentTokenVerifier:
         if payload["iss"] != self._issuer:
             raise TokenRejected(Reason.TOKEN_MALFORMED, "issued by someone else")
         return claims_from_payload(payload)
+
+
+def _kid_of(token: str) -> str | None:
+    """The kid of a token verified already (so well-formed)."""
+    header = json_object(token.split(".", 1)[0])
+    kid = header.get("kid") if header is not None else None
+    return kid if isinstance(kid, str) else None
 
 
 def _signature_valid(key: SigningKey, signature: bytes, signing_input: bytes) -> bool:

@@ -141,10 +141,13 @@ class KeyRing:
     algorithm whose ``created_at`` has passed. A key published ahead of its time (``created_at``
     still to come) already verifies and is in the JWKS, so every replica and every JWKS cache
     can know it before the first token it signs; a retired key still verifies, and stays in the
-    JWKS, until every token it signed has expired (``max_token_ttl`` after its retirement)."""
+    JWKS, until every token it signed has expired (``max_token_ttl`` after its retirement). A key
+    withdrawn (RetireSigningKey: compromised) neither signs nor verifies from then on, and never
+    comes back."""
 
     def __init__(self, keys: list[SigningKey], algorithm: str, max_token_ttl: int) -> None:
         self._keys = {key.kid: key for key in keys}
+        self._withdrawn: set[str] = set()
         self._algorithm = algorithm
         self._max_token_ttl = max_token_ttl
         self._active: SigningKey | None = None
@@ -169,12 +172,18 @@ class KeyRing:
     def jwks(self) -> str:
         return self._jwks
 
-    def update(self, keys: list[SigningKey], now: int) -> list[str]:
-        """Takes the store's view: keys this ring lacks (another replica published them) and
-        retirements; keys whose tokens have all expired are left out. Returns the kids added."""
+    def update(
+        self, keys: list[SigningKey], now: int, withdrawn: frozenset[str] = frozenset()
+    ) -> list[str]:
+        """Takes the store's view: keys this ring lacks (another replica published them),
+        retirements and withdrawals; keys whose tokens have all expired are left out. Returns the
+        kids added. The ring must keep a key of its algorithm (KeyMaterialError otherwise)."""
+        self._withdrawn |= withdrawn
+        for kid in withdrawn:
+            self._keys.pop(kid, None)
         added = []
         for key in keys:
-            if self._expired(key, now):
+            if key.kid in self._withdrawn or self._expired(key, now):
                 continue
             known = self._keys.get(key.kid)
             if known is None:

@@ -128,6 +128,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_STEP_UP_RESOLVED: _EventType.ValueType  # 4
     EVENT_TYPE_REVOKE: _EventType.ValueType  # 5
     EVENT_TYPE_KEY_ROTATED: _EventType.ValueType  # 6
+    EVENT_TYPE_KEY_RETIRED: _EventType.ValueType  # 11
+    """A signing key retired by RetireSigningKey; `detail` names the kid."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -138,6 +140,8 @@ EVENT_TYPE_STEP_UP_REQUESTED: EventType.ValueType  # 3
 EVENT_TYPE_STEP_UP_RESOLVED: EventType.ValueType  # 4
 EVENT_TYPE_REVOKE: EventType.ValueType  # 5
 EVENT_TYPE_KEY_ROTATED: EventType.ValueType  # 6
+EVENT_TYPE_KEY_RETIRED: EventType.ValueType  # 11
+"""A signing key retired by RetireSigningKey; `detail` names the kid."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ActorKind:
@@ -1233,3 +1237,53 @@ class ListSessionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class RetireSigningKeyRequest(_message.Message):
+    """Bearer: a service API key with role admin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    kid: _builtins.str
+    """The key's `kid` (as in the JWKS and the tokens' header)."""
+    reason: _builtins.str
+    """Why, for the audit record."""
+    def __init__(
+        self,
+        *,
+        kid: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kid", b"kid", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireSigningKeyRequest: _TypeAlias = RetireSigningKeyRequest  # noqa: Y015
+
+@_typing.final
+class RetireSigningKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETIRED_KID_FIELD_NUMBER: _builtins.int
+    SIGNING_KID_FIELD_NUMBER: _builtins.int
+    retired_kid: _builtins.str
+    """The key retired (the request's kid)."""
+    signing_kid: _builtins.str
+    """The key signing now: a new one when the retired key was signing."""
+    def __init__(
+        self,
+        *,
+        retired_kid: _builtins.str = ...,
+        signing_kid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["retired_kid", b"retired_kid", "signing_kid", b"signing_kid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireSigningKeyResponse: _TypeAlias = RetireSigningKeyResponse  # noqa: Y015

@@ -91,6 +91,11 @@ class AgentIdentityServiceStub(object):
                 request_serializer=agentid_dot_v1_dot_agentid__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=agentid_dot_v1_dot_agentid__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.RetireSigningKey = channel.unary_unary(
+                '/agentid.v1.AgentIdentityService/RetireSigningKey',
+                request_serializer=agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyRequest.SerializeToString,
+                response_deserializer=agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AgentIdentityServiceServicer(object):
@@ -177,6 +182,14 @@ class AgentIdentityServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetireSigningKey(self, request, context):
+        """Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
+        (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentIdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +247,11 @@ def add_AgentIdentityServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=agentid_dot_v1_dot_agentid__pb2.ListSessionsRequest.FromString,
                     response_serializer=agentid_dot_v1_dot_agentid__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'RetireSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireSigningKey,
+                    request_deserializer=agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyRequest.FromString,
+                    response_serializer=agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -535,6 +553,33 @@ class AgentIdentityService(object):
             '/agentid.v1.AgentIdentityService/ListSessions',
             agentid_dot_v1_dot_agentid__pb2.ListSessionsRequest.SerializeToString,
             agentid_dot_v1_dot_agentid__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentid.v1.AgentIdentityService/RetireSigningKey',
+            agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyRequest.SerializeToString,
+            agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,10 @@ class AgentIdentityServiceStub:
     """Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
     audit or admin) anyone's; live ones only unless include_ended.
     """
+    RetireSigningKey: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.RetireSigningKeyRequest, _agentid_pb2.RetireSigningKeyResponse]
+    """Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
+    (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
+    """
 
 @_typing.type_check_only
 class AgentIdentityServiceAsyncStub(AgentIdentityServiceStub):
@@ -96,6 +100,10 @@ class AgentIdentityServiceAsyncStub(AgentIdentityServiceStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_agentid_pb2.ListSessionsRequest, _agentid_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
     audit or admin) anyone's; live ones only unless include_ended.
+    """
+    RetireSigningKey: _aio.UnaryUnaryMultiCallable[_agentid_pb2.RetireSigningKeyRequest, _agentid_pb2.RetireSigningKeyResponse]  # type: ignore[assignment]
+    """Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
+    (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
     """
 
 class AgentIdentityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -193,6 +201,16 @@ class AgentIdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agentid_pb2.ListSessionsResponse, _abc.Awaitable[_agentid_pb2.ListSessionsResponse]]:
         """Agent sessions, newest first: a user's own, an agent's own and its descendants', or (role
         audit or admin) anyone's; live ones only unless include_ended.
+        """
+
+    @_abc_1.abstractmethod
+    def RetireSigningKey(
+        self,
+        request: _agentid_pb2.RetireSigningKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentid_pb2.RetireSigningKeyResponse, _abc.Awaitable[_agentid_pb2.RetireSigningKeyResponse]]:
+        """Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
+        (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
         """
 
 def add_AgentIdentityServiceServicer_to_server(servicer: AgentIdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
