@@ -493,8 +493,6 @@ async def build_server(
             checker=checker,
             revoker=revoker,
             authn=authn,
-            agent_tokens=verifier,
-            revocations=revocations,
             proofs=proofs,
             proof_ledger=ledger,
             agents=frozenset(agents),
@@ -623,8 +621,6 @@ def _door_settings(settings: Settings) -> DoorSettings:
         max_body_bytes=settings.server.max_message_bytes,
         # At most half of publish_ahead: a cached JWKS always holds a key before it signs.
         cache_max_age=max(1, min(JWKS_MAX_AGE, int(settings.tokens.publish_ahead / 2))),
-        max_token_bytes=settings.server.max_token_bytes,
-        nbf_leeway=settings.tokens.nbf_leeway,
         signing_algorithm=settings.tokens.algorithm,
     )
 

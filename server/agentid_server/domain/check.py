@@ -189,14 +189,21 @@ class Checker:
         None: the rules of a Check up to its action (size, signature, times, the revocation
         set, the caller's audience), without a proof (no action is asked) or an audit record
         (no decision is made: the same answer a service verifying with the JWKS gets)."""
+        claims = self.live_claims(token)
+        if claims is None or _audience_mismatch(claims, caller):
+            return None
+        return claims
+
+    def live_claims(self, token: str) -> AgentClaims | None:
+        """The claims of one of our agent tokens that is live now (its size, signature and
+        times as a Check reads them, not revoked), else None: what introspection and the OAuth
+        revocation endpoint start from."""
         try:
             claims = self._verified(token)
             check_token_times(claims, self._clock.now(), self._nbf_leeway)
         except TokenRejected:
             return None
-        if claims.serial in self._revocations or _audience_mismatch(claims, caller):
-            return None
-        return claims
+        return None if claims.serial in self._revocations else claims
 
     def _verified(self, token: str) -> AgentClaims:
         if len(token) > self._max_token_bytes:

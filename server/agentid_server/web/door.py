@@ -17,7 +17,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from aiohttp import web
 
-from agentid_server.domain.check import Checker, check_token_times
+from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import DelegateInput, Delegation, Delegator
 from agentid_server.domain.errors import AgentIdError, NotFound, Unauthenticated
 from agentid_server.domain.model import (
@@ -28,13 +28,11 @@ from agentid_server.domain.model import (
     UserPrincipal,
 )
 from agentid_server.domain.ports import (
-    AgentTokenVerifier,
     Clock,
     ProofLedger,
     ProofVerifier,
     TokenRejected,
 )
-from agentid_server.domain.revocation import RevocationSet
 from agentid_server.domain.revoking import Revoker
 from agentid_server.tokens.callers import CallerAuthenticator
 from agentid_server.tokens.client_assertion import claimed_client
@@ -84,8 +82,6 @@ class DoorSettings:
     base_url: str
     max_body_bytes: int
     cache_max_age: int  # seconds; at most half of tokens.publish_ahead (docs/http.md)
-    max_token_bytes: int
-    nbf_leeway: float
     signing_algorithm: str  # tokens.algorithm: what the agent tokens are signed with
 
 
@@ -100,8 +96,6 @@ class HttpDoor:
         checker: Checker,
         revoker: Revoker,
         authn: CallerAuthenticator,
-        agent_tokens: AgentTokenVerifier,
-        revocations: RevocationSet,
         proofs: ProofVerifier,
         proof_ledger: ProofLedger | None,
         agents: Collection[str],
@@ -113,8 +107,6 @@ class HttpDoor:
         self._checker = checker
         self._revoker = revoker
         self._authn = authn
-        self._agent_tokens = agent_tokens
-        self._revocations = revocations
         self._proofs = proofs
         self._ledger = proof_ledger
         self._agents = agents
@@ -308,7 +300,7 @@ class HttpDoor:
             )
         except AgentIdError as error:
             raise delegate_error(error) from None
-        claims = self._revocable(_required(form, "token"))
+        claims = self._checker.live_claims(_required(form, "token"))
         if claims is None:
             return _revoked()
         if client_id not in _agents_of(claims.act):
@@ -327,17 +319,6 @@ class HttpDoor:
         except AgentIdError as error:
             raise delegate_error(error) from None
         return _revoked()
-
-    def _revocable(self, token: str) -> AgentClaims | None:
-        """The claims of one of our agent tokens still live, or None (nothing to revoke)."""
-        if len(token) > self._s.max_token_bytes:
-            return None
-        try:
-            claims = self._agent_tokens.verify(token)
-            check_token_times(claims, self._clock.now(), self._s.nbf_leeway)
-        except TokenRejected:
-            return None
-        return None if claims.serial in self._revocations else claims
 
 
 def metadata(issuer: str, base_url: str, signing_algorithm: str) -> dict[str, Any]:
