@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentid_server.devidp import CONSOLE_CLIENT, LOGIN_SCOPES
 
 from tests.browser.driver import (
     REQUIRE_BROWSER,
@@ -26,13 +25,12 @@ from tests.browser.driver import (
     missing_for_browser,
 )
 from tests.conftest import (
-    IDP_AUDIENCE,
     FakeClock,
     Harness,
     IdpFixture,
     running_harness,
 )
-from tests.http.test_console import Provider
+from tests.http.test_console import Provider, console_sections
 from tests.http.test_console import provider as provider  # the fixture, shared as it is
 
 RULES = [{"name": "large-transfer", "action": "payments.transfer", "when": "context.amount > 1000"}]
@@ -86,20 +84,13 @@ async def h(
     """agentid on the HTTP port the provider's console client redirects to; a transfer above
     1000 needs a step-up, approved with a login at most 5 minutes old with the one-time code
     (acr urn:mfa; a plain sign-in is urn:pwd, so approving always asks for a fresh login)."""
-    door = f"127.0.0.1:{provider.console_port}"
 
     def mutate(config: dict[str, Any]) -> None:
-        config["http"].update(listen=door, public_url=f"http://{door}")
-        config["idp"] = [
-            {
-                "issuer": provider.issuer,
-                "audience": IDP_AUDIENCE,
-                "jwks_file": str(idp.jwks_path),
-                "client_id": CONSOLE_CLIENT,
-                "client_secret_file": str(tmp_path / "devidp" / "console-secret"),
-                "login_scopes": list(LOGIN_SCOPES),
-            }
-        ]
+        for name, section in console_sections(tmp_path, idp, provider).items():
+            if isinstance(section, dict):
+                config[name].update(section)
+            else:
+                config[name] = section
         config["risk"] = RULES
         config["step_up"] = {"pending_ttl": "10m", "max_auth_age": "5m", "accepted_acr": [MFA]}
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import aiohttp
@@ -94,10 +95,18 @@ async def provider(tmp_path: Path, idp: IdpFixture) -> AsyncIterator[Provider]:
 async def h(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock, provider: Provider
 ) -> AsyncIterator[Harness]:
+    mutate = with_config(**console_sections(tmp_path, idp, provider))
+    async with running_harness(tmp_path, idp, clock, mutate=mutate) as harness:
+        yield harness
+
+
+def console_sections(tmp_path: Path, idp: IdpFixture, provider: Provider) -> dict[str, Any]:
+    """The config sections of a console signing in at ``provider``: the HTTP door on the port
+    its console client redirects to, and the one `[[idp]]` with that client."""
     door = f"127.0.0.1:{provider.console_port}"
-    mutate = with_config(
-        http={"listen": door, "public_url": f"http://{door}"},
-        idp=[
+    return {
+        "http": {"listen": door, "public_url": f"http://{door}"},
+        "idp": [
             {
                 "issuer": provider.issuer,
                 "audience": IDP_AUDIENCE,
@@ -107,9 +116,7 @@ async def h(
                 "login_scopes": list(LOGIN_SCOPES),
             }
         ],
-    )
-    async with running_harness(tmp_path, idp, clock, mutate=mutate) as harness:
-        yield harness
+    }
 
 
 class LoginRefused(Exception):

@@ -17,13 +17,11 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 from agentid.v1 import agentid_pb2 as pb
-from agentid_server.devidp import CONSOLE_CLIENT, LOGIN_SCOPES
 from agentid_server.web.console import fresh_login_path
 from agentid_server.web.console_pages import CONSOLE_PAGES
 from agentid_server.web.console_sessions import SESSION_TTL, ConsoleUser
 
 from tests.conftest import (
-    IDP_AUDIENCE,
     FakeClock,
     Harness,
     IdpFixture,
@@ -33,7 +31,14 @@ from tests.conftest import (
     with_config,
 )
 from tests.http import test_console as sign_in_tests
-from tests.http.test_console import Provider, browser, sign_in, signed_in, to_callback
+from tests.http.test_console import (
+    Provider,
+    browser,
+    console_sections,
+    sign_in,
+    signed_in,
+    to_callback,
+)
 
 # The dev OpenID Provider, and the skip without node and oidc-provider, of the sign-in's tests.
 provider = sign_in_tests.provider
@@ -47,19 +52,8 @@ RULES = [{"name": "large-transfer", "action": "payments.transfer", "when": "cont
 async def h(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock, provider: Provider
 ) -> AsyncIterator[Harness]:
-    door = f"127.0.0.1:{provider.console_port}"
     mutate = with_config(
-        http={"listen": door, "public_url": f"http://{door}"},
-        idp=[
-            {
-                "issuer": provider.issuer,
-                "audience": IDP_AUDIENCE,
-                "jwks_file": str(idp.jwks_path),
-                "client_id": CONSOLE_CLIENT,
-                "client_secret_file": str(tmp_path / "devidp" / "console-secret"),
-                "login_scopes": list(LOGIN_SCOPES),
-            }
-        ],
+        **console_sections(tmp_path, idp, provider),
         risk=RULES,  # type: ignore[arg-type]
         step_up={"max_auth_age": "5m", "accepted_acr": [MFA]},
     )
