@@ -5,8 +5,6 @@ the domain for both doors. A real OAuth library (Authlib) signs the assertion.""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -19,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
 )
 
-from tests.conftest import ISSUER, FakeClock, Harness, IdpFixture, running_harness
+from tests.conftest import ISSUER, Harness
 from tests.http.helpers import (
     JWT_TYPE,
     TOKEN_ENDPOINT,
@@ -28,23 +26,14 @@ from tests.http.helpers import (
     session_count,
 )
 from tests.http.helpers import post_form as post
-from tests.security.test_client_assertions import AGENT, ATTACKS, AgentKeys, keyed
+from tests.security.test_client_assertions import AGENT, ATTACKS, AgentKeys
+
+# The keyed agent's server and keys, as the gRPC tests of client assertions have them.
+from tests.security.test_client_assertions import agent_keys as agent_keys
+from tests.security.test_client_assertions import h as h
 
 REVOCATION_ENDPOINT = ISSUER + "/oauth2/revoke"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-
-
-@pytest.fixture
-def agent_keys(tmp_path: Path, clock: FakeClock) -> AgentKeys:
-    return AgentKeys(tmp_path / "agent-jwks.json", clock)
-
-
-@pytest.fixture
-async def h(
-    tmp_path: Path, idp: IdpFixture, clock: FakeClock, agent_keys: AgentKeys
-) -> AsyncIterator[Harness]:
-    async with running_harness(tmp_path, idp, clock, mutate=keyed(agent_keys)) as harness:
-        yield harness
 
 
 def authenticated(form: dict[str, str], assertion: str) -> dict[str, str]:
