@@ -165,9 +165,14 @@ class WebhookNotifier:
             lane.under_way += 1
             try:
                 await self._deliver(lane.endpoint, notice)
-            except Exception:
+            except Exception as exc:  # its text or traceback may hold the URL: the kind alone
                 self.failed += 1
-                log.exception("%s: %s not delivered", lane.endpoint.label, notice.message_id)
+                log.error(
+                    "%s: %s not delivered: %s",
+                    lane.endpoint.label,
+                    notice.message_id,
+                    type(exc).__name__,
+                )
             finally:
                 lane.under_way -= 1
                 lane.queue.task_done()
