@@ -272,6 +272,38 @@ async def refused(session: aiohttp.ClientSession, url: str) -> str:
         return response.headers["X-Agentid-Reason"]
 
 
+async def test_a_sign_in_refuses_where_it_would_send_the_browser_and_bad_freshness(
+    h: Harness, provider: Provider
+) -> None:
+    """Where the browser returns after sign-in is a path under /console/ only (never another
+    host: no open redirect), and max_age / acr_values are bounded: each refused before the
+    browser is sent to the IdP, no sign-in begun."""
+    from urllib.parse import quote
+
+    bad = [
+        "next=" + quote("https://evil.example/"),
+        "next=" + quote("//evil.example/console/"),
+        "next=" + quote("/console//evil.example/"),
+        "next=" + quote("/console/\\evil.example"),
+        "next=" + quote("/elsewhere"),
+        "max_age=soon",
+        "max_age=-1",
+        "max_age=86401",
+        "acr_values=" + quote(" ".join(f"acr{n}" for n in range(9))),
+        "acr_values=" + "a" * 129,
+    ]
+    async with browser() as session:
+        for query in bad:
+            url = f"{h.http_url}/console/login?{query}"
+            async with session.get(url, allow_redirects=False) as response:
+                assert response.status == 400, query
+                assert "Location" not in response.headers, query
+        ok = f"{h.http_url}/console/login?next=" + quote("/console/sessions")
+        async with session.get(ok, allow_redirects=False) as response:
+            assert response.status == 302
+            assert response.headers["Location"].startswith(provider.issuer)
+
+
 async def test_forged_state_is_refused(h: Harness, provider: Provider) -> None:
     async with browser() as session:
         url = h.http_url + "/console/callback?code=abc&state=forged"
