@@ -13,6 +13,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	fieldmaskpb "google.golang.org/protobuf/types/known/fieldmaskpb"
 	structpb "google.golang.org/protobuf/types/known/structpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
@@ -232,6 +233,12 @@ const (
 	EventType_EVENT_TYPE_STEP_UP_RESOLVED  EventType = 4
 	EventType_EVENT_TYPE_REVOKE            EventType = 5
 	EventType_EVENT_TYPE_KEY_ROTATED       EventType = 6
+	// Agent lifecycle: `agent_id` names the agent, the actor is the caller; `detail` lists the
+	// fields changed (UPDATED) or the reason given (DISABLED).
+	EventType_EVENT_TYPE_AGENT_CREATED  EventType = 7
+	EventType_EVENT_TYPE_AGENT_UPDATED  EventType = 8
+	EventType_EVENT_TYPE_AGENT_DISABLED EventType = 9
+	EventType_EVENT_TYPE_AGENT_ENABLED  EventType = 10
 	// A signing key retired by RetireSigningKey; `detail` names the kid.
 	EventType_EVENT_TYPE_KEY_RETIRED EventType = 11
 )
@@ -246,6 +253,10 @@ var (
 		4:  "EVENT_TYPE_STEP_UP_RESOLVED",
 		5:  "EVENT_TYPE_REVOKE",
 		6:  "EVENT_TYPE_KEY_ROTATED",
+		7:  "EVENT_TYPE_AGENT_CREATED",
+		8:  "EVENT_TYPE_AGENT_UPDATED",
+		9:  "EVENT_TYPE_AGENT_DISABLED",
+		10: "EVENT_TYPE_AGENT_ENABLED",
 		11: "EVENT_TYPE_KEY_RETIRED",
 	}
 	EventType_value = map[string]int32{
@@ -256,6 +267,10 @@ var (
 		"EVENT_TYPE_STEP_UP_RESOLVED":  4,
 		"EVENT_TYPE_REVOKE":            5,
 		"EVENT_TYPE_KEY_ROTATED":       6,
+		"EVENT_TYPE_AGENT_CREATED":     7,
+		"EVENT_TYPE_AGENT_UPDATED":     8,
+		"EVENT_TYPE_AGENT_DISABLED":    9,
+		"EVENT_TYPE_AGENT_ENABLED":     10,
 		"EVENT_TYPE_KEY_RETIRED":       11,
 	}
 )
@@ -452,6 +467,107 @@ func (x SessionState) Number() protoreflect.EnumNumber {
 // Deprecated: Use SessionState.Descriptor instead.
 func (SessionState) EnumDescriptor() ([]byte, []int) {
 	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{6}
+}
+
+type AgentState int32
+
+const (
+	AgentState_AGENT_STATE_UNSPECIFIED AgentState = 0
+	AgentState_AGENT_STATE_ACTIVE      AgentState = 1
+	// Refuses new delegations (AGENT_DISABLED); its sessions were revoked when it was disabled.
+	AgentState_AGENT_STATE_DISABLED AgentState = 2
+)
+
+// Enum value maps for AgentState.
+var (
+	AgentState_name = map[int32]string{
+		0: "AGENT_STATE_UNSPECIFIED",
+		1: "AGENT_STATE_ACTIVE",
+		2: "AGENT_STATE_DISABLED",
+	}
+	AgentState_value = map[string]int32{
+		"AGENT_STATE_UNSPECIFIED": 0,
+		"AGENT_STATE_ACTIVE":      1,
+		"AGENT_STATE_DISABLED":    2,
+	}
+)
+
+func (x AgentState) Enum() *AgentState {
+	p := new(AgentState)
+	*p = x
+	return p
+}
+
+func (x AgentState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AgentState) Descriptor() protoreflect.EnumDescriptor {
+	return file_agentid_v1_agentid_proto_enumTypes[7].Descriptor()
+}
+
+func (AgentState) Type() protoreflect.EnumType {
+	return &file_agentid_v1_agentid_proto_enumTypes[7]
+}
+
+func (x AgentState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AgentState.Descriptor instead.
+func (AgentState) EnumDescriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{7}
+}
+
+type AgentSource int32
+
+const (
+	AgentSource_AGENT_SOURCE_UNSPECIFIED AgentSource = 0
+	// `[[agents]]` in the config, created or updated at start; UpdateAgent refuses it.
+	AgentSource_AGENT_SOURCE_CONFIG AgentSource = 1
+	// CreateAgent.
+	AgentSource_AGENT_SOURCE_API AgentSource = 2
+)
+
+// Enum value maps for AgentSource.
+var (
+	AgentSource_name = map[int32]string{
+		0: "AGENT_SOURCE_UNSPECIFIED",
+		1: "AGENT_SOURCE_CONFIG",
+		2: "AGENT_SOURCE_API",
+	}
+	AgentSource_value = map[string]int32{
+		"AGENT_SOURCE_UNSPECIFIED": 0,
+		"AGENT_SOURCE_CONFIG":      1,
+		"AGENT_SOURCE_API":         2,
+	}
+)
+
+func (x AgentSource) Enum() *AgentSource {
+	p := new(AgentSource)
+	*p = x
+	return p
+}
+
+func (x AgentSource) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AgentSource) Descriptor() protoreflect.EnumDescriptor {
+	return file_agentid_v1_agentid_proto_enumTypes[8].Descriptor()
+}
+
+func (AgentSource) Type() protoreflect.EnumType {
+	return &file_agentid_v1_agentid_proto_enumTypes[8]
+}
+
+func (x AgentSource) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AgentSource.Descriptor instead.
+func (AgentSource) EnumDescriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{8}
 }
 
 // Bearer: a user's IdP token, or an agent token holding `agentid.delegate` for a sub-agent.
@@ -1365,6 +1481,7 @@ type RevokeRequest struct {
 	//
 	//	*RevokeRequest_SessionId
 	//	*RevokeRequest_UserId
+	//	*RevokeRequest_AgentId
 	Target isRevokeRequest_Target `protobuf_oneof:"target"`
 	// Free text, recorded; "task_complete" by convention when an agent ends itself.
 	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
@@ -1427,6 +1544,15 @@ func (x *RevokeRequest) GetUserId() string {
 	return ""
 }
 
+func (x *RevokeRequest) GetAgentId() string {
+	if x != nil {
+		if x, ok := x.Target.(*RevokeRequest_AgentId); ok {
+			return x.AgentId
+		}
+	}
+	return ""
+}
+
 func (x *RevokeRequest) GetReason() string {
 	if x != nil {
 		return x.Reason
@@ -1448,9 +1574,16 @@ type RevokeRequest_UserId struct {
 	UserId string `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3,oneof"`
 }
 
+type RevokeRequest_AgentId struct {
+	// Every live session of this agent, with their descendants (role admin, or an owner).
+	AgentId string `protobuf:"bytes,4,opt,name=agent_id,json=agentId,proto3,oneof"`
+}
+
 func (*RevokeRequest_SessionId) isRevokeRequest_Target() {}
 
 func (*RevokeRequest_UserId) isRevokeRequest_Target() {}
+
+func (*RevokeRequest_AgentId) isRevokeRequest_Target() {}
 
 type RevokeResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2818,12 +2951,771 @@ func (x *RetireSigningKeyResponse) GetSigningKid() string {
 	return ""
 }
 
+// A registered agent kind: the most any of its sessions may be granted, and who answers for it.
+type Agent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// [a-z0-9][a-z0-9._-]{0,63}; immutable.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// At most 200 characters.
+	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
+	// At most 2000 characters.
+	Description string `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
+	// User ids accountable for it (Entra's "sponsors"): they may get and disable it and list its
+	// sessions. At most 32.
+	Owners []string `protobuf:"bytes,4,rep,name=owners,proto3" json:"owners,omitempty"`
+	// The scopes it may ever be granted (scope grammar); at least one, at most 64, no duplicates.
+	MaxScopes []string `protobuf:"bytes,5,rep,name=max_scopes,json=maxScopes,proto3" json:"max_scopes,omitempty"`
+	// Its sessions' longest lifetime; unset = tokens.max_ttl.
+	MaxTtl *durationpb.Duration `protobuf:"bytes,6,opt,name=max_ttl,json=maxTtl,proto3" json:"max_ttl,omitempty"`
+	// Output only.
+	State AgentState `protobuf:"varint,7,opt,name=state,proto3,enum=agentid.v1.AgentState" json:"state,omitempty"`
+	// RFC 7517 JWK Set of the public keys its client assertions are signed with (at most 16
+	// keys, no private parts); empty = none.
+	JwksJson string `protobuf:"bytes,8,opt,name=jwks_json,json=jwksJson,proto3" json:"jwks_json,omitempty"`
+	// Output only.
+	Source AgentSource `protobuf:"varint,9,opt,name=source,proto3,enum=agentid.v1.AgentSource" json:"source,omitempty"`
+	// Output only.
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// Set while disabled.
+	DisableTime    *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=disable_time,json=disableTime,proto3" json:"disable_time,omitempty"`
+	DisabledReason string                 `protobuf:"bytes,13,opt,name=disabled_reason,json=disabledReason,proto3" json:"disabled_reason,omitempty"`
+	// Output only: where a config agent's keys are fetched from (`[[agents]] jwks_url`); such an
+	// agent has keys though jwks_json is empty.
+	JwksUrl       string `protobuf:"bytes,14,opt,name=jwks_url,json=jwksUrl,proto3" json:"jwks_url,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Agent) Reset() {
+	*x = Agent{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Agent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Agent) ProtoMessage() {}
+
+func (x *Agent) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Agent.ProtoReflect.Descriptor instead.
+func (*Agent) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *Agent) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Agent) GetDisplayName() string {
+	if x != nil {
+		return x.DisplayName
+	}
+	return ""
+}
+
+func (x *Agent) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Agent) GetOwners() []string {
+	if x != nil {
+		return x.Owners
+	}
+	return nil
+}
+
+func (x *Agent) GetMaxScopes() []string {
+	if x != nil {
+		return x.MaxScopes
+	}
+	return nil
+}
+
+func (x *Agent) GetMaxTtl() *durationpb.Duration {
+	if x != nil {
+		return x.MaxTtl
+	}
+	return nil
+}
+
+func (x *Agent) GetState() AgentState {
+	if x != nil {
+		return x.State
+	}
+	return AgentState_AGENT_STATE_UNSPECIFIED
+}
+
+func (x *Agent) GetJwksJson() string {
+	if x != nil {
+		return x.JwksJson
+	}
+	return ""
+}
+
+func (x *Agent) GetSource() AgentSource {
+	if x != nil {
+		return x.Source
+	}
+	return AgentSource_AGENT_SOURCE_UNSPECIFIED
+}
+
+func (x *Agent) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Agent) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+func (x *Agent) GetDisableTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DisableTime
+	}
+	return nil
+}
+
+func (x *Agent) GetDisabledReason() string {
+	if x != nil {
+		return x.DisabledReason
+	}
+	return ""
+}
+
+func (x *Agent) GetJwksUrl() string {
+	if x != nil {
+		return x.JwksUrl
+	}
+	return ""
+}
+
+type CreateAgentRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id, max_scopes required; state, source and times are set by the server.
+	Agent         *Agent `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateAgentRequest) Reset() {
+	*x = CreateAgentRequest{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateAgentRequest) ProtoMessage() {}
+
+func (x *CreateAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateAgentRequest.ProtoReflect.Descriptor instead.
+func (*CreateAgentRequest) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *CreateAgentRequest) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+type CreateAgentResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateAgentResponse) Reset() {
+	*x = CreateAgentResponse{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateAgentResponse) ProtoMessage() {}
+
+func (x *CreateAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateAgentResponse.ProtoReflect.Descriptor instead.
+func (*CreateAgentResponse) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *CreateAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+type GetAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAgentRequest) Reset() {
+	*x = GetAgentRequest{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAgentRequest) ProtoMessage() {}
+
+func (x *GetAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAgentRequest.ProtoReflect.Descriptor instead.
+func (*GetAgentRequest) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *GetAgentRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type GetAgentResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAgentResponse) Reset() {
+	*x = GetAgentResponse{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAgentResponse) ProtoMessage() {}
+
+func (x *GetAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAgentResponse.ProtoReflect.Descriptor instead.
+func (*GetAgentResponse) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *GetAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+type ListAgentsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 0 = 100; more than 1000 is taken as 1000; negative is INVALID_ARGUMENT.
+	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The previous answer's next_page_token, for the same query by the same caller.
+	PageToken string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Also the disabled agents.
+	IncludeDisabled bool `protobuf:"varint,3,opt,name=include_disabled,json=includeDisabled,proto3" json:"include_disabled,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ListAgentsRequest) Reset() {
+	*x = ListAgentsRequest{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentsRequest) ProtoMessage() {}
+
+func (x *ListAgentsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentsRequest.ProtoReflect.Descriptor instead.
+func (*ListAgentsRequest) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *ListAgentsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListAgentsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListAgentsRequest) GetIncludeDisabled() bool {
+	if x != nil {
+		return x.IncludeDisabled
+	}
+	return false
+}
+
+type ListAgentsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// By id.
+	Agents []*Agent `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
+	// Empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentsResponse) Reset() {
+	*x = ListAgentsResponse{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentsResponse) ProtoMessage() {}
+
+func (x *ListAgentsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentsResponse.ProtoReflect.Descriptor instead.
+func (*ListAgentsResponse) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *ListAgentsResponse) GetAgents() []*Agent {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+func (x *ListAgentsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+type UpdateAgentRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// agent.id names the agent; the other fields are read where update_mask names them.
+	Agent *Agent `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	// Paths among display_name, description, owners, max_scopes, max_ttl, jwks_json; required.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateAgentRequest) Reset() {
+	*x = UpdateAgentRequest{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateAgentRequest) ProtoMessage() {}
+
+func (x *UpdateAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateAgentRequest.ProtoReflect.Descriptor instead.
+func (*UpdateAgentRequest) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *UpdateAgentRequest) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+func (x *UpdateAgentRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+type UpdateAgentResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateAgentResponse) Reset() {
+	*x = UpdateAgentResponse{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateAgentResponse) ProtoMessage() {}
+
+func (x *UpdateAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateAgentResponse.ProtoReflect.Descriptor instead.
+func (*UpdateAgentResponse) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *UpdateAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+type DisableAgentRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Why, recorded with the agent, its revocations and the audit record.
+	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisableAgentRequest) Reset() {
+	*x = DisableAgentRequest{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisableAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisableAgentRequest) ProtoMessage() {}
+
+func (x *DisableAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisableAgentRequest.ProtoReflect.Descriptor instead.
+func (*DisableAgentRequest) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *DisableAgentRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *DisableAgentRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type DisableAgentResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Agent *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	// Every session revoked by this call, descendants included.
+	RevokedSessionIds []string `protobuf:"bytes,2,rep,name=revoked_session_ids,json=revokedSessionIds,proto3" json:"revoked_session_ids,omitempty"`
+	// The sequence of the last revocation this call wrote (or the applied sequence if none).
+	RevocationSequence uint64 `protobuf:"varint,3,opt,name=revocation_sequence,json=revocationSequence,proto3" json:"revocation_sequence,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *DisableAgentResponse) Reset() {
+	*x = DisableAgentResponse{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisableAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisableAgentResponse) ProtoMessage() {}
+
+func (x *DisableAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisableAgentResponse.ProtoReflect.Descriptor instead.
+func (*DisableAgentResponse) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *DisableAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+func (x *DisableAgentResponse) GetRevokedSessionIds() []string {
+	if x != nil {
+		return x.RevokedSessionIds
+	}
+	return nil
+}
+
+func (x *DisableAgentResponse) GetRevocationSequence() uint64 {
+	if x != nil {
+		return x.RevocationSequence
+	}
+	return 0
+}
+
+type EnableAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EnableAgentRequest) Reset() {
+	*x = EnableAgentRequest{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EnableAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EnableAgentRequest) ProtoMessage() {}
+
+func (x *EnableAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EnableAgentRequest.ProtoReflect.Descriptor instead.
+func (*EnableAgentRequest) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *EnableAgentRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type EnableAgentResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EnableAgentResponse) Reset() {
+	*x = EnableAgentResponse{}
+	mi := &file_agentid_v1_agentid_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EnableAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EnableAgentResponse) ProtoMessage() {}
+
+func (x *EnableAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agentid_v1_agentid_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EnableAgentResponse.ProtoReflect.Descriptor instead.
+func (*EnableAgentResponse) Descriptor() ([]byte, []int) {
+	return file_agentid_v1_agentid_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *EnableAgentResponse) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
 var File_agentid_v1_agentid_proto protoreflect.FileDescriptor
 
 const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\n" +
 	"\x18agentid/v1/agentid.proto\x12\n" +
-	"agentid.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n" +
+	"agentid.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n" +
 	"\x0fDelegateRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x16\n" +
 	"\x06scopes\x18\x02 \x03(\tR\x06scopes\x12+\n" +
@@ -2908,11 +3800,12 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"step_up_id\x18\x01 \x01(\tR\bstepUpId\x12!\n" +
 	"\fcurrent_only\x18\x02 \x01(\bR\vcurrentOnly\"C\n" +
 	"\x14WatchStepUpsResponse\x12+\n" +
-	"\astep_up\x18\x01 \x01(\v2\x12.agentid.v1.StepUpR\x06stepUp\"m\n" +
+	"\astep_up\x18\x01 \x01(\v2\x12.agentid.v1.StepUpR\x06stepUp\"\x8a\x01\n" +
 	"\rRevokeRequest\x12\x1f\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tH\x00R\tsessionId\x12\x19\n" +
-	"\auser_id\x18\x02 \x01(\tH\x00R\x06userId\x12\x16\n" +
+	"\auser_id\x18\x02 \x01(\tH\x00R\x06userId\x12\x1b\n" +
+	"\bagent_id\x18\x04 \x01(\tH\x00R\aagentId\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reasonB\b\n" +
 	"\x06target\"b\n" +
 	"\x0eRevokeResponse\x12\x1f\n" +
@@ -3037,7 +3930,59 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\vretired_kid\x18\x01 \x01(\tR\n" +
 	"retiredKid\x12\x1f\n" +
 	"\vsigning_kid\x18\x02 \x01(\tR\n" +
-	"signingKid*j\n" +
+	"signingKid\"\xc0\x04\n" +
+	"\x05Agent\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
+	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12 \n" +
+	"\vdescription\x18\x03 \x01(\tR\vdescription\x12\x16\n" +
+	"\x06owners\x18\x04 \x03(\tR\x06owners\x12\x1d\n" +
+	"\n" +
+	"max_scopes\x18\x05 \x03(\tR\tmaxScopes\x122\n" +
+	"\amax_ttl\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x06maxTtl\x12,\n" +
+	"\x05state\x18\a \x01(\x0e2\x16.agentid.v1.AgentStateR\x05state\x12\x1b\n" +
+	"\tjwks_json\x18\b \x01(\tR\bjwksJson\x12/\n" +
+	"\x06source\x18\t \x01(\x0e2\x17.agentid.v1.AgentSourceR\x06source\x12;\n" +
+	"\vcreate_time\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vupdate_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\x12=\n" +
+	"\fdisable_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\vdisableTime\x12'\n" +
+	"\x0fdisabled_reason\x18\r \x01(\tR\x0edisabledReason\x12\x19\n" +
+	"\bjwks_url\x18\x0e \x01(\tR\ajwksUrl\"=\n" +
+	"\x12CreateAgentRequest\x12'\n" +
+	"\x05agent\x18\x01 \x01(\v2\x11.agentid.v1.AgentR\x05agent\">\n" +
+	"\x13CreateAgentResponse\x12'\n" +
+	"\x05agent\x18\x01 \x01(\v2\x11.agentid.v1.AgentR\x05agent\"!\n" +
+	"\x0fGetAgentRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\";\n" +
+	"\x10GetAgentResponse\x12'\n" +
+	"\x05agent\x18\x01 \x01(\v2\x11.agentid.v1.AgentR\x05agent\"z\n" +
+	"\x11ListAgentsRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\x12)\n" +
+	"\x10include_disabled\x18\x03 \x01(\bR\x0fincludeDisabled\"g\n" +
+	"\x12ListAgentsResponse\x12)\n" +
+	"\x06agents\x18\x01 \x03(\v2\x11.agentid.v1.AgentR\x06agents\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"z\n" +
+	"\x12UpdateAgentRequest\x12'\n" +
+	"\x05agent\x18\x01 \x01(\v2\x11.agentid.v1.AgentR\x05agent\x12;\n" +
+	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\">\n" +
+	"\x13UpdateAgentResponse\x12'\n" +
+	"\x05agent\x18\x01 \x01(\v2\x11.agentid.v1.AgentR\x05agent\"=\n" +
+	"\x13DisableAgentRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\xa0\x01\n" +
+	"\x14DisableAgentResponse\x12'\n" +
+	"\x05agent\x18\x01 \x01(\v2\x11.agentid.v1.AgentR\x05agent\x12.\n" +
+	"\x13revoked_session_ids\x18\x02 \x03(\tR\x11revokedSessionIds\x12/\n" +
+	"\x13revocation_sequence\x18\x03 \x01(\x04R\x12revocationSequence\"$\n" +
+	"\x12EnableAgentRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\">\n" +
+	"\x13EnableAgentResponse\x12'\n" +
+	"\x05agent\x18\x01 \x01(\v2\x11.agentid.v1.AgentR\x05agent*j\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +
@@ -3064,7 +4009,7 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x16STEP_UP_STATE_APPROVED\x10\x02\x12\x18\n" +
 	"\x14STEP_UP_STATE_DENIED\x10\x03\x12\x19\n" +
 	"\x15STEP_UP_STATE_EXPIRED\x10\x04\x12\x1a\n" +
-	"\x16STEP_UP_STATE_CONSUMED\x10\x05*\xe8\x01\n" +
+	"\x16STEP_UP_STATE_CONSUMED\x10\x05*\xe1\x02\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13EVENT_TYPE_DELEGATE\x10\x01\x12\x14\n" +
@@ -3072,7 +4017,12 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x1cEVENT_TYPE_STEP_UP_REQUESTED\x10\x03\x12\x1f\n" +
 	"\x1bEVENT_TYPE_STEP_UP_RESOLVED\x10\x04\x12\x15\n" +
 	"\x11EVENT_TYPE_REVOKE\x10\x05\x12\x1a\n" +
-	"\x16EVENT_TYPE_KEY_ROTATED\x10\x06\x12\x1a\n" +
+	"\x16EVENT_TYPE_KEY_ROTATED\x10\x06\x12\x1c\n" +
+	"\x18EVENT_TYPE_AGENT_CREATED\x10\a\x12\x1c\n" +
+	"\x18EVENT_TYPE_AGENT_UPDATED\x10\b\x12\x1d\n" +
+	"\x19EVENT_TYPE_AGENT_DISABLED\x10\t\x12\x1c\n" +
+	"\x18EVENT_TYPE_AGENT_ENABLED\x10\n" +
+	"\x12\x1a\n" +
 	"\x16EVENT_TYPE_KEY_RETIRED\x10\v*j\n" +
 	"\tActorKind\x12\x1a\n" +
 	"\x16ACTOR_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
@@ -3089,7 +4039,16 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14SESSION_STATE_ACTIVE\x10\x01\x12\x19\n" +
 	"\x15SESSION_STATE_EXPIRED\x10\x02\x12\x19\n" +
-	"\x15SESSION_STATE_REVOKED\x10\x032\xaf\a\n" +
+	"\x15SESSION_STATE_REVOKED\x10\x03*[\n" +
+	"\n" +
+	"AgentState\x12\x1b\n" +
+	"\x17AGENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12AGENT_STATE_ACTIVE\x10\x01\x12\x18\n" +
+	"\x14AGENT_STATE_DISABLED\x10\x02*Z\n" +
+	"\vAgentSource\x12\x1c\n" +
+	"\x18AGENT_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13AGENT_SOURCE_CONFIG\x10\x01\x12\x14\n" +
+	"\x10AGENT_SOURCE_API\x10\x022\x86\v\n" +
 	"\x14AgentIdentityService\x12E\n" +
 	"\bDelegate\x12\x1b.agentid.v1.DelegateRequest\x1a\x1c.agentid.v1.DelegateResponse\x12<\n" +
 	"\x05Check\x12\x18.agentid.v1.CheckRequest\x1a\x19.agentid.v1.CheckResponse\x12?\n" +
@@ -3102,7 +4061,14 @@ const file_agentid_v1_agentid_proto_rawDesc = "" +
 	"\vVerifyAudit\x12\x1e.agentid.v1.VerifyAuditRequest\x1a\x1f.agentid.v1.VerifyAuditResponse\x12B\n" +
 	"\aGetJwks\x12\x1a.agentid.v1.GetJwksRequest\x1a\x1b.agentid.v1.GetJwksResponse\x12Q\n" +
 	"\fListSessions\x12\x1f.agentid.v1.ListSessionsRequest\x1a .agentid.v1.ListSessionsResponse\x12]\n" +
-	"\x10RetireSigningKey\x12#.agentid.v1.RetireSigningKeyRequest\x1a$.agentid.v1.RetireSigningKeyResponseb\x06proto3"
+	"\x10RetireSigningKey\x12#.agentid.v1.RetireSigningKeyRequest\x1a$.agentid.v1.RetireSigningKeyResponse\x12N\n" +
+	"\vCreateAgent\x12\x1e.agentid.v1.CreateAgentRequest\x1a\x1f.agentid.v1.CreateAgentResponse\x12E\n" +
+	"\bGetAgent\x12\x1b.agentid.v1.GetAgentRequest\x1a\x1c.agentid.v1.GetAgentResponse\x12K\n" +
+	"\n" +
+	"ListAgents\x12\x1d.agentid.v1.ListAgentsRequest\x1a\x1e.agentid.v1.ListAgentsResponse\x12N\n" +
+	"\vUpdateAgent\x12\x1e.agentid.v1.UpdateAgentRequest\x1a\x1f.agentid.v1.UpdateAgentResponse\x12Q\n" +
+	"\fDisableAgent\x12\x1f.agentid.v1.DisableAgentRequest\x1a .agentid.v1.DisableAgentResponse\x12N\n" +
+	"\vEnableAgent\x12\x1e.agentid.v1.EnableAgentRequest\x1a\x1f.agentid.v1.EnableAgentResponseb\x06proto3"
 
 var (
 	file_agentid_v1_agentid_proto_rawDescOnce sync.Once
@@ -3116,8 +4082,8 @@ func file_agentid_v1_agentid_proto_rawDescGZIP() []byte {
 	return file_agentid_v1_agentid_proto_rawDescData
 }
 
-var file_agentid_v1_agentid_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_agentid_v1_agentid_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_agentid_v1_agentid_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
+var file_agentid_v1_agentid_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_agentid_v1_agentid_proto_goTypes = []any{
 	(Decision)(0),                    // 0: agentid.v1.Decision
 	(Reason)(0),                      // 1: agentid.v1.Reason
@@ -3126,104 +4092,147 @@ var file_agentid_v1_agentid_proto_goTypes = []any{
 	(ActorKind)(0),                   // 4: agentid.v1.ActorKind
 	(AuditProblem)(0),                // 5: agentid.v1.AuditProblem
 	(SessionState)(0),                // 6: agentid.v1.SessionState
-	(*DelegateRequest)(nil),          // 7: agentid.v1.DelegateRequest
-	(*DelegateResponse)(nil),         // 8: agentid.v1.DelegateResponse
-	(*CheckRequest)(nil),             // 9: agentid.v1.CheckRequest
-	(*CheckResponse)(nil),            // 10: agentid.v1.CheckResponse
-	(*StepUp)(nil),                   // 11: agentid.v1.StepUp
-	(*StepUpRequest)(nil),            // 12: agentid.v1.StepUpRequest
-	(*StepUpResponse)(nil),           // 13: agentid.v1.StepUpResponse
-	(*ResolveStepUpRequest)(nil),     // 14: agentid.v1.ResolveStepUpRequest
-	(*ResolveStepUpResponse)(nil),    // 15: agentid.v1.ResolveStepUpResponse
-	(*WatchStepUpsRequest)(nil),      // 16: agentid.v1.WatchStepUpsRequest
-	(*WatchStepUpsResponse)(nil),     // 17: agentid.v1.WatchStepUpsResponse
-	(*RevokeRequest)(nil),            // 18: agentid.v1.RevokeRequest
-	(*RevokeResponse)(nil),           // 19: agentid.v1.RevokeResponse
-	(*WatchRevocationsRequest)(nil),  // 20: agentid.v1.WatchRevocationsRequest
-	(*RevocationSnapshot)(nil),       // 21: agentid.v1.RevocationSnapshot
-	(*RevocationEvent)(nil),          // 22: agentid.v1.RevocationEvent
-	(*WatchRevocationsResponse)(nil), // 23: agentid.v1.WatchRevocationsResponse
-	(*AuditRecord)(nil),              // 24: agentid.v1.AuditRecord
-	(*AuditRequest)(nil),             // 25: agentid.v1.AuditRequest
-	(*AuditResponse)(nil),            // 26: agentid.v1.AuditResponse
-	(*VerifyAuditRequest)(nil),       // 27: agentid.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),      // 28: agentid.v1.VerifyAuditResponse
-	(*GetJwksRequest)(nil),           // 29: agentid.v1.GetJwksRequest
-	(*GetJwksResponse)(nil),          // 30: agentid.v1.GetJwksResponse
-	(*Session)(nil),                  // 31: agentid.v1.Session
-	(*ListSessionsRequest)(nil),      // 32: agentid.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),     // 33: agentid.v1.ListSessionsResponse
-	(*RetireSigningKeyRequest)(nil),  // 34: agentid.v1.RetireSigningKeyRequest
-	(*RetireSigningKeyResponse)(nil), // 35: agentid.v1.RetireSigningKeyResponse
-	(*durationpb.Duration)(nil),      // 36: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 37: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),          // 38: google.protobuf.Struct
+	(AgentState)(0),                  // 7: agentid.v1.AgentState
+	(AgentSource)(0),                 // 8: agentid.v1.AgentSource
+	(*DelegateRequest)(nil),          // 9: agentid.v1.DelegateRequest
+	(*DelegateResponse)(nil),         // 10: agentid.v1.DelegateResponse
+	(*CheckRequest)(nil),             // 11: agentid.v1.CheckRequest
+	(*CheckResponse)(nil),            // 12: agentid.v1.CheckResponse
+	(*StepUp)(nil),                   // 13: agentid.v1.StepUp
+	(*StepUpRequest)(nil),            // 14: agentid.v1.StepUpRequest
+	(*StepUpResponse)(nil),           // 15: agentid.v1.StepUpResponse
+	(*ResolveStepUpRequest)(nil),     // 16: agentid.v1.ResolveStepUpRequest
+	(*ResolveStepUpResponse)(nil),    // 17: agentid.v1.ResolveStepUpResponse
+	(*WatchStepUpsRequest)(nil),      // 18: agentid.v1.WatchStepUpsRequest
+	(*WatchStepUpsResponse)(nil),     // 19: agentid.v1.WatchStepUpsResponse
+	(*RevokeRequest)(nil),            // 20: agentid.v1.RevokeRequest
+	(*RevokeResponse)(nil),           // 21: agentid.v1.RevokeResponse
+	(*WatchRevocationsRequest)(nil),  // 22: agentid.v1.WatchRevocationsRequest
+	(*RevocationSnapshot)(nil),       // 23: agentid.v1.RevocationSnapshot
+	(*RevocationEvent)(nil),          // 24: agentid.v1.RevocationEvent
+	(*WatchRevocationsResponse)(nil), // 25: agentid.v1.WatchRevocationsResponse
+	(*AuditRecord)(nil),              // 26: agentid.v1.AuditRecord
+	(*AuditRequest)(nil),             // 27: agentid.v1.AuditRequest
+	(*AuditResponse)(nil),            // 28: agentid.v1.AuditResponse
+	(*VerifyAuditRequest)(nil),       // 29: agentid.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),      // 30: agentid.v1.VerifyAuditResponse
+	(*GetJwksRequest)(nil),           // 31: agentid.v1.GetJwksRequest
+	(*GetJwksResponse)(nil),          // 32: agentid.v1.GetJwksResponse
+	(*Session)(nil),                  // 33: agentid.v1.Session
+	(*ListSessionsRequest)(nil),      // 34: agentid.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),     // 35: agentid.v1.ListSessionsResponse
+	(*RetireSigningKeyRequest)(nil),  // 36: agentid.v1.RetireSigningKeyRequest
+	(*RetireSigningKeyResponse)(nil), // 37: agentid.v1.RetireSigningKeyResponse
+	(*Agent)(nil),                    // 38: agentid.v1.Agent
+	(*CreateAgentRequest)(nil),       // 39: agentid.v1.CreateAgentRequest
+	(*CreateAgentResponse)(nil),      // 40: agentid.v1.CreateAgentResponse
+	(*GetAgentRequest)(nil),          // 41: agentid.v1.GetAgentRequest
+	(*GetAgentResponse)(nil),         // 42: agentid.v1.GetAgentResponse
+	(*ListAgentsRequest)(nil),        // 43: agentid.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),       // 44: agentid.v1.ListAgentsResponse
+	(*UpdateAgentRequest)(nil),       // 45: agentid.v1.UpdateAgentRequest
+	(*UpdateAgentResponse)(nil),      // 46: agentid.v1.UpdateAgentResponse
+	(*DisableAgentRequest)(nil),      // 47: agentid.v1.DisableAgentRequest
+	(*DisableAgentResponse)(nil),     // 48: agentid.v1.DisableAgentResponse
+	(*EnableAgentRequest)(nil),       // 49: agentid.v1.EnableAgentRequest
+	(*EnableAgentResponse)(nil),      // 50: agentid.v1.EnableAgentResponse
+	(*durationpb.Duration)(nil),      // 51: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 52: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),          // 53: google.protobuf.Struct
+	(*fieldmaskpb.FieldMask)(nil),    // 54: google.protobuf.FieldMask
 }
 var file_agentid_v1_agentid_proto_depIdxs = []int32{
-	36, // 0: agentid.v1.DelegateRequest.ttl:type_name -> google.protobuf.Duration
-	37, // 1: agentid.v1.DelegateResponse.expires_at:type_name -> google.protobuf.Timestamp
-	38, // 2: agentid.v1.CheckRequest.context:type_name -> google.protobuf.Struct
+	51, // 0: agentid.v1.DelegateRequest.ttl:type_name -> google.protobuf.Duration
+	52, // 1: agentid.v1.DelegateResponse.expires_at:type_name -> google.protobuf.Timestamp
+	53, // 2: agentid.v1.CheckRequest.context:type_name -> google.protobuf.Struct
 	0,  // 3: agentid.v1.CheckResponse.decision:type_name -> agentid.v1.Decision
 	1,  // 4: agentid.v1.CheckResponse.reason:type_name -> agentid.v1.Reason
-	38, // 5: agentid.v1.StepUp.context:type_name -> google.protobuf.Struct
+	53, // 5: agentid.v1.StepUp.context:type_name -> google.protobuf.Struct
 	2,  // 6: agentid.v1.StepUp.state:type_name -> agentid.v1.StepUpState
-	37, // 7: agentid.v1.StepUp.created_at:type_name -> google.protobuf.Timestamp
-	37, // 8: agentid.v1.StepUp.expires_at:type_name -> google.protobuf.Timestamp
-	37, // 9: agentid.v1.StepUp.resolved_at:type_name -> google.protobuf.Timestamp
-	38, // 10: agentid.v1.StepUpRequest.context:type_name -> google.protobuf.Struct
-	11, // 11: agentid.v1.StepUpResponse.step_up:type_name -> agentid.v1.StepUp
-	11, // 12: agentid.v1.ResolveStepUpResponse.step_up:type_name -> agentid.v1.StepUp
-	11, // 13: agentid.v1.WatchStepUpsResponse.step_up:type_name -> agentid.v1.StepUp
-	37, // 14: agentid.v1.RevocationEvent.revoked_at:type_name -> google.protobuf.Timestamp
-	37, // 15: agentid.v1.RevocationEvent.expires_at:type_name -> google.protobuf.Timestamp
-	21, // 16: agentid.v1.WatchRevocationsResponse.snapshot:type_name -> agentid.v1.RevocationSnapshot
-	22, // 17: agentid.v1.WatchRevocationsResponse.event:type_name -> agentid.v1.RevocationEvent
-	37, // 18: agentid.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	52, // 7: agentid.v1.StepUp.created_at:type_name -> google.protobuf.Timestamp
+	52, // 8: agentid.v1.StepUp.expires_at:type_name -> google.protobuf.Timestamp
+	52, // 9: agentid.v1.StepUp.resolved_at:type_name -> google.protobuf.Timestamp
+	53, // 10: agentid.v1.StepUpRequest.context:type_name -> google.protobuf.Struct
+	13, // 11: agentid.v1.StepUpResponse.step_up:type_name -> agentid.v1.StepUp
+	13, // 12: agentid.v1.ResolveStepUpResponse.step_up:type_name -> agentid.v1.StepUp
+	13, // 13: agentid.v1.WatchStepUpsResponse.step_up:type_name -> agentid.v1.StepUp
+	52, // 14: agentid.v1.RevocationEvent.revoked_at:type_name -> google.protobuf.Timestamp
+	52, // 15: agentid.v1.RevocationEvent.expires_at:type_name -> google.protobuf.Timestamp
+	23, // 16: agentid.v1.WatchRevocationsResponse.snapshot:type_name -> agentid.v1.RevocationSnapshot
+	24, // 17: agentid.v1.WatchRevocationsResponse.event:type_name -> agentid.v1.RevocationEvent
+	52, // 18: agentid.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
 	3,  // 19: agentid.v1.AuditRecord.event_type:type_name -> agentid.v1.EventType
 	4,  // 20: agentid.v1.AuditRecord.actor_kind:type_name -> agentid.v1.ActorKind
 	0,  // 21: agentid.v1.AuditRecord.decision:type_name -> agentid.v1.Decision
 	1,  // 22: agentid.v1.AuditRecord.reason:type_name -> agentid.v1.Reason
-	38, // 23: agentid.v1.AuditRecord.context:type_name -> google.protobuf.Struct
+	53, // 23: agentid.v1.AuditRecord.context:type_name -> google.protobuf.Struct
 	4,  // 24: agentid.v1.AuditRequest.actor_kind:type_name -> agentid.v1.ActorKind
 	3,  // 25: agentid.v1.AuditRequest.event_types:type_name -> agentid.v1.EventType
-	37, // 26: agentid.v1.AuditRequest.since:type_name -> google.protobuf.Timestamp
-	37, // 27: agentid.v1.AuditRequest.until:type_name -> google.protobuf.Timestamp
-	24, // 28: agentid.v1.AuditResponse.record:type_name -> agentid.v1.AuditRecord
+	52, // 26: agentid.v1.AuditRequest.since:type_name -> google.protobuf.Timestamp
+	52, // 27: agentid.v1.AuditRequest.until:type_name -> google.protobuf.Timestamp
+	26, // 28: agentid.v1.AuditResponse.record:type_name -> agentid.v1.AuditRecord
 	5,  // 29: agentid.v1.VerifyAuditResponse.problem:type_name -> agentid.v1.AuditProblem
-	37, // 30: agentid.v1.Session.create_time:type_name -> google.protobuf.Timestamp
-	37, // 31: agentid.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
-	37, // 32: agentid.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
+	52, // 30: agentid.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	52, // 31: agentid.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	52, // 32: agentid.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
 	6,  // 33: agentid.v1.Session.state:type_name -> agentid.v1.SessionState
-	31, // 34: agentid.v1.ListSessionsResponse.sessions:type_name -> agentid.v1.Session
-	7,  // 35: agentid.v1.AgentIdentityService.Delegate:input_type -> agentid.v1.DelegateRequest
-	9,  // 36: agentid.v1.AgentIdentityService.Check:input_type -> agentid.v1.CheckRequest
-	12, // 37: agentid.v1.AgentIdentityService.StepUp:input_type -> agentid.v1.StepUpRequest
-	14, // 38: agentid.v1.AgentIdentityService.ResolveStepUp:input_type -> agentid.v1.ResolveStepUpRequest
-	16, // 39: agentid.v1.AgentIdentityService.WatchStepUps:input_type -> agentid.v1.WatchStepUpsRequest
-	18, // 40: agentid.v1.AgentIdentityService.Revoke:input_type -> agentid.v1.RevokeRequest
-	20, // 41: agentid.v1.AgentIdentityService.WatchRevocations:input_type -> agentid.v1.WatchRevocationsRequest
-	25, // 42: agentid.v1.AgentIdentityService.Audit:input_type -> agentid.v1.AuditRequest
-	27, // 43: agentid.v1.AgentIdentityService.VerifyAudit:input_type -> agentid.v1.VerifyAuditRequest
-	29, // 44: agentid.v1.AgentIdentityService.GetJwks:input_type -> agentid.v1.GetJwksRequest
-	32, // 45: agentid.v1.AgentIdentityService.ListSessions:input_type -> agentid.v1.ListSessionsRequest
-	34, // 46: agentid.v1.AgentIdentityService.RetireSigningKey:input_type -> agentid.v1.RetireSigningKeyRequest
-	8,  // 47: agentid.v1.AgentIdentityService.Delegate:output_type -> agentid.v1.DelegateResponse
-	10, // 48: agentid.v1.AgentIdentityService.Check:output_type -> agentid.v1.CheckResponse
-	13, // 49: agentid.v1.AgentIdentityService.StepUp:output_type -> agentid.v1.StepUpResponse
-	15, // 50: agentid.v1.AgentIdentityService.ResolveStepUp:output_type -> agentid.v1.ResolveStepUpResponse
-	17, // 51: agentid.v1.AgentIdentityService.WatchStepUps:output_type -> agentid.v1.WatchStepUpsResponse
-	19, // 52: agentid.v1.AgentIdentityService.Revoke:output_type -> agentid.v1.RevokeResponse
-	23, // 53: agentid.v1.AgentIdentityService.WatchRevocations:output_type -> agentid.v1.WatchRevocationsResponse
-	26, // 54: agentid.v1.AgentIdentityService.Audit:output_type -> agentid.v1.AuditResponse
-	28, // 55: agentid.v1.AgentIdentityService.VerifyAudit:output_type -> agentid.v1.VerifyAuditResponse
-	30, // 56: agentid.v1.AgentIdentityService.GetJwks:output_type -> agentid.v1.GetJwksResponse
-	33, // 57: agentid.v1.AgentIdentityService.ListSessions:output_type -> agentid.v1.ListSessionsResponse
-	35, // 58: agentid.v1.AgentIdentityService.RetireSigningKey:output_type -> agentid.v1.RetireSigningKeyResponse
-	47, // [47:59] is the sub-list for method output_type
-	35, // [35:47] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	33, // 34: agentid.v1.ListSessionsResponse.sessions:type_name -> agentid.v1.Session
+	51, // 35: agentid.v1.Agent.max_ttl:type_name -> google.protobuf.Duration
+	7,  // 36: agentid.v1.Agent.state:type_name -> agentid.v1.AgentState
+	8,  // 37: agentid.v1.Agent.source:type_name -> agentid.v1.AgentSource
+	52, // 38: agentid.v1.Agent.create_time:type_name -> google.protobuf.Timestamp
+	52, // 39: agentid.v1.Agent.update_time:type_name -> google.protobuf.Timestamp
+	52, // 40: agentid.v1.Agent.disable_time:type_name -> google.protobuf.Timestamp
+	38, // 41: agentid.v1.CreateAgentRequest.agent:type_name -> agentid.v1.Agent
+	38, // 42: agentid.v1.CreateAgentResponse.agent:type_name -> agentid.v1.Agent
+	38, // 43: agentid.v1.GetAgentResponse.agent:type_name -> agentid.v1.Agent
+	38, // 44: agentid.v1.ListAgentsResponse.agents:type_name -> agentid.v1.Agent
+	38, // 45: agentid.v1.UpdateAgentRequest.agent:type_name -> agentid.v1.Agent
+	54, // 46: agentid.v1.UpdateAgentRequest.update_mask:type_name -> google.protobuf.FieldMask
+	38, // 47: agentid.v1.UpdateAgentResponse.agent:type_name -> agentid.v1.Agent
+	38, // 48: agentid.v1.DisableAgentResponse.agent:type_name -> agentid.v1.Agent
+	38, // 49: agentid.v1.EnableAgentResponse.agent:type_name -> agentid.v1.Agent
+	9,  // 50: agentid.v1.AgentIdentityService.Delegate:input_type -> agentid.v1.DelegateRequest
+	11, // 51: agentid.v1.AgentIdentityService.Check:input_type -> agentid.v1.CheckRequest
+	14, // 52: agentid.v1.AgentIdentityService.StepUp:input_type -> agentid.v1.StepUpRequest
+	16, // 53: agentid.v1.AgentIdentityService.ResolveStepUp:input_type -> agentid.v1.ResolveStepUpRequest
+	18, // 54: agentid.v1.AgentIdentityService.WatchStepUps:input_type -> agentid.v1.WatchStepUpsRequest
+	20, // 55: agentid.v1.AgentIdentityService.Revoke:input_type -> agentid.v1.RevokeRequest
+	22, // 56: agentid.v1.AgentIdentityService.WatchRevocations:input_type -> agentid.v1.WatchRevocationsRequest
+	27, // 57: agentid.v1.AgentIdentityService.Audit:input_type -> agentid.v1.AuditRequest
+	29, // 58: agentid.v1.AgentIdentityService.VerifyAudit:input_type -> agentid.v1.VerifyAuditRequest
+	31, // 59: agentid.v1.AgentIdentityService.GetJwks:input_type -> agentid.v1.GetJwksRequest
+	34, // 60: agentid.v1.AgentIdentityService.ListSessions:input_type -> agentid.v1.ListSessionsRequest
+	36, // 61: agentid.v1.AgentIdentityService.RetireSigningKey:input_type -> agentid.v1.RetireSigningKeyRequest
+	39, // 62: agentid.v1.AgentIdentityService.CreateAgent:input_type -> agentid.v1.CreateAgentRequest
+	41, // 63: agentid.v1.AgentIdentityService.GetAgent:input_type -> agentid.v1.GetAgentRequest
+	43, // 64: agentid.v1.AgentIdentityService.ListAgents:input_type -> agentid.v1.ListAgentsRequest
+	45, // 65: agentid.v1.AgentIdentityService.UpdateAgent:input_type -> agentid.v1.UpdateAgentRequest
+	47, // 66: agentid.v1.AgentIdentityService.DisableAgent:input_type -> agentid.v1.DisableAgentRequest
+	49, // 67: agentid.v1.AgentIdentityService.EnableAgent:input_type -> agentid.v1.EnableAgentRequest
+	10, // 68: agentid.v1.AgentIdentityService.Delegate:output_type -> agentid.v1.DelegateResponse
+	12, // 69: agentid.v1.AgentIdentityService.Check:output_type -> agentid.v1.CheckResponse
+	15, // 70: agentid.v1.AgentIdentityService.StepUp:output_type -> agentid.v1.StepUpResponse
+	17, // 71: agentid.v1.AgentIdentityService.ResolveStepUp:output_type -> agentid.v1.ResolveStepUpResponse
+	19, // 72: agentid.v1.AgentIdentityService.WatchStepUps:output_type -> agentid.v1.WatchStepUpsResponse
+	21, // 73: agentid.v1.AgentIdentityService.Revoke:output_type -> agentid.v1.RevokeResponse
+	25, // 74: agentid.v1.AgentIdentityService.WatchRevocations:output_type -> agentid.v1.WatchRevocationsResponse
+	28, // 75: agentid.v1.AgentIdentityService.Audit:output_type -> agentid.v1.AuditResponse
+	30, // 76: agentid.v1.AgentIdentityService.VerifyAudit:output_type -> agentid.v1.VerifyAuditResponse
+	32, // 77: agentid.v1.AgentIdentityService.GetJwks:output_type -> agentid.v1.GetJwksResponse
+	35, // 78: agentid.v1.AgentIdentityService.ListSessions:output_type -> agentid.v1.ListSessionsResponse
+	37, // 79: agentid.v1.AgentIdentityService.RetireSigningKey:output_type -> agentid.v1.RetireSigningKeyResponse
+	40, // 80: agentid.v1.AgentIdentityService.CreateAgent:output_type -> agentid.v1.CreateAgentResponse
+	42, // 81: agentid.v1.AgentIdentityService.GetAgent:output_type -> agentid.v1.GetAgentResponse
+	44, // 82: agentid.v1.AgentIdentityService.ListAgents:output_type -> agentid.v1.ListAgentsResponse
+	46, // 83: agentid.v1.AgentIdentityService.UpdateAgent:output_type -> agentid.v1.UpdateAgentResponse
+	48, // 84: agentid.v1.AgentIdentityService.DisableAgent:output_type -> agentid.v1.DisableAgentResponse
+	50, // 85: agentid.v1.AgentIdentityService.EnableAgent:output_type -> agentid.v1.EnableAgentResponse
+	68, // [68:86] is the sub-list for method output_type
+	50, // [50:68] is the sub-list for method input_type
+	50, // [50:50] is the sub-list for extension type_name
+	50, // [50:50] is the sub-list for extension extendee
+	0,  // [0:50] is the sub-list for field type_name
 }
 
 func init() { file_agentid_v1_agentid_proto_init() }
@@ -3234,6 +4243,7 @@ func file_agentid_v1_agentid_proto_init() {
 	file_agentid_v1_agentid_proto_msgTypes[11].OneofWrappers = []any{
 		(*RevokeRequest_SessionId)(nil),
 		(*RevokeRequest_UserId)(nil),
+		(*RevokeRequest_AgentId)(nil),
 	}
 	file_agentid_v1_agentid_proto_msgTypes[16].OneofWrappers = []any{
 		(*WatchRevocationsResponse_Snapshot)(nil),
@@ -3244,8 +4254,8 @@ func file_agentid_v1_agentid_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agentid_v1_agentid_proto_rawDesc), len(file_agentid_v1_agentid_proto_rawDesc)),
-			NumEnums:      7,
-			NumMessages:   29,
+			NumEnums:      9,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -34,6 +34,12 @@ const (
 	AgentIdentityService_GetJwks_FullMethodName          = "/agentid.v1.AgentIdentityService/GetJwks"
 	AgentIdentityService_ListSessions_FullMethodName     = "/agentid.v1.AgentIdentityService/ListSessions"
 	AgentIdentityService_RetireSigningKey_FullMethodName = "/agentid.v1.AgentIdentityService/RetireSigningKey"
+	AgentIdentityService_CreateAgent_FullMethodName      = "/agentid.v1.AgentIdentityService/CreateAgent"
+	AgentIdentityService_GetAgent_FullMethodName         = "/agentid.v1.AgentIdentityService/GetAgent"
+	AgentIdentityService_ListAgents_FullMethodName       = "/agentid.v1.AgentIdentityService/ListAgents"
+	AgentIdentityService_UpdateAgent_FullMethodName      = "/agentid.v1.AgentIdentityService/UpdateAgent"
+	AgentIdentityService_DisableAgent_FullMethodName     = "/agentid.v1.AgentIdentityService/DisableAgent"
+	AgentIdentityService_EnableAgent_FullMethodName      = "/agentid.v1.AgentIdentityService/EnableAgent"
 )
 
 // AgentIdentityServiceClient is the client API for AgentIdentityService service.
@@ -70,6 +76,21 @@ type AgentIdentityServiceClient interface {
 	// Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
 	// (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
 	RetireSigningKey(ctx context.Context, in *RetireSigningKeyRequest, opts ...grpc.CallOption) (*RetireSigningKeyResponse, error)
+	// The agent registry (api.md "Agent lifecycle"): agents are data, provisioned by an admin
+	// service, owned by users, disabled everywhere at once.
+	// Registers an agent (source API). Role admin.
+	CreateAgent(ctx context.Context, in *CreateAgentRequest, opts ...grpc.CallOption) (*CreateAgentResponse, error)
+	// One agent: role admin or audit, or one of its owners.
+	GetAgent(ctx context.Context, in *GetAgentRequest, opts ...grpc.CallOption) (*GetAgentResponse, error)
+	// The registry, by id: role admin or audit see every agent, a user the agents they own.
+	ListAgents(ctx context.Context, in *ListAgentsRequest, opts ...grpc.CallOption) (*ListAgentsResponse, error)
+	// Changes the fields named by update_mask of an API agent. Role admin.
+	UpdateAgent(ctx context.Context, in *UpdateAgentRequest, opts ...grpc.CallOption) (*UpdateAgentResponse, error)
+	// The kill switch: disables the agent and revokes every live session of it, with their
+	// descendants, before it answers. Role admin, or one of its owners.
+	DisableAgent(ctx context.Context, in *DisableAgentRequest, opts ...grpc.CallOption) (*DisableAgentResponse, error)
+	// Lets a disabled agent be delegated to again; its revoked sessions stay revoked. Role admin.
+	EnableAgent(ctx context.Context, in *EnableAgentRequest, opts ...grpc.CallOption) (*EnableAgentResponse, error)
 }
 
 type agentIdentityServiceClient struct {
@@ -227,6 +248,66 @@ func (c *agentIdentityServiceClient) RetireSigningKey(ctx context.Context, in *R
 	return out, nil
 }
 
+func (c *agentIdentityServiceClient) CreateAgent(ctx context.Context, in *CreateAgentRequest, opts ...grpc.CallOption) (*CreateAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateAgentResponse)
+	err := c.cc.Invoke(ctx, AgentIdentityService_CreateAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentIdentityServiceClient) GetAgent(ctx context.Context, in *GetAgentRequest, opts ...grpc.CallOption) (*GetAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetAgentResponse)
+	err := c.cc.Invoke(ctx, AgentIdentityService_GetAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentIdentityServiceClient) ListAgents(ctx context.Context, in *ListAgentsRequest, opts ...grpc.CallOption) (*ListAgentsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAgentsResponse)
+	err := c.cc.Invoke(ctx, AgentIdentityService_ListAgents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentIdentityServiceClient) UpdateAgent(ctx context.Context, in *UpdateAgentRequest, opts ...grpc.CallOption) (*UpdateAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateAgentResponse)
+	err := c.cc.Invoke(ctx, AgentIdentityService_UpdateAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentIdentityServiceClient) DisableAgent(ctx context.Context, in *DisableAgentRequest, opts ...grpc.CallOption) (*DisableAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DisableAgentResponse)
+	err := c.cc.Invoke(ctx, AgentIdentityService_DisableAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentIdentityServiceClient) EnableAgent(ctx context.Context, in *EnableAgentRequest, opts ...grpc.CallOption) (*EnableAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EnableAgentResponse)
+	err := c.cc.Invoke(ctx, AgentIdentityService_EnableAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentIdentityServiceServer is the server API for AgentIdentityService service.
 // All implementations must embed UnimplementedAgentIdentityServiceServer
 // for forward compatibility.
@@ -261,6 +342,21 @@ type AgentIdentityServiceServer interface {
 	// Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
 	// (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
 	RetireSigningKey(context.Context, *RetireSigningKeyRequest) (*RetireSigningKeyResponse, error)
+	// The agent registry (api.md "Agent lifecycle"): agents are data, provisioned by an admin
+	// service, owned by users, disabled everywhere at once.
+	// Registers an agent (source API). Role admin.
+	CreateAgent(context.Context, *CreateAgentRequest) (*CreateAgentResponse, error)
+	// One agent: role admin or audit, or one of its owners.
+	GetAgent(context.Context, *GetAgentRequest) (*GetAgentResponse, error)
+	// The registry, by id: role admin or audit see every agent, a user the agents they own.
+	ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error)
+	// Changes the fields named by update_mask of an API agent. Role admin.
+	UpdateAgent(context.Context, *UpdateAgentRequest) (*UpdateAgentResponse, error)
+	// The kill switch: disables the agent and revokes every live session of it, with their
+	// descendants, before it answers. Role admin, or one of its owners.
+	DisableAgent(context.Context, *DisableAgentRequest) (*DisableAgentResponse, error)
+	// Lets a disabled agent be delegated to again; its revoked sessions stay revoked. Role admin.
+	EnableAgent(context.Context, *EnableAgentRequest) (*EnableAgentResponse, error)
 	mustEmbedUnimplementedAgentIdentityServiceServer()
 }
 
@@ -306,6 +402,24 @@ func (UnimplementedAgentIdentityServiceServer) ListSessions(context.Context, *Li
 }
 func (UnimplementedAgentIdentityServiceServer) RetireSigningKey(context.Context, *RetireSigningKeyRequest) (*RetireSigningKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RetireSigningKey not implemented")
+}
+func (UnimplementedAgentIdentityServiceServer) CreateAgent(context.Context, *CreateAgentRequest) (*CreateAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateAgent not implemented")
+}
+func (UnimplementedAgentIdentityServiceServer) GetAgent(context.Context, *GetAgentRequest) (*GetAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetAgent not implemented")
+}
+func (UnimplementedAgentIdentityServiceServer) ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAgents not implemented")
+}
+func (UnimplementedAgentIdentityServiceServer) UpdateAgent(context.Context, *UpdateAgentRequest) (*UpdateAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateAgent not implemented")
+}
+func (UnimplementedAgentIdentityServiceServer) DisableAgent(context.Context, *DisableAgentRequest) (*DisableAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DisableAgent not implemented")
+}
+func (UnimplementedAgentIdentityServiceServer) EnableAgent(context.Context, *EnableAgentRequest) (*EnableAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method EnableAgent not implemented")
 }
 func (UnimplementedAgentIdentityServiceServer) mustEmbedUnimplementedAgentIdentityServiceServer() {}
 func (UnimplementedAgentIdentityServiceServer) testEmbeddedByValue()                              {}
@@ -523,6 +637,114 @@ func _AgentIdentityService_RetireSigningKey_Handler(srv interface{}, ctx context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AgentIdentityService_CreateAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentIdentityServiceServer).CreateAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentIdentityService_CreateAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentIdentityServiceServer).CreateAgent(ctx, req.(*CreateAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentIdentityService_GetAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentIdentityServiceServer).GetAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentIdentityService_GetAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentIdentityServiceServer).GetAgent(ctx, req.(*GetAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentIdentityService_ListAgents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAgentsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentIdentityServiceServer).ListAgents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentIdentityService_ListAgents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentIdentityServiceServer).ListAgents(ctx, req.(*ListAgentsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentIdentityService_UpdateAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentIdentityServiceServer).UpdateAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentIdentityService_UpdateAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentIdentityServiceServer).UpdateAgent(ctx, req.(*UpdateAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentIdentityService_DisableAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DisableAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentIdentityServiceServer).DisableAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentIdentityService_DisableAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentIdentityServiceServer).DisableAgent(ctx, req.(*DisableAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AgentIdentityService_EnableAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EnableAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentIdentityServiceServer).EnableAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AgentIdentityService_EnableAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentIdentityServiceServer).EnableAgent(ctx, req.(*EnableAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AgentIdentityService_ServiceDesc is the grpc.ServiceDesc for AgentIdentityService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -565,6 +787,30 @@ var AgentIdentityService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RetireSigningKey",
 			Handler:    _AgentIdentityService_RetireSigningKey_Handler,
+		},
+		{
+			MethodName: "CreateAgent",
+			Handler:    _AgentIdentityService_CreateAgent_Handler,
+		},
+		{
+			MethodName: "GetAgent",
+			Handler:    _AgentIdentityService_GetAgent_Handler,
+		},
+		{
+			MethodName: "ListAgents",
+			Handler:    _AgentIdentityService_ListAgents_Handler,
+		},
+		{
+			MethodName: "UpdateAgent",
+			Handler:    _AgentIdentityService_UpdateAgent_Handler,
+		},
+		{
+			MethodName: "DisableAgent",
+			Handler:    _AgentIdentityService_DisableAgent_Handler,
+		},
+		{
+			MethodName: "EnableAgent",
+			Handler:    _AgentIdentityService_EnableAgent_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

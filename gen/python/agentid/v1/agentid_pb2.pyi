@@ -8,6 +8,7 @@ human, revocation and audit. docs/api.md in the project is the prose form of thi
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -128,6 +129,13 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_STEP_UP_RESOLVED: _EventType.ValueType  # 4
     EVENT_TYPE_REVOKE: _EventType.ValueType  # 5
     EVENT_TYPE_KEY_ROTATED: _EventType.ValueType  # 6
+    EVENT_TYPE_AGENT_CREATED: _EventType.ValueType  # 7
+    """Agent lifecycle: `agent_id` names the agent, the actor is the caller; `detail` lists the
+    fields changed (UPDATED) or the reason given (DISABLED).
+    """
+    EVENT_TYPE_AGENT_UPDATED: _EventType.ValueType  # 8
+    EVENT_TYPE_AGENT_DISABLED: _EventType.ValueType  # 9
+    EVENT_TYPE_AGENT_ENABLED: _EventType.ValueType  # 10
     EVENT_TYPE_KEY_RETIRED: _EventType.ValueType  # 11
     """A signing key retired by RetireSigningKey; `detail` names the kid."""
 
@@ -140,6 +148,13 @@ EVENT_TYPE_STEP_UP_REQUESTED: EventType.ValueType  # 3
 EVENT_TYPE_STEP_UP_RESOLVED: EventType.ValueType  # 4
 EVENT_TYPE_REVOKE: EventType.ValueType  # 5
 EVENT_TYPE_KEY_ROTATED: EventType.ValueType  # 6
+EVENT_TYPE_AGENT_CREATED: EventType.ValueType  # 7
+"""Agent lifecycle: `agent_id` names the agent, the actor is the caller; `detail` lists the
+fields changed (UPDATED) or the reason given (DISABLED).
+"""
+EVENT_TYPE_AGENT_UPDATED: EventType.ValueType  # 8
+EVENT_TYPE_AGENT_DISABLED: EventType.ValueType  # 9
+EVENT_TYPE_AGENT_ENABLED: EventType.ValueType  # 10
 EVENT_TYPE_KEY_RETIRED: EventType.ValueType  # 11
 """A signing key retired by RetireSigningKey; `detail` names the kid."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
@@ -220,6 +235,47 @@ SESSION_STATE_ACTIVE: SessionState.ValueType  # 1
 SESSION_STATE_EXPIRED: SessionState.ValueType  # 2
 SESSION_STATE_REVOKED: SessionState.ValueType  # 3
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
+class _AgentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_STATE_UNSPECIFIED: _AgentState.ValueType  # 0
+    AGENT_STATE_ACTIVE: _AgentState.ValueType  # 1
+    AGENT_STATE_DISABLED: _AgentState.ValueType  # 2
+    """Refuses new delegations (AGENT_DISABLED); its sessions were revoked when it was disabled."""
+
+class AgentState(_AgentState, metaclass=_AgentStateEnumTypeWrapper):
+    """---- Agent lifecycle ----"""
+
+AGENT_STATE_UNSPECIFIED: AgentState.ValueType  # 0
+AGENT_STATE_ACTIVE: AgentState.ValueType  # 1
+AGENT_STATE_DISABLED: AgentState.ValueType  # 2
+"""Refuses new delegations (AGENT_DISABLED); its sessions were revoked when it was disabled."""
+Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
+
+class _AgentSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_SOURCE_UNSPECIFIED: _AgentSource.ValueType  # 0
+    AGENT_SOURCE_CONFIG: _AgentSource.ValueType  # 1
+    """`[[agents]]` in the config, created or updated at start; UpdateAgent refuses it."""
+    AGENT_SOURCE_API: _AgentSource.ValueType  # 2
+    """CreateAgent."""
+
+class AgentSource(_AgentSource, metaclass=_AgentSourceEnumTypeWrapper): ...
+
+AGENT_SOURCE_UNSPECIFIED: AgentSource.ValueType  # 0
+AGENT_SOURCE_CONFIG: AgentSource.ValueType  # 1
+"""`[[agents]]` in the config, created or updated at start; UpdateAgent refuses it."""
+AGENT_SOURCE_API: AgentSource.ValueType  # 2
+"""CreateAgent."""
+Global___AgentSource: _TypeAlias = AgentSource  # noqa: Y015
 
 @_typing.final
 class DelegateRequest(_message.Message):
@@ -643,11 +699,14 @@ class RevokeRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """This session and all its descendants."""
     user_id: _builtins.str
     """Every live session the user delegated."""
+    agent_id: _builtins.str
+    """Every live session of this agent, with their descendants (role admin, or an owner)."""
     reason: _builtins.str
     """Free text, recorded; "task_complete" by convention when an agent ends itself."""
     def __init__(
@@ -655,13 +714,14 @@ class RevokeRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
         reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "session_id", b"session_id", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session_id", b"session_id", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "reason", b"reason", "session_id", b"session_id", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["session_id", "user_id"]  # noqa: Y015
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["session_id", "user_id", "agent_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
 
@@ -1287,3 +1347,367 @@ class RetireSigningKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetireSigningKeyResponse: _TypeAlias = RetireSigningKeyResponse  # noqa: Y015
+
+@_typing.final
+class Agent(_message.Message):
+    """A registered agent kind: the most any of its sessions may be granted, and who answers for it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    OWNERS_FIELD_NUMBER: _builtins.int
+    MAX_SCOPES_FIELD_NUMBER: _builtins.int
+    MAX_TTL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    JWKS_JSON_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    DISABLE_TIME_FIELD_NUMBER: _builtins.int
+    DISABLED_REASON_FIELD_NUMBER: _builtins.int
+    JWKS_URL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """[a-z0-9][a-z0-9._-]{0,63}; immutable."""
+    display_name: _builtins.str
+    """At most 200 characters."""
+    description: _builtins.str
+    """At most 2000 characters."""
+    state: Global___AgentState.ValueType
+    """Output only."""
+    jwks_json: _builtins.str
+    """RFC 7517 JWK Set of the public keys its client assertions are signed with (at most 16
+    keys, no private parts); empty = none.
+    """
+    source: Global___AgentSource.ValueType
+    """Output only."""
+    disabled_reason: _builtins.str
+    jwks_url: _builtins.str
+    """Output only: where a config agent's keys are fetched from (`[[agents]] jwks_url`); such an
+    agent has keys though jwks_json is empty.
+    """
+    @_builtins.property
+    def owners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """User ids accountable for it (Entra's "sponsors"): they may get and disable it and list its
+        sessions. At most 32.
+        """
+
+    @_builtins.property
+    def max_scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The scopes it may ever be granted (scope grammar); at least one, at most 64, no duplicates."""
+
+    @_builtins.property
+    def max_ttl(self) -> _duration_pb2.Duration:
+        """Its sessions' longest lifetime; unset = tokens.max_ttl."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def disable_time(self) -> _timestamp_pb2.Timestamp:
+        """Set while disabled."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        owners: _abc.Iterable[_builtins.str] | None = ...,
+        max_scopes: _abc.Iterable[_builtins.str] | None = ...,
+        max_ttl: _duration_pb2.Duration | None = ...,
+        state: Global___AgentState.ValueType = ...,
+        jwks_json: _builtins.str = ...,
+        source: Global___AgentSource.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        disable_time: _timestamp_pb2.Timestamp | None = ...,
+        disabled_reason: _builtins.str = ...,
+        jwks_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "disable_time", b"disable_time", "max_ttl", b"max_ttl", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "disable_time", b"disable_time", "disabled_reason", b"disabled_reason", "display_name", b"display_name", "id", b"id", "jwks_json", b"jwks_json", "jwks_url", b"jwks_url", "max_scopes", b"max_scopes", "max_ttl", b"max_ttl", "owners", b"owners", "source", b"source", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class CreateAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent:
+        """id, max_scopes required; state, source and times are set by the server."""
+
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAgentRequest: _TypeAlias = CreateAgentRequest  # noqa: Y015
+
+@_typing.final
+class CreateAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent: ...
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAgentResponse: _TypeAlias = CreateAgentResponse  # noqa: Y015
+
+@_typing.final
+class GetAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentRequest: _TypeAlias = GetAgentRequest  # noqa: Y015
+
+@_typing.final
+class GetAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent: ...
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentResponse: _TypeAlias = GetAgentResponse  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_DISABLED_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """0 = 100; more than 1000 is taken as 1000; negative is INVALID_ARGUMENT."""
+    page_token: _builtins.str
+    """The previous answer's next_page_token, for the same query by the same caller."""
+    include_disabled: _builtins.bool
+    """Also the disabled agents."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_disabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_disabled", b"include_disabled", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """By id."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent:
+        """agent.id names the agent; the other fields are read where update_mask names them."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Paths among display_name, description, owners, max_scopes, max_ttl, jwks_json; required."""
+
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAgentRequest: _TypeAlias = UpdateAgentRequest  # noqa: Y015
+
+@_typing.final
+class UpdateAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent: ...
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAgentResponse: _TypeAlias = UpdateAgentResponse  # noqa: Y015
+
+@_typing.final
+class DisableAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    """Why, recorded with the agent, its revocations and the audit record."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableAgentRequest: _TypeAlias = DisableAgentRequest  # noqa: Y015
+
+@_typing.final
+class DisableAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    REVOKED_SESSION_IDS_FIELD_NUMBER: _builtins.int
+    REVOCATION_SEQUENCE_FIELD_NUMBER: _builtins.int
+    revocation_sequence: _builtins.int
+    """The sequence of the last revocation this call wrote (or the applied sequence if none)."""
+    @_builtins.property
+    def agent(self) -> Global___Agent: ...
+    @_builtins.property
+    def revoked_session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every session revoked by this call, descendants included."""
+
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+        revoked_session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        revocation_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "revocation_sequence", b"revocation_sequence", "revoked_session_ids", b"revoked_session_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableAgentResponse: _TypeAlias = DisableAgentResponse  # noqa: Y015
+
+@_typing.final
+class EnableAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableAgentRequest: _TypeAlias = EnableAgentRequest  # noqa: Y015
+
+@_typing.final
+class EnableAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent: ...
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableAgentResponse: _TypeAlias = EnableAgentResponse  # noqa: Y015

@@ -96,6 +96,36 @@ class AgentIdentityServiceStub(object):
                 request_serializer=agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyRequest.SerializeToString,
                 response_deserializer=agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyResponse.FromString,
                 _registered_method=True)
+        self.CreateAgent = channel.unary_unary(
+                '/agentid.v1.AgentIdentityService/CreateAgent',
+                request_serializer=agentid_dot_v1_dot_agentid__pb2.CreateAgentRequest.SerializeToString,
+                response_deserializer=agentid_dot_v1_dot_agentid__pb2.CreateAgentResponse.FromString,
+                _registered_method=True)
+        self.GetAgent = channel.unary_unary(
+                '/agentid.v1.AgentIdentityService/GetAgent',
+                request_serializer=agentid_dot_v1_dot_agentid__pb2.GetAgentRequest.SerializeToString,
+                response_deserializer=agentid_dot_v1_dot_agentid__pb2.GetAgentResponse.FromString,
+                _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/agentid.v1.AgentIdentityService/ListAgents',
+                request_serializer=agentid_dot_v1_dot_agentid__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=agentid_dot_v1_dot_agentid__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
+        self.UpdateAgent = channel.unary_unary(
+                '/agentid.v1.AgentIdentityService/UpdateAgent',
+                request_serializer=agentid_dot_v1_dot_agentid__pb2.UpdateAgentRequest.SerializeToString,
+                response_deserializer=agentid_dot_v1_dot_agentid__pb2.UpdateAgentResponse.FromString,
+                _registered_method=True)
+        self.DisableAgent = channel.unary_unary(
+                '/agentid.v1.AgentIdentityService/DisableAgent',
+                request_serializer=agentid_dot_v1_dot_agentid__pb2.DisableAgentRequest.SerializeToString,
+                response_deserializer=agentid_dot_v1_dot_agentid__pb2.DisableAgentResponse.FromString,
+                _registered_method=True)
+        self.EnableAgent = channel.unary_unary(
+                '/agentid.v1.AgentIdentityService/EnableAgent',
+                request_serializer=agentid_dot_v1_dot_agentid__pb2.EnableAgentRequest.SerializeToString,
+                response_deserializer=agentid_dot_v1_dot_agentid__pb2.EnableAgentResponse.FromString,
+                _registered_method=True)
 
 
 class AgentIdentityServiceServicer(object):
@@ -190,6 +220,51 @@ class AgentIdentityServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAgent(self, request, context):
+        """The agent registry (api.md "Agent lifecycle"): agents are data, provisioned by an admin
+        service, owned by users, disabled everywhere at once.
+        Registers an agent (source API). Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAgent(self, request, context):
+        """One agent: role admin or audit, or one of its owners.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgents(self, request, context):
+        """The registry, by id: role admin or audit see every agent, a user the agents they own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAgent(self, request, context):
+        """Changes the fields named by update_mask of an API agent. Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableAgent(self, request, context):
+        """The kill switch: disables the agent and revokes every live session of it, with their
+        descendants, before it answers. Role admin, or one of its owners.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableAgent(self, request, context):
+        """Lets a disabled agent be delegated to again; its revoked sessions stay revoked. Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentIdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +327,36 @@ def add_AgentIdentityServiceServicer_to_server(servicer, server):
                     servicer.RetireSigningKey,
                     request_deserializer=agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyRequest.FromString,
                     response_serializer=agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyResponse.SerializeToString,
+            ),
+            'CreateAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAgent,
+                    request_deserializer=agentid_dot_v1_dot_agentid__pb2.CreateAgentRequest.FromString,
+                    response_serializer=agentid_dot_v1_dot_agentid__pb2.CreateAgentResponse.SerializeToString,
+            ),
+            'GetAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgent,
+                    request_deserializer=agentid_dot_v1_dot_agentid__pb2.GetAgentRequest.FromString,
+                    response_serializer=agentid_dot_v1_dot_agentid__pb2.GetAgentResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=agentid_dot_v1_dot_agentid__pb2.ListAgentsRequest.FromString,
+                    response_serializer=agentid_dot_v1_dot_agentid__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'UpdateAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAgent,
+                    request_deserializer=agentid_dot_v1_dot_agentid__pb2.UpdateAgentRequest.FromString,
+                    response_serializer=agentid_dot_v1_dot_agentid__pb2.UpdateAgentResponse.SerializeToString,
+            ),
+            'DisableAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableAgent,
+                    request_deserializer=agentid_dot_v1_dot_agentid__pb2.DisableAgentRequest.FromString,
+                    response_serializer=agentid_dot_v1_dot_agentid__pb2.DisableAgentResponse.SerializeToString,
+            ),
+            'EnableAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableAgent,
+                    request_deserializer=agentid_dot_v1_dot_agentid__pb2.EnableAgentRequest.FromString,
+                    response_serializer=agentid_dot_v1_dot_agentid__pb2.EnableAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -580,6 +685,168 @@ class AgentIdentityService(object):
             '/agentid.v1.AgentIdentityService/RetireSigningKey',
             agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyRequest.SerializeToString,
             agentid_dot_v1_dot_agentid__pb2.RetireSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentid.v1.AgentIdentityService/CreateAgent',
+            agentid_dot_v1_dot_agentid__pb2.CreateAgentRequest.SerializeToString,
+            agentid_dot_v1_dot_agentid__pb2.CreateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentid.v1.AgentIdentityService/GetAgent',
+            agentid_dot_v1_dot_agentid__pb2.GetAgentRequest.SerializeToString,
+            agentid_dot_v1_dot_agentid__pb2.GetAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentid.v1.AgentIdentityService/ListAgents',
+            agentid_dot_v1_dot_agentid__pb2.ListAgentsRequest.SerializeToString,
+            agentid_dot_v1_dot_agentid__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentid.v1.AgentIdentityService/UpdateAgent',
+            agentid_dot_v1_dot_agentid__pb2.UpdateAgentRequest.SerializeToString,
+            agentid_dot_v1_dot_agentid__pb2.UpdateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentid.v1.AgentIdentityService/DisableAgent',
+            agentid_dot_v1_dot_agentid__pb2.DisableAgentRequest.SerializeToString,
+            agentid_dot_v1_dot_agentid__pb2.DisableAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentid.v1.AgentIdentityService/EnableAgent',
+            agentid_dot_v1_dot_agentid__pb2.EnableAgentRequest.SerializeToString,
+            agentid_dot_v1_dot_agentid__pb2.EnableAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

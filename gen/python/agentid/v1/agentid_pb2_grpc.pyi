@@ -67,6 +67,23 @@ class AgentIdentityServiceStub:
     """Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
     (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
     """
+    CreateAgent: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.CreateAgentRequest, _agentid_pb2.CreateAgentResponse]
+    """The agent registry (api.md "Agent lifecycle"): agents are data, provisioned by an admin
+    service, owned by users, disabled everywhere at once.
+    Registers an agent (source API). Role admin.
+    """
+    GetAgent: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.GetAgentRequest, _agentid_pb2.GetAgentResponse]
+    """One agent: role admin or audit, or one of its owners."""
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.ListAgentsRequest, _agentid_pb2.ListAgentsResponse]
+    """The registry, by id: role admin or audit see every agent, a user the agents they own."""
+    UpdateAgent: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.UpdateAgentRequest, _agentid_pb2.UpdateAgentResponse]
+    """Changes the fields named by update_mask of an API agent. Role admin."""
+    DisableAgent: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.DisableAgentRequest, _agentid_pb2.DisableAgentResponse]
+    """The kill switch: disables the agent and revokes every live session of it, with their
+    descendants, before it answers. Role admin, or one of its owners.
+    """
+    EnableAgent: _grpc.UnaryUnaryMultiCallable[_agentid_pb2.EnableAgentRequest, _agentid_pb2.EnableAgentResponse]
+    """Lets a disabled agent be delegated to again; its revoked sessions stay revoked. Role admin."""
 
 @_typing.type_check_only
 class AgentIdentityServiceAsyncStub(AgentIdentityServiceStub):
@@ -105,6 +122,23 @@ class AgentIdentityServiceAsyncStub(AgentIdentityServiceStub):
     """Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
     (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
     """
+    CreateAgent: _aio.UnaryUnaryMultiCallable[_agentid_pb2.CreateAgentRequest, _agentid_pb2.CreateAgentResponse]  # type: ignore[assignment]
+    """The agent registry (api.md "Agent lifecycle"): agents are data, provisioned by an admin
+    service, owned by users, disabled everywhere at once.
+    Registers an agent (source API). Role admin.
+    """
+    GetAgent: _aio.UnaryUnaryMultiCallable[_agentid_pb2.GetAgentRequest, _agentid_pb2.GetAgentResponse]  # type: ignore[assignment]
+    """One agent: role admin or audit, or one of its owners."""
+    ListAgents: _aio.UnaryUnaryMultiCallable[_agentid_pb2.ListAgentsRequest, _agentid_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """The registry, by id: role admin or audit see every agent, a user the agents they own."""
+    UpdateAgent: _aio.UnaryUnaryMultiCallable[_agentid_pb2.UpdateAgentRequest, _agentid_pb2.UpdateAgentResponse]  # type: ignore[assignment]
+    """Changes the fields named by update_mask of an API agent. Role admin."""
+    DisableAgent: _aio.UnaryUnaryMultiCallable[_agentid_pb2.DisableAgentRequest, _agentid_pb2.DisableAgentResponse]  # type: ignore[assignment]
+    """The kill switch: disables the agent and revokes every live session of it, with their
+    descendants, before it answers. Role admin, or one of its owners.
+    """
+    EnableAgent: _aio.UnaryUnaryMultiCallable[_agentid_pb2.EnableAgentRequest, _agentid_pb2.EnableAgentResponse]  # type: ignore[assignment]
+    """Lets a disabled agent be delegated to again; its revoked sessions stay revoked. Role admin."""
 
 class AgentIdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every call carries `authorization: Bearer <credential>` metadata: a user's IdP token, an agent
@@ -212,5 +246,58 @@ class AgentIdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         """Retires a compromised signing key at once: its tokens stop verifying and it leaves the JWKS
         (other replicas follow within revocation.poll_interval); a new key signs if it was signing.
         """
+
+    @_abc_1.abstractmethod
+    def CreateAgent(
+        self,
+        request: _agentid_pb2.CreateAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentid_pb2.CreateAgentResponse, _abc.Awaitable[_agentid_pb2.CreateAgentResponse]]:
+        """The agent registry (api.md "Agent lifecycle"): agents are data, provisioned by an admin
+        service, owned by users, disabled everywhere at once.
+        Registers an agent (source API). Role admin.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAgent(
+        self,
+        request: _agentid_pb2.GetAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentid_pb2.GetAgentResponse, _abc.Awaitable[_agentid_pb2.GetAgentResponse]]:
+        """One agent: role admin or audit, or one of its owners."""
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _agentid_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentid_pb2.ListAgentsResponse, _abc.Awaitable[_agentid_pb2.ListAgentsResponse]]:
+        """The registry, by id: role admin or audit see every agent, a user the agents they own."""
+
+    @_abc_1.abstractmethod
+    def UpdateAgent(
+        self,
+        request: _agentid_pb2.UpdateAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentid_pb2.UpdateAgentResponse, _abc.Awaitable[_agentid_pb2.UpdateAgentResponse]]:
+        """Changes the fields named by update_mask of an API agent. Role admin."""
+
+    @_abc_1.abstractmethod
+    def DisableAgent(
+        self,
+        request: _agentid_pb2.DisableAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentid_pb2.DisableAgentResponse, _abc.Awaitable[_agentid_pb2.DisableAgentResponse]]:
+        """The kill switch: disables the agent and revokes every live session of it, with their
+        descendants, before it answers. Role admin, or one of its owners.
+        """
+
+    @_abc_1.abstractmethod
+    def EnableAgent(
+        self,
+        request: _agentid_pb2.EnableAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentid_pb2.EnableAgentResponse, _abc.Awaitable[_agentid_pb2.EnableAgentResponse]]:
+        """Lets a disabled agent be delegated to again; its revoked sessions stay revoked. Role admin."""
 
 def add_AgentIdentityServiceServicer_to_server(servicer: AgentIdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
