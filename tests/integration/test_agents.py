@@ -5,6 +5,7 @@ records; bad input refused with nothing half-written; state that survives a rest
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from tests.conftest import (
     running_harness,
     with_config,
 )
+from tests.http.helpers import exchange_form, post_form
 from tests.integration.test_postgres import wipe
 from tests.security.test_client_assertions import AgentKeys, public_jwk
 
@@ -334,6 +336,8 @@ async def test_the_kill_switch_revokes_every_session_and_refuses_new_ones(h: Har
         h.idp.token(),
     )
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "AGENT_DISABLED")
+    status, body, _ = await post_form(h, "/oauth2/token", exchange_form(h.idp.token()))
+    assert (status, body["error"]) == (400, "unauthorized_client")
     # Disabling again revokes nothing more and answers the same state.
     again = await h.stub.DisableAgent(
         pb.DisableAgentRequest(id="support-bot"), metadata=bearer(ADMIN_KEY)
@@ -577,3 +581,101 @@ async def test_the_registry_and_its_states_survive_a_restart(
             h.idp.token(),
         )
         assert reason == "AGENT_DISABLED"
+
+
+# -- two PostgreSQL replicas --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def replicas(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> AsyncIterator[tuple[Harness, Harness]]:
+    if not POSTGRES_URL:
+        pytest.skip("set AGENTID_TEST_POSTGRES_URL to a database tests may wipe")
+    await wipe(POSTGRES_URL)
+
+    def replica(chain: str) -> Any:
+        def mutate(config: dict[str, Any]) -> None:
+            on("postgresql")(config)
+            config["audit"] = {"chain_id": chain}
+
+        return mutate
+
+    async with (
+        running_harness(tmp_path, idp, clock, mutate=replica("replica-a")) as a,
+        running_harness(tmp_path, idp, clock, mutate=replica("replica-b")) as b,
+    ):
+        assert b.running.listener is not None
+        await asyncio.wait_for(b.running.listener.listening.wait(), 10)
+        yield a, b
+
+
+async def eventually(probe: Any) -> None:
+    """Polls ``probe`` (an async function returning True when done) every 20 ms, for at most
+    5 seconds (NOTIFY brings it within milliseconds; the poll interval behind it is 1 s)."""
+    for _ in range(250):
+        if await probe():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not within 5 seconds")
+
+
+async def test_the_registry_follows_across_replicas(replicas: tuple[Harness, Harness]) -> None:
+    a, b = replicas
+    await create(a, agent())
+
+    async def known_on_b() -> bool:
+        try:
+            await b.delegate(agent_id="billing-bot", scopes=["tickets.read"])
+        except grpc.aio.AioRpcError as error:
+            if error_info(error).reason != "AGENT_NOT_REGISTERED":
+                raise
+            return False
+        return True
+
+    await eventually(known_on_b)
+    got = await b.stub.GetAgent(pb.GetAgentRequest(id="billing-bot"), metadata=bearer(ADMIN_KEY))
+    assert got.agent.source == pb.AGENT_SOURCE_API
+
+
+async def test_the_kill_switch_holds_on_both_replicas(replicas: tuple[Harness, Harness]) -> None:
+    a, b = replicas
+    sessions = await many_sessions(a, 90) + await many_sessions(b, 90)
+    assert len(sessions) == 198
+    answer = await a.stub.DisableAgent(
+        pb.DisableAgentRequest(id="support-bot", reason="incident"), metadata=bearer(ADMIN_KEY)
+    )
+    assert sorted(answer.revoked_session_ids) == sorted(s.session_id for s in sessions)
+    for session in sessions:  # none is allowed after the answer, on either replica
+        here = await a.check(session.token, "tickets.read")
+        there = await b.check(
+            session.token,
+            "tickets.read",
+            min_revocation_sequence=answer.revocation_sequence,
+        )
+        assert here.decision == there.decision == pb.DECISION_DENY
+
+    async def refused_on_b() -> bool:
+        try:
+            await b.delegate()
+        except grpc.aio.AioRpcError as error:
+            return error_info(error).reason == "AGENT_DISABLED"
+        return False
+
+    await eventually(refused_on_b)
+    code, reason = await refused(
+        a.stub.Delegate,
+        pb.DelegateRequest(agent_id="support-bot", scopes=["tickets.read"]),
+        a.idp.token(),
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "AGENT_DISABLED")
+    # Enabled on b: a delegates to it again.
+    await b.stub.EnableAgent(pb.EnableAgentRequest(id="support-bot"), metadata=bearer(ADMIN_KEY))
+
+    async def allowed_on_a() -> bool:
+        try:
+            return bool((await a.delegate()).session_id)
+        except grpc.aio.AioRpcError:
+            return False
+
+    await eventually(allowed_on_a)
