@@ -12,7 +12,9 @@ asks, through the server's own repository code (storage/session_listing.py), for
 Then the kill switch: one slice of a Revoke by agent_id (DisableAgent), the statement the
 repository runs (`_REVOKE["of_agent"]`: a recursive CTE from the agent's sessions not expired yet
 down parent_id, then the next 250 live ones by serial), for the biggest agent kind and a small
-one, 50 times each, read only (nothing is revoked), on the connection the journal would use.
+one, 50 times each, read only (nothing is revoked), on the connection the journal would use;
+and beside it the statement proposed for storage/lineage.py (`*_proposed`, see
+proposed_of_agent), which keeps the walk among the sessions not expired yet.
 
 SQLite (the default, a new file): no ANALYZE is run, the server never runs one, so the plans are
 the ones it gets. PostgreSQL (`--database postgresql+asyncpg://...`): the database is migrated by
@@ -22,7 +24,10 @@ inserted is far past both its insert-vacuum and its analyze thresholds): the pla
 the ones a server gets once autovacuum has been by, not those of the first seconds after a bulk
 load. `--wipe` drops the project's tables first (only then may the database hold them).
 
-usage: bench/list_sessions [--sessions 1000000] [--database URL [--wipe]] [--out FILE]
+`--reuse` asks a database a previous run filled, as it is: the same questions once the load's
+writes have been flushed (right after a bulk load the checkpointer writes it out meanwhile).
+
+usage: bench/list_sessions [--sessions 1000000] [--database URL [--wipe | --reuse]] [--out FILE]
 """
 
 from __future__ import annotations
@@ -165,6 +170,17 @@ async def prepare_postgres(url: str, wipe: bool) -> None:
         await migrate(engines.main)
     finally:
         await engines.dispose()
+
+
+async def filled_before(url: str) -> tuple[int, int]:
+    """The `now` a previous run filled the database for (its newest session was created then)
+    and how many sessions it holds."""
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        row = await connection.fetchrow("SELECT max(created_at), count(*) FROM sessions")
+        return int(row[0]), int(row[1])
+    finally:
+        await connection.close()
 
 
 async def fill_postgres(url: str, sessions: int, now: int) -> tuple[float, float]:
@@ -343,6 +359,11 @@ def main() -> int:
         "--wipe", action="store_true", help="drop the project's tables in --database first"
     )
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="ask a --database this benchmark filled before, as it is (no wipe, no fill)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="default bench/out/list_sessions.json (list_sessions_postgresql.json with --database)",
@@ -360,8 +381,12 @@ def main() -> int:
         if make_url(args.database).get_backend_name() != "postgresql":
             raise SystemExit("--database takes a PostgreSQL URL (postgresql+asyncpg://...)")
         url = args.database
-        asyncio.run(prepare_postgres(url, args.wipe))
-        filled, analyzed = asyncio.run(fill_postgres(url, args.sessions, now))
+        if args.reuse:  # the sessions as a previous run left them; its `now` was the newest's
+            now, args.sessions = asyncio.run(filled_before(url))
+            filled, analyzed = 0.0, 0.0
+        else:
+            asyncio.run(prepare_postgres(url, args.wipe))
+            filled, analyzed = asyncio.run(fill_postgres(url, args.sessions, now))
         results = asyncio.run(ask(url, now))
         kills = asyncio.run(kill_switch(url, now))
         backend = "postgresql"
