@@ -8,7 +8,8 @@ pruned, so nearly all are ended: the live ones are those of the last quarter hou
 asks, through the server's own repository code (storage/session_listing.py), for one page of 100:
 * a user's live sessions, and every session of theirs from a cursor deep in their history;
 * the same for the hot user, for the biggest agent kind, and for everyone (an auditor);
-200 times each (users and cursors drawn at random), and reports p50/p99/max in milliseconds.
+200 times each (users and cursors drawn at random), and reports p50/p99/max in milliseconds,
+beside the same for a read of nothing (`round_trip`: SELECT 1 through the same path), the floor.
 Then the kill switch: one slice of a Revoke by agent_id (DisableAgent), the statement the
 repository runs (`_REVOKE["of_agent"]`: a recursive CTE from the agent's sessions not expired yet
 down parent_id, then the next 250 live ones by serial), for the biggest agent kind and a small
@@ -48,10 +49,20 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 from agentid_server.domain.sessions import Cursor, SessionQuery
 from agentid_server.storage import tables
-from agentid_server.storage.database import Engines, create_engines, migrate
+from agentid_server.storage.database import Engines, create_engines, migrate, read_all
 from agentid_server.storage.repositories import _REVOKE
 from agentid_server.storage.session_listing import SessionListing
-from sqlalchemy import BindParameter, Connection, Select, bindparam, func, make_url, select, text
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Select,
+    bindparam,
+    func,
+    literal,
+    make_url,
+    select,
+    text,
+)
 
 USERS = 10_000
 AGENTS = 20
@@ -249,6 +260,16 @@ async def ask(url: str, now: int) -> dict[str, dict[str, float]]:
     rng = random.Random(5)
     results: dict[str, dict[str, float]] = {}
     try:
+        # The floor: a read of nothing (SELECT 1) through the same path (read_all, the pool, the
+        # driver), so a page's tail can be told from the machine's and the round trip's.
+        trivial = select(literal(1))
+        await read_all(engines.main, trivial)
+        timings: list[float] = []
+        for _ in range(ASKS):
+            start = time.perf_counter()
+            await read_all(engines.main, trivial)
+            timings.append((time.perf_counter() - start) * 1000)
+        results["round_trip"] = {"asks": ASKS, "sessions_per_answer": 0, **percentiles(timings)}
         for name, make in questions(now):
             await listing.list_sessions(make(rng))  # warm the connection and the page cache
             timings = []
