@@ -166,13 +166,14 @@ def asyncpg_dsn(url: str) -> str:
 async def prepare_postgres(url: str, wipe: bool) -> None:
     """A database of the project's schema and nothing in it: refused if it holds the project's
     tables already, unless ``wipe`` (then they are dropped first: only the project's own)."""
+    names = [t.name for t in reversed(tables.metadata.sorted_tables)] + ["alembic_version"]
     connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        present = await connection.fetchval("SELECT to_regclass('sessions') IS NOT NULL")
+        present = [n for n in names if await connection.fetchval("SELECT to_regclass($1)", n)]
         if present and not wipe:
-            raise SystemExit(f"{make_url(url).database} holds a sessions table: pass --wipe")
-        for table in [*reversed(tables.metadata.sorted_tables), "alembic_version"]:
-            name = table if isinstance(table, str) else table.name
+            database = make_url(url).database
+            raise SystemExit(f"{database} holds {', '.join(present)}: pass --wipe to drop them")
+        for name in present:
             await connection.execute(f'DROP TABLE IF EXISTS "{name}" CASCADE')
     finally:
         await connection.close()
