@@ -13,9 +13,7 @@ beside the same for a read of nothing (`round_trip`: SELECT 1 through the same p
 Then the kill switch: one slice of a Revoke by agent_id (DisableAgent), the statement the
 repository runs (`_REVOKE["of_agent"]`: a recursive CTE from the agent's sessions not expired yet
 down parent_id, then the next 250 live ones by serial), for the biggest agent kind and a small
-one, 50 times each, read only (nothing is revoked), on the connection the journal would use;
-and beside it the statement proposed for storage/lineage.py (`*_proposed`, see
-proposed_of_agent), which keeps the walk among the sessions not expired yet.
+one, 50 times each, read only (nothing is revoked), on the connection the journal would use.
 
 SQLite (the default, a new file): no ANALYZE is run, the server never runs one, so the plans are
 the ones it gets. PostgreSQL (`--database postgresql+asyncpg://...`): the database is migrated by
@@ -53,11 +51,7 @@ from agentid_server.storage.database import Engines, create_engines, migrate, re
 from agentid_server.storage.repositories import _REVOKE
 from agentid_server.storage.session_listing import SessionListing
 from sqlalchemy import (
-    BindParameter,
     Connection,
-    Select,
-    bindparam,
-    func,
     literal,
     make_url,
     select,
@@ -80,36 +74,7 @@ KILL_BAR_MS = 50.0  # a slice is one statement of a journal batch: anything near
 KILL_AGENTS = {"kill_biggest_agent": "agent-0", "kill_small_agent": "agent-7"}
 
 
-def proposed_of_agent() -> Select[Any]:
-    """Not the server's: the slice statement with the walk down parent_id kept among sessions
-    not expired yet (`expires_at > :now` in the recursive step too), measured beside the
-    server's as the proposed change to storage/lineage.py's agent_subtrees. Equivalent because
-    a child never outlives its parent (domain/delegation.py, `_granted_ttl`) and a session's
-    expires_at is never updated, so an expired session has no live descendant; the server's walk
-    goes through every ended sub-agent session instead (none is ever pruned)."""
-    s, r = tables.sessions, tables.revocations
-    now: BindParameter[int] = bindparam("now")
-    tree = (
-        select(s.c.id)
-        .where(s.c.agent_id == bindparam("agent"), s.c.expires_at > now)
-        .cte("agent_tree", recursive=True)
-    )
-    tree = tree.union(select(s.c.id).where(s.c.parent_id == tree.c.id, s.c.expires_at > now))
-    recorded = (
-        select(func.max(r.c.sequence))
-        .where(r.c.session_id == s.c.id)
-        .scalar_subquery()
-        .label("recorded")
-    )
-    return (
-        select(s, recorded)
-        .where(s.c.id.in_(select(tree.c.id)), s.c.expires_at > now, s.c.serial > bindparam("after"))
-        .order_by(s.c.serial)
-        .limit(bindparam("limit"))
-    )
-
-
-KILL_STATEMENTS = {"": _REVOKE["of_agent"], "_proposed": proposed_of_agent()}
+KILL_STATEMENTS = {"": _REVOKE["of_agent"]}
 
 
 def session_id(n: int) -> str:
@@ -317,8 +282,7 @@ def kill_slices(connection: Connection, now: int) -> dict[str, dict[str, Any]]:
     """One slice of a Revoke by agent_id, as the repository's job runs it (`_REVOKE["of_agent"]`
     on the journal's connection), for each agent of KILL_AGENTS: first all its slices once (how
     many live sessions the agent's subtrees hold), then the first slice KILL_RUNS times, then
-    its plan; the same for the proposed statement (`*_proposed`). Inside a transaction that is
-    rolled back; nothing is written."""
+    its plan. Inside a transaction that is rolled back; nothing is written."""
     results: dict[str, dict[str, Any]] = {}
     with connection.begin() as transaction:
         for name, agent in KILL_AGENTS.items():
