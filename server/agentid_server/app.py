@@ -28,6 +28,7 @@ from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import DelegationLimits, Delegator, TtlPolicy
 from agentid_server.domain.fanout import Doorbell
+from agentid_server.domain.gateway import Gateway, Route, Routes
 from agentid_server.domain.keys import KeyRetirer
 from agentid_server.domain.model import ServicePrincipal
 from agentid_server.domain.notices import NoticeEvent
@@ -74,6 +75,7 @@ from agentid_server.tokens.keys import (
 from agentid_server.web.console import mount_console
 from agentid_server.web.console_pages import ConsoleServices, mount_pages
 from agentid_server.web.door import DoorSettings, HttpDoor
+from agentid_server.web.forward import mount_forward
 from agentid_server.web.listener import HttpListener, start_http
 from agentid_server.webhooks import Endpoint, WebhookNotifier, load_secret
 
@@ -515,6 +517,7 @@ async def build_server(
             clock=clock,
         )
         application = door.application()
+        mount_forward(application, Gateway(_routes(settings), checker), authn.service)
         try:
             console = mount_console(application, settings, idp, clock)
             if console is not None:  # the same domain objects as the servicer's
@@ -599,6 +602,13 @@ def _notifier(settings: Settings, clock: Clock) -> WebhookNotifier | None:
     base_url = settings.http.base_url(settings.tokens.issuer)
     return WebhookNotifier(
         endpoints, base_url=base_url, clock=clock, user_agent=f"agentid/{__version__}"
+    )
+
+
+def _routes(settings: Settings) -> Routes:
+    """`[[routes]]`, compiled (the config's loader compiled each once already: none fails)."""
+    return Routes(
+        [Route.compile(r.service, r.method, r.path, r.action, r.resource) for r in settings.routes]
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from agentid_server.domain.agents import AGENT_ID, agent_field_problem
+from agentid_server.domain.gateway import Route, RouteError
 from agentid_server.domain.model import Role
 from agentid_server.domain.risk import RiskRuleError, RiskRules
 from agentid_server.domain.scopes import Scope, ScopeSyntaxError
@@ -236,6 +237,18 @@ class RiskRuleSettings:
 
 
 @dataclass(frozen=True)
+class RouteSettings:
+    """One `[[routes]]` entry (http.md "Gateways"): for the gateway whose key is ``service``'s,
+    requests of ``method`` (or *) to ``path`` are the ``action`` on ``resource``."""
+
+    service: str
+    method: str
+    path: str
+    action: str
+    resource: str = ""
+
+
+@dataclass(frozen=True)
 class RevocationSettings:
     watch_buffer: int = 4096
     # A Revoke of more sessions is written this many per transaction (the loop and the
@@ -308,6 +321,7 @@ class Settings:
     services: tuple[ServiceSettings, ...] = ()
     agents: tuple[AgentSettings, ...] = ()
     risk: tuple[RiskRuleSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = ()
 
 
 # Scalar keys of each table section, with how to read them. Environment overrides exist for these.
@@ -363,7 +377,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "max_connections": "int", "keepalive_timeout": "duration",
     },
 }  # fmt: skip
-_ARRAYS = {"idp", "services", "agents", "risk"}
+_ARRAYS = {"idp", "services", "agents", "risk", "routes"}
 
 
 class _Reader:
@@ -481,6 +495,7 @@ def settings_from_mapping(
         services=tuple(_service(r) for r in _array(data, "services", source)),
         agents=tuple(_agent(r) for r in _array(data, "agents", source)),
         risk=tuple(_risk(r) for r in _array(data, "risk", source)),
+        routes=tuple(_route(r) for r in _array(data, "routes", source)),
     )
     _validate(settings, sections)
     return settings
@@ -691,6 +706,22 @@ def _risk(r: _Reader) -> RiskRuleSettings:
     return RiskRuleSettings(name, action, when)
 
 
+def _route(r: _Reader) -> RouteSettings:
+    r.reject_unknown({"service", "method", "path", "action", "resource"})
+    route = RouteSettings(
+        r.required("service"),
+        r.get("method", "str", "*"),
+        r.required("path"),
+        r.required("action"),
+        r.get("resource", "str", ""),
+    )
+    try:
+        Route.compile(route.service, route.method, route.path, route.action, route.resource)
+    except RouteError as exc:
+        raise r.fail("path", str(exc)) from None
+    return route
+
+
 def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     server, tokens = sections["server"], sections["tokens"]
     _check_listen(s.server.listen, server)
@@ -797,6 +828,14 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     _subject_prefixes(s)
     _console_idp(s)
     _unique(s, "risk", [x.name for x in s.risk], "name")
+    checkers = {x.name for x in s.services if {"check", "admin"} & set(x.roles)}
+    for index, route in enumerate(s.routes):
+        if route.service not in checkers:
+            raise ConfigError(
+                s.source,
+                f"routes[{index}].service",
+                f"{route.service!r} is not a [[services]] name with role check",
+            )
 
 
 def _validate_http(http: HttpSettings, reader: _Reader) -> None:

@@ -36,6 +36,11 @@ class Reason(enum.IntEnum):
     STEP_UP_DENIED = 11
     PROOF_OF_POSSESSION_FAILED = 12
 
+    @property
+    def full(self) -> str:
+        """The agentid.v1.Reason value's name, e.g. REASON_GRANTED."""
+        return f"REASON_{self.name}"
+
 
 class EventType(enum.IntEnum):
     UNSPECIFIED = 0
