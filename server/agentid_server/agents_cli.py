@@ -234,7 +234,8 @@ def _read_jwks(path: str) -> str:
 
 
 def agents_table(agents: list[pb.Agent]) -> str:
-    """One agent a line: id, state, source, max TTL, owners, scopes, display name."""
+    """One agent a line: id, state, source, max TTL, owners, scopes, display name; a word a
+    column (lists joined by commas, nothing as "-") but the display name, last (for awk)."""
     rows = [
         [
             shown(agent.id),
@@ -242,7 +243,7 @@ def agents_table(agents: list[pb.Agent]) -> str:
             _source(agent),
             _ttl(agent),
             shown(",".join(agent.owners)) or "-",
-            shown(" ".join(agent.max_scopes)),
+            shown(",".join(agent.max_scopes)),
             shown(agent.display_name) or "-",
         ]
         for agent in agents

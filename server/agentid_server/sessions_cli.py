@@ -118,7 +118,8 @@ async def _run(args: argparse.Namespace, token: str) -> int:
 
 
 def sessions_table(sessions: list[pb.Session]) -> str:
-    """One session a line: id, state, agent, user, parent, created, expires, scopes, task."""
+    """One session a line: id, state, agent, user, parent, created, expires, scopes, task; a
+    word a column (scopes joined by commas, nothing as "-") but the task, last (for awk)."""
     rows = [
         [
             shown(s.session_id),
@@ -128,7 +129,7 @@ def sessions_table(sessions: list[pb.Session]) -> str:
             shown(s.parent_session_id) or "-",
             utc(s.create_time),
             utc(s.expire_time),
-            shown(" ".join(s.scopes)),
+            shown(",".join(s.scopes)),
             shown(s.task) or "-",
         ]
         for s in sessions

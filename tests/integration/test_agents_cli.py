@@ -70,8 +70,9 @@ async def test_an_agents_life_from_the_terminal(harness: Harness, tmp_path: Path
     jwks = tmp_path / "bot-jwks.json"
     jwks.write_text(json.dumps({"keys": [h.idp.public_jwks()["keys"][1]]}))  # an EC public key
     created = await as_json(
-        h, "agents", "create", "triage-bot", "--scope", "tickets.read", "--scope", "tickets.comment.*",
-        "--display-name", "Triage", "--owner", "alice", "--max-ttl", "20m",
+        h, "agents", "create", "triage-bot", "--scope", "tickets.read",
+        "--scope", "tickets.comment.*", "--display-name", "Triage", "--owner", "alice",
+        "--max-ttl", "20m",
     )  # fmt: skip
     assert created["id"] == "triage-bot"
     assert created["max_scopes"] == ["tickets.read", "tickets.comment.*"]
@@ -79,7 +80,8 @@ async def test_an_agents_life_from_the_terminal(harness: Harness, tmp_path: Path
     assert (created["owners"], created["max_ttl"]) == (["alice"], "1200s")
 
     listed = rows(await succeeds(h, "agents", "list"))
-    assert ["triage-bot", "ACTIVE", "API", "20m", "alice", "tickets.read", "tickets.comment.*", "Triage"] in listed  # fmt: skip
+    scopes = "tickets.read,tickets.comment.*"
+    assert ["triage-bot", "ACTIVE", "API", "20m", "alice", scopes, "Triage"] in listed
     assert [r[:3] for r in listed if r[0] == "support-bot"] == [["support-bot", "ACTIVE", "CONFIG"]]
     document = await as_json(h, "agents", "list")
     assert {a["id"] for a in document["agents"]} >= {"triage-bot", "support-bot", "sub-bot"}
@@ -148,7 +150,8 @@ async def test_the_registrys_refusals_from_the_terminal(harness: Harness) -> Non
 async def test_sessions_from_the_terminal(harness: Harness) -> None:
     h = harness
     alice, bob = h.idp.token(sub="alice"), h.idp.token(sub="bob")
-    a1 = await h.delegate(alice, scopes=["tickets.read", "agentid.delegate"], task="triage\x1b[2J")
+    # The task ends in a right-to-left mark: allowed, and shown written out.
+    a1 = await h.delegate(alice, scopes=["tickets.read", "agentid.delegate"], task="triage\u200f")
     a1_child = await h.sub_delegate(a1.token)
     a2 = await h.delegate(alice)
     b1 = await h.delegate(bob)
@@ -157,8 +160,8 @@ async def test_sessions_from_the_terminal(harness: Harness) -> None:
     out = await succeeds(h, "sessions", "list", "--page-size", "1")  # page after page
     assert out.splitlines()[0].split()[:3] == ["SESSION", "STATE", "AGENT"]
     assert [r[0] for r in rows(out)] == newest_first
-    assert "\x1b" not in out
-    assert "triage\\x1b[2J" in out
+    assert "\u200f" not in out
+    assert "triage\\u200f" in out
     found = {r[0]: r for r in rows(out)}
     assert found[a1_child.session_id][1:5] == ["ACTIVE", "sub-bot", "alice", a1.session_id]
     assert found[a1.session_id][4] == "-"

@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
-from agentid_client import AgentIdError
+from agentid_client import AgentIdClient, AgentIdError
 from agentid_server import agents_cli
 from agentid_server.agents_cli import agents_table, details, disabled_summary, duration_text
 from agentid_server.cli import main
-from agentid_server.client_cli import message_json, reason_after_message, table, utc
+from agentid_server.client_cli import message_json, print_json, reason_after_message, table, utc
 from agentid_server.sessions_cli import revoked_summary, sessions_table
 from google.protobuf import timestamp_pb2
 
@@ -70,7 +70,7 @@ def test_an_update_reads_the_jwks_file(tmp_path: Path) -> None:
         (["agents", "update", "bot"], "nothing to change"),
         (["agents", "update", "bot", "--owner", "a", "--clear", "owners"], "contradict"),
         (["agents", "create", "bot", "--scope", "a", "--max-ttl", "soon"], "not a duration"),
-        (["agents", "create", "bot", "--scope", "a", "--jwks-file", "/no/such/file"], "cannot read"),
+        (["agents", "create", "bot", "--scope", "a", "--jwks-file", "/no/such"], "cannot read"),
         (["sessions", "revoke"], "revoke one target"),
         (["sessions", "revoke", "ses_1", "--agent", "bot"], "revoke one target"),
         (["sessions", "revoke", "--user", "alice", "--agent", "bot"], "revoke one target"),
@@ -206,7 +206,8 @@ def test_sessions_line_up_newest_first_as_given() -> None:
         "SESSION", "STATE", "AGENT", "USER", "PARENT", "CREATED", "EXPIRES", "SCOPES", "TASK",
     ]  # fmt: skip
     assert lines[1].split()[:7] == [
-        "ses_2", "ACTIVE", "sub-bot", "alice", "ses_1", "2026-12-06T23:00:00Z", "2026-12-06T23:15:00Z",
+        "ses_2", "ACTIVE", "sub-bot", "alice", "ses_1",
+        "2026-12-06T23:00:00Z", "2026-12-06T23:15:00Z",
     ]  # fmt: skip
     assert lines[2].split()[:5] == ["ses_1", "REVOKED", "support-bot", "bob", "-"]
     assert lines[1].index("alice") == lines[2].index("bob") == lines[0].index("USER")
@@ -255,3 +256,18 @@ def test_a_refusal_reads_message_then_reason() -> None:
     assert reason_after_message(error) == "no agent 'x\\x1b[2J' (AGENT_NOT_REGISTERED)"
     bare = AgentIdError(grpc.StatusCode.UNAVAILABLE, "", "failed to connect", {})
     assert reason_after_message(bare) == "failed to connect (UNAVAILABLE)"
+
+
+def test_json_output_sends_the_terminal_nothing_to_act_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    print_json(message_json(pb.Agent(id="bot", display_name=TRICKY)))
+    out = capsys.readouterr().out
+    assert_inert(out)
+    assert json.loads(out)["display_name"] == TRICKY
+
+
+async def test_the_client_revokes_one_target_at_a_time() -> None:
+    async with AgentIdClient("127.0.0.1:1", "unused") as client:
+        with pytest.raises(ValueError, match="session_id and agent_id"):
+            await client.revoke(session_id="ses_1", agent_id="bot")
