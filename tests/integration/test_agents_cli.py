@@ -14,7 +14,7 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 
-from tests.conftest import ADMIN_KEY, CHECK_KEY, Harness, agentid_cli, error_info
+from tests.conftest import ADMIN_KEY, CHECK_KEY, Harness, agentid_cli, bearer, error_info
 from tests.integration.test_key_rotation import kid_of
 from tests.integration.test_retire_signing_key import grpc_kids
 
@@ -145,6 +145,35 @@ async def test_the_registrys_refusals_from_the_terminal(harness: Harness) -> Non
     code, _, err = await agents(h, ADMIN_KEY, "create", "support-bot", "--scope", "a.read")
     assert code == 1
     assert "agentid agents: " in err
+
+
+async def test_an_owner_reaches_their_own_agents_only(harness: Harness) -> None:
+    h = harness
+    await succeeds(
+        h, "agents", "create", "alices-bot", "--scope", "tickets.read", "--owner", "alice"
+    )
+    alice, bob = h.idp.token(sub="alice"), h.idp.token(sub="bob")
+    assert [r[0] for r in rows(await succeeds(h, "agents", "list", credential=alice))] == [
+        "alices-bot"
+    ]
+    assert rows(await succeeds(h, "agents", "list", credential=bob)) == []
+    await refused(h, "agents", "NOT_AGENT_OWNER", "show", "support-bot", credential=alice)
+    await refused(h, "agents", "NOT_AGENT_OWNER", "disable", "alices-bot", credential=bob)
+    out = await succeeds(h, "agents", "disable", "alices-bot", credential=alice)
+    assert out.startswith("alices-bot disabled: 0 sessions revoked")
+    await refused(h, "agents", "CALLER_NOT_ALLOWED", "enable", "alices-bot", credential=alice)
+
+
+async def test_every_page_of_agents_is_listed(harness: Harness) -> None:
+    for n in range(120):  # more than the server's page of 100
+        agent = pb.Agent(id=f"bot-{n:03}", max_scopes=["tickets.read"])
+        await harness.stub.CreateAgent(
+            pb.CreateAgentRequest(agent=agent), metadata=bearer(ADMIN_KEY)
+        )
+    listed = await as_json(harness, "agents", "list")
+    ids = [agent["id"] for agent in listed["agents"]]
+    assert len(ids) == len(set(ids)) == 123
+    assert [r[0] for r in rows(await succeeds(harness, "agents", "list"))] == ids
 
 
 async def test_sessions_from_the_terminal(harness: Harness) -> None:
