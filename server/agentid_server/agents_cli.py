@@ -224,10 +224,21 @@ def _read_jwks(path: str) -> str:
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     try:
-        json.loads(text)
+        document = json.loads(text)
     except ValueError:
         raise ValueError(f'{path} is not JSON (a JWK Set: {{"keys": [...]}})') from None
+    keys = document.get("keys") if isinstance(document, dict) else None
+    for key in keys if isinstance(keys, list) else []:
+        private = sorted(PRIVATE_MEMBERS.intersection(key) if isinstance(key, dict) else ())
+        if private:  # refused here: a private key is not sent anywhere, agentid included
+            raise ValueError(
+                f"{path} holds a private key (member {private[0]!r}): give the public keys only"
+            )
     return text
+
+
+# RFC 7518's private key members (RSA, EC and OKP "d", RSA's CRT values, oct's "k").
+PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 # -- output --------------------------------------------------------------------------------------

@@ -95,6 +95,19 @@ def test_a_jwks_file_that_is_not_json_is_refused(
     assert "is not JSON" in capsys.readouterr().err
 
 
+def test_a_jwks_file_with_a_private_key_is_not_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(
+        json.dumps({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AA", "d": "c2VjcmV0"}]})
+    )
+    assert main(["agents", "update", "bot", "--jwks-file", str(jwks)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a private key (member 'd')" in err
+    assert "c2VjcmV0" not in err
+
+
 def test_without_a_credential_the_commands_say_where_to_get_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
