@@ -16,21 +16,20 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agentid_server import __version__
+from agentid_server.agent_registry import config_agents, fetched_keys
 from agentid_server.api.handlers import UnknownMethods, build_handler
 from agentid_server.api.health import BoundedHealthServicer
 from agentid_server.api.method_policy import SERVICE
 from agentid_server.api.reflection import enable_reflection
 from agentid_server.api.servicer import AgentIdentityServicer
 from agentid_server.config import ServerSettings, Settings, is_loopback
+from agentid_server.domain.agents import AgentAdmin, AgentRegistry
 from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import DelegationLimits, Delegator, TtlPolicy
 from agentid_server.domain.fanout import Doorbell
 from agentid_server.domain.keys import KeyRetirer
-from agentid_server.domain.model import (
-    AgentKind,
-    ServicePrincipal,
-)
+from agentid_server.domain.model import ServicePrincipal
 from agentid_server.domain.notices import NoticeEvent
 from agentid_server.domain.ports import Clock, SystemClock
 from agentid_server.domain.pruning import RevocationPruner
@@ -38,11 +37,11 @@ from agentid_server.domain.ratelimit import Rate
 from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.risk import RiskRules
-from agentid_server.domain.scopes import ScopeSet
 from agentid_server.domain.sessions import PageTokens, SessionLister
 from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps, step_up_keys
 from agentid_server.domain.streams import StreamGate, StreamLimits
 from agentid_server.signing_keys import KeyRotation, load_signing_keys
+from agentid_server.storage.agents import AgentRepository
 from agentid_server.storage.audit import AuditRepository, record_from_row
 from agentid_server.storage.checkpoints import CheckpointKey
 from agentid_server.storage.database import (
@@ -62,15 +61,12 @@ from agentid_server.storage.repositories import (
 from agentid_server.storage.session_listing import SessionListing
 from agentid_server.storage.stepups import StepUpRepository
 from agentid_server.telemetry import Telemetry
+from agentid_server.tokens.agent_keys import AgentKeys, agent_jwks_problem
 from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
 from agentid_server.tokens.callers import CallerAuthenticator
-from agentid_server.tokens.client_assertion import (
-    AGENT_JWKS_MAX_AGE,
-    AGENT_JWKS_MIN_REFRESH,
-    ClientAssertionVerifier,
-)
+from agentid_server.tokens.client_assertion import ClientAssertionVerifier
 from agentid_server.tokens.dpop import DpopVerifier
-from agentid_server.tokens.idp import IdpVerifier, JwksCache
+from agentid_server.tokens.idp import IdpVerifier
 from agentid_server.tokens.keys import (
     KeyRing,
     derive_key,
@@ -84,6 +80,7 @@ from agentid_server.webhooks import Endpoint, WebhookNotifier, load_secret
 log = logging.getLogger(__name__)
 JWKS_MAX_AGE = 3600  # seconds a discovery document or the JWKS may be cached, at most
 PAGE_TOKEN_KEY_LABEL = b"agentid list-sessions page token key v1"  # HKDF info, from the KEK
+AGENT_PAGE_TOKEN_KEY_LABEL = b"agentid list-agents page token key v1"
 CLOCK_WATCH_INTERVAL = 1.0  # how soon revocations a clock gone back makes live are put back
 
 
@@ -359,7 +356,12 @@ async def build_server(
         clock,
         revoked=revocations.__contains__,
     )
+    # The agent registry, in memory on every replica; the config's agents are written below.
+    registry = AgentRegistry(int(settings.tokens.max_ttl))
+    agent_keys = AgentKeys(fetched_keys(settings, clock))
+    registry.on_change(agent_keys.follow)
     revoker = Revoker(
+        agents=registry,
         store=revocation_repo,
         revoked=revocations,
         hub=hub,
@@ -367,12 +369,6 @@ async def build_server(
         slice_size=settings.revocation.revoke_slice,
         on_applied=lambda revocation: streams.session_revoked(revocation.session_id),
     )
-    agents = {
-        a.id: AgentKind(
-            a.id, ScopeSet.parse(a.max_scopes), int(a.max_ttl or settings.tokens.max_ttl)
-        )
-        for a in settings.agents
-    }
     # One replay cache for Check's proofs and callers' proofs.
     proofs = DpopVerifier(
         cache_bytes=settings.tokens.dpop_replay_cache_bytes,
@@ -380,14 +376,30 @@ async def build_server(
     )
     # Several replicas (PostgreSQL): a proof one of them accepted is spent for all, in the store.
     ledger = ProofLedgerRepository(journal) if shared_store else None
-    actors = _client_assertions(settings, clock, ledger)
-    await actors.load()
+    actors = ClientAssertionVerifier(agent_keys, clock, ledger=ledger)
+    agent_admin = AgentAdmin(
+        registry=registry,
+        store=AgentRepository(engine, journal),
+        revoker=revoker,
+        tokens=PageTokens(derive_key(kek, AGENT_PAGE_TOKEN_KEY_LABEL)),
+        key_check=agent_jwks_problem,
+        clock=clock,
+        min_ttl=int(settings.tokens.min_ttl),
+        max_ttl=int(settings.tokens.max_ttl),
+        max_agents=settings.server.max_agents,
+    )
+    try:
+        await agent_admin.apply_config(config_agents(settings, clock.now()))
+        await actors.load()
+    except BaseException:
+        await _abandon(journal, engines, telemetry)
+        raise
     principals = [(s, ServicePrincipal(s.name, s.roles, s.audience)) for s in settings.services]
     services = [(s.key_sha256, principal) for s, principal in principals if s.key_sha256]
     certified = {s.cert_identity: principal for s, principal in principals if s.cert_identity}
     delegator = Delegator(
         issuer=settings.tokens.issuer,
-        agents=agents,
+        agents=registry,
         ttl=TtlPolicy(
             int(settings.tokens.default_ttl),
             int(settings.tokens.min_ttl),
@@ -423,6 +435,7 @@ async def build_server(
         max_token_bytes=settings.server.max_token_bytes,
         proof_ledger=ledger,
         nbf_leeway=settings.tokens.nbf_leeway,
+        disabled_agents=registry.disabled_ids,
     )
     auditor = Auditor(
         store=AuditRepository(
@@ -439,8 +452,10 @@ async def build_server(
         store=SessionListing(engine),
         tokens=PageTokens(derive_key(kek, PAGE_TOKEN_KEY_LABEL)),
         clock=clock,
+        owns=registry.owned_by,
     )
     servicer = AgentIdentityServicer(
+        agents=agent_admin,
         delegator=delegator,
         checker=checker,
         revoker=revoker,
@@ -495,7 +510,7 @@ async def build_server(
             authn=authn,
             proofs=proofs,
             proof_ledger=ledger,
-            agents=frozenset(agents),
+            agents=registry,
             jwks=ring.jwks,
             clock=clock,
         )
@@ -520,7 +535,7 @@ async def build_server(
 
         listener = PeerListener(
             engine,
-            on_revocations=revoker.catch_up,
+            on_revocations=lambda: _catch_up(revoker, agent_admin),
             on_step_ups=step_ups_changed_elsewhere,
             own_pid=lambda: journal.backend_pid,
             poll_interval=settings.revocation.poll_interval,
@@ -587,23 +602,11 @@ def _notifier(settings: Settings, clock: Clock) -> WebhookNotifier | None:
     )
 
 
-def _client_assertions(
-    settings: Settings, clock: Clock, ledger: ProofLedgerRepository | None
-) -> ClientAssertionVerifier:
-    """The agents with keys (their JWKS cached like an IdP's) and where their jtis are spent."""
-    jwks = {
-        a.id: JwksCache(
-            a.jwks_file,
-            a.jwks_url,
-            AGENT_JWKS_MIN_REFRESH,
-            AGENT_JWKS_MAX_AGE,
-            monotonic=clock.monotonic,
-            owner=f"agent {a.id!r}",
-        )
-        for a in settings.agents
-        if a.jwks_file or a.jwks_url
-    }
-    return ClientAssertionVerifier(jwks, clock, ledger=ledger)
+async def _catch_up(revoker: Revoker, agents: AgentAdmin) -> None:
+    """What other replicas committed: registry changes first (a disabled agent), then
+    revocations (its sessions)."""
+    await agents.refresh()
+    await revoker.catch_up()
 
 
 def _door_settings(settings: Settings) -> DoorSettings:

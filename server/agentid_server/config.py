@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from agentid_server.domain.agents import AGENT_ID, agent_field_problem
 from agentid_server.domain.model import Role
 from agentid_server.domain.risk import RiskRuleError, RiskRules
 from agentid_server.domain.scopes import Scope, ScopeSyntaxError
@@ -97,6 +98,9 @@ class ServerSettings:
     max_streams_per_user: int = 32
     max_streams_per_service: int = 1000
     max_health_watches: int = 1000
+    # Agents the registry may hold (CreateAgent beyond it: RESOURCE_EXHAUSTED, AGENT_LIMIT);
+    # every replica keeps them all in memory.
+    max_agents: int = 10_000
     max_connection_age: float = 3600.0
     max_connection_age_grace: float = 60.0
     max_connection_idle: float = 1800.0
@@ -191,6 +195,9 @@ class AgentSettings:
     # public client, named by its id alone.
     jwks_file: str = ""
     jwks_url: str = ""
+    display_name: str = ""
+    description: str = ""
+    owners: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -315,7 +322,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "keepalive_timeout": "duration", "min_client_ping_interval": "duration",
         "max_connections": "int", "max_streams_per_connection": "int",
         "max_streams_per_user": "int", "max_streams_per_service": "int",
-        "max_health_watches": "int", "max_connection_age": "duration",
+        "max_health_watches": "int", "max_connection_age": "duration", "max_agents": "int",
         "max_connection_age_grace": "duration", "max_connection_idle": "duration",
     },
     "database": {
@@ -593,8 +600,18 @@ def _service(r: _Reader) -> ServiceSettings:
 
 
 def _agent(r: _Reader) -> AgentSettings:
-    r.reject_unknown({"id", "max_scopes", "max_ttl", "jwks_file", "jwks_url"})
+    r.reject_unknown(
+        {"id", "max_scopes", "max_ttl", "jwks_file", "jwks_url", "display_name", "description"}
+        | {"owners"}
+    )
+    agent_id = r.required("id")
+    if not AGENT_ID.fullmatch(agent_id):
+        raise r.fail("id", "must match [a-z0-9][a-z0-9._-]{0,63} (lower case, at most 64)")
     scopes = r.get("max_scopes", "list", ())
+    if not scopes:
+        raise r.fail("max_scopes", "at least one scope: what the agent may ever be granted")
+    if len(set(scopes)) != len(scopes):
+        raise r.fail("max_scopes", "names a scope twice")
     for scope in scopes:
         try:
             Scope.parse(scope)
@@ -605,12 +622,24 @@ def _agent(r: _Reader) -> AgentSettings:
         raise r.fail("jwks_file", "set at most one of jwks_file and jwks_url")
     if jwks_url and not _https_or_loopback(jwks_url):
         raise r.fail("jwks_url", "must be https (plain http only on loopback)")
+    owners = tuple(r.get("owners", "list", ()))
+    if (problem := agent_field_problem("owners", owners)) is not None:
+        raise r.fail("owners", problem)
+    display_name = r.get("display_name", "str", "")
+    if (problem := agent_field_problem("display_name", display_name)) is not None:
+        raise r.fail("display_name", problem)
+    description = r.get("description", "str", "")
+    if (problem := agent_field_problem("description", description)) is not None:
+        raise r.fail("description", problem)
     return AgentSettings(
-        r.required("id"),
+        agent_id,
         tuple(scopes),
         r.get("max_ttl", "duration", 0.0),
         jwks_file=jwks_file,
         jwks_url=jwks_url,
+        display_name=display_name,
+        description=description,
+        owners=owners,
     )
 
 
@@ -729,6 +758,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
         (server, "max_streams_per_user", s.server.max_streams_per_user),
         (server, "max_streams_per_service", s.server.max_streams_per_service),
         (server, "max_health_watches", s.server.max_health_watches),
+        (server, "max_agents", s.server.max_agents),
         (sections["revocation"], "revoke_slice", s.revocation.revoke_slice),
         (sections["step_up"], "max_pending_per_session", s.step_up.max_pending_per_session),
         (sections["audit"], "max_batch", s.audit.max_batch),

@@ -55,6 +55,13 @@ POLICY: dict[str, Rule] = {
     # Which sessions each caller sees is the domain's rule (domain/sessions.py).
     "ListSessions": Rule(users=True, agents=True, roles=_roles(Role.AUDIT)),
     "RetireSigningKey": Rule(roles=_roles(Role.ADMIN)),
+    # The registry: users reach only what they own (domain/agents.py decides); agents nothing.
+    "CreateAgent": Rule(roles=_roles(Role.ADMIN)),
+    "GetAgent": Rule(users=True, roles=_roles(Role.AUDIT)),
+    "ListAgents": Rule(users=True, roles=_roles(Role.AUDIT)),
+    "UpdateAgent": Rule(roles=_roles(Role.ADMIN)),
+    "DisableAgent": Rule(users=True, roles=_roles(Role.ADMIN)),
+    "EnableAgent": Rule(roles=_roles(Role.ADMIN)),
 }
 
 

@@ -13,7 +13,9 @@ import grpc
 from agentid.v1 import agentid_pb2 as pb
 from google.protobuf import timestamp_pb2
 
+from agentid_server.api.agent_methods import AgentMethods
 from agentid_server.api.convert import context_of, dict_to_struct, microseconds_of, timestamp
+from agentid_server.domain.agents import AgentAdmin
 from agentid_server.domain.audit import Auditor, AuditRecord, AuditRequest
 from agentid_server.domain.check import Checker, CheckInput
 from agentid_server.domain.delegation import DelegateInput, Delegator
@@ -148,10 +150,11 @@ def watched_event_bytes(revocation: Revocation) -> bytes:
     return pb.WatchRevocationsResponse(event=revocation_event(revocation)).SerializeToString()
 
 
-class AgentIdentityServicer:
+class AgentIdentityServicer(AgentMethods):
     def __init__(
         self,
         *,
+        agents: AgentAdmin,
         delegator: Delegator,
         checker: Checker,
         revoker: Revoker,
@@ -165,6 +168,7 @@ class AgentIdentityServicer:
         on_decision: Callable[[str, str, str], None] | None = None,
     ) -> None:
         """``on_decision``: told each Check's decision, reason and session id (telemetry)."""
+        self._agents = agents
         self._delegator = delegator
         self._on_decision = on_decision
         self._checker = checker
@@ -288,6 +292,7 @@ class AgentIdentityServicer:
             principal,
             session_id=request.session_id,
             user_id=request.user_id,
+            agent_id=request.agent_id,
             reason=request.reason,
         )
         return pb.RevokeResponse(

@@ -6,7 +6,7 @@ precompiled scope matchers. The only await is the audit append, which group-comm
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,10 +80,14 @@ class Checker:
         max_token_bytes: int,
         proof_ledger: ProofLedger | None = None,
         nbf_leeway: float = 0.0,
+        disabled_agents: Container[str] = frozenset(),
     ) -> None:
         """``proof_ledger``: where DPoP proofs are spent when several servers share the store
         (each server's ``proofs`` remembers only what it saw itself). ``nbf_leeway``: how far
-        ahead of this clock a token's `nbf` may be (`tokens.nbf_leeway`)."""
+        ahead of this clock a token's `nbf` may be (`tokens.nbf_leeway`). ``disabled_agents``:
+        the registry's disabled agents, kept current by it; their tokens are denied as revoked
+        (DisableAgent revokes them too; this holds even if it failed part-way)."""
+        self._disabled_agents = disabled_agents
         self._nbf_leeway = nbf_leeway
         self._verifier = verifier
         self._proofs = proofs
@@ -203,7 +207,9 @@ class Checker:
             check_token_times(claims, self._clock.now(), self._nbf_leeway)
         except TokenRejected:
             return None
-        return None if claims.serial in self._revocations else claims
+        if claims.serial in self._revocations or claims.agent_id in self._disabled_agents:
+            return None
+        return claims
 
     def _verified(self, token: str) -> AgentClaims:
         if len(token) > self._max_token_bytes:
@@ -225,6 +231,8 @@ class Checker:
         check_token_times(claims, now, self._nbf_leeway)
         if claims.serial in self._revocations:
             return Decision.DENY, Reason.SESSION_REVOKED, "the session has been revoked", "", None
+        if claims.agent_id in self._disabled_agents:
+            return Decision.DENY, Reason.SESSION_REVOKED, "the agent is disabled", "", None
         proof = None
         if claims.jkt:
             proof = self._proofs.verify(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ulid import ULID
 
@@ -95,6 +95,12 @@ class Delegation:
     token: str = field(repr=False)  # a secret: kept out of any repr that reaches a log
 
 
+class AgentKinds(Protocol):
+    """The registry as Delegate reads it (in memory, never the store per call)."""
+
+    def get(self, agent_id: str, /) -> AgentKind | None: ...
+
+
 def new_session_id() -> str:
     return f"ses_{ULID()}"
 
@@ -106,7 +112,7 @@ class Delegator:
         self,
         *,
         issuer: str,
-        agents: Mapping[str, AgentKind],
+        agents: AgentKinds,
         ttl: TtlPolicy,
         sessions: SessionStore,
         tokens: AgentTokenIssuer,
@@ -137,6 +143,12 @@ class Delegator:
             raise NotFound(
                 f"agent {request.agent_id!r} is not registered",
                 reason="AGENT_NOT_REGISTERED",
+                metadata={"agent_id": request.agent_id},
+            )
+        if agent.disabled:
+            raise FailedPrecondition(
+                f"agent {request.agent_id!r} is disabled",
+                reason="AGENT_DISABLED",
                 metadata={"agent_id": request.agent_id},
             )
         # Before anything is charged or spent: a refused request costs no rate, serial or

@@ -74,6 +74,10 @@ class NotFound(AgentIdError):
     default_reason = "NOT_FOUND"
 
 
+class AlreadyExists(AgentIdError):
+    default_reason = "ALREADY_EXISTS"
+
+
 class FailedPrecondition(AgentIdError):
     default_reason = "FAILED_PRECONDITION"
 

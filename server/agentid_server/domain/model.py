@@ -45,6 +45,10 @@ class EventType(enum.IntEnum):
     STEP_UP_RESOLVED = 4
     REVOKE = 5
     KEY_ROTATED = 6
+    AGENT_CREATED = 7
+    AGENT_UPDATED = 8
+    AGENT_DISABLED = 9
+    AGENT_ENABLED = 10
     KEY_RETIRED = 11
 
 
@@ -132,11 +136,13 @@ Principal = UserPrincipal | AgentPrincipal | ServicePrincipal
 
 @dataclass(frozen=True, slots=True)
 class AgentKind:
-    """A registered agent kind (`[[agents]]`): the most it may ever be granted."""
+    """A registered agent kind: the most it may ever be granted, and whether it may be
+    delegated to at all (a disabled agent may not)."""
 
     id: str
     max_scopes: ScopeSet
     max_ttl: int
+    disabled: bool = False
 
 
 @dataclass(frozen=True, slots=True)

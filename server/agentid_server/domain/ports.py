@@ -155,6 +155,7 @@ class RevocationStore(Protocol):
         root_session_id: str | None,
         user_id: str | None,
         reason: str,
+        agent_id: str | None = None,
         now: float,
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
@@ -164,7 +165,8 @@ class RevocationStore(Protocol):
         after_serial: int = 0,
     ) -> RevokedSlice:
         """Revokes, in one transaction, the live sessions of the subtree rooted at
-        ``root_session_id`` (or every live session of ``user_id``) among the next ``limit`` live
+        ``root_session_id`` (or every live session of ``user_id``, or every live session of
+        ``agent_id`` with their descendants) among the next ``limit`` live
         ones by serial after ``after_serial`` (the slice's ``following`` is where the next call
         starts, None after the last): revocation rows with the next gap-free sequences, sessions
         marked, one audit record each. ``on_commit`` runs after the commit, before this returns,

@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from agentid_server.domain.errors import (
     InvalidArgument,
@@ -52,6 +53,14 @@ HISTORY_PAGE = 1000
 REVOKE_SLICE = 250  # sessions a Revoke writes per transaction (revocation.revoke_slice)
 
 
+class AgentOwners(Protocol):
+    def __contains__(self, agent_id: object) -> bool:
+        """Is the agent registered?"""
+        ...
+
+    def owned_by(self, agent_id: str, user_id: str) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RevokeOutcome:
     session_ids: list[str]
@@ -75,9 +84,12 @@ class Revoker:
         clock: Clock,
         slice_size: int = REVOKE_SLICE,
         on_applied: Callable[[Revocation], None] | None = None,
+        agents: AgentOwners | None = None,
     ) -> None:
         """A Revoke of many sessions is written ``slice_size`` sessions per transaction;
-        ``on_applied`` is told of each revocation as it is applied (streams of that session end)."""
+        ``on_applied`` is told of each revocation as it is applied (streams of that session end);
+        ``agents``: the registry, for Revoke by agent (its owners may)."""
+        self._agents = agents
         self._store = store
         self._revoked = revoked
         self._hub = hub
@@ -90,10 +102,12 @@ class Revoker:
     # -- Revoke ----------------------------------------------------------------------------------
 
     async def revoke(
-        self, caller: Principal, *, session_id: str, user_id: str, reason: str
+        self, caller: Principal, *, session_id: str, user_id: str, reason: str, agent_id: str = ""
     ) -> RevokeOutcome:
-        if bool(session_id) == bool(user_id):
-            raise InvalidArgument.field("target", "set exactly one of session_id and user_id")
+        if sum(map(bool, (session_id, user_id, agent_id))) != 1:
+            raise InvalidArgument.field(
+                "target", "set exactly one of session_id, user_id and agent_id"
+            )
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidArgument.field("reason", f"at most {MAX_REASON_LENGTH} characters")
         if (problem := unreadable(reason)) is not None:
@@ -107,6 +121,8 @@ class Revoker:
 
             authorize = of_session
 
+        elif agent_id:
+            self._authorize_agent(caller, agent_id)
         else:
             if len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
                 raise InvalidArgument.field("user_id", "not a valid user id")
@@ -122,6 +138,7 @@ class Revoker:
             written = await self._store.revoke(
                 root_session_id=session_id or None,
                 user_id=user_id or None,
+                agent_id=agent_id or None,
                 reason=reason,
                 now=now,
                 audit=lambda session, revocation: _audit_event(caller, session, revocation),
@@ -141,6 +158,23 @@ class Revoker:
         if sequence > self._revoked.applied_sequence:  # another replica's revocations come first
             await self.catch_up(until=sequence)
         return RevokeOutcome([r.session_id for r in revocations], sequence)
+
+    def _authorize_agent(self, caller: Principal, agent_id: str) -> None:
+        """Every session of an agent: an admin service, or one of the agent's owners."""
+        if self._agents is None or agent_id not in self._agents:
+            raise NotFound(
+                f"agent {agent_id[:64]!r} is not registered",
+                reason="AGENT_NOT_REGISTERED",
+                metadata={"agent_id": agent_id[:64]},
+            )
+        if isinstance(caller, ServicePrincipal) and caller.has_role(Role.ADMIN):
+            return
+        if isinstance(caller, UserPrincipal) and self._agents.owned_by(agent_id, caller.user_id):
+            return
+        raise PermissionDenied(
+            "only the agent's owners or an admin service may revoke every session of an agent",
+            reason="NOT_AGENT_OWNER",
+        )
 
     def _applied(self, revocations: list[Revocation]) -> None:
         """After the commit, in commit order: the Check path and every watcher see it now (or,

@@ -3,8 +3,8 @@
 Visibility (api.md "Who calls what"): a user sees the sessions they delegated (sub-agents
 included, which carry the same user); an agent sees its own session and its descendants; a
 service with role audit or admin sees every session. A user naming another user is refused, never
-answered with a silently filtered list (as Audit does). Owners of agents see every user's sessions
-of their agents once agents have owners (the agent lifecycle).
+answered with a silently filtered list (as Audit does). A user who owns an agent (domain/agents.py)
+sees every user's sessions of it when they name it.
 
 Pages are keyset pages, newest first by (created_at, serial): a session delegated between two
 pages sorts before the cursor, so paging neither repeats nor skips a session that was there. The
@@ -20,7 +20,7 @@ import enum
 import hashlib
 import hmac
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -43,6 +43,7 @@ PAGE_TOKEN_INVALID = "PAGE_TOKEN_INVALID"  # noqa: S105 (an error reason, not a 
 _TOKEN_VERSION = 1
 _CURSOR = struct.Struct(">BqQ")  # version, created_at, serial
 _MAC_BYTES = 16
+MAX_PAGE_TOKEN_LENGTH = 256
 
 
 class SessionState(enum.IntEnum):
@@ -128,47 +129,71 @@ class PageTokens:
         self._key = key
 
     def issue(self, binding: bytes, cursor: Cursor) -> str:
-        body = _CURSOR.pack(_TOKEN_VERSION, cursor.created_at, cursor.serial)
-        token = body + self._mac(binding, body)
-        return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
+        return self.seal(binding, _CURSOR.pack(_TOKEN_VERSION, cursor.created_at, cursor.serial))
 
     def open(self, binding: bytes, token: str) -> Cursor:
         """The cursor of a token issued for this ``binding``; INVALID_ARGUMENT otherwise."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
-            raw = b""
-        body, mac = raw[: _CURSOR.size], raw[_CURSOR.size :]
-        if len(raw) != _CURSOR.size + _MAC_BYTES or not hmac.compare_digest(
-            mac, self._mac(binding, body)
-        ):
-            raise InvalidArgument.field(
-                "page_token",
-                "not a page token of this query (changed, or from another query or caller)",
-                reason=PAGE_TOKEN_INVALID,
-            )
+        body = self.unseal(binding, token)
+        if len(body) != _CURSOR.size:
+            raise _not_ours()
         version, created_at, serial = _CURSOR.unpack(body)
         if version != _TOKEN_VERSION:  # sealed by us, so never: a later format's
             raise InvalidArgument.field("page_token", "an unknown format", PAGE_TOKEN_INVALID)
         return Cursor(created_at, serial)
+
+    def seal(self, binding: bytes, body: bytes) -> str:
+        """A token of any cursor ``body`` (ListAgents': the last id shown)."""
+        return base64.urlsafe_b64encode(body + self._mac(binding, body)).rstrip(b"=").decode()
+
+    def unseal(self, binding: bytes, token: str) -> bytes:
+        """The body of a token sealed for this ``binding``; INVALID_ARGUMENT otherwise."""
+        if len(token) > MAX_PAGE_TOKEN_LENGTH:
+            raise _not_ours()
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raw = b""
+        body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, self._mac(binding, body)):
+            raise _not_ours()
+        return body
 
     def _mac(self, binding: bytes, body: bytes) -> bytes:
         message = len(binding).to_bytes(4, "big") + binding + body
         return hmac.new(self._key, message, hashlib.sha256).digest()[:_MAC_BYTES]
 
 
+def _not_ours() -> InvalidArgument:
+    return InvalidArgument.field(
+        "page_token",
+        "not a page token of this query (changed, or from another query or caller)",
+        reason=PAGE_TOKEN_INVALID,
+    )
+
+
 class SessionLister:
     """Answers ListSessions."""
 
-    def __init__(self, *, store: SessionListStore, tokens: PageTokens, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        store: SessionListStore,
+        tokens: PageTokens,
+        clock: Clock,
+        owns: Callable[[str, str], bool] = lambda _agent_id, _user_id: False,
+    ) -> None:
+        """``owns(agent_id, user_id)``: is the user one of the agent's owners."""
         self._store = store
         self._tokens = tokens
         self._clock = clock
+        self._owns = owns
 
     async def list(self, caller: Principal, request: ListSessionsInput) -> SessionPage:
         limit = page_size(request.page_size)
         _validate_ids(request.user_id, request.agent_id)
-        query = visible_query(caller, request.user_id, request.agent_id, request.include_ended)
+        query = visible_query(
+            caller, request.user_id, request.agent_id, request.include_ended, self._owns
+        )
         binding = query_binding(caller, query)
         after = self._tokens.open(binding, request.page_token) if request.page_token else None
         now = self._clock.now()
@@ -191,11 +216,18 @@ def page_size(requested: int) -> int:
 
 
 def visible_query(
-    caller: Principal, user_id: str, agent_id: str, include_ended: bool
+    caller: Principal,
+    user_id: str,
+    agent_id: str,
+    include_ended: bool,
+    owns: Callable[[str, str], bool] = lambda _agent_id, _user_id: False,
 ) -> SessionQuery:
     """The query for what ``caller`` asked, narrowed to what it may see; PERMISSION_DENIED when it
-    names a user whose sessions it may not see."""
+    names a user whose sessions it may not see. An owner of the agent named sees every user's
+    sessions of it."""
     if isinstance(caller, ServicePrincipal) and caller.has_role(Role.AUDIT):
+        return SessionQuery(user_id=user_id, agent_id=agent_id, include_ended=include_ended)
+    if isinstance(caller, UserPrincipal) and agent_id and owns(agent_id, caller.user_id):
         return SessionQuery(user_id=user_id, agent_id=agent_id, include_ended=include_ended)
     if isinstance(caller, UserPrincipal):
         _own_user(caller.user_id, user_id)

@@ -41,6 +41,18 @@ def session_subtree(root: SessionId) -> Select[Any]:
     return select(tree.c.id)
 
 
+def agent_subtrees(agent_id: SessionId, now: BindParameter[int]) -> Select[Any]:
+    """The ids of an agent's sessions not expired at ``now`` and all their descendants."""
+    s = tables.sessions
+    tree = (
+        select(s.c.id)
+        .where(s.c.agent_id == agent_id, s.c.expires_at > now)
+        .cte("agent_tree", recursive=True)
+    )
+    tree = tree.union(select(s.c.id).where(s.c.parent_id == tree.c.id))
+    return select(tree.c.id)
+
+
 def _lineage_rows() -> Select[Any]:
     s = tables.sessions
     lineage = session_lineage(bindparam("id"))

@@ -9,6 +9,9 @@
   sends the step-up ids on ``agentid_step_ups``; the other replicas read those step-ups and hand
   them to their WatchStepUps streams (``on_step_ups``). A stream that reconnects starts from the
   current state, so a change missed with a dropped connection is seen then.
+* The agent registry: each write sends ``agentid_agents``; every replica then reads the agents
+  changed after the revision it holds (``on_revocations`` does that too: one catch-up for both,
+  so a disabled agent and its revoked sessions arrive together).
 * Audit records: each commit of audit records sends ``agentid_audit`` (visibility.py); the other
   replicas' followers then read the store (``on_audit``). Followers also read every poll
   interval, so a missed notification only delays them.
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 REVOCATIONS_CHANNEL = "agentid_revocations"
 STEP_UPS_CHANNEL = "agentid_step_ups"
+AGENTS_CHANNEL = "agentid_agents"
 RECONNECT_DELAY = 1.0
 MAX_PAYLOAD = 7000  # PostgreSQL's limit is 8000 bytes per notification
 
@@ -43,6 +47,16 @@ def notify_revocations(connection: Connection, last_sequence: int) -> None:
         connection.execute(
             text("SELECT pg_notify(:channel, :payload)"),
             {"channel": REVOCATIONS_CHANNEL, "payload": str(last_sequence)},
+        )
+
+
+def notify_agents(connection: Connection, revision: int) -> None:
+    """In a registry write's transaction: the other replicas read the registry after its commit
+    (PostgreSQL)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": AGENTS_CHANNEL, "payload": str(revision)},
         )
 
 
@@ -130,7 +144,7 @@ class PeerListener:
             raw = await connection.get_raw_connection()
             listener = raw.driver_connection  # the asyncpg connection
             assert listener is not None
-            channels = (REVOCATIONS_CHANNEL, STEP_UPS_CHANNEL, AUDIT_CHANNEL)
+            channels = (REVOCATIONS_CHANNEL, STEP_UPS_CHANNEL, AUDIT_CHANNEL, AGENTS_CHANNEL)
             for channel in channels:
                 await listener.add_listener(channel, self._notified)
             try:

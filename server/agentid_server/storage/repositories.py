@@ -26,7 +26,7 @@ from agentid_server.domain.stepup import StepUp
 from agentid_server.storage import tables
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
-from agentid_server.storage.lineage import session_lineage, session_subtree
+from agentid_server.storage.lineage import agent_subtrees, session_lineage, session_subtree
 from agentid_server.storage.notify import notify_revocations, notify_step_ups
 from agentid_server.storage.rows import session_record as _session
 from agentid_server.storage.stepups import expire_for_sessions
@@ -105,6 +105,11 @@ def _revoke_statements() -> dict[str, Any]:
         .where(s.c.id.in_(session_subtree(root)), *live)
         .order_by(s.c.serial)
         .limit(bindparam("limit")),
+        # The live sessions of an agent with their descendants (DisableAgent, Revoke by agent).
+        "of_agent": select(s, recorded)
+        .where(s.c.id.in_(agent_subtrees(bindparam("agent"), bindparam("now"))), *live)
+        .order_by(s.c.serial)
+        .limit(bindparam("limit")),
         "of_user": select(s, recorded)
         .where(s.c.user_id == bindparam("user"), *live)
         .order_by(s.c.serial)
@@ -145,6 +150,7 @@ class RevocationRepository:
         user_id: str | None,
         reason: str,
         now: float,
+        agent_id: str | None = None,
         audit: Callable[[SessionRecord, Revocation], AuditEvent],
         on_commit: Callable[[list[Revocation]], None],
         authorize: Callable[[SessionRecord | None, Callable[[], list[str]]], None] | None = None,
@@ -172,6 +178,8 @@ class RevocationRepository:
             live = {"now": int(now), "limit": limit, "after": after_serial}
             if root_session_id is not None:
                 targets = connection.execute(_REVOKE["subtree"], {**root, **live})
+            elif agent_id is not None:
+                targets = connection.execute(_REVOKE["of_agent"], {"agent": agent_id, **live})
             else:
                 targets = connection.execute(_REVOKE["of_user"], {"user": user_id, **live})
             examined = list(targets)

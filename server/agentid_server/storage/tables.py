@@ -182,3 +182,25 @@ spent_proofs = Table(
     Column("expires_at", BigInteger, nullable=False),  # when it may be forgotten
     Index("ix_spent_proofs_expires", "expires_at"),
 )
+
+# The agent registry (migration 0014); times in microseconds since the epoch.
+agents = Table(
+    "agents",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("display_name", Text, nullable=False),
+    Column("description", Text, nullable=False),
+    Column("owners", JSON, nullable=False),
+    Column("max_scopes", JSON, nullable=False),
+    Column("max_ttl", Integer, nullable=False),  # seconds; 0: tokens.max_ttl
+    Column("state", SmallInteger, nullable=False),
+    Column("jwks_json", Text, nullable=False),
+    Column("jwks_url", Text, nullable=False),
+    Column("source", SmallInteger, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    Column("disabled_us", BigInteger, nullable=True),
+    Column("disabled_reason", Text, nullable=False),
+    Column("revision", BigInteger, nullable=False),  # counter agent_revision, in commit order
+    Index("ix_agents_revision", "revision", unique=True),
+)

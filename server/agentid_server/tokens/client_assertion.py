@@ -30,7 +30,7 @@ from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from agentid_server.domain.errors import ResourceExhausted
 from agentid_server.domain.model import ProofUse
 from agentid_server.domain.ports import AssertionRejected, Clock
-from agentid_server.tokens.idp import IdpKey, JwksCache, key_fits
+from agentid_server.tokens.idp import IdpKey, key_fits
 
 ASSERTION_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 # `typ` values an assertion may carry (none is usual); other typed JWTs (our agent tokens'
@@ -51,6 +51,14 @@ ENTRY_BYTES = 320
 REMEMBER_FOR = MAX_LIFETIME + 2 * LEEWAY
 _BAD_JTI = f"has a jti that is not 1 to {MAX_JTI_LENGTH} printable characters"
 _LEDGER_PREFIX = "ca:"  # spent_proofs.jkt of an assertion: never a DPoP thumbprint (no ':')
+
+
+class KeySource(Protocol):
+    """One agent's keys by kid (a JwksCache, or keys given inline)."""
+
+    async def key(self, kid: str) -> IdpKey | None: ...
+
+    async def refresh(self) -> None: ...
 
 
 class AssertionLedger(Protocol):
@@ -143,13 +151,15 @@ class ClientAssertionVerifier:
 
     def __init__(
         self,
-        jwks: Mapping[str, JwksCache],
+        jwks: Mapping[str, KeySource],
         clock: Clock,
         *,
         ledger: AssertionLedger | None = None,
         spent: SpentAssertions | None = None,
     ) -> None:
-        self._jwks = dict(jwks)
+        """``jwks``: each agent's keys, read as they are at each call (the registry's
+        AgentKeys keeps them current)."""
+        self._jwks = jwks
         self._clock = clock
         self._ledger = ledger
         self._spent = spent or SpentAssertions()

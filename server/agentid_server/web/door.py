@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
@@ -98,7 +98,7 @@ class HttpDoor:
         authn: CallerAuthenticator,
         proofs: ProofVerifier,
         proof_ledger: ProofLedger | None,
-        agents: Collection[str],
+        agents: Container[str],
         jwks: Callable[[], str],
         clock: Clock,
     ) -> None:

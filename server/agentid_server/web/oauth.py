@@ -103,8 +103,10 @@ def delegate_error(error: AgentIdError) -> OAuthError:
             scopes = error.metadata.get("scopes", "")
             return OAuthError("invalid_scope", f"scope not covered: {scopes}")
         return OAuthError(_DENIED.get(error.reason, "invalid_request"), error.message)
-    if isinstance(error, FailedPrecondition):  # DELEGATION_TOO_DEEP
-        return OAuthError("invalid_grant", error.message)
+    if isinstance(error, FailedPrecondition):
+        if error.reason == "AGENT_DISABLED":  # the kill switch: this client may not get tokens
+            return OAuthError("unauthorized_client", error.message)
+        return OAuthError("invalid_grant", error.message)  # DELEGATION_TOO_DEEP
     if isinstance(error, Unauthenticated):
         return OAuthError("invalid_grant", f"subject_token refused: {error.message}")
     if isinstance(error, ResourceExhausted):
