@@ -207,15 +207,21 @@ name = "{check_service}"
 key_sha256 = "{check_digest}"
 roles = ["check"]
 
+# Agents defined here are in the registry (source CONFIG); more are made with CreateAgent
+# (`agentid agents create`). Owners may see, and stop, their agents and every session of them.
 [[agents]]
 id = "support-bot"
+display_name = "Support bot"
 max_scopes = ["tickets.*", "payments.refund", "payments.transfer", "agentid.delegate"]
 max_ttl = "30m"
+owners = ["alice"]
 
 [[agents]]
 id = "research-bot"
+display_name = "Research bot"
 max_scopes = ["docs.*", "tickets.read", "data.export"]
 max_ttl = "60m"
+owners = ["alice"]
 
 [step_up]
 pending_ttl = "10m"

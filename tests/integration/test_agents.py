@@ -679,3 +679,45 @@ async def test_the_kill_switch_holds_on_both_replicas(replicas: tuple[Harness, H
             return False
 
     await eventually(allowed_on_a)
+
+
+async def test_a_session_delegated_by_a_replica_that_had_not_heard_is_still_denied(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """The race the kill switch leaves open across replicas: b, deaf to a (no notifications, a
+    poll once an hour), delegates to the agent after a disabled it. Every replica that knows the
+    agent is disabled denies that session's token (Check reads the registry too), and
+    DisableAgent again revokes it for good."""
+    if not POSTGRES_URL:
+        pytest.skip("set AGENTID_TEST_POSTGRES_URL to a database tests may wipe")
+    await wipe(POSTGRES_URL)
+
+    def replica(chain: str) -> Any:
+        def mutate(config: dict[str, Any]) -> None:
+            on("postgresql")(config)
+            config["audit"] = {"chain_id": chain}
+            config["revocation"] = {"poll_interval": "1h"}
+
+        return mutate
+
+    async with (
+        running_harness(tmp_path, idp, clock, mutate=replica("replica-a")) as a,
+        running_harness(tmp_path, idp, clock, mutate=replica("replica-b")) as b,
+    ):
+        assert b.running.listener is not None
+        await b.running.listener.stop()  # hears nothing from now on
+        await a.stub.DisableAgent(
+            pb.DisableAgentRequest(id="support-bot"), metadata=bearer(ADMIN_KEY)
+        )
+        late = await b.delegate()  # b still holds the agent as active
+        answer = await a.check(late.token, "tickets.read")
+        assert (answer.decision, answer.reason) == (pb.DECISION_DENY, pb.REASON_SESSION_REVOKED)
+        assert answer.message == "the agent is disabled"
+        again = await a.stub.DisableAgent(
+            pb.DisableAgentRequest(id="support-bot"), metadata=bearer(ADMIN_KEY)
+        )
+        assert list(again.revoked_session_ids) == [late.session_id]
+        answer = await b.check(
+            late.token, "tickets.read", min_revocation_sequence=again.revocation_sequence
+        )
+        assert answer.decision == pb.DECISION_DENY

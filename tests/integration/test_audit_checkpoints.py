@@ -145,7 +145,8 @@ async def test_deleted_ids_are_never_handed_out_again(
 async def test_a_relinked_chain_fails_the_checkpoint_that_covers_it(harness: Harness) -> None:
     await scenario(harness)
     assert (await verify(harness, checkpoint_now=True)).ok  # stored: covers every record
-    victim = (await audit(harness))[4]  # a DENY, to be turned into an ALLOW
+    # A DENY, to be turned into an ALLOW (records without a session: the config's agents).
+    victim = [r for r in await audit(harness) if r.session_id][4]
     assert victim.decision == pb.DECISION_DENY
     relink_from(harness, victim.id)
     result = await verify(harness)

@@ -211,7 +211,8 @@ async def test_the_python_client_and_the_cli_connect_over_mtls(
                  "--tls-key", str(tmp_path / "me.key")]  # fmt: skip
     code, out, err = await run_agentid("audit", ADMIN_KEY, "--target", target, *tls_flags, "verify")
     assert (code, err) == (0, "")
-    assert out.startswith("ok: 1 records verified")  # the Delegate's record
+    # The Delegate's record, and the config's three agents recorded at the start.
+    assert out.startswith("ok: 4 records verified")
     code, _, err = await run_agentid(
         "audit", ADMIN_KEY, "--target", target, *tls_flags[:2], "verify"
     )  # no client certificate: the handshake refuses it

@@ -122,7 +122,8 @@ async def test_every_call_is_traced_timed_and_counted(traced: Observed) -> None:
     }
     assert durations == {0: 2, 16: 1}
     assert [p.value for _, p in traced.points("agentid.audit.store.healthy")] == [1.0]
-    assert [p.value for _, p in traced.points("agentid.audit.records")] == [3]  # delegate, 2 checks
+    # The config's three agents (recorded at the start), the Delegate, 2 Checks.
+    assert [p.value for _, p in traced.points("agentid.audit.records")] == [6]
     assert [p.value for _, p in traced.points("agentid.revocations.revoked")] == [0.0]
     await h.stub.Revoke(pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY))
     assert [p.value for _, p in traced.points("agentid.revocations.revoked")] == [1.0]

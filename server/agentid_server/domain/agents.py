@@ -309,10 +309,6 @@ class AgentAdmin:
         after = ""
         if page_token:
             after = self._tokens.unseal(binding, page_token).decode()
-        if isinstance(caller, ServicePrincipal) and not _reader(caller):
-            raise PermissionDenied(
-                "listing agents needs role audit or admin", reason="CALLER_NOT_ALLOWED"
-            )
         found: list[Agent] = []
         more = False
         for agent_id in self._registry.ids_after(after):
