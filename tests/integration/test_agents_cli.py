@@ -159,6 +159,15 @@ async def test_an_owner_reaches_their_own_agents_only(harness: Harness) -> None:
     assert rows(await succeeds(h, "agents", "list", credential=bob)) == []
     await refused(h, "agents", "NOT_AGENT_OWNER", "show", "support-bot", credential=alice)
     await refused(h, "agents", "NOT_AGENT_OWNER", "disable", "alices-bot", credential=bob)
+    # Bob's session of alice's agent: hers to see and end, not his to end all of them.
+    bobs = await h.delegate(bob, agent_id="alices-bot")
+    listed = await succeeds(h, "sessions", "list", "--agent", "alices-bot", credential=alice)
+    assert [r[:4] for r in rows(listed)] == [[bobs.session_id, "ACTIVE", "alices-bot", "bob"]]
+    await refused(
+        h, "sessions", "NOT_AGENT_OWNER", "revoke", "--agent", "alices-bot", credential=bob
+    )
+    out = await succeeds(h, "sessions", "revoke", "--agent", "alices-bot", credential=alice)
+    assert out.startswith("1 session revoked")
     out = await succeeds(h, "agents", "disable", "alices-bot", credential=alice)
     assert out.startswith("alices-bot disabled: 0 sessions revoked")
     await refused(h, "agents", "CALLER_NOT_ALLOWED", "enable", "alices-bot", credential=alice)
