@@ -49,7 +49,10 @@ def agent_subtrees(agent_id: SessionId, now: BindParameter[int]) -> Select[Any]:
         .where(s.c.agent_id == agent_id, s.c.expires_at > now)
         .cte("agent_tree", recursive=True)
     )
-    tree = tree.union(select(s.c.id).where(s.c.parent_id == tree.c.id))
+    # Down to live descendants only: a session never outlives its parent (Delegate clamps its
+    # ttl to the parent's lifetime), so an expired one has none. Without it PostgreSQL walked
+    # every sub-agent session ever delegated (docs/benchmarks.md, session 7).
+    tree = tree.union(select(s.c.id).where(s.c.parent_id == tree.c.id, s.c.expires_at > now))
     return select(tree.c.id)
 
 
