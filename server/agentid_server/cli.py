@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from agentid_server import audit_cli, login_cli, stepups_cli
+from agentid_server import agents_cli, audit_cli, keys_cli, login_cli, sessions_cli, stepups_cli
 from agentid_server.config import ConfigError, Settings, load_settings, parse_duration
 from agentid_server.devidp import CONSOLE_CLIENT, DEV_ISSUER
 from agentid_server.tokens.keys import KeyMaterialError
@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     login_cli.add_parser(commands)
     stepups_cli.add_parser(commands)
     audit_cli.add_parser(commands)
+    agents_cli.add_parser(commands)
+    sessions_cli.add_parser(commands)
+    keys_cli.add_parser(commands)
 
     args = parser.parse_args(argv)
     configure_logging("text")

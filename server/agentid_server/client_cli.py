@@ -1,5 +1,6 @@
-"""What the terminal commands that call a running agentid (`agentid step-ups`, `agentid audit`)
-share: where the server is, the credential, and how a refused call is reported.
+"""What the terminal commands that call a running agentid (`agentid step-ups`, `agentid audit`,
+`agentid agents`, ...) share: where the server is, the credential, how a refused call is
+reported, and how what the server sends is shown on a terminal.
 
 The credential: --token, else $AGENTID_TOKEN, else the login `agentid login` stored (its
 access token; an expired one is not sent, the user is told to log in again)."""
@@ -8,15 +9,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
-from collections.abc import Callable, Coroutine
+import unicodedata
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
 from agentid_client import AgentIdClient, AgentIdError
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
 
 from agentid_server import stored_login
+from agentid_server.domain.model import BIDI_CONTROLS
 from agentid_server.tokens.oidc import LoginFailed
 
 TOKEN_ENV = "AGENTID_TOKEN"  # noqa: S105 - the name of a variable, not a secret
@@ -119,3 +125,65 @@ def _stored_token() -> str:
             " `agentid login` again"
         )
     return login.access_token
+
+
+def reason_after_message(error: AgentIdError) -> str:
+    """A refusal as the registry's commands print it: the server's message, then its stable
+    reason (the code's name when it gave none)."""
+    return f"{shown(error.message)} ({error.reason or error.code.name})"
+
+
+# -- what the server sends, on a terminal ----------------------------------------------------------
+
+
+def shown(text: str) -> str:
+    """Text for a terminal: what could move the cursor, clear the screen or reorder the line
+    is written out as an escape, never sent to the terminal."""
+    return "".join(
+        ch if ch.isprintable() and ch not in _REORDERING else ch.encode("unicode_escape").decode()
+        for ch in text
+    )
+
+
+# The free text's refused controls, and the direction marks (LRM, RLM) that it lets through.
+_REORDERING = BIDI_CONTROLS | {"\u200e", "\u200f"}
+
+
+def utc(moment: timestamp_pb2.Timestamp) -> str:
+    """A time as ISO 8601 UTC to the second (2026-12-06T23:01:37Z); unset: "-"."""
+    if not moment.seconds and not moment.nanos:
+        return "-"
+    return moment.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Aligned columns, the header first; the cells are shown as given (pass them through
+    ``shown`` first), the last column is not padded."""
+    widths = [max(_width(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        " ".join(
+            cell + " " * (widths[i] - _width(cell)) if i < len(line) - 1 else cell
+            for i, cell in enumerate(line)
+        ).rstrip()
+        for line in [header, *rows]
+    )
+
+
+def _width(text: str) -> int:
+    """Columns a terminal gives the text: wide (East Asian) characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A message as protobuf JSON with the field names of the .proto (as `agentid audit
+    --json`), every field present, enums by name."""
+    data: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return data
+
+
+def print_json(document: dict[str, Any]) -> None:
+    """One JSON document on stdout; non-ASCII escaped, so no server text reaches the terminal
+    raw."""
+    print(json.dumps(document, indent=2))

@@ -21,8 +21,8 @@ from agentid_server.client_cli import (
     add_connection_arguments,
     connect,
     run_with_credential,
+    shown,
 )
-from agentid_server.domain.model import BIDI_CONTROLS
 from agentid_server.domain.stepup import canonical_context
 from agentid_server.tokens.oidc import LoginFailed
 
@@ -119,27 +119,14 @@ def row(step_up: pb.StepUp) -> str:
     # RFC 8785, as the binding's digest is computed: 2500 is 2500, not 2500.0.
     context = canonical_context(json_format.MessageToDict(step_up.context)).decode()
     lines = [
-        f"{step_up.id:<30} {_state(step_up):<9} {_shown(step_up.agent_id):<16} "
-        f"{expires.strftime('%H:%M:%S'):<8} {_shown(step_up.risk_rule) or '-'}",
-        f"    allows:  {_shown(step_up.action)} on {_shown(step_up.resource) or '(any resource)'}",
-        f"    context: {_shown(context)}",
+        f"{step_up.id:<30} {_state(step_up):<9} {shown(step_up.agent_id):<16} "
+        f"{expires.strftime('%H:%M:%S'):<8} {shown(step_up.risk_rule) or '-'}",
+        f"    allows:  {shown(step_up.action)} on {shown(step_up.resource) or '(any resource)'}",
+        f"    context: {shown(context)}",
     ]
     if step_up.binding_message:
-        lines.append(f"    the agent says: {_shown(step_up.binding_message)!r}")
+        lines.append(f"    the agent says: {shown(step_up.binding_message)!r}")
     return "\n".join(lines)
-
-
-def _shown(text: str) -> str:
-    """Text for a terminal: what could move the cursor, clear the screen or reorder the line
-    is written out as an escape, never sent to the terminal."""
-    return "".join(
-        ch if ch.isprintable() and ch not in _REORDERING else ch.encode("unicode_escape").decode()
-        for ch in text
-    )
-
-
-# The free text's refused controls, and the direction marks (LRM, RLM) that it lets through.
-_REORDERING = BIDI_CONTROLS | {"\u200e", "\u200f"}
 
 
 def _state(step_up: pb.StepUp) -> str:

@@ -5,12 +5,17 @@ import agentid_client
 
 def test_public_names() -> None:
     assert sorted(agentid_client.__all__) == [
+        "Agent",
         "AgentIdClient",
         "AgentIdError",
+        "AgentSource",
+        "AgentState",
         "CheckResponse",
         "Decision",
         "DelegateResponse",
+        "DisableAgentResponse",
         "Reason",
+        "RetireSigningKeyResponse",
         "RevocationWatcher",
         "RevokeResponse",
         "Session",

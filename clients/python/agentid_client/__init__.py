@@ -1,10 +1,16 @@
-"""agentid Python client: delegate, check, revoke, and a synced local revocation set."""
+"""agentid Python client: delegate, check, revoke, the agent registry, and a synced local
+revocation set."""
 
 from agentid.v1.agentid_pb2 import (
+    Agent,
+    AgentSource,
+    AgentState,
     CheckResponse,
     Decision,
     DelegateResponse,
+    DisableAgentResponse,
     Reason,
+    RetireSigningKeyResponse,
     RevokeResponse,
     Session,
     SessionState,
@@ -15,12 +21,17 @@ from agentid_client._errors import AgentIdError
 from agentid_client._revocations import RevocationWatcher, WatcherNotReady, WatcherStopped
 
 __all__ = [
+    "Agent",
     "AgentIdClient",
     "AgentIdError",
+    "AgentSource",
+    "AgentState",
     "CheckResponse",
     "Decision",
     "DelegateResponse",
+    "DisableAgentResponse",
     "Reason",
+    "RetireSigningKeyResponse",
     "RevocationWatcher",
     "RevokeResponse",
     "Session",

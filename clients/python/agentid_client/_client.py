@@ -7,7 +7,7 @@ import hashlib
 import ipaddress
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -187,14 +187,16 @@ class AgentIdClient:
         return response
 
     async def revoke(
-        self, *, session_id: str = "", user_id: str = "", reason: str = ""
+        self, *, session_id: str = "", user_id: str = "", agent_id: str = "", reason: str = ""
     ) -> pb.RevokeResponse:
-        """Revokes a session and its descendants, or every live session of a user."""
-        request = pb.RevokeRequest(reason=reason)
-        if session_id:
-            request.session_id = session_id
-        if user_id:
-            request.user_id = user_id
+        """Revokes a session and its descendants, every live session of a user, or every live
+        session of an agent (role admin, or one of its owners). One target: naming two is a
+        ValueError here (the request holds one), naming none the server's INVALID_ARGUMENT."""
+        targets = {"session_id": session_id, "user_id": user_id, "agent_id": agent_id}
+        named = {name: value for name, value in targets.items() if value}
+        if len(named) > 1:
+            raise ValueError(f"revoke names one target, not {' and '.join(named)}")
+        request = pb.RevokeRequest(reason=reason, **named)
         response: pb.RevokeResponse = await self._call("Revoke", request)
         return response
 
@@ -205,7 +207,7 @@ class AgentIdClient:
         agent_id: str = "",
         include_ended: bool = False,
         page_size: int = 0,
-    ) -> AsyncIterator[pb.Session]:
+    ) -> AsyncGenerator[pb.Session, None]:
         """Sessions the caller may see, newest first, page after page (``page_size`` per call,
         0 = the server's 100): a user's own, an agent's own and its descendants', or, with role
         audit or admin, anyone's; live ones only unless ``include_ended``."""
@@ -219,6 +221,86 @@ class AgentIdClient:
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+    async def create_agent(
+        self,
+        agent_id: str,
+        max_scopes: Sequence[str],
+        *,
+        display_name: str = "",
+        description: str = "",
+        owners: Sequence[str] = (),
+        max_ttl: timedelta | None = None,
+        jwks_json: str = "",
+    ) -> pb.Agent:
+        """Registers a new agent (role admin): the scopes it may ever be granted, its sessions'
+        longest lifetime (None: the server's ``tokens.max_ttl``), the users accountable for it,
+        and the JWK Set its client assertions are signed with ("": none)."""
+        agent = pb.Agent(
+            id=agent_id,
+            max_scopes=list(max_scopes),
+            display_name=display_name,
+            description=description,
+            owners=list(owners),
+            jwks_json=jwks_json,
+        )
+        if max_ttl is not None:
+            agent.max_ttl.FromTimedelta(max_ttl)
+        response: pb.CreateAgentResponse = await self._call(
+            "CreateAgent", pb.CreateAgentRequest(agent=agent)
+        )
+        return response.agent
+
+    async def get_agent(self, agent_id: str) -> pb.Agent:
+        """One agent (role admin or audit, or one of its owners)."""
+        response: pb.GetAgentResponse = await self._call(
+            "GetAgent", pb.GetAgentRequest(id=agent_id)
+        )
+        return response.agent
+
+    async def list_agents(
+        self, *, include_disabled: bool = False, page_size: int = 0
+    ) -> AsyncGenerator[pb.Agent, None]:
+        """The registered agents, page after page (``page_size`` per call, 0 = the server's
+        default); disabled ones only with ``include_disabled``."""
+        request = pb.ListAgentsRequest(include_disabled=include_disabled, page_size=page_size)
+        while True:
+            response: pb.ListAgentsResponse = await self._call("ListAgents", request)
+            for agent in response.agents:
+                yield agent
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    async def update_agent(self, agent: pb.Agent, update_mask: Sequence[str]) -> pb.Agent:
+        """Changes the fields of ``agent`` (found by its ``id``) named in ``update_mask``
+        (field names: ``display_name``, ``max_scopes``, ...), and only those: a field named but
+        left empty in ``agent`` is cleared. An agent defined in the config is refused."""
+        request = pb.UpdateAgentRequest(agent=agent)
+        request.update_mask.paths.extend(update_mask)
+        response: pb.UpdateAgentResponse = await self._call("UpdateAgent", request)
+        return response.agent
+
+    async def disable_agent(self, agent_id: str, reason: str = "") -> pb.DisableAgentResponse:
+        """The kill switch: the agent can no longer be delegated to, and every live session of
+        it (with their descendants) is revoked before the answer, which names them."""
+        request = pb.DisableAgentRequest(id=agent_id, reason=reason)
+        response: pb.DisableAgentResponse = await self._call("DisableAgent", request)
+        return response
+
+    async def enable_agent(self, agent_id: str) -> pb.Agent:
+        """A disabled agent may be delegated to again (its revoked sessions stay revoked)."""
+        response: pb.EnableAgentResponse = await self._call(
+            "EnableAgent", pb.EnableAgentRequest(id=agent_id)
+        )
+        return response.agent
+
+    async def retire_signing_key(self, kid: str, reason: str = "") -> pb.RetireSigningKeyResponse:
+        """Withdraws a compromised signing key (role admin): its tokens stop verifying and it
+        leaves the JWKS; if it was signing, a new key signs from now on."""
+        request = pb.RetireSigningKeyRequest(kid=kid, reason=reason)
+        response: pb.RetireSigningKeyResponse = await self._call("RetireSigningKey", request)
+        return response
 
     async def step_up(
         self,
