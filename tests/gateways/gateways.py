@@ -111,11 +111,13 @@ class Gateway:
 
 
 def nginx_binary() -> str:
-    if not os.access(NGINX, os.X_OK):
+    """$AGENTID_NGINX, else Debian's /usr/sbin/nginx."""
+    binary = os.environ.get("AGENTID_NGINX") or NGINX
+    if not os.access(binary, os.X_OK):
         raise GatewayMissing(
-            f"nginx is not installed ({NGINX}): apt-get install nginx-light; .ci/run installs it"
+            f"nginx is not installed ({binary}): apt-get install nginx-light; .ci/run installs it"
         )
-    return NGINX
+    return binary
 
 
 def nginx_config(

@@ -78,7 +78,7 @@ def only(answer: Answer, name: str) -> str:
 
 
 async def test_an_allowed_request_reaches_the_upstream_with_who_is_asking(
-    h: Harness, upstream: Upstream, gateway: Gateway
+    gateway: Gateway, h: Harness, upstream: Upstream
 ) -> None:
     session = await agent(h)
     forged = [
@@ -105,7 +105,7 @@ async def test_an_allowed_request_reaches_the_upstream_with_who_is_asking(
 
 
 async def test_no_token_is_401_bearer_and_never_reaches_the_upstream(
-    h: Harness, upstream: Upstream, gateway: Gateway
+    gateway: Gateway, h: Harness, upstream: Upstream
 ) -> None:
     answer = await send(gateway, "GET", "/tickets/42")
     assert answer.status == 401
@@ -115,7 +115,7 @@ async def test_no_token_is_401_bearer_and_never_reaches_the_upstream(
 
 
 async def test_a_scope_not_granted_is_403_insufficient_scope(
-    h: Harness, upstream: Upstream, gateway: Gateway
+    gateway: Gateway, h: Harness, upstream: Upstream
 ) -> None:
     session = await agent(h, "tickets.read")
     answer = await send(
@@ -128,7 +128,7 @@ async def test_a_scope_not_granted_is_403_insufficient_scope(
 
 
 async def test_a_path_no_route_names_is_403_route_not_found(
-    h: Harness, upstream: Upstream, gateway: Gateway
+    gateway: Gateway, h: Harness, upstream: Upstream
 ) -> None:
     session = await agent(h)
     for method, target in (("GET", "/admin"), ("DELETE", "/tickets/42"), ("GET", "/")):
@@ -140,7 +140,7 @@ async def test_a_path_no_route_names_is_403_route_not_found(
 
 
 async def test_a_revoked_token_is_refused_on_its_next_request(
-    h: Harness, upstream: Upstream, gateway: Gateway
+    gateway: Gateway, h: Harness, upstream: Upstream
 ) -> None:
     session = await agent(h)
     assert (await send(gateway, "GET", "/tickets/1", auth(session.token))).status == 200
@@ -155,7 +155,7 @@ async def test_a_revoked_token_is_refused_on_its_next_request(
 
 
 async def test_a_step_up_is_403_with_the_decision_and_the_rule(
-    h: Harness, upstream: Upstream, gateway: Gateway
+    gateway: Gateway, h: Harness, upstream: Upstream
 ) -> None:
     session = await agent(h, "payments.transfer")
     big = await send(gateway, "POST", "/accounts/A1/transfers?amount=5000", auth(session.token))
@@ -173,7 +173,7 @@ async def test_a_step_up_is_403_with_the_decision_and_the_rule(
 
 
 async def test_forwarded_headers_a_client_sends_itself_change_nothing(
-    h: Harness, upstream: Upstream, gateway: Gateway
+    gateway: Gateway, h: Harness, upstream: Upstream
 ) -> None:
     """A client naming another method or URI in the gateways' own headers: the gateway's value
     replaces it, or both conventions disagree and agentid denies; never allowed as named."""
@@ -212,7 +212,7 @@ TRICKY = [
 
 @pytest.mark.parametrize("target", TRICKY)
 async def test_tricky_paths_are_denied_and_never_reach_the_upstream(
-    h: Harness, upstream: Upstream, gateway: Gateway, target: str
+    gateway: Gateway, h: Harness, upstream: Upstream, target: str
 ) -> None:
     session = await agent(h)
     answer = await send(gateway, "GET", target, auth(session.token))
@@ -241,7 +241,7 @@ NGINX_PASSES = [
 
 @pytest.mark.parametrize(("target", "status", "reason"), NGINX_PASSES)
 async def test_what_nginx_passes_on_is_judged_as_sent(
-    h: Harness, upstream: Upstream, nginx: Gateway, target: str, status: int, reason: str | None
+    nginx: Gateway, h: Harness, upstream: Upstream, target: str, status: int, reason: str | None
 ) -> None:
     session = await agent(h)
     headers = [] if "access_token" in target else auth(session.token)
@@ -256,7 +256,7 @@ async def test_what_nginx_passes_on_is_judged_as_sent(
 
 
 async def test_nginx_forwards_request_uri_and_the_service_receives_the_same(
-    h: Harness, upstream: Upstream, nginx: Gateway
+    nginx: Gateway, h: Harness, upstream: Upstream
 ) -> None:
     """The target agentid judged (X-Original-URI: $request_uri) is the one the upstream gets,
     escapes and all: a route's capture allows what the service will read."""
