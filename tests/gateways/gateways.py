@@ -121,10 +121,18 @@ def nginx_binary() -> str:
 
 
 def nginx_config(
-    directory: Path, *, port: int, agentid: str, service: str, key: str, workers: int = 1
+    directory: Path,
+    *,
+    port: int,
+    agentid: str,
+    service: str,
+    key: str,
+    workers: int = 1,
+    extra: str = "",
 ) -> str:
     """nginx.conf: the doc's block inside an `http { }` whose every path is under ``directory``,
-    run in the foreground by the current user."""
+    run in the foreground by the current user; ``extra``: more of the `http { }` context (the
+    benchmark's static upstream and its nginx without agentid)."""
     block = render(
         doc_block("nginx"),
         {
@@ -138,7 +146,7 @@ def nginx_config(
     if os.geteuid() == 0:  # a root master would run its workers as nobody: keep the current user
         entry = pwd.getpwuid(os.geteuid())
         user = f"user {entry.pw_name};\n"
-    inner = "\n".join("    " + line if line else "" for line in block.splitlines())
+    inner = "\n".join("    " + line if line else "" for line in (block + extra).splitlines())
     return (
         f"# Written by tests/gateways/gateways.py from docs/gateways.md's nginx block.\n"
         f"daemon off;\n{user}worker_processes {workers};\n"
@@ -156,7 +164,13 @@ def nginx_config(
 
 
 def start_nginx(
-    directory: Path, *, agentid: str, service: str, key: str, workers: int = 1
+    directory: Path,
+    *,
+    agentid: str,
+    service: str,
+    key: str,
+    workers: int = 1,
+    extra: str = "",
 ) -> Gateway:
     binary = nginx_binary()
     directory.mkdir(parents=True, exist_ok=True)
@@ -166,7 +180,13 @@ def start_nginx(
     with os.fdopen(fd, "w") as handle:
         handle.write(
             nginx_config(
-                directory, port=port, agentid=agentid, service=service, key=key, workers=workers
+                directory,
+                port=port,
+                agentid=agentid,
+                service=service,
+                key=key,
+                workers=workers,
+                extra=extra,
             )
         )
     log = directory / "error.log"
