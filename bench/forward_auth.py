@@ -253,7 +253,7 @@ def _report(
             "packages": harness.python_packages(python, ["grpcio", "protobuf", "aiohttp"]),
             "event_loop": "asyncio",
             "token_cache_size": 10_000,
-            "nginx": "docs/gateways.md's block, 1 worker, keepalive 16 to agentid and upstream",
+            "nginx": "docs/gateways.md's block, 1 worker",
         },
         "client": {
             "http": f"wrk, {args.wrk_threads} thread(s), keep-alive HTTP/1.1 connections",
