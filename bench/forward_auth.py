@@ -38,8 +38,8 @@ from typing import Any
 import harness
 from harness import CHECK_METHOD, ROOT, HttpRequestSpec, LoadResult, log
 
-sys.path.insert(0, str(ROOT))
-from tests.gateways import gateways  # noqa: E402 - the repo root is on the path only now
+sys.path.insert(0, str(ROOT))  # the nginx configuration is the one tests/gateways runs
+from tests.gateways import gateways
 
 BARS = {
     # quality.md: forward auth's server CPU per call at most 1.3x a gRPC Check's.
@@ -94,7 +94,7 @@ server {{
 
 
 def _sanity(port: int, spec: HttpRequestSpec, status: int) -> None:
-    request = urllib.request.Request(  # noqa: S310 - loopback
+    request = urllib.request.Request(
         f"http://127.0.0.1:{port}{spec.path}", headers=dict(spec.headers), method=spec.method
     )
     try:
