@@ -256,6 +256,8 @@ class IdpVerifier:
         max_token_bytes: int,
         cache_size: int = VERIFIED_CACHE_SIZE,
         cache_bytes: int = VERIFIED_CACHE_BYTES,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         # Every issuer a token may name (Entra's: one per tenant), with its IdP and its keys:
         # one JWKS per IdP from a file or URL, one per issuer from discovery.
@@ -270,6 +272,7 @@ class IdpVerifier:
                     idp.jwks_url,
                     idp.jwks_min_refresh,
                     idp.jwks_max_age,
+                    monotonic=monotonic,
                     owner=f"IdP {issuer}",
                     discovery_issuer=issuer if idp.discovery else "",
                 )

@@ -64,9 +64,11 @@ def _user(idp: IdpSettings, claims: Mapping[str, Any]) -> str:
     for name in idp.user_claim:
         value = claim(claims, name)
         if not isinstance(value, str) or not value:
+            # TOKEN_INVALID, as a token without `sub` always was; the metadata says which.
             raise Unauthenticated(
                 f"the IdP token has no {name!r} claim: agentid's user id for this IdP",
-                reason="USER_CLAIM_MISSING",
+                reason="TOKEN_INVALID",
+                metadata={"missing_claim": name},
             )
         if len(idp.user_claim) > 1 and idp.user_claim_separator in value:
             # "a:b" + "c" and "a" + "b:c" would be one user id
