@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from email.message import Message as HTTPMessage
+from http.client import HTTPMessage
 from typing import IO, Any
 
 import jwt
