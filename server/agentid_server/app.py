@@ -257,7 +257,7 @@ async def build_server(
             settings.server.max_token_bytes,
             cache_bytes=settings.server.user_token_cache_bytes,
         )
-        await idp.load()
+        await idp.load(settings.source)
     except BaseException:
         await engines.dispose()
         raise

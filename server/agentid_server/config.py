@@ -20,6 +20,7 @@ from agentid_server.domain.gateway import Route, RouteError
 from agentid_server.domain.model import Role
 from agentid_server.domain.risk import RiskRuleError, RiskRules
 from agentid_server.domain.scopes import Scope, ScopeSyntaxError
+from agentid_server.idp_kinds import ENTRA_ISSUER, ENTRA_TENANT, KINDS, TENANT_PLACEHOLDER
 
 T = TypeVar("T")
 
@@ -176,6 +177,30 @@ class IdpSettings:
     client_secret_env: str = ""
     client_secret_file: str = ""
     login_scopes: tuple[str, ...] = ("openid",)  # `scope` of the authorization request
+    # Neither jwks_file nor jwks_url: the JWKS URL is the `jwks_uri` of the issuer's discovery
+    # document (<issuer>/.well-known/openid-configuration), whose `issuer` must be this one.
+    discovery: bool = False
+    # What the claims mean (idp_kinds.py: `kind` sets each IdP's documented defaults).
+    kind: str = "generic"
+    user_claim: tuple[str, ...] = ("sub",)  # several: their values joined by the separator
+    user_claim_separator: str = ":"
+    scope_claims: tuple[str, ...] = ("scope",)  # each a space-separated string or a list
+    acr_claim: str = "acr"
+    # Entra with several tenants: `issuer` holds "{tenantid}", one issuer per tenant here.
+    tenants: tuple[str, ...] = ()
+
+    @property
+    def issuers(self) -> tuple[str, ...]:
+        """Every issuer this IdP's tokens may name: the issuer, or one per tenant."""
+        if TENANT_PLACEHOLDER not in self.issuer:
+            return (self.issuer,)
+        return tuple(self.issuer.replace(TENANT_PLACEHOLDER, t) for t in self.tenants)
+
+    def tenant_of(self, issuer: str) -> str:
+        """The tenant ``issuer`` (one of ``issuers``) is for; "" with one issuer."""
+        if TENANT_PLACEHOLDER not in self.issuer:
+            return ""
+        return next(t for t in self.tenants if self.issuer.replace(TENANT_PLACEHOLDER, t) == issuer)
 
 
 @dataclass(frozen=True)
@@ -540,7 +565,14 @@ def _idp(r: _Reader) -> IdpSettings:
             "audience",
             "jwks_file",
             "jwks_url",
+            "discovery",
+            "kind",
+            "user_claim",
+            "user_claim_separator",
             "scope_claim",
+            "scope_claims",
+            "acr_claim",
+            "tenants",
             "leeway",
             "algorithms",
             "jwks_min_refresh",
@@ -552,11 +584,23 @@ def _idp(r: _Reader) -> IdpSettings:
             "login_scopes",
         }
     )
+    kind_name = r.get("kind", "str", "generic")
+    kind = KINDS.get(kind_name)
+    if kind is None:
+        raise r.fail("kind", f"{kind_name!r} is not one of {', '.join(KINDS)}")
+    issuer, tenants = _idp_issuer(r, kind_name)
     jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
-    if bool(jwks_file) == bool(jwks_url):
-        raise r.fail("jwks_file", "set exactly one of jwks_file and jwks_url")
+    if jwks_file and jwks_url:
+        raise r.fail("jwks_file", "set at most one of jwks_file and jwks_url")
     if jwks_url and not _https_or_loopback(jwks_url):
         raise r.fail("jwks_url", "must be https (plain http only on loopback)")
+    discovery = r.get("discovery", "bool", not (jwks_file or jwks_url))
+    if discovery and (jwks_file or jwks_url):
+        raise r.fail("discovery", "finds the JWKS itself: set neither jwks_file nor jwks_url")
+    if not discovery and not (jwks_file or jwks_url):
+        raise r.fail("jwks_file", "set jwks_file or jwks_url, or discovery = true")
+    if discovery and not _https_or_loopback(issuer.replace(TENANT_PLACEHOLDER, "t")):
+        raise r.fail("issuer", "must be https (plain http only on loopback) for discovery")
     algorithms = r.get("algorithms", "list", IDP_ALGORITHMS)
     for alg in algorithms:
         if alg not in IDP_ALGORITHMS:
@@ -572,15 +616,27 @@ def _idp(r: _Reader) -> IdpSettings:
         raise r.fail("client_id", "is required with client_secret_env or client_secret_file")
     if secret_env and secret_file:
         raise r.fail("client_secret_env", "set at most one of client_secret_env and _file")
+    if client_id and tenants:
+        raise r.fail("client_id", "console sign-in needs one issuer: not with tenants")
     login_scopes = r.get("login_scopes", "list", ("openid",))
     if "openid" not in login_scopes:
         raise r.fail("login_scopes", "must include openid (the sign-in is OpenID Connect)")
+    if "scope_claim" in r.table and "scope_claims" in r.table:
+        raise r.fail("scope_claims", "set at most one of scope_claim and scope_claims")
+    scope_claims = kind.scope_claims
+    if "scope_claim" in r.table:
+        scope_claims = (r.required("scope_claim"),)
+    elif "scope_claims" in r.table:
+        scope_claims = _claim_names(r, "scope_claims")
+    separator = r.get("user_claim_separator", "str", ":")
+    if not separator:
+        raise r.fail("user_claim_separator", "must not be empty")
     return IdpSettings(
-        issuer=r.required("issuer"),
+        issuer=issuer,
         audience=r.required("audience"),
         jwks_file=jwks_file,
         jwks_url=jwks_url,
-        scope_claim=r.get("scope_claim", "str", "scope"),
+        scope_claim=scope_claims[0] if scope_claims else "",
         leeway=r.get("leeway", "duration", 30.0),
         algorithms=tuple(algorithms),
         jwks_min_refresh=min_refresh,
@@ -590,7 +646,48 @@ def _idp(r: _Reader) -> IdpSettings:
         client_secret_env=secret_env,
         client_secret_file=secret_file,
         login_scopes=tuple(login_scopes),
+        discovery=discovery,
+        kind=kind_name,
+        user_claim=_claim_names(r, "user_claim") if "user_claim" in r.table else kind.user_claim,
+        user_claim_separator=separator,
+        scope_claims=scope_claims,
+        acr_claim=r.get("acr_claim", "str", kind.acr_claim) or kind.acr_claim,
+        tenants=tenants,
     )
+
+
+def _idp_issuer(r: _Reader, kind: str) -> tuple[str, tuple[str, ...]]:
+    """The issuer, and the tenants when it is Entra's for several: "{tenantid}" in the issuer
+    (Entra's own default with `tenants`), each tenant an Entra tenant id (a GUID)."""
+    tenants = tuple(r.get("tenants", "list", ()))
+    default = ENTRA_ISSUER if kind == "entra" and tenants else None
+    issuer = r.get("issuer", "str", default) or r.required("issuer")
+    if TENANT_PLACEHOLDER not in issuer:
+        if tenants:
+            raise r.fail("tenants", f"need an issuer holding {TENANT_PLACEHOLDER}")
+        return issuer, ()
+    if kind != "entra":
+        raise r.fail("issuer", f'{TENANT_PLACEHOLDER} is for kind = "entra" with tenants')
+    if not tenants:
+        raise r.fail("tenants", f"is required when the issuer holds {TENANT_PLACEHOLDER}")
+    for tenant in tenants:
+        if not ENTRA_TENANT.fullmatch(tenant):
+            raise r.fail("tenants", f"{tenant!r} is not a tenant id (a lowercase GUID)")
+    if len(set(tenants)) != len(tenants):
+        raise r.fail("tenants", "lists a tenant twice")
+    return issuer, tenants
+
+
+def _claim_names(r: _Reader, key: str) -> tuple[str, ...]:
+    """A claim name or a list of them (a string is one name, never split)."""
+    value = r.table[key]
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise r.fail(key, "must be a claim name or a non-empty list of them")
+    for name in names:
+        if not name or "" in name.split("."):
+            raise r.fail(key, f"{name!r} is not a claim name (or a dotted path)")
+    return tuple(names)
 
 
 def _service(r: _Reader) -> ServiceSettings:
@@ -824,7 +921,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
             s.source, f"services[{index}].cert_identity", "needs mTLS: set server.client_ca"
         )
     _unique(s, "agents", [x.id for x in s.agents], "id")
-    _unique(s, "idp", [x.issuer for x in s.idps], "issuer")
+    _idp_issuers_unique(s)
     _subject_prefixes(s)
     _console_idp(s)
     _unique(s, "risk", [x.name for x in s.risk], "name")
@@ -869,6 +966,18 @@ def _console_idp(s: Settings) -> None:
             f"idp[{clients[0]}].issuer",
             "must be https (plain http only on loopback) to sign users in (discovery)",
         )
+
+
+def _idp_issuers_unique(s: Settings) -> None:
+    """Each issuer a token may name (one per tenant for Entra's) belongs to one [[idp]]."""
+    seen: dict[str, int] = {}
+    for index, idp in enumerate(s.idps):
+        for issuer in idp.issuers:
+            if issuer in seen:
+                raise ConfigError(
+                    s.source, f"idp[{index}].issuer", f"duplicate {issuer!r} (idp[{seen[issuer]}])"
+                )
+            seen[issuer] = index
 
 
 def _subject_prefixes(s: Settings) -> None:

@@ -99,7 +99,8 @@ def test_environment_overrides_scalar_keys(tmp_path: Path) -> None:
         ('max_ttl = "30m"', 'max_ttl = "30s"', "agents[0].max_ttl", "below tokens.min_ttl"),
         ('roles = ["check", "watch"]', 'roles = ["superuser"]', "services[0].roles", "unknown role"),
         ('max_scopes = ["tickets.*", "payments.refund"]', 'max_scopes = ["Tickets"]', "agents[0].max_scopes", "Tickets"),
-        ('jwks_file = "var/dev/idp-jwks.json"', "", "idp[0].jwks_file", "exactly one"),
+        ('jwks_file = "var/dev/idp-jwks.json"', "discovery = false", "idp[0].jwks_file", "or discovery = true"),
+        ('jwks_file = "var/dev/idp-jwks.json"', 'jwks_file = "j"\njwks_url = "https://i/j"', "idp[0].jwks_file", "at most one"),
         ('listen = "127.0.0.1:50051"', 'listen = "nowhere"', "server.listen", "host:port"),
         ('listen = "127.0.0.1:50051"', 'lisen = "127.0.0.1:1"', "server.lisen", "unknown key"),
         ('name = "payments-api"', "", "services[0].name", "required"),
@@ -327,3 +328,97 @@ def test_console_sign_in_needs_an_https_or_loopback_issuer(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, plain), environ={})
     assert caught.value.key == "idp[0].issuer"
+
+
+# -- [[idp]] discovery, kinds and claim mapping ---------------------------------------------------
+
+ENTRA_A = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+ENTRA_B = "9188040d-6c67-4c5b-b112-36a304b66dad"
+
+
+def idp_settings(**table: Any) -> Any:
+    [idp] = settings_from_mapping({"idp": [{"audience": "a", **table}]}, "x.toml", {}).idps
+    return idp
+
+
+@pytest.mark.parametrize(
+    ("table", "user_claim", "scope_claims"),
+    [
+        ({"issuer": "https://i.example"}, ("sub",), ("scope",)),
+        ({"issuer": "https://i.example", "scope_claim": "scp"}, ("sub",), ("scp",)),
+        ({"issuer": "https://i.example", "kind": "okta"}, ("uid",), ("scp",)),
+        ({"issuer": "https://i.example/", "kind": "auth0"}, ("sub",), ("scope", "permissions")),
+        ({"issuer": "https://i.example", "kind": "keycloak"}, ("sub",), ("scope", "realm_access.roles")),
+        ({"issuer": f"https://login.microsoftonline.com/{ENTRA_A}/v2.0", "kind": "entra"}, ("tid", "oid"), ("scp", "roles")),
+        ({"issuer": "https://i.example", "kind": "okta", "user_claim": "sub", "scope_claims": "groups"}, ("sub",), ("groups",)),
+        ({"issuer": "https://i.example", "user_claim": ["tid", "oid"], "scope_claims": ["a", "b.c"]}, ("tid", "oid"), ("a", "b.c")),
+    ],
+)  # fmt: skip
+def test_idp_kinds_set_defaults_the_table_overrides(
+    table: dict[str, Any], user_claim: tuple[str, ...], scope_claims: tuple[str, ...]
+) -> None:
+    idp = idp_settings(**table)
+    assert (idp.user_claim, idp.scope_claims) == (user_claim, scope_claims)
+    assert (idp.user_claim_separator, idp.acr_claim) == (":", "acr")
+    assert idp.discovery  # an issuer alone
+
+
+def test_entra_tenants_make_one_issuer_each() -> None:
+    idp = idp_settings(kind="entra", tenants=[ENTRA_A, ENTRA_B])
+    assert idp.issuer == "https://login.microsoftonline.com/{tenantid}/v2.0"
+    assert idp.issuers == tuple(
+        f"https://login.microsoftonline.com/{t}/v2.0" for t in (ENTRA_A, ENTRA_B)
+    )
+    assert idp.tenant_of(idp.issuers[1]) == ENTRA_B
+    single = idp_settings(issuer="https://i.example", jwks_file="j.json")
+    assert (single.issuers, single.tenant_of("https://i.example"), single.discovery) == (
+        ("https://i.example",),
+        "",
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "problem"),
+    [
+        ({"issuer": "https://i", "kind": "azure"}, "kind", "not one of generic, entra, okta"),
+        ({"issuer": "https://i", "tenants": [ENTRA_A]}, "tenants", "holding {tenantid}"),
+        ({"kind": "entra"}, "issuer", "is required"),
+        ({"issuer": "https://i/{tenantid}", "tenants": [ENTRA_A]}, "issuer", 'kind = "entra"'),
+        ({"issuer": "https://i/{tenantid}", "kind": "entra"}, "tenants", "is required"),
+        ({"kind": "entra", "tenants": ["contoso.onmicrosoft.com"]}, "tenants", "not a tenant id"),
+        ({"kind": "entra", "tenants": [ENTRA_A, ENTRA_A]}, "tenants", "twice"),
+        ({"kind": "entra", "tenants": [ENTRA_A], "client_id": "c"}, "client_id", "one issuer"),
+        ({"issuer": "https://i", "discovery": True, "jwks_file": "j"}, "discovery", "set neither"),
+        ({"issuer": "http://idp.example"}, "issuer", "must be https"),
+        ({"issuer": "https://i", "scope_claim": "a", "scope_claims": ["b"]}, "scope_claims", "at most one"),
+        ({"issuer": "https://i", "user_claim": []}, "user_claim", "non-empty list"),
+        ({"issuer": "https://i", "user_claim": ["tid", 7]}, "user_claim", "claim name"),
+        ({"issuer": "https://i", "scope_claims": ["a..b"]}, "scope_claims", "dotted path"),
+        ({"issuer": "https://i", "user_claim_separator": ""}, "user_claim_separator", "empty"),
+    ],
+)  # fmt: skip
+def test_idp_claim_mapping_and_discovery_keys_are_checked(
+    table: dict[str, Any], key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        idp_settings(**table)
+    assert caught.value.key == f"idp[0].{key}"
+    assert problem in caught.value.problem
+
+
+def test_an_issuer_of_two_idps_is_refused_tenants_included() -> None:
+    idps = [
+        {"kind": "entra", "tenants": [ENTRA_A, ENTRA_B], "audience": "a", "subject_prefix": "x:"},
+        {
+            "kind": "entra",
+            "issuer": f"https://login.microsoftonline.com/{ENTRA_B}/v2.0",
+            "audience": "b",
+            "subject_prefix": "y:",
+        },
+    ]
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"idp": idps}, "x.toml", {})
+    assert caught.value.key == "idp[1].issuer"
+    assert "duplicate" in caught.value.problem
+    assert "idp[0]" in caught.value.problem

@@ -1,9 +1,14 @@
 """User authentication: IdP tokens from the trusted `[[idp]]`s, verified against their JWKS.
 
-The JWKS comes from a file or a URL, is cached, and is fetched again when a token names a `kid`
-we do not know (at most once per `jwks_min_refresh`, so unknown kids cannot hammer the IdP) and
-once it is `jwks_max_age` old, so a key the IdP removed stops being trusted. While the IdP cannot
-be reached, the keys last loaded stay in use, and a fetch is tried again every `jwks_min_refresh`.
+The JWKS comes from a file, a URL, or the URL the issuer's discovery document names (OpenID
+Connect Discovery 1.0: its `issuer` must be the configured one, exactly). It is cached, and is
+fetched again when a token names a `kid` we do not know (at most once per `jwks_min_refresh`,
+so unknown kids cannot hammer the IdP) and once it is `jwks_max_age` old, so a key the IdP
+removed stops being trusted. While the IdP cannot be reached, the keys last loaded stay in use,
+and a fetch is tried again every `jwks_min_refresh`. With discovery, each fetch reads the
+discovery document first, then the JWKS it names; a document naming another issuer is refused
+like an unreachable one (the last keys stay), except at start, where it stops the start (see
+`IdpVerifier.load`). URLs are https (plain http only on loopback), redirects included.
 Only RS256, PS256, ES256 and EdDSA are accepted; `none` and HMAC never are.
 
 A verified token is remembered (bounded, keyed by the token string) until it expires or its key
@@ -17,26 +22,29 @@ import asyncio
 import json
 import logging
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from http.client import HTTPMessage
+from typing import IO, Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from agentid_server.config import IdpSettings
+from agentid_server.config import ConfigError, IdpSettings, is_loopback
 from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import UserPrincipal
-from agentid_server.domain.revoking import MAX_USER_ID_LENGTH
-from agentid_server.domain.scopes import Scope, ScopeSet, ScopeSyntaxError
+from agentid_server.tokens import idp_claims
 from agentid_server.tokens.agent_tokens import cached_bytes
 
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 1 << 20
+MAX_DISCOVERY_BYTES = 256 * 1024
+DISCOVERY_PATH = "/.well-known/openid-configuration"
 VERIFIED_CACHE_SIZE = 4096  # users' tokens remembered at once; the least recently used go first
 VERIFIED_CACHE_BYTES = 32 << 20  # and the memory they may take, as cached_bytes counts it
 
@@ -55,8 +63,12 @@ class JwksCache:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         owner: str = "IdP",
+        discovery_issuer: str = "",
     ) -> None:
         self._file, self._url = source_file, source_url
+        # With discovery_issuer (and no file or URL): the JWKS URL comes from its discovery
+        # document, read again before each JWKS fetch.
+        self._discovery_issuer = discovery_issuer
         self._monotonic, self._owner = monotonic, owner
         self._min_refresh = min_refresh
         self._max_age = max_age
@@ -79,15 +91,22 @@ class JwksCache:
             return False
         return kid not in self._keys or now - self._loaded_at >= self._max_age
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, strict: bool = False) -> None:
+        """Loads the keys again; on failure the last ones stay in use and it is logged. With
+        ``strict``, a discovery document refused for what it says (not for being unreachable)
+        raises DiscoveryRefused instead."""
         started = self._tried_at = self._monotonic()
         try:
             document = await asyncio.to_thread(self._read)
             self._keys = parse_jwks(document)
             self._loaded_at = started
+        except DiscoveryRefused as exc:
+            log.warning("refused the discovery document of %s: %s", self._owner, exc)
+            if strict:
+                raise
         except (OSError, ValueError) as exc:
             # Keep serving with the keys we have; the next call after jwks_min_refresh tries again.
-            source = self._file or _without_secrets(self._url)
+            source = self._file or _without_secrets(self._url or self._discovery_issuer)
             log.warning(
                 "could not load %s JWKS from %s: %s", self._owner, source, type(exc).__name__
             )
@@ -96,13 +115,72 @@ class JwksCache:
         if self._file:
             with open(self._file, "rb") as handle:
                 raw = handle.read(MAX_JWKS_BYTES + 1)
-        else:
-            request = urllib.request.Request(self._url, headers={"Accept": "application/json"})  # noqa: S310
-            with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as response:  # noqa: S310
-                raw = response.read(MAX_JWKS_BYTES + 1)
-        if len(raw) > MAX_JWKS_BYTES:
-            raise ValueError("the JWKS document is too large")
-        return json.loads(raw)
+            if len(raw) > MAX_JWKS_BYTES:
+                raise ValueError("the JWKS document is too large")
+            return json.loads(raw)
+        url = self._url or jwks_uri_of(
+            _fetch_json(self._discovery_issuer.rstrip("/") + DISCOVERY_PATH, MAX_DISCOVERY_BYTES),
+            self._discovery_issuer,
+        )
+        return _fetch_json(url, MAX_JWKS_BYTES)
+
+
+class DiscoveryRefused(ValueError):
+    """A discovery document that answered, and does not fit: another issuer, no usable
+    `jwks_uri`. The message is safe to log (nothing of the document but its issuer)."""
+
+
+def jwks_uri_of(document: Any, issuer: str) -> str:
+    """The `jwks_uri` of ``issuer``'s discovery document, which must name that very issuer
+    (OpenID Connect Discovery 1.0 section 4.3), or DiscoveryRefused."""
+    if not isinstance(document, dict):
+        raise DiscoveryRefused("the discovery document is not a JSON object")
+    named = document.get("issuer")
+    if named != issuer:
+        shown = repr(named)[:200] if isinstance(named, str) else "none"
+        raise DiscoveryRefused(f"it names the issuer {shown}, not {issuer!r}")
+    uri = document.get("jwks_uri")
+    if not isinstance(uri, str) or not https_or_loopback(uri):
+        raise DiscoveryRefused("its jwks_uri is missing or not https (http only on loopback)")
+    return uri
+
+
+def https_or_loopback(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return bool(parts.hostname)
+    host = parts.hostname or ""
+    return parts.scheme == "http" and is_loopback(f"{host}:0")
+
+
+class _HttpsRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to https (plain http only on loopback)."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if not https_or_loopback(newurl):
+            raise urllib.error.HTTPError(newurl, code, "redirect to plain http", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpsRedirects)
+
+
+def _fetch_json(url: str, limit: int) -> Any:
+    """GETs a JSON document of at most ``limit`` bytes (OSError or ValueError otherwise)."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+    with _OPENER.open(request, timeout=FETCH_TIMEOUT) as response:
+        raw = response.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError("the document is too large")
+    return json.loads(raw)
 
 
 @dataclass(frozen=True)
@@ -178,23 +256,51 @@ class IdpVerifier:
         max_token_bytes: int,
         cache_size: int = VERIFIED_CACHE_SIZE,
         cache_bytes: int = VERIFIED_CACHE_BYTES,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._idps = {idp.issuer: idp for idp in idps}
-        self._jwks = {
-            idp.issuer: JwksCache(
-                idp.jwks_file, idp.jwks_url, idp.jwks_min_refresh, idp.jwks_max_age
-            )
-            for idp in idps
-        }
+        # Every issuer a token may name (Entra's: one per tenant), with its IdP and its keys:
+        # one JWKS per IdP from a file or URL, one per issuer from discovery.
+        self._idps: dict[str, IdpSettings] = {}
+        self._jwks: dict[str, JwksCache] = {}
+        self._where: dict[JwksCache, tuple[int, IdpSettings]] = {}
+        for index, idp in enumerate(idps):
+            shared = None
+            for issuer in idp.issuers:
+                cache = shared or JwksCache(
+                    idp.jwks_file,
+                    idp.jwks_url,
+                    idp.jwks_min_refresh,
+                    idp.jwks_max_age,
+                    monotonic=monotonic,
+                    owner=f"IdP {issuer}",
+                    discovery_issuer=issuer if idp.discovery else "",
+                )
+                shared = None if idp.discovery else cache
+                self._idps[issuer], self._jwks[issuer] = idp, cache
+                self._where[cache] = (index, idp)
         self._max_token_bytes = max_token_bytes
         self._verified: dict[str, _Verified] = {}
         self._cache_size = max(1, cache_size)
         self._cache_bytes = cache_bytes
         self._bytes = 0
 
-    async def load(self) -> None:
-        """Loads every JWKS once at start."""
-        await asyncio.gather(*(cache.refresh() for cache in self._jwks.values()))
+    async def load(self, source: str = "<config>") -> None:
+        """Loads every JWKS once at start. An IdP that cannot be reached is logged and tried
+        again later (its users are refused meanwhile); a discovery document that answers and
+        names another issuer, or no usable jwks_uri, is a configuration mistake no retry
+        mends: ConfigError naming that [[idp]] (of ``source``), and the server does not start."""
+
+        async def one(cache: JwksCache) -> None:
+            try:
+                await cache.refresh(strict=True)
+            except DiscoveryRefused as refused:
+                index, _ = self._where[cache]
+                raise ConfigError(
+                    source, f"idp[{index}].issuer", f"its discovery document: {refused}"
+                ) from None
+
+        await asyncio.gather(*(one(cache) for cache in self._where))
 
     async def verify(self, token: str) -> UserPrincipal:
         if len(token) > self._max_token_bytes:
@@ -235,7 +341,7 @@ class IdpVerifier:
             ) from None
         issuer = unverified.get("iss")
         idp = self._idps.get(issuer) if isinstance(issuer, str) else None
-        if idp is None:
+        if idp is None or not isinstance(issuer, str):
             raise Unauthenticated("the token's issuer is not trusted", reason="UNTRUSTED_ISSUER")
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in idp.algorithms:
@@ -248,7 +354,8 @@ class IdpVerifier:
             )
         if not isinstance(kid, str):
             raise Unauthenticated("the token's signing key is unknown", reason="UNKNOWN_KEY")
-        key = await self._jwks[idp.issuer].key(kid)
+        jwks = self._jwks[issuer]
+        key = await jwks.key(kid)
         if key is None:
             raise Unauthenticated("the token's signing key is unknown", reason="UNKNOWN_KEY")
         if not key_fits(alg, key):
@@ -261,9 +368,9 @@ class IdpVerifier:
                 key.material,
                 algorithms=[alg],
                 audience=idp.audience,
-                issuer=idp.issuer,
+                issuer=issuer,
                 leeway=idp.leeway,
-                options={"require": ["exp", "iss", "aud", "sub"]},
+                options={"require": ["exp", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("the IdP token has expired", reason="TOKEN_EXPIRED") from None
@@ -282,40 +389,5 @@ class IdpVerifier:
         except jwt.InvalidTokenError:
             raise Unauthenticated("the IdP token is invalid", reason="TOKEN_INVALID") from None
         valid_until = float(claims["exp"]) + idp.leeway  # PyJWT checked it is a number
-        principal = replace(_principal(idp, claims), valid_until=valid_until)
-        return _Verified(principal, valid_until, self._jwks[idp.issuer], kid, key)
-
-
-def _principal(idp: IdpSettings, claims: dict[str, Any]) -> UserPrincipal:
-    subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject:
-        raise Unauthenticated("the IdP token has no subject", reason="TOKEN_INVALID")
-    user_id = idp.subject_prefix + subject
-    if len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
-        raise Unauthenticated(
-            "the IdP token's subject is not a user id here "
-            f"(printable, at most {MAX_USER_ID_LENGTH} characters)",
-            reason="TOKEN_INVALID",
-        )
-    raw = claims.get(idp.scope_claim, "")
-    texts = raw.split() if isinstance(raw, str) else raw if isinstance(raw, list) else []
-    grantable: list[Scope] = []
-    for text in texts:
-        if not isinstance(text, str):
-            continue
-        try:
-            grantable.append(Scope.parse(text))
-        except ScopeSyntaxError:
-            log.debug("ignoring an IdP scope that is not in agentid's grammar")
-    auth_time = claims.get("auth_time")
-    acr = claims.get("acr")
-    return UserPrincipal(
-        user_id=user_id,
-        issuer=idp.issuer,
-        grantable=ScopeSet(tuple(grantable)),
-        auth_time=auth_time
-        if isinstance(auth_time, int) and not isinstance(auth_time, bool)
-        else None,
-        acr=acr if isinstance(acr, str) else None,
-        clock_leeway=idp.leeway,
-    )
+        principal = replace(idp_claims.principal(idp, issuer, claims), valid_until=valid_until)
+        return _Verified(principal, valid_until, jwks, kid, key)
