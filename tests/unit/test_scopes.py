@@ -208,7 +208,7 @@ def widening_of(draw: st.DrawFn, scope: str) -> str:
     return text
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)  # a property, not a timing: a loaded machine is slow
 @given(b=scopes(), data=st.data())
 def test_covered_scope_never_matches_more(b: str, data: st.DataObject) -> None:
     """A widening of B covers B, and everything B allows it allows: narrowing never widens."""
@@ -220,7 +220,7 @@ def test_covered_scope_never_matches_more(b: str, data: st.DataObject) -> None:
         assert matches(a, action, resource), (a, b, action, resource)
 
 
-@settings(max_examples=600)
+@settings(max_examples=600, deadline=None)
 @given(a=scopes(), b=scopes(), pair=concrete_pairs())
 def test_covering_agrees_with_matching_on_random_pairs(
     a: str, b: str, pair: tuple[str, str]
@@ -255,7 +255,7 @@ def test_covering_is_exact_on_a_bounded_universe(a: str, b: str) -> None:
     assert sa.covers(sb) == (actions and resources), (a, b)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     holder=st.lists(scopes(), min_size=1, max_size=4),
     requested=st.lists(scopes(), min_size=1, max_size=4),
