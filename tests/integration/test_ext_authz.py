@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
@@ -305,3 +306,49 @@ async def test_reflection_lists_the_service(h: Harness) -> None:
     for answer in answers[1:]:
         assert answer.WhichOneof("message_response") == "file_descriptor_response"
         assert answer.file_descriptor_response.file_descriptor_proto
+
+
+async def forward(h: Harness, method: str, uri: str, authorization: str | None) -> Any:
+    """The same question through /authz/forward (nginx's `auth_request`)."""
+    sent = {"X-Agentid-Key": CHECK_KEY, "X-Original-Method": method, "X-Original-URI": uri}
+    if authorization is not None:
+        sent["Authorization"] = authorization
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{h.http_url}/authz/forward", headers=sent) as response,
+    ):
+        return response.status, {k: v for k, v in response.headers.items() if k in ANSWERED}
+
+
+ANSWERED = {
+    *OWN,
+    "X-Agentid-Reason",
+    "X-Agentid-Decision",
+    "X-Agentid-Risk-Rule",
+    "WWW-Authenticate",
+}
+
+
+async def test_both_doors_give_the_same_answers(h: Harness) -> None:
+    """Envoy's ext_authz and /authz/forward read a request alike and answer alike (each its own
+    Check: only the decision ids differ)."""
+    reader = await agent(h, ["tickets.read"])
+    payer = await agent(h, ["payments.transfer"])
+    for method, uri, authorization in (
+        ("GET", "/tickets/7", f"Bearer {reader.token}"),
+        ("GET", "/tickets/7", None),
+        ("GET", "/tickets/7", "Bearer not-a-token"),
+        ("DELETE", "/tickets/7", f"Bearer {reader.token}"),
+        ("POST", "/accounts/a1/transfers?amount=5000", f"Bearer {payer.token}"),
+        ("GET", "/tickets/a%2Fb", f"Bearer {reader.token}"),
+    ):
+        status, sent = await forward(h, method, uri, authorization)
+        response = await ask(h, envoy_request(method, uri, authorization))
+        if response.status.code == OK:
+            envoy = 200, headers(response.ok_response.headers)
+        else:
+            envoy = denied(response)[1:]
+        for answer in (sent, envoy[1]):
+            if "X-Agentid-Decision-Id" in answer:
+                answer["X-Agentid-Decision-Id"] = "..."
+        assert (status, sent) == envoy, (method, uri)
