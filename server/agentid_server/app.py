@@ -81,6 +81,9 @@ from agentid_server.web.listener import HttpListener, start_http
 from agentid_server.webhooks import Endpoint, WebhookNotifier, load_secret
 
 log = logging.getLogger(__name__)
+
+# The names the health service answers for: the server, agentid's service, Envoy's ext_authz.
+_HEALTH_NAMES = ("", SERVICE, EXT_AUTHZ_SERVICE)
 JWKS_MAX_AGE = 3600  # seconds a discovery document or the JWKS may be cached, at most
 PAGE_TOKEN_KEY_LABEL = b"agentid list-sessions page token key v1"  # HKDF info, from the KEK
 AGENT_PAGE_TOKEN_KEY_LABEL = b"agentid list-agents page token key v1"
@@ -280,7 +283,7 @@ async def build_server(
             if healthy
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE):
+        for name in _HEALTH_NAMES:
             update = asyncio.ensure_future(health_servicer.set(name, status))
             health_updates.add(update)
             update.add_done_callback(health_updates.discard)
@@ -531,7 +534,7 @@ async def build_server(
             await server.stop(0)
             await _abandon(journal, engines, telemetry)
             raise
-    for name in ("", SERVICE):
+    for name in _HEALTH_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     listener = None
     if shared_store:  # several replicas may write: hear of their changes

@@ -21,6 +21,7 @@ from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOpt
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import (
@@ -290,6 +291,13 @@ async def test_the_gateway_must_be_a_service_with_role_check(h: Harness) -> None
         metadata=bearer(ADMIN_KEY),
     )
     assert [r async for r in stream] == []
+
+
+async def test_health_names_the_service(h: Harness) -> None:
+    """Envoy's cluster health check (`grpc_health_check: {service_name: ...}`) may ask for it."""
+    stub = health_pb2_grpc.HealthStub(h.channel)
+    answer = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_reflection_lists_the_service(h: Harness) -> None:

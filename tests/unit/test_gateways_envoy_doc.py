@@ -51,8 +51,9 @@ def test_the_envoy_configuration_is_one_envoy_reads() -> None:
     (metadata,) = authz.grpc_service.initial_metadata
     assert metadata.key == "authorization"
     assert metadata.value.startswith("Bearer ")
-    clusters = {c.name for c in bootstrap.static_resources.clusters}
-    assert "agentid" in clusters
+    clusters = {c.name: c for c in bootstrap.static_resources.clusters}
+    (health,) = clusters["agentid"].health_checks
+    assert health.grpc_health_check.service_name == "envoy.service.auth.v3.Authorization"
 
 
 def test_the_istio_envoyfilter_patch_is_an_ext_authz_fragment() -> None:
