@@ -291,7 +291,7 @@ async def test_the_permission_table_row_by_row(
 
 async def many_sessions(h: Harness, count: int) -> list[pb.DelegateResponse]:
     """``count`` live sessions of support-bot for alice and bob, every tenth with a sub-agent
-    (sub-bot) under it and one grandchild of support-bot under a sub-bot."""
+    (a sub-bot session, a descendant the kill switch revokes with its parent)."""
     sessions: list[pb.DelegateResponse] = []
     users = [h.idp.token(sub="alice"), h.idp.token(sub="bob")]
     for i in range(count):
@@ -303,7 +303,7 @@ async def many_sessions(h: Harness, count: int) -> list[pb.DelegateResponse]:
 
 
 async def test_the_kill_switch_revokes_every_session_and_refuses_new_ones(h: Harness) -> None:
-    sessions = await many_sessions(h, 180)  # with their 18 sub-agents: 198
+    sessions = await many_sessions(h, 200)  # with their 20 sub-agents: 220
     other = await h.delegate(agent_id="narrow-bot", scopes=["tickets.read"])
     watch = h.stub.WatchRevocations(pb.WatchRevocationsRequest(), metadata=bearer(ADMIN_KEY))
     first = await watch.read()
@@ -640,8 +640,8 @@ async def test_the_registry_follows_across_replicas(replicas: tuple[Harness, Har
 
 async def test_the_kill_switch_holds_on_both_replicas(replicas: tuple[Harness, Harness]) -> None:
     a, b = replicas
-    sessions = await many_sessions(a, 90) + await many_sessions(b, 90)
-    assert len(sessions) == 198
+    sessions = await many_sessions(a, 100) + await many_sessions(b, 100)
+    assert len(sessions) == 220
     answer = await a.stub.DisableAgent(
         pb.DisableAgentRequest(id="support-bot", reason="incident"), metadata=bearer(ADMIN_KEY)
     )
