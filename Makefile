@@ -17,6 +17,9 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	@# xds-protos overwrites files of these two with stale copies (pyproject.toml): restore them.
+	$(BIN)/pip install --quiet --no-deps --force-reinstall -c constraints.txt \
+		opentelemetry-proto googleapis-common-protos
 	touch $@
 
 install: $(VENV)/.installed

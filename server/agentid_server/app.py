@@ -17,9 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agentid_server import __version__
 from agentid_server.agent_registry import config_agents, fetched_keys
+from agentid_server.api.ext_authz import ext_authz_handler
 from agentid_server.api.handlers import UnknownMethods, build_handler
 from agentid_server.api.health import BoundedHealthServicer
-from agentid_server.api.method_policy import SERVICE
+from agentid_server.api.method_policy import EXT_AUTHZ_SERVICE, SERVICE
 from agentid_server.api.reflection import enable_reflection
 from agentid_server.api.servicer import AgentIdentityServicer
 from agentid_server.config import ServerSettings, Settings, is_loopback
@@ -80,6 +81,9 @@ from agentid_server.web.listener import HttpListener, start_http
 from agentid_server.webhooks import Endpoint, WebhookNotifier, load_secret
 
 log = logging.getLogger(__name__)
+
+# The names the health service answers for: the server, agentid's service, Envoy's ext_authz.
+_HEALTH_NAMES = ("", SERVICE, EXT_AUTHZ_SERVICE)
 JWKS_MAX_AGE = 3600  # seconds a discovery document or the JWKS may be cached, at most
 PAGE_TOKEN_KEY_LABEL = b"agentid list-sessions page token key v1"  # HKDF info, from the KEK
 AGENT_PAGE_TOKEN_KEY_LABEL = b"agentid list-agents page token key v1"
@@ -279,7 +283,7 @@ async def build_server(
             if healthy
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE):
+        for name in _HEALTH_NAMES:
             update = asyncio.ensure_future(health_servicer.set(name, status))
             health_updates.add(update)
             update.add_done_callback(health_updates.discard)
@@ -483,18 +487,20 @@ async def build_server(
         agent_issuer=settings.tokens.issuer,
     )
 
+    gateway = Gateway(_routes(settings), checker)  # Envoy's ext_authz and /authz/forward
     server = grpc.aio.server(options=_server_options(settings.server))
     server.add_generic_rpc_handlers(
         (
             build_handler(
                 servicer, authn, telemetry, settings.server.max_message_bytes, streams=streams
             ),
+            ext_authz_handler(gateway, authn, settings.server.max_message_bytes),
         )
     )
     if telemetry is not None:
         _observe(telemetry, journal, revocations, notifier)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, [SERVICE, health.SERVICE_NAME])
+    enable_reflection(server, [SERVICE, health.SERVICE_NAME, EXT_AUTHZ_SERVICE])
     server.add_generic_rpc_handlers((UnknownMethods(),))  # last: what nothing else serves
     try:
         port = _listen(server, settings)
@@ -517,7 +523,7 @@ async def build_server(
             clock=clock,
         )
         application = door.application()
-        mount_forward(application, Gateway(_routes(settings), checker), authn.service)
+        mount_forward(application, gateway, authn.service)
         try:
             console = mount_console(application, settings, idp, clock)
             if console is not None:  # the same domain objects as the servicer's
@@ -528,7 +534,7 @@ async def build_server(
             await server.stop(0)
             await _abandon(journal, engines, telemetry)
             raise
-    for name in ("", SERVICE):
+    for name in _HEALTH_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     listener = None
     if shared_store:  # several replicas may write: hear of their changes

@@ -85,9 +85,10 @@ class _Call:
         rule: Rule | None,
         authn: Authenticator,
         max_bytes: int,
+        service: str = SERVICE,
     ) -> None:
         self.name = name
-        self.path = f"/{SERVICE}/{name}"  # a DPoP proof's htu names it
+        self.path = f"/{service}/{name}"  # a DPoP proof's htu names it
         self.request_type = request_type
         self.rule = rule
         self.authn = authn
@@ -256,6 +257,22 @@ def build_handler(
         else:
             handlers[method.name] = _unary(call, behavior, observer)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def unary_method(
+    service: str,
+    name: str,
+    request_type: type[Message],
+    rule: Rule | None,
+    behavior: Callable[..., Awaitable[Message]],
+    authn: Authenticator,
+    max_message_bytes: int = 1 << 20,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """One unary method of another service (Envoy's ext_authz) on the same path as every agentid
+    method: the caller authenticated and authorised by ``rule``, the request parsed, domain errors
+    made statuses, before ``behavior(request, context, principal)``."""
+    call = _Call(name, request_type, rule, authn, max_message_bytes, service)
+    return _unary(call, behavior, None)
 
 
 class UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[type-arg]

@@ -65,6 +65,11 @@ POLICY: dict[str, Rule] = {
 }
 
 
+# Envoy's external authorization (api/ext_authz.py): the gateway asks as a service with `check`.
+EXT_AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+EXT_AUTHZ_POLICY: dict[str, Rule] = {"Check": Rule(roles=_roles(Role.CHECK))}
+
+
 def describe(principal: Principal) -> str:
     if isinstance(principal, UserPrincipal):
         return "a user"

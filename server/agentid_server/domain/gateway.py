@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
@@ -312,7 +312,7 @@ class Gateway:
         method = request.method.upper()
         matched = self._routes.match(caller.name, method, request.uri)
         if matched is None:
-            return GatewayAnswer(403, {"X-Agentid-Reason": ROUTE_NOT_FOUND})
+            return _NO_ROUTE
         if not request.token:
             return GatewayAnswer(
                 401,
@@ -330,13 +330,7 @@ class Gateway:
         try:
             outcome = await self._checker.check(caller, check)
         except InvalidArgument:  # the token itself (its size): nothing to decide on
-            return GatewayAnswer(
-                401,
-                {
-                    "WWW-Authenticate": 'Bearer error="invalid_token"',
-                    "X-Agentid-Reason": Reason.TOKEN_MALFORMED.full,
-                },
-            )
+            return _BAD_TOKEN
         return GatewayAnswer(*_answer(outcome), outcome)
 
 
@@ -365,3 +359,95 @@ def _answer(outcome: CheckOutcome) -> tuple[int, dict[str, str]]:
     if outcome.reason is Reason.SCOPE_NOT_GRANTED:
         headers["WWW-Authenticate"] = 'Bearer error="insufficient_scope"'
     return 403, headers
+
+
+_NO_ROUTE = GatewayAnswer(403, {"X-Agentid-Reason": ROUTE_NOT_FOUND})
+_BAD_TOKEN = GatewayAnswer(
+    401,
+    {
+        "WWW-Authenticate": 'Bearer error="invalid_token"',
+        "X-Agentid-Reason": Reason.TOKEN_MALFORMED.full,
+    },
+)
+
+# Reading what a gateway forwards, shared by both doors (web/forward.py: the HTTP headers of
+# nginx, Traefik and Caddy; api/ext_authz.py: Envoy's attributes.request.http). Strict: a header
+# sent more than once, or two conventions naming different values, is ambiguous, never a guess.
+# A token in the URI's query (RFC 6750 section 2.3) is never read: only Authorization counts.
+
+HeaderValues = Callable[[str], Sequence[str]]
+"""Every value the gateway forwarded for a header, by its name (in any case)."""
+
+AMBIGUOUS = object()
+"""A header sent more than once, or two conventions that disagree."""
+
+
+def one(headers: HeaderValues, name: str) -> str | object | None:
+    """The header's value; None when absent; AMBIGUOUS when sent more than once."""
+    values = headers(name)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else AMBIGUOUS
+
+
+def either(headers: HeaderValues, first: str, second: str) -> str | object | None:
+    """One value from either of two headers; AMBIGUOUS when they disagree."""
+    a, b = one(headers, first), one(headers, second)
+    if a is None:
+        return b
+    if b is None or a == b:
+        return a
+    return AMBIGUOUS
+
+
+def credentials(authorization: str | object | None) -> tuple[str, str] | None:
+    """("bearer" | "dpop", token) from the Authorization header's value; ("", "") without one;
+    None when it is not one token in one of those schemes (sent twice, another scheme, more than
+    one word)."""
+    if authorization is None:
+        return "", ""
+    if not isinstance(authorization, str):
+        return None
+    scheme, _, token = authorization.partition(" ")
+    scheme = scheme.lower()
+    token = token.strip()
+    if scheme not in ("bearer", "dpop") or not token or " " in token:
+        return None
+    return scheme, token
+
+
+def request_url(proto: str | object | None, host: str | object | None, uri: str) -> str:
+    """The original request's URL without its query (a DPoP proof's `htu`); empty when the
+    gateway does not say its scheme and host (a proof then fails)."""
+    if not isinstance(proto, str) or not isinstance(host, str) or proto not in ("http", "https"):
+        return ""
+    if not host or any(c in host for c in "/?#@ ") or _has_controls(host):
+        return ""
+    return f"{proto}://{host}{uri.partition('?')[0]}"
+
+
+def read_forwarded(
+    headers: HeaderValues,
+    method: str | object | None,
+    uri: str | object | None,
+    url: Callable[[str], str],
+) -> ForwardedRequest | GatewayAnswer:
+    """The request a gateway asks about, from the original method and URI (as the door read
+    them), the agent's Authorization and DPoP headers and ``url`` (the URL for the URI); or the
+    answer when it cannot be one: no method or URI is no route (403), an Authorization header
+    that is not one Bearer or DPoP token is an invalid token (401)."""
+    if not isinstance(method, str) or not isinstance(uri, str) or not method or not uri:
+        return _NO_ROUTE
+    found = credentials(one(headers, "Authorization"))
+    if found is None:
+        return _BAD_TOKEN
+    scheme, token = found
+    proof = one(headers, "DPoP")
+    return ForwardedRequest(
+        method=method,
+        uri=uri,
+        token=token,
+        dpop=scheme == "dpop",
+        proof=proof if isinstance(proof, str) else "",
+        url=url(uri),
+    )
