@@ -3,7 +3,7 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { type Duration, DurationSchema, type FieldMask, FieldMaskSchema } from "@bufbuild/protobuf/wkt";
 import { type CallOptions as ConnectCallOptions, type Client as ConnectClient, createClient, type Interceptor } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import type { JSONWebKeySet } from "jose";
 import { toContext } from "./context.js";
 import { AgentIdError } from "./errors.js";
@@ -112,6 +112,7 @@ export class Client {
   readonly target: string;
   readonly #service: ConnectClient<typeof AgentIdentityService>;
   readonly #abort = new AbortController();
+  readonly #session: Http2SessionManager;
 
   constructor(target: string, credential: string, options: ClientOptions = {}) {
     const tls = options.tls !== undefined;
@@ -127,20 +128,25 @@ export class Client {
       request.header.set("authorization", `Bearer ${credential}`);
       return next(request);
     };
+    const url = baseUrl(target, tls);
     const tlsOptions = options.tls === true ? {} : (options.tls ?? {});
-    const transport = createGrpcTransport({
-      baseUrl: baseUrl(target, tls),
-      interceptors: [bearer],
-      pingIntervalMs: options.keepaliveIntervalMs ?? KEEPALIVE_INTERVAL_MS,
-      pingTimeoutMs: options.keepaliveTimeoutMs ?? KEEPALIVE_TIMEOUT_MS,
-      ...(tls ? { nodeOptions: { ...tlsOptions } } : {}),
-    });
+    // One HTTP/2 connection per client, ours to close (close() ends it, so a process exits).
+    this.#session = new Http2SessionManager(
+      url,
+      {
+        pingIntervalMs: options.keepaliveIntervalMs ?? KEEPALIVE_INTERVAL_MS,
+        pingTimeoutMs: options.keepaliveTimeoutMs ?? KEEPALIVE_TIMEOUT_MS,
+      },
+      tls ? { ...tlsOptions } : {},
+    );
+    const transport = createGrpcTransport({ baseUrl: url, interceptors: [bearer], sessionManager: this.#session });
     this.#service = createClient(AgentIdentityService, transport);
   }
 
-  /** Cancels every call still open (streams included). */
+  /** Cancels every call still open (streams included) and closes the connection. */
   close(): void {
     this.#abort.abort();
+    this.#session.abort();
   }
 
   [Symbol.dispose](): void {
