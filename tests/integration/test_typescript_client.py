@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from tests.conftest import (
     ADMIN_KEY,
@@ -23,6 +24,7 @@ from tests.conftest import (
     IdpFixture,
     running_harness,
 )
+from tests.integration.test_mtls import MtlsServer, mtls  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "clients" / "typescript"
@@ -64,10 +66,23 @@ async def build() -> None:
 
 
 async def test_typescript_client_against_a_real_server(
-    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+    tmp_path: Path,
+    idp: IdpFixture,
+    clock: FakeClock,
+    mtls: MtlsServer,  # noqa: F811 (the fixture imported above)
 ) -> None:
+    """Against a plaintext server on 127.0.0.1 and, for TLS, an mTLS one (test_mtls's: its
+    certificate names localhost and 127.0.0.1, and it asks for a client certificate)."""
     await build()
-    async with running_harness(tmp_path, idp, clock, mutate=with_risk) as h:
+    laptop = mtls.ca.issue("ts-client", x509.DNSName("ts-client.example.org"))
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for name, data in (("ca.pem", mtls.ca.pem), ("me.pem", laptop.cert_pem),
+                       ("me.key", laptop.key_pem)):  # fmt: skip
+        (pki / name).write_bytes(data)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    async with running_harness(plain, idp, clock, mutate=with_risk) as h:
         env = {
             **os.environ,
             "AGENTID_TEST_TARGET": f"127.0.0.1:{h.running.port}",
@@ -77,10 +92,14 @@ async def test_typescript_client_against_a_real_server(
             "AGENTID_TEST_ADMIN_KEY": ADMIN_KEY,
             "AGENTID_TEST_ISSUER": ISSUER,
             "AGENTID_TEST_JWKS_URL": h.http_url + "/.well-known/jwks.json",
+            "AGENTID_TEST_TLS_TARGET": f"localhost:{mtls.port}",
+            "AGENTID_TEST_TLS_CA": str(pki / "ca.pem"),
+            "AGENTID_TEST_TLS_CERT": str(pki / "me.pem"),
+            "AGENTID_TEST_TLS_KEY": str(pki / "me.key"),
         }
         output = await run("node", "--test", "test/", cwd=PACKAGE, env=env)
     assert re.search(r"^# fail 0$", output, re.M), output
-    assert re.search(r"^# pass 10$", output, re.M), output
+    assert re.search(r"^# pass 11$", output, re.M), output
 
 
 def readme_snippet() -> str:

@@ -6,7 +6,7 @@ import { type CallOptions as ConnectCallOptions, type Client as ConnectClient, c
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import type { JSONWebKeySet } from "jose";
 import { toContext } from "./context.js";
-import { AgentIdError } from "./errors.js";
+import { AgentIdError, Code } from "./errors.js";
 import {
   type Agent,
   AgentIdentityService,
@@ -369,6 +369,6 @@ function seconds(value: number): Duration {
 }
 
 function required<T>(value: T | undefined, field: string): T {
-  if (value === undefined) throw new AgentIdError(13, "", `the server's answer has no ${field}`);
+  if (value === undefined) throw new AgentIdError(Code.Internal, "", `the server's answer has no ${field}`);
   return value;
 }

@@ -58,7 +58,8 @@ export class AgentIdError extends Error {
       .findDetails(BadRequestSchema)
       .flatMap((detail) => detail.fieldViolations)
       .map(({ field, description }) => ({ field, description }));
-    return new AgentIdError(connect.code, info?.reason ?? "", connect.rawMessage, {
+    const code = connectionFailed(connect) ? Code.Unavailable : connect.code;
+    return new AgentIdError(code, info?.reason ?? "", connect.rawMessage, {
       domain: info?.domain ?? "",
       metadata: info?.metadata ?? {},
       fieldViolations: violations,
@@ -66,6 +67,25 @@ export class AgentIdError extends Error {
     });
   }
 }
+
+/**
+ * The connection failed before or beneath the call (reset, a TLS certificate not trusted or not
+ * naming the host, a handshake refused): UNAVAILABLE, as every gRPC client reports it and as
+ * retry logic expects. Connect's Node transport calls some of these INTERNAL or ABORTED; a status
+ * the server sent is never changed.
+ */
+function connectionFailed(error: ConnectError): boolean {
+  if (error.code !== Code.Internal && error.code !== Code.Aborted && error.code !== Code.Unknown) return false;
+  for (let cause: unknown = error.cause; cause instanceof Error; cause = cause.cause) {
+    const code = (cause as { code?: unknown }).code;
+    if (typeof code === "string" && NODE_CONNECTION_ERROR.test(code)) return true;
+  }
+  return false;
+}
+
+// Node's socket and TLS error codes (ECONNRESET, EPIPE, ERR_TLS_CERT_ALTNAME_INVALID,
+// UNABLE_TO_VERIFY_LEAF_SIGNATURE, SELF_SIGNED_CERT_IN_CHAIN, CERT_HAS_EXPIRED, ERR_SSL_...).
+const NODE_CONNECTION_ERROR = /^(E[A-Z]+|ERR_TLS_\w+|ERR_SSL_\w+|ERR_HTTP2_(GOAWAY_SESSION|SESSION_ERROR|STREAM_CANCEL|ERROR)|UNABLE_TO_\w+|\w*CERT\w*|DEPTH_ZERO_SELF_SIGNED_CERT)$/;
 
 /** "PERMISSION_DENIED" for Code.PermissionDenied: the names gRPC and agentid's docs use. */
 export function grpcCodeName(code: Code): string {

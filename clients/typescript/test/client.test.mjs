@@ -6,6 +6,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { generateKeyPairSync } from "node:crypto";
+import { readFileSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import {
@@ -36,6 +37,8 @@ const checkKey = env("AGENTID_TEST_CHECK_KEY");
 const adminKey = env("AGENTID_TEST_ADMIN_KEY");
 const issuer = env("AGENTID_TEST_ISSUER");
 const jwksUrl = env("AGENTID_TEST_JWKS_URL");
+const tlsTarget = env("AGENTID_TEST_TLS_TARGET"); // an mTLS server: its CA, our certificate and key
+const [tlsCa, tlsCert, tlsKey] = ["CA", "CERT", "KEY"].map((what) => readFileSync(env(`AGENTID_TEST_TLS_${what}`)));
 
 /** A client per credential, closed when the test ends. */
 function client(t, credential, options) {
@@ -181,6 +184,26 @@ test("plaintext to a host that is not this machine is refused before the credent
   t.after(() => told.close());
   await rejection(told.getJwks({ timeoutMs: 2000 }));
   assert.equal(connections, 1);
+});
+
+test("TLS: the server's CA and, for mTLS, a client certificate; the credential travels inside", async (t) => {
+  const tls = { ca: tlsCa, cert: tlsCert, key: tlsKey };
+  const user = new Client(tlsTarget, userToken, { tls });
+  t.after(() => user.close());
+  const session = await user.delegate("support-bot", ["tickets.read"]);
+  assert.match(session.sessionId, /^ses_/);
+  // TLS to a host that is not this machine is allowed (nothing is sent until a call).
+  new Client("agentid.example.com:443", checkKey, { tls: true }).close();
+
+  const noCertificate = new Client(tlsTarget, userToken, { tls: { ca: tlsCa } });
+  t.after(() => noCertificate.close());
+  // Refused by the server's handshake: with TLS 1.3 the client learns it only as the server
+  // closes the connection (an HTTP/2 CANCEL, which gRPC's mapping calls CANCELLED).
+  const refused = await rejection(noCertificate.getJwks({ timeoutMs: 5000 }));
+  assert.ok([Code.Unavailable, Code.Canceled].includes(refused.code), refused.message);
+  const systemCas = new Client(tlsTarget, userToken, { tls: true }); // our test CA is not among them
+  t.after(() => systemCas.close());
+  assert.equal((await rejection(systemCas.getJwks({ timeoutMs: 5000 }))).code, Code.Unavailable);
 });
 
 test("the revocation watcher sees a revoke, resumes by sequence, and stops on a refused key", async (t) => {
