@@ -4,7 +4,8 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { type Duration, DurationSchema, type FieldMask, FieldMaskSchema } from "@bufbuild/protobuf/wkt";
 import { type CallOptions as ConnectCallOptions, type Client as ConnectClient, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
-import type { JSONWebKeySet } from "jose";
+import { randomUUID, createHash, type KeyObject } from "node:crypto";
+import { exportJWK, type JSONWebKeySet, type JWK, SignJWT } from "jose";
 import { toContext } from "./context.js";
 import { AgentIdError, Code } from "./errors.js";
 import {
@@ -23,7 +24,7 @@ import {
   type VerifyAuditResponse,
   type WatchRevocationsResponse,
 } from "./gen/agentid/v1/agentid_pb.js";
-import { baseUrl, isLocalTarget } from "./target.js";
+import { baseUrl, hostPort, isLocalTarget } from "./target.js";
 import { parseJwks } from "./tokens.js";
 
 /** TLS to agentid: the CA that signed its certificate (else the system's), and this caller's
@@ -47,6 +48,10 @@ export interface ClientOptions {
   keepaliveIntervalMs?: number;
   /** How long an unanswered PING may wait before the connection is given up (default 10000). */
   keepaliveTimeoutMs?: number;
+  /** For an agent token bound to the agent's key (Delegate's `jkt`): that private key (Ed25519
+   * or P-256, a node:crypto KeyObject). Every call then carries a fresh DPoP proof of it
+   * (RFC 9449), which agentid requires of a bound token. */
+  proofKey?: KeyObject;
 }
 
 /** What every call takes: an AbortSignal to cancel it, a deadline in ms. */
@@ -128,6 +133,8 @@ export class Client {
       request.header.set("authorization", `Bearer ${credential}`);
       return next(request);
     };
+    const interceptors = [bearer];
+    if (options.proofKey !== undefined) interceptors.push(dpop(options.proofKey, credential, target));
     const url = baseUrl(target, tls);
     const tlsOptions = options.tls === true ? {} : (options.tls ?? {});
     // One HTTP/2 connection per client, ours to close (close() ends it, so a process exits).
@@ -139,7 +146,7 @@ export class Client {
       },
       tls ? { ...tlsOptions } : {},
     );
-    const transport = createGrpcTransport({ baseUrl: url, interceptors: [bearer], sessionManager: this.#session });
+    const transport = createGrpcTransport({ baseUrl: url, interceptors, sessionManager: this.#session });
     this.#service = createClient(AgentIdentityService, transport);
   }
 
@@ -360,6 +367,32 @@ export class Client {
       ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
     };
   }
+}
+
+/** Adds a DPoP proof (RFC 9449) of `key` to every call: htm POST, htu the method's URL (agentid
+ * checks its path; a gRPC target's resolver scheme is no part of it), ath the token's hash. */
+function dpop(key: KeyObject, credential: string, target: string): Interceptor {
+  const alg = proofAlgorithm(key);
+  const origin = `https://${hostPort(target)}`;
+  const ath = createHash("sha256").update(credential).digest("base64url");
+  let jwk: Promise<JWK> | undefined;
+  return (next) => async (request) => {
+    jwk ??= exportJWK(key).then(({ kty, crv, x, y }) => ({ kty, crv, x, ...(y !== undefined ? { y } : {}) }) as JWK);
+    const proof = await new SignJWT({ htm: "POST", htu: `${origin}/${request.service.typeName}/${request.method.name}`, ath })
+      .setProtectedHeader({ typ: "dpop+jwt", alg, jwk: await jwk })
+      .setJti(randomUUID())
+      .setIssuedAt()
+      .sign(key);
+    request.header.set("dpop", proof);
+    return next(request);
+  };
+}
+
+function proofAlgorithm(key: KeyObject): "EdDSA" | "ES256" {
+  if (key.type !== "private") throw new TypeError("proofKey must be the agent's private key");
+  if (key.asymmetricKeyType === "ed25519") return "EdDSA";
+  if (key.asymmetricKeyType === "ec" && key.asymmetricKeyDetails?.namedCurve === "prime256v1") return "ES256";
+  throw new TypeError("proofKey must be an Ed25519 or P-256 key");
 }
 
 function seconds(value: number): Duration {

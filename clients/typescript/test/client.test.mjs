@@ -337,6 +337,25 @@ test("token helpers: claims verified against the JWKS, with the watcher; jkt thu
   assert.ok(jwks.keys.length > 0 && jwks.keys.every((key) => key.kid && !("d" in key)));
 });
 
+test("a key-bound agent calls with its proof key (DPoP); without it, it is refused", async (t) => {
+  const user = client(t, userToken);
+  for (const [type, options] of [["ed25519", {}], ["ec", { namedCurve: "P-256" }]]) {
+    const { publicKey, privateKey } = generateKeyPairSync(type, options);
+    const jkt = await jwkThumbprint(publicKey.export({ format: "jwk" }));
+    const session = await user.delegate("support-bot", ["tickets.read"], { jkt });
+    const thief = client(t, session.token);
+    const stolen = await rejection(thief.stepUp("tickets.read", "ticket/1"));
+    assert.equal(stolen.reason, "PROOF_OF_POSSESSION_FAILED", stolen.message);
+    // A gRPC target with a resolver scheme, as deployments write them.
+    const agent = new Client(`dns:///${target}`, session.token, { proofKey: privateKey });
+    t.after(() => agent.close());
+    assert.match((await agent.stepUp("tickets.read", "ticket/1")).id, /^stp_/, type);
+    const done = await agent.revoke({ sessionId: session.sessionId }, { reason: "task_complete" });
+    assert.deepEqual(done.sessionIds, [session.sessionId]);
+  }
+  assert.throws(() => new Client(target, "x", { proofKey: generateKeyPairSync("ed25519").publicKey }), /private key/);
+});
+
 test("the agent registry and sessions", async (t) => {
   const admin = client(t, adminKey);
   const user = client(t, userToken);
