@@ -65,9 +65,10 @@ go-check: $(VENV)/.installed
 	  if [ -n "$$unformatted" ]; then echo "not gofmt'd: $$unformatted" >&2; exit 1; fi
 	cd clients/go && $(GO) vet ./...
 
-# The TypeScript client (clients/typescript): compiled with tsc (strict) into dist/, which
-# tests/integration/test_typescript_client.py runs against a real server.
+# The TypeScript client (clients/typescript): prettier'd, compiled with tsc (strict) into dist/,
+# which tests/integration/test_typescript_client.py runs against a real server.
 ts-check: $(TS_DEPS)
+	cd $(TS) && npm run --silent format-check
 	cd $(TS) && npm run --silent build
 
 lint: $(VENV)/.installed

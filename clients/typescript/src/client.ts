@@ -2,7 +2,12 @@
 
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { type Duration, DurationSchema, type FieldMask, FieldMaskSchema } from "@bufbuild/protobuf/wkt";
-import { type CallOptions as ConnectCallOptions, type Client as ConnectClient, createClient, type Interceptor } from "@connectrpc/connect";
+import {
+  type CallOptions as ConnectCallOptions,
+  type Client as ConnectClient,
+  createClient,
+  type Interceptor,
+} from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { randomUUID, createHash, type KeyObject } from "node:crypto";
 import { exportJWK, type JSONWebKeySet, type JWK, SignJWT } from "jose";
@@ -162,63 +167,95 @@ export class Client {
 
   /** A new agent session with a subset of the caller's scopes (a user, or an agent holding
    * agentid.delegate for a sub-agent). */
-  async delegate(agentId: string, scopes: string[], options: DelegateOptions = {}): Promise<DelegateResponse> {
-    return this.#unary((call) =>
-      this.#service.delegate(
-        {
-          agentId,
-          scopes,
-          task: options.task ?? "",
-          audiences: options.audiences ?? [],
-          jkt: options.jkt ?? "",
-          actorToken: options.actorToken ?? "",
-          ...(options.ttlSeconds !== undefined ? { ttl: seconds(options.ttlSeconds) } : {}),
-        },
-        call,
-      ), options);
+  async delegate(
+    agentId: string,
+    scopes: string[],
+    options: DelegateOptions = {},
+  ): Promise<DelegateResponse> {
+    return this.#unary(
+      (call) =>
+        this.#service.delegate(
+          {
+            agentId,
+            scopes,
+            task: options.task ?? "",
+            audiences: options.audiences ?? [],
+            jkt: options.jkt ?? "",
+            actorToken: options.actorToken ?? "",
+            ...(options.ttlSeconds !== undefined ? { ttl: seconds(options.ttlSeconds) } : {}),
+          },
+          call,
+        ),
+      options,
+    );
   }
 
   /** May the agent holding `token` do `action` on `resource`? (A service with role check.) */
-  async check(token: string, action: string, resource = "", options: CheckOptions = {}): Promise<CheckResponse> {
+  async check(
+    token: string,
+    action: string,
+    resource = "",
+    options: CheckOptions = {},
+  ): Promise<CheckResponse> {
     const context = options.context === undefined ? undefined : toContext(options.context);
-    return this.#unary((call) =>
-      this.#service.check(
-        {
-          token,
-          action,
-          resource,
-          minRevocationSequence: BigInt(options.minRevocationSequence ?? 0),
-          popProof: options.popProof ?? "",
-          popMethod: options.popMethod ?? "",
-          popUri: options.popUri ?? "",
-          ...(context !== undefined ? { context } : {}),
-        },
-        call,
-      ), options);
+    return this.#unary(
+      (call) =>
+        this.#service.check(
+          {
+            token,
+            action,
+            resource,
+            minRevocationSequence: BigInt(options.minRevocationSequence ?? 0),
+            popProof: options.popProof ?? "",
+            popMethod: options.popMethod ?? "",
+            popUri: options.popUri ?? "",
+            ...(context !== undefined ? { context } : {}),
+          },
+          call,
+        ),
+      options,
+    );
   }
 
   /** As an agent: asks the delegating user to approve one high-risk action (same action,
    * resource and context as the Check that answered STEP_UP_REQUIRED). */
   async stepUp(action: string, resource = "", options: StepUpOptions = {}): Promise<StepUp> {
     const context = options.context === undefined ? undefined : toContext(options.context);
-    const response = await this.#unary((call) =>
-      this.#service.stepUp(
-        { action, resource, bindingMessage: options.bindingMessage ?? "", ...(context !== undefined ? { context } : {}) },
-        call,
-      ), options);
+    const response = await this.#unary(
+      (call) =>
+        this.#service.stepUp(
+          {
+            action,
+            resource,
+            bindingMessage: options.bindingMessage ?? "",
+            ...(context !== undefined ? { context } : {}),
+          },
+          call,
+        ),
+      options,
+    );
     return required(response.stepUp, "StepUpResponse.step_up");
   }
 
   /** As the delegating user, with a fresh IdP login: approves or denies a step-up. */
-  async resolveStepUp(stepUpId: string, approve: boolean, options: CallOptions & { comment?: string } = {}): Promise<StepUp> {
-    const response = await this.#unary((call) =>
-      this.#service.resolveStepUp({ stepUpId, approve, comment: options.comment ?? "" }, call), options);
+  async resolveStepUp(
+    stepUpId: string,
+    approve: boolean,
+    options: CallOptions & { comment?: string } = {},
+  ): Promise<StepUp> {
+    const response = await this.#unary(
+      (call) => this.#service.resolveStepUp({ stepUpId, approve, comment: options.comment ?? "" }, call),
+      options,
+    );
     return required(response.stepUp, "ResolveStepUpResponse.step_up");
   }
 
   /** The caller's step-ups (a user's inbox, an agent's own, or one by id): current state, then
    * every change, until `signal` aborts (or at once with `currentOnly`). */
-  async *watchStepUps(stepUpId = "", options: CallOptions & { currentOnly?: boolean } = {}): AsyncGenerator<StepUp> {
+  async *watchStepUps(
+    stepUpId = "",
+    options: CallOptions & { currentOnly?: boolean } = {},
+  ): AsyncGenerator<StepUp> {
     const request = { stepUpId, currentOnly: options.currentOnly ?? false };
     for await (const response of this.#stream((call) => this.#service.watchStepUps(request, call), options)) {
       if (response.stepUp !== undefined) yield response.stepUp;
@@ -226,24 +263,36 @@ export class Client {
   }
 
   /** Revokes a session and its descendants, every live session of a user, or of an agent. */
-  async revoke(target: RevokeTarget, options: CallOptions & { reason?: string } = {}): Promise<RevokeResponse> {
+  async revoke(
+    target: RevokeTarget,
+    options: CallOptions & { reason?: string } = {},
+  ): Promise<RevokeResponse> {
     const named = Object.entries(target).filter(([, value]) => Boolean(value));
     if (named.length !== 1) throw new TypeError("revoke names exactly one of sessionId, userId, agentId");
     const [[key, value]] = named as [[string, string]];
     const oneof = { case: key as "sessionId" | "userId" | "agentId", value };
-    return this.#unary((call) => this.#service.revoke({ target: oneof, reason: options.reason ?? "" }, call), options);
+    return this.#unary(
+      (call) => this.#service.revoke({ target: oneof, reason: options.reason ?? "" }, call),
+      options,
+    );
   }
 
   /** The revocation stream (a service with role check or watch): a snapshot first when
    * `afterSequence` is 0 (or its history is gone), then every event after it. RevocationWatcher
    * keeps a local set with it. */
-  async *watchRevocations(afterSequence: bigint | number = 0n, options: CallOptions = {}): AsyncGenerator<WatchRevocationsResponse> {
+  async *watchRevocations(
+    afterSequence: bigint | number = 0n,
+    options: CallOptions = {},
+  ): AsyncGenerator<WatchRevocationsResponse> {
     const request = { afterSequence: BigInt(afterSequence) };
     yield* this.#stream((call) => this.#service.watchRevocations(request, call), options);
   }
 
   /** Audit records matching `request` (by session, by user, filters, cursor, follow). */
-  async *audit(request: MessageInitShape<typeof AuditRequestSchema>, options: CallOptions = {}): AsyncGenerator<AuditRecord> {
+  async *audit(
+    request: MessageInitShape<typeof AuditRequestSchema>,
+    options: CallOptions = {},
+  ): AsyncGenerator<AuditRecord> {
     for await (const response of this.#stream((call) => this.#service.audit(request, call), options)) {
       if (response.record !== undefined) yield response.record;
     }
@@ -251,7 +300,12 @@ export class Client {
 
   /** Recomputes the audit hash chain over [fromId, toId] (0: from the first / to the last). */
   async verifyAudit(
-    options: CallOptions & { fromId?: bigint | number; toId?: bigint | number; checkpoints?: string[]; checkpointNow?: boolean } = {},
+    options: CallOptions & {
+      fromId?: bigint | number;
+      toId?: bigint | number;
+      checkpoints?: string[];
+      checkpointNow?: boolean;
+    } = {},
   ): Promise<VerifyAuditResponse> {
     const request = {
       fromId: BigInt(options.fromId ?? 0),
@@ -270,7 +324,12 @@ export class Client {
 
   /** Sessions the caller may see, newest first, page after page; live ones unless includeEnded. */
   async *listSessions(
-    options: CallOptions & { userId?: string; agentId?: string; includeEnded?: boolean; pageSize?: number } = {},
+    options: CallOptions & {
+      userId?: string;
+      agentId?: string;
+      includeEnded?: boolean;
+      pageSize?: number;
+    } = {},
   ): AsyncGenerator<Session> {
     let pageToken = "";
     do {
@@ -309,10 +368,16 @@ export class Client {
   }
 
   /** The registered agents, page after page; disabled ones only with includeDisabled. */
-  async *listAgents(options: CallOptions & { includeDisabled?: boolean; pageSize?: number } = {}): AsyncGenerator<Agent> {
+  async *listAgents(
+    options: CallOptions & { includeDisabled?: boolean; pageSize?: number } = {},
+  ): AsyncGenerator<Agent> {
     let pageToken = "";
     do {
-      const request = { includeDisabled: options.includeDisabled ?? false, pageSize: options.pageSize ?? 0, pageToken };
+      const request = {
+        includeDisabled: options.includeDisabled ?? false,
+        pageSize: options.pageSize ?? 0,
+        pageToken,
+      };
       const response = await this.#unary((call) => this.#service.listAgents(request, call), options);
       yield* response.agents;
       pageToken = response.nextPageToken;
@@ -321,16 +386,29 @@ export class Client {
 
   /** Changes the fields of `agent` (found by its id) named in `updateMask` (proto field names:
    * "display_name", "max_scopes", ...), and only those. A config-defined agent is refused. */
-  async updateAgent(agent: MessageInitShape<typeof AgentSchema>, updateMask: string[], options: CallOptions = {}): Promise<Agent> {
+  async updateAgent(
+    agent: MessageInitShape<typeof AgentSchema>,
+    updateMask: string[],
+    options: CallOptions = {},
+  ): Promise<Agent> {
     const mask: FieldMask = create(FieldMaskSchema, { paths: updateMask });
-    const response = await this.#unary((call) => this.#service.updateAgent({ agent, updateMask: mask }, call), options);
+    const response = await this.#unary(
+      (call) => this.#service.updateAgent({ agent, updateMask: mask }, call),
+      options,
+    );
     return required(response.agent, "UpdateAgentResponse.agent");
   }
 
   /** The kill switch: the agent can no longer be delegated to, and every live session of it is
    * revoked before the answer, which names them. */
-  async disableAgent(agentId: string, options: CallOptions & { reason?: string } = {}): Promise<DisableAgentResponse> {
-    return this.#unary((call) => this.#service.disableAgent({ id: agentId, reason: options.reason ?? "" }, call), options);
+  async disableAgent(
+    agentId: string,
+    options: CallOptions & { reason?: string } = {},
+  ): Promise<DisableAgentResponse> {
+    return this.#unary(
+      (call) => this.#service.disableAgent({ id: agentId, reason: options.reason ?? "" }, call),
+      options,
+    );
   }
 
   /** A disabled agent may be delegated to again (its revoked sessions stay revoked). */
@@ -340,8 +418,14 @@ export class Client {
   }
 
   /** Withdraws a compromised signing key (role admin). */
-  async retireSigningKey(kid: string, options: CallOptions & { reason?: string } = {}): Promise<RetireSigningKeyResponse> {
-    return this.#unary((call) => this.#service.retireSigningKey({ kid, reason: options.reason ?? "" }, call), options);
+  async retireSigningKey(
+    kid: string,
+    options: CallOptions & { reason?: string } = {},
+  ): Promise<RetireSigningKeyResponse> {
+    return this.#unary(
+      (call) => this.#service.retireSigningKey({ kid, reason: options.reason ?? "" }, call),
+      options,
+    );
   }
 
   async #unary<T>(call: (options: ConnectCallOptions) => Promise<T>, options: CallOptions): Promise<T> {
@@ -352,7 +436,10 @@ export class Client {
     }
   }
 
-  async *#stream<T>(call: (options: ConnectCallOptions) => AsyncIterable<T>, options: CallOptions): AsyncGenerator<T> {
+  async *#stream<T>(
+    call: (options: ConnectCallOptions) => AsyncIterable<T>,
+    options: CallOptions,
+  ): AsyncGenerator<T> {
     try {
       yield* call(this.#callOptions(options));
     } catch (error) {
@@ -377,8 +464,14 @@ function dpop(key: KeyObject, credential: string, target: string): Interceptor {
   const ath = createHash("sha256").update(credential).digest("base64url");
   let jwk: Promise<JWK> | undefined;
   return (next) => async (request) => {
-    jwk ??= exportJWK(key).then(({ kty, crv, x, y }) => ({ kty, crv, x, ...(y !== undefined ? { y } : {}) }) as JWK);
-    const proof = await new SignJWT({ htm: "POST", htu: `${origin}/${request.service.typeName}/${request.method.name}`, ath })
+    jwk ??= exportJWK(key).then(
+      ({ kty, crv, x, y }) => ({ kty, crv, x, ...(y !== undefined ? { y } : {}) }) as JWK,
+    );
+    const proof = await new SignJWT({
+      htm: "POST",
+      htu: `${origin}/${request.service.typeName}/${request.method.name}`,
+      ath,
+    })
       .setProtectedHeader({ typ: "dpop+jwt", alg, jwk: await jwk })
       .setJti(randomUUID())
       .setIssuedAt()

@@ -75,7 +75,8 @@ export class AgentIdError extends Error {
  * the server sent is never changed.
  */
 function connectionFailed(error: ConnectError): boolean {
-  if (error.code !== Code.Internal && error.code !== Code.Aborted && error.code !== Code.Unknown) return false;
+  if (error.code !== Code.Internal && error.code !== Code.Aborted && error.code !== Code.Unknown)
+    return false;
   for (let cause: unknown = error.cause; cause instanceof Error; cause = cause.cause) {
     const code = (cause as { code?: unknown }).code;
     if (typeof code === "string" && NODE_CONNECTION_ERROR.test(code)) return true;
@@ -85,7 +86,8 @@ function connectionFailed(error: ConnectError): boolean {
 
 // Node's socket and TLS error codes (ECONNRESET, EPIPE, ERR_TLS_CERT_ALTNAME_INVALID,
 // UNABLE_TO_VERIFY_LEAF_SIGNATURE, SELF_SIGNED_CERT_IN_CHAIN, CERT_HAS_EXPIRED, ERR_SSL_...).
-const NODE_CONNECTION_ERROR = /^(E[A-Z]+|ERR_TLS_\w+|ERR_SSL_\w+|ERR_HTTP2_(GOAWAY_SESSION|SESSION_ERROR|STREAM_CANCEL|ERROR)|UNABLE_TO_\w+|\w*CERT\w*|DEPTH_ZERO_SELF_SIGNED_CERT)$/;
+const NODE_CONNECTION_ERROR =
+  /^(E[A-Z]+|ERR_TLS_\w+|ERR_SSL_\w+|ERR_HTTP2_(GOAWAY_SESSION|SESSION_ERROR|STREAM_CANCEL|ERROR)|UNABLE_TO_\w+|\w*CERT\w*|DEPTH_ZERO_SELF_SIGNED_CERT)$/;
 
 /** "PERMISSION_DENIED" for Code.PermissionDenied: the names gRPC and agentid's docs use. */
 export function grpcCodeName(code: Code): string {

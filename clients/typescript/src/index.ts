@@ -27,7 +27,18 @@ export {
   type TokenProblem,
   type VerifierOptions,
 } from "./tokens.js";
-export { EXPIRY_GRACE_SECONDS, RevocationWatcher, WatcherNotReady, WatcherStopped, type WatcherOptions } from "./watcher.js";
+export {
+  EXPIRY_GRACE_SECONDS,
+  RevocationWatcher,
+  WatcherNotReady,
+  WatcherStopped,
+  type WatcherOptions,
+} from "./watcher.js";
 // The generated messages and enums (Decision, Reason, StepUpState, AgentState, ...).
 export * from "./gen/agentid/v1/agentid_pb.js";
-export { type BadRequest, BadRequestSchema, type ErrorInfo, ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
+export {
+  type BadRequest,
+  BadRequestSchema,
+  type ErrorInfo,
+  ErrorInfoSchema,
+} from "./gen/google/rpc/error_details_pb.js";

@@ -98,7 +98,10 @@ export class AgentTokenVerifier {
   constructor(options: VerifierOptions) {
     if (!options.issuer) throw new TypeError("issuer is required");
     this.#options = options;
-    this.#keys = options.keys instanceof URL ? createRemoteJWKSet(options.keys) : cachedKeySet(options.keys, options.refetchCooldownMs ?? 30_000);
+    this.#keys =
+      options.keys instanceof URL
+        ? createRemoteJWKSet(options.keys)
+        : cachedKeySet(options.keys, options.refetchCooldownMs ?? 30_000);
   }
 
   /** The token's claims if it is good; TokenRejected (with its reason) if not. */
@@ -142,7 +145,8 @@ export function parseJwks(json: string): JSONWebKeySet {
   }
   const keys = (parsed as { keys: unknown[] }).keys;
   for (const key of keys) {
-    if (typeof key !== "object" || key === null || "d" in key) throw new TypeError("a JWK Set of public keys was expected");
+    if (typeof key !== "object" || key === null || "d" in key)
+      throw new TypeError("a JWK Set of public keys was expected");
   }
   return parsed as JSONWebKeySet;
 }
@@ -173,7 +177,8 @@ function cachedKeySet(client: Client, cooldownMs: number): JWTVerifyGetKey {
     try {
       return await current!.keys(header, token);
     } catch (error) {
-      if (!(error instanceof errors.JWKSNoMatchingKey) || Date.now() - current!.fetched < cooldownMs) throw error;
+      if (!(error instanceof errors.JWKSNoMatchingKey) || Date.now() - current!.fetched < cooldownMs)
+        throw error;
       await refresh();
       return current!.keys(header, token);
     }
@@ -181,10 +186,13 @@ function cachedKeySet(client: Client, cooldownMs: number): JWTVerifyGetKey {
 }
 
 function rejection(error: unknown): unknown {
-  if (error instanceof errors.JWTExpired) return new TokenRejected("TOKEN_EXPIRED", "the token has expired", { cause: error });
+  if (error instanceof errors.JWTExpired)
+    return new TokenRejected("TOKEN_EXPIRED", "the token has expired", { cause: error });
   if (error instanceof errors.JWTClaimValidationFailed) {
-    if (error.claim === "nbf") return new TokenRejected("TOKEN_NOT_YET_VALID", "the token is not valid yet", { cause: error });
-    if (error.claim === "iss") return new TokenRejected("SIGNATURE_INVALID", "another issuer's token", { cause: error });
+    if (error.claim === "nbf")
+      return new TokenRejected("TOKEN_NOT_YET_VALID", "the token is not valid yet", { cause: error });
+    if (error.claim === "iss")
+      return new TokenRejected("SIGNATURE_INVALID", "another issuer's token", { cause: error });
     return new TokenRejected("TOKEN_MALFORMED", error.message, { cause: error });
   }
   if (
@@ -195,7 +203,8 @@ function rejection(error: unknown): unknown {
   ) {
     return new TokenRejected("SIGNATURE_INVALID", error.message, { cause: error });
   }
-  if (error instanceof errors.JOSEError) return new TokenRejected("TOKEN_MALFORMED", error.message, { cause: error });
+  if (error instanceof errors.JOSEError)
+    return new TokenRejected("TOKEN_MALFORMED", error.message, { cause: error });
   return error; // the key fetch failed (an AgentIdError, a network error): not the token's fault
 }
 
@@ -207,7 +216,8 @@ function toClaims(payload: JWTPayload): AgentClaims {
   if (typeof sn !== "number" || !Number.isInteger(sn) || sn < 0) throw malformed("no sn claim");
   const scope = payload["scope"];
   if (typeof scope !== "string") throw malformed("no scope claim");
-  const aud = payload.aud === undefined ? undefined : Array.isArray(payload.aud) ? payload.aud : [payload.aud];
+  const aud =
+    payload.aud === undefined ? undefined : Array.isArray(payload.aud) ? payload.aud : [payload.aud];
   const claims: AgentClaims = {
     iss: payload.iss ?? "",
     sub: payload.sub ?? "",

@@ -145,12 +145,18 @@ export class RevocationWatcher {
         if (this.#stopped) break;
         if (error instanceof AgentIdError) {
           if (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) {
-            this.#log("error", `revocation watcher stopped: agentid refused its credential (${error.codeName})`);
+            this.#log(
+              "error",
+              `revocation watcher stopped: agentid refused its credential (${error.codeName})`,
+            );
             this.#fail(error);
             throw error;
           }
           if (error.code === Code.OutOfRange) {
-            this.#log("warn", `the service's revocations end before ${this.#sequence}; starting over from a snapshot`);
+            this.#log(
+              "warn",
+              `the service's revocations end before ${this.#sequence}; starting over from a snapshot`,
+            );
             this.#sequence = 0n;
           } else {
             this.#log("info", `revocation watch ended (${error.codeName}); resuming after ${this.#sequence}`);
@@ -236,10 +242,14 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     if (signal.aborted) return resolve();
     const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
-      clearTimeout(timer);
-      resolve();
-    }, { once: true });
+    signal.addEventListener(
+      "abort",
+      () => {
+        clearTimeout(timer);
+        resolve();
+      },
+      { once: true },
+    );
   });
 }
 

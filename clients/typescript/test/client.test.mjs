@@ -28,7 +28,10 @@ import {
 
 const env = (name) => {
   const value = process.env[name];
-  assert.ok(value, `${name} is not set: run this through pytest (tests/integration/test_typescript_client.py)`);
+  assert.ok(
+    value,
+    `${name} is not set: run this through pytest (tests/integration/test_typescript_client.py)`,
+  );
   return value;
 };
 const target = env("AGENTID_TEST_TARGET");
@@ -38,7 +41,9 @@ const adminKey = env("AGENTID_TEST_ADMIN_KEY");
 const issuer = env("AGENTID_TEST_ISSUER");
 const jwksUrl = env("AGENTID_TEST_JWKS_URL");
 const tlsTarget = env("AGENTID_TEST_TLS_TARGET"); // an mTLS server: its CA, our certificate and key
-const [tlsCa, tlsCert, tlsKey] = ["CA", "CERT", "KEY"].map((what) => readFileSync(env(`AGENTID_TEST_TLS_${what}`)));
+const [tlsCa, tlsCert, tlsKey] = ["CA", "CERT", "KEY"].map((what) =>
+  readFileSync(env(`AGENTID_TEST_TLS_${what}`)),
+);
 
 /** A client per credential, closed when the test ends. */
 function client(t, credential, options) {
@@ -104,7 +109,9 @@ test("a risk rule answers STEP_UP_REQUIRED; the agent asks with StepUp", async (
   const user = client(t, userToken);
   const service = client(t, checkKey);
   const session = await user.delegate("support-bot", ["payments.transfer"]);
-  const small = await service.check(session.token, "payments.transfer", "account/42", { context: { amount: 50 } });
+  const small = await service.check(session.token, "payments.transfer", "account/42", {
+    context: { amount: 50 },
+  });
   assert.equal(small.decision, Decision.ALLOW);
 
   const context = { amount: 5000, currency: "EUR", lines: [{ sku: "a", n: 1 }], note: null, urgent: true };
@@ -114,7 +121,10 @@ test("a risk rule answers STEP_UP_REQUIRED; the agent asks with StepUp", async (
   assert.equal(large.riskRule, "large-transfer");
 
   const agent = client(t, session.token);
-  const stepUp = await agent.stepUp("payments.transfer", "account/42", { context, bindingMessage: "Pay 5000 EUR" });
+  const stepUp = await agent.stepUp("payments.transfer", "account/42", {
+    context,
+    bindingMessage: "Pay 5000 EUR",
+  });
   assert.match(stepUp.id, /^stp_/);
   assert.equal(stepUp.state, StepUpState.PENDING);
   assert.equal(stepUp.riskRule, "large-transfer");
@@ -132,11 +142,11 @@ test("a context that a Struct cannot carry is refused before anything is sent", 
   const cyclic = { amount: 5 };
   cyclic.self = cyclic;
   const bad = {
-    "undefined": { amount: undefined },
-    "function": { amount: () => 5 },
-    "bigint": { amount: 5000n },
-    "NaN": { amount: NaN },
-    "Infinity": { amount: -Infinity },
+    undefined: { amount: undefined },
+    function: { amount: () => 5 },
+    bigint: { amount: 5000n },
+    NaN: { amount: NaN },
+    Infinity: { amount: -Infinity },
     "a Date": { when: new Date() },
     "a Map": { m: new Map() },
     "a cycle": cyclic,
@@ -151,7 +161,10 @@ test("a context that a Struct cannot carry is refused before anything is sent", 
     const error = await rejection(offline.stepUp("payments.transfer", "", { context }));
     assert.ok(error instanceof ContextError, `${what} (StepUp): ${error}`);
   }
-  assert.match((await rejection(offline.check("t", "a", "", { context: { amount: 1n } }))).message, /context\.amount: a bigint/);
+  assert.match(
+    (await rejection(offline.check("t", "a", "", { context: { amount: 1n } }))).message,
+    /context\.amount: a bigint/,
+  );
   // A good one is sent as is: a JSON value the risk rule reads.
   assert.ok(await real.check("not-a-token", "payments.transfer", "", { context: { amount: 1 } }));
 });
@@ -161,7 +174,9 @@ test("plaintext to a host that is not this machine is refused before the credent
   assert.throws(() => new Client("dns:///agentid.example.com:50051", checkKey), /not on this machine/);
   assert.throws(() => new Client("10.1.2.3:50051", checkKey), /not on this machine/);
   // A real listener on this machine's own non-loopback address: nothing reaches it when refused.
-  const address = Object.values(os.networkInterfaces()).flat().find((a) => a && a.family === "IPv4" && !a.internal)?.address;
+  const address = Object.values(os.networkInterfaces())
+    .flat()
+    .find((a) => a && a.family === "IPv4" && !a.internal)?.address;
   if (address === undefined) {
     t.diagnostic("no non-loopback IPv4 address here: the listener half is skipped");
     return;
@@ -246,7 +261,10 @@ test("the watcher resumes after a dropped connection with the events it missed",
   // A TCP relay to the server that the test can cut, as a dead network path would.
   const sockets = new Set();
   const relay = net.createServer((inbound) => {
-    const [host, port] = [target.slice(0, target.lastIndexOf(":")), Number(target.slice(target.lastIndexOf(":") + 1))];
+    const [host, port] = [
+      target.slice(0, target.lastIndexOf(":")),
+      Number(target.slice(target.lastIndexOf(":") + 1)),
+    ];
     const outbound = net.connect(port, host);
     for (const socket of [inbound, outbound]) {
       sockets.add(socket);
@@ -260,7 +278,10 @@ test("the watcher resumes after a dropped connection with the events it missed",
   const logs = [];
   const relayed = new Client(`127.0.0.1:${relay.address().port}`, checkKey);
   t.after(() => relayed.close());
-  const watcher = new RevocationWatcher(relayed, { retryDelayMs: 20, log: (level, message) => logs.push(message) });
+  const watcher = new RevocationWatcher(relayed, {
+    retryDelayMs: 20,
+    log: (level, message) => logs.push(message),
+  });
   watcher.start();
   t.after(() => watcher.stop());
   await watcher.waitFor(0);
@@ -276,7 +297,10 @@ test("the watcher resumes after a dropped connection with the events it missed",
   assert.equal(watcher.sequence, two.revocationSequence);
   assert.equal(watcher.isRevoked(first.serial), true);
   assert.equal(watcher.isRevoked(second.serial), true);
-  assert.ok(logs.some((line) => line.includes(`resuming after ${one.revocationSequence}`)), logs.join("\n"));
+  assert.ok(
+    logs.some((line) => line.includes(`resuming after ${one.revocationSequence}`)),
+    logs.join("\n"),
+  );
 });
 
 test("token helpers: claims verified against the JWKS, with the watcher; jkt thumbprints", async (t) => {
@@ -290,7 +314,9 @@ test("token helpers: claims verified against the JWKS, with the watcher; jkt thu
   const { publicKey } = generateKeyPairSync("ed25519");
   const jkt = await jwkThumbprint(publicKey.export({ format: "jwk" }));
   const session = await user.delegate("support-bot", ["tickets.read", "tickets.comment.add"], {
-    task: "triage", audiences: ["payments-api"], jkt,
+    task: "triage",
+    audiences: ["payments-api"],
+    jkt,
   });
 
   for (const keys of [service, new URL(jwksUrl)]) {
@@ -315,18 +341,41 @@ test("token helpers: claims verified against the JWKS, with the watcher; jkt thu
   };
   const [header, payload, signature] = session.token.split(".");
   const claims = JSON.parse(Buffer.from(payload, "base64url").toString());
-  const forged = [header, Buffer.from(JSON.stringify({ ...claims, scope: "*" })).toString("base64url"), signature].join(".");
+  const forged = [
+    header,
+    Buffer.from(JSON.stringify({ ...claims, scope: "*" })).toString("base64url"),
+    signature,
+  ].join(".");
   assert.equal(await reason(verifier.verify(forged)), "SIGNATURE_INVALID");
   assert.equal(await reason(verifier.verify("not.a.token")), "TOKEN_MALFORMED");
-  const otherIssuer = new AgentTokenVerifier({ issuer: "https://elsewhere.example", keys: service, audience: "payments-api" });
+  const otherIssuer = new AgentTokenVerifier({
+    issuer: "https://elsewhere.example",
+    keys: service,
+    audience: "payments-api",
+  });
   assert.notEqual(await reason(otherIssuer.verify(session.token)), undefined);
   const otherAudience = new AgentTokenVerifier({ issuer, keys: service, audience: "crm" });
   assert.equal(await reason(otherAudience.verify(session.token)), "AUDIENCE_MISMATCH");
-  const later = new AgentTokenVerifier({ issuer, keys: service, audience: "payments-api", now: () => new Date((claims.exp + 1) * 1000) });
+  const later = new AgentTokenVerifier({
+    issuer,
+    keys: service,
+    audience: "payments-api",
+    now: () => new Date((claims.exp + 1) * 1000),
+  });
   assert.equal(await reason(later.verify(session.token)), "TOKEN_EXPIRED");
-  const atExpiry = new AgentTokenVerifier({ issuer, keys: service, audience: "payments-api", now: () => new Date(claims.exp * 1000) });
+  const atExpiry = new AgentTokenVerifier({
+    issuer,
+    keys: service,
+    audience: "payments-api",
+    now: () => new Date(claims.exp * 1000),
+  });
   assert.equal(await reason(atExpiry.verify(session.token)), "TOKEN_EXPIRED", "no leeway on exp");
-  const earlier = new AgentTokenVerifier({ issuer, keys: service, audience: "payments-api", now: () => new Date((claims.nbf - 60) * 1000) });
+  const earlier = new AgentTokenVerifier({
+    issuer,
+    keys: service,
+    audience: "payments-api",
+    now: () => new Date((claims.nbf - 60) * 1000),
+  });
   assert.equal(await reason(earlier.verify(session.token)), "TOKEN_NOT_YET_VALID");
 
   const revoked = await user.revoke({ sessionId: session.sessionId });
@@ -339,7 +388,10 @@ test("token helpers: claims verified against the JWKS, with the watcher; jkt thu
 
 test("a key-bound agent calls with its proof key (DPoP); without it, it is refused", async (t) => {
   const user = client(t, userToken);
-  for (const [type, options] of [["ed25519", {}], ["ec", { namedCurve: "P-256" }]]) {
+  for (const [type, options] of [
+    ["ed25519", {}],
+    ["ec", { namedCurve: "P-256" }],
+  ]) {
     const { publicKey, privateKey } = generateKeyPairSync(type, options);
     const jkt = await jwkThumbprint(publicKey.export({ format: "jwk" }));
     const session = await user.delegate("support-bot", ["tickets.read"], { jkt });
@@ -353,14 +405,21 @@ test("a key-bound agent calls with its proof key (DPoP); without it, it is refus
     const done = await agent.revoke({ sessionId: session.sessionId }, { reason: "task_complete" });
     assert.deepEqual(done.sessionIds, [session.sessionId]);
   }
-  assert.throws(() => new Client(target, "x", { proofKey: generateKeyPairSync("ed25519").publicKey }), /private key/);
+  assert.throws(
+    () => new Client(target, "x", { proofKey: generateKeyPairSync("ed25519").publicKey }),
+    /private key/,
+  );
 });
 
 test("the agent registry and sessions", async (t) => {
   const admin = client(t, adminKey);
   const user = client(t, userToken);
   const id = `ts-bot-${process.pid}`;
-  const created = await admin.createAgent(id, ["tickets.read"], { displayName: "TS bot", owners: ["alice"], maxTtlSeconds: 600 });
+  const created = await admin.createAgent(id, ["tickets.read"], {
+    displayName: "TS bot",
+    owners: ["alice"],
+    maxTtlSeconds: 600,
+  });
   assert.equal(created.id, id);
   assert.equal(created.state, AgentState.ACTIVE);
   assert.equal(created.maxTtl.seconds, 600n);
@@ -371,7 +430,10 @@ test("the agent registry and sessions", async (t) => {
 
   const session = await user.delegate(id, ["tickets.read"]);
   const sessions = await collect(admin.listSessions({ agentId: id }));
-  assert.deepEqual(sessions.map((s) => s.sessionId), [session.sessionId]);
+  assert.deepEqual(
+    sessions.map((s) => s.sessionId),
+    [session.sessionId],
+  );
 
   const disabled = await admin.disableAgent(id, { reason: "test" });
   assert.equal(disabled.agent.state, AgentState.DISABLED);

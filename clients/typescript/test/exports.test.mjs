@@ -24,10 +24,28 @@ const HANDWRITTEN = [
 test("the public names are the pinned ones, plus the generated messages and enums", () => {
   const names = Object.keys(client);
   const generated = names.filter((name) => name.endsWith("Schema") || name.startsWith("file_"));
-  const enums = ["ActorKind", "AgentSource", "AgentState", "AuditProblem", "Decision", "EventType", "Reason", "SessionState", "StepUpState"];
-  const rest = names.filter((name) => !generated.includes(name) && !enums.includes(name) && name !== "AgentIdentityService");
+  const enums = [
+    "ActorKind",
+    "AgentSource",
+    "AgentState",
+    "AuditProblem",
+    "Decision",
+    "EventType",
+    "Reason",
+    "SessionState",
+    "StepUpState",
+  ];
+  const rest = names.filter(
+    (name) => !generated.includes(name) && !enums.includes(name) && name !== "AgentIdentityService",
+  );
   assert.deepEqual(rest.sort(), [...HANDWRITTEN].sort());
-  for (const name of [...enums, "AgentIdentityService", "CheckRequestSchema", "ErrorInfoSchema", "BadRequestSchema"]) {
+  for (const name of [
+    ...enums,
+    "AgentIdentityService",
+    "CheckRequestSchema",
+    "ErrorInfoSchema",
+    "BadRequestSchema",
+  ]) {
     assert.ok(name in client, name);
   }
   assert.equal(client.Decision.STEP_UP_REQUIRED, 3);
