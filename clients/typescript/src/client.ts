@@ -116,7 +116,7 @@ const KEEPALIVE_TIMEOUT_MS = 10_000;
  * The connection is TLS when `tls` is given; otherwise plaintext, which is allowed only to a
  * target on this machine: to any other, the constructor throws before anything is sent, unless
  * `plaintext: true` says the network encrypts by itself. Errors are AgentIdError. Call close()
- * when done (or use `await using`).
+ * when done (or declare it with `using`).
  */
 export class Client {
   readonly target: string;

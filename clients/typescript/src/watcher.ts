@@ -125,13 +125,21 @@ export class RevocationWatcher {
     if (this.#stopped) return Promise.reject(new WatcherStopped(this.#failure));
     const target = BigInt(sequence);
     if (this.#snapshotSeen && this.#sequence >= target) return Promise.resolve();
+    const signal = options.signal;
+    if (signal?.aborted) return Promise.reject(signal.reason);
     return new Promise((resolve, reject) => {
-      const waiter: Waiter = { sequence: target, resolve, reject };
-      this.#waiters.push(waiter);
-      options.signal?.addEventListener("abort", () => {
+      const onAbort = () => {
         this.#waiters = this.#waiters.filter((other) => other !== waiter);
-        reject(options.signal?.reason);
-      });
+        reject(signal?.reason);
+      };
+      const done = () => signal?.removeEventListener("abort", onAbort);
+      const waiter: Waiter = {
+        sequence: target,
+        resolve: () => (done(), resolve()),
+        reject: (error) => (done(), reject(error)),
+      };
+      this.#waiters.push(waiter);
+      signal?.addEventListener("abort", onAbort, { once: true });
     });
   }
 

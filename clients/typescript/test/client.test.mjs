@@ -247,6 +247,11 @@ test("the revocation watcher sees a revoke, resumes by sequence, and stops on a 
   assert.equal(late.isRevoked(session.serial), true);
   assert.equal(late.isRevoked(other.serial), false);
 
+  // A wait for a sequence not written yet ends with its signal.
+  await assert.rejects(
+    watcher.waitFor(revoked.revocationSequence + 1000n, { signal: AbortSignal.timeout(50) }),
+  );
+
   await watcher.stop();
   assert.throws(() => watcher.isRevoked(session.serial), WatcherStopped);
 
