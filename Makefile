@@ -5,11 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 GEN := gen/python
+TS := clients/typescript
+TS_DEPS := $(TS)/node_modules/.package-lock.json
 DEV_CONFIG := var/dev/agentid.toml
 DEV_IDP_CONFIG := var/dev/idp/config.json
 GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
 
-.PHONY: run node-check test install proto proto-check go-check lint typecheck unit bench clean
+.PHONY: run node-check test install proto proto-check go-check ts-check lint typecheck unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,11 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The TypeScript client's own dependencies (protoc-gen-es, tsc, its runtime libraries).
+$(TS_DEPS): $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 $(DEV_CONFIG): | $(VENV)/.installed
 	$(BIN)/agentid dev init
 
@@ -41,16 +48,18 @@ node-check:
 run: node-check $(VENV)/.installed $(DEV_CONFIG) $(BUF)
 	./scripts/run-dev $(DEV_CONFIG) $(DEV_IDP_CONFIG) $(BIN)/agentid
 
-proto: $(VENV)/.installed $(BUF)
+proto: $(VENV)/.installed $(BUF) $(TS_DEPS)
 	$(BUF) format -w
 	$(BUF) lint
 	./scripts/gen-protos $(GEN)
 	./scripts/gen-go-protos
+	./scripts/gen-ts-protos
 
-proto-check: $(VENV)/.installed $(BUF)
+proto-check: $(VENV)/.installed $(BUF) $(TS_DEPS)
 	$(BUF) format --diff --exit-code
 	$(BUF) lint
 	./scripts/gen-protos --check $(GEN)
+	./scripts/gen-ts-protos --check
 
 # The Go client (clients/go): generated code up to date, gofmt'd, go vet clean.
 go-check: $(VENV)/.installed
@@ -58,6 +67,12 @@ go-check: $(VENV)/.installed
 	@unformatted=$$($(dir $(GO))gofmt -l clients/go); \
 	  if [ -n "$$unformatted" ]; then echo "not gofmt'd: $$unformatted" >&2; exit 1; fi
 	cd clients/go && $(GO) vet ./...
+
+# The TypeScript client (clients/typescript): prettier'd, compiled with tsc (strict) into dist/,
+# which tests/integration/test_typescript_client.py runs against a real server.
+ts-check: $(TS_DEPS)
+	cd $(TS) && npm run --silent format-check
+	cd $(TS) && npm run --silent build
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -68,13 +83,13 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy bench
 	$(BIN)/lint-imports
 
-unit: $(VENV)/.installed $(BUF)  # $(BUF): npm ci, for the dev IdP (oidc-provider) in tests
+unit: $(VENV)/.installed $(BUF) $(TS_DEPS)  # npm ci: the dev IdP (oidc-provider), the TS client
 	$(BIN)/pytest
 
-test: lint typecheck proto-check go-check unit
+test: lint typecheck proto-check go-check ts-check unit
 
 bench: $(VENV)/.installed
 	./bench/run-all
 
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) node_modules $(TS)/node_modules $(TS)/dist .mypy_cache .pytest_cache .ruff_cache .hypothesis
