@@ -263,9 +263,9 @@ def read_subject(value: Any, where: str) -> Subject | None:
             raise invalid_request(f"{where}: format is required")
     fmt = _SUBJECT_TYPES.get(fmt, fmt)
     if fmt == "complex":
-        for member in _COMPLEX_MEMBERS:
-            if member in value:
-                read_subject(value[member], f"{where}.{member}")  # each well-formed
+        for part in _COMPLEX_MEMBERS:
+            if part in value:
+                read_subject(value[part], f"{where}.{part}")  # each well-formed
         user = value.get(_COMPLEX_USER)
         return read_subject(user, f"{where}.user") if user is not None else None
     required = FORMAT_MEMBERS.get(fmt)
@@ -273,7 +273,7 @@ def read_subject(value: Any, where: str) -> Subject | None:
         return Subject(fmt[:64], {})  # a format unknown here: no user of ours
     members: dict[str, str] = {}
     for name in required:
-        member: Any = value.get(name)
+        member = value.get(name)
         if not isinstance(member, str) or not member:
             raise invalid_request(f"{where}.{name}: required for format {fmt}, a string")
         if len(member) > MAX_SUBJECT_VALUE or unreadable(member) is not None:
