@@ -180,7 +180,7 @@ class SignalReceiver:
         short = REVOKING_EVENTS.get(event.type)
         if short is None:
             log.info(
-                "SET %s from %s: event type %s is not acted on",
+                "SET %s from %s: event type %r is not acted on",
                 jti, transmitter.name, event.type[:200],
             )  # fmt: skip
             received.ignored.append(event.type)
