@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -255,7 +256,7 @@ async def test_forged_or_malformed_sets_are_refused_and_revoke_nothing(
         ("wrong issuer", transmitter.set(iss="https://evil.example"), 400, "invalid_issuer"),
         ("no issuer", transmitter.set(iss=None), 400, "invalid_issuer"),
         ("wrong audience", transmitter.set(aud="https://elsewhere.example"), 400, "invalid_audience"),
-        ("no audience", transmitter.set(aud=None), 400, "invalid_request"),
+        ("no audience", transmitter.set(aud=None), 400, "invalid_audience"),
         ("alg none", unsigned, 400, "invalid_request"),
         ("HS256 with the public key", hs256, 400, "invalid_request"),
         ("no typ", transmitter.set(headers={"typ": None}), 400, "invalid_request"),
@@ -385,3 +386,35 @@ def test_transmitters_are_configured_completely(
     settings = make_settings(tmp_path, idp, with_config(ssf={"transmitters": [base]}))
     assert settings.ssf.transmitters[0].name == "test-idp"
     assert settings.ssf.transmitters[0].audience == AUDIENCE
+
+
+async def test_a_set_the_store_cannot_take_is_answered_503_and_taken_on_retry(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, transmitter: Transmitter
+) -> None:
+    """The store fails for real (another connection holds SQLite's write lock): 503 with
+    Retry-After, and the SET's jti is not spent, so the transmitter's retry is accepted."""
+
+    def mutate(config: dict[str, Any]) -> None:
+        config["ssf"] = transmitter_config(transmitter.jwks_path)
+        config["database"].update(
+            sqlite_writer="thread", busy_timeout="30s", unhealthy_after="500ms"
+        )
+
+    async with running_harness(tmp_path, idp, clock, mutate=mutate) as harness:
+        session = await harness.delegate()
+        token = transmitter.set()
+        locker = sqlite3.connect(tmp_path / "agentid.db", timeout=1, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            status, body = await asyncio.wait_for(push(harness, token), 25)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert (status, body["err"]) == (503, "temporarily_unavailable")
+        for _ in range(200):  # until the store is healthy again (20 s at most)
+            answer = await push(harness, token)
+            if answer[0] != 503:
+                break
+            await asyncio.sleep(0.1)
+        assert answer == (202, {})
+        assert not await live(harness, session.token)

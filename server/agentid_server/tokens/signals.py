@@ -29,6 +29,7 @@ from agentid_server.idp_kinds import KINDS
 from agentid_server.tokens.idp import JwksCache, key_fits
 
 SET_TYPE = "secevent+jwt"
+_MISSING = {"aud": "INVALID_AUDIENCE", "iss": "INVALID_ISSUER"}  # RFC 8935's code for each
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,8 @@ class SetVerifier:
         except jwt.InvalidIssuerError:
             raise SetRefused("the SET's issuer is not trusted", reason="INVALID_ISSUER") from None
         except jwt.MissingRequiredClaimError as missing:
-            raise SetRefused(f"the SET has no {missing.claim!r} claim",
-                             reason="INVALID_REQUEST") from None  # fmt: skip
+            reason = _MISSING.get(missing.claim, "INVALID_REQUEST")
+            raise SetRefused(f"the SET has no {missing.claim!r} claim", reason=reason) from None
         except jwt.InvalidTokenError:
             raise SetRefused("the SET is invalid", reason="INVALID_REQUEST") from None
         iat = claims.get("iat")
