@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -235,8 +236,9 @@ async def test_unknown_subjects_and_event_types_are_acknowledged(
 
 
 async def test_forged_or_malformed_sets_are_refused_and_revoke_nothing(
-    h: Harness, transmitter: Transmitter, tmp_path: Path
+    h: Harness, transmitter: Transmitter, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     session = await h.delegate()
     stranger = rsa.generate_private_key(65537, 2048)
     public_pem = transmitter.rsa.public_key().public_bytes(
@@ -294,6 +296,8 @@ async def test_forged_or_malformed_sets_are_refused_and_revoke_nothing(
     assert (status, body["err"]) == (413, "invalid_request")
     assert await live(h, session.token)
     assert await revoke_records(h) == []
+    assert "refused a SET: invalid_key" in caplog.text
+    assert "eyJ" not in caplog.text  # no SET, header or payload is logged
 
 
 def _hs256(claims: dict[str, Any], secret: bytes) -> str:

@@ -188,7 +188,7 @@ class SignalReceiver:
         user_id = transmitter.user_of(event.subject) if event.subject is not None else None
         if user_id is None:
             log.info(
-                "SET %s from %s (%s): its subject (%s) is not a user here; acknowledged",
+                "SET %s from %s (%s): its subject (%r) is not a user here; acknowledged",
                 jti, transmitter.name, short,
                 event.subject.format if event.subject else "none",
             )  # fmt: skip
