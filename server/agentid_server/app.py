@@ -40,6 +40,7 @@ from agentid_server.domain.revocation import RevocationHub, RevocationSet
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.risk import RiskRules
 from agentid_server.domain.sessions import PageTokens, SessionLister
+from agentid_server.domain.signals import SignalReceiver
 from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps, step_up_keys
 from agentid_server.domain.streams import StreamGate, StreamLimits
 from agentid_server.signing_keys import KeyRotation, load_signing_keys
@@ -73,11 +74,13 @@ from agentid_server.tokens.keys import (
     KeyRing,
     derive_key,
 )
+from agentid_server.tokens.signals import SetVerifier
 from agentid_server.web.console import mount_console
 from agentid_server.web.console_pages import ConsoleServices, mount_pages
 from agentid_server.web.door import DoorSettings, HttpDoor
 from agentid_server.web.forward import mount_forward
 from agentid_server.web.listener import HttpListener, start_http
+from agentid_server.web.ssf_receiver import mount_ssf_receiver
 from agentid_server.webhooks import Endpoint, WebhookNotifier, load_secret
 
 log = logging.getLogger(__name__)
@@ -262,6 +265,8 @@ async def build_server(
             cache_bytes=settings.server.user_token_cache_bytes,
         )
         await idp.load(settings.source)
+        signals = SetVerifier(settings, monotonic=clock.monotonic)  # [[ssf.transmitters]]
+        await signals.load()
     except BaseException:
         await engines.dispose()
         raise
@@ -524,6 +529,9 @@ async def build_server(
         )
         application = door.application()
         mount_forward(application, gateway, authn.service)
+        if signals:
+            receiver = SignalReceiver(revoker, clock.now)
+            mount_ssf_receiver(application, signals, receiver, clock, settings.ssf.max_set_bytes)
         try:
             console = mount_console(application, settings, idp, clock)
             if console is not None:  # the same domain objects as the servicer's

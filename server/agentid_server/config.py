@@ -244,6 +244,41 @@ WEBHOOK_EVENTS = ("requested", "resolved", "expired")
 
 
 @dataclass(frozen=True)
+class SignalTransmitterSettings:
+    """One `[[ssf.transmitters]]`: a Shared Signals transmitter whose Security Event Tokens
+    (CAEP/RISC, pushed per RFC 8935) the HTTP door receives at `/ssf/events`. Its subjects are
+    users of the `[[idp]]` ``idp`` names (that IdP's issuer). The bearer secret it sends, if any,
+    is read at start from ``authorization_env`` or ``authorization_file``, never this file."""
+
+    name: str  # the audit's actor: the service principal "ssf:<name>"
+    issuer: str
+    audience: str
+    idp: str  # the issuer of the [[idp]] whose users its subjects are
+    jwks_file: str = ""
+    jwks_url: str = ""
+    algorithms: tuple[str, ...] = IDP_ALGORITHMS
+    subject_formats: tuple[str, ...] = ("iss_sub",)
+    authorization_env: str = ""
+    authorization_file: str = ""
+    leeway: float = 60.0  # how far in the future `iat` may be
+    max_age: float = 86400.0  # how old `iat` may be; jti are remembered that long at most
+    replay_cache: int = 20000  # jti remembered (docs/limits.md)
+    jwks_min_refresh: float = 30.0
+    jwks_max_age: float = 600.0
+
+
+SIGNAL_SUBJECT_FORMATS = ("iss_sub", "email", "opaque")
+
+
+@dataclass(frozen=True)
+class SignalSettings:
+    """`[ssf]`: the Shared Signals receiver (docs/integrations.md)."""
+
+    max_set_bytes: int = 64 * 1024
+    transmitters: tuple[SignalTransmitterSettings, ...] = ()
+
+
+@dataclass(frozen=True)
 class StepUpSettings:
     pending_ttl: float = 600.0
     approval_ttl: float = 300.0
@@ -342,6 +377,7 @@ class Settings:
     revocation: RevocationSettings = field(default_factory=RevocationSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    ssf: SignalSettings = field(default_factory=SignalSettings)
     idps: tuple[IdpSettings, ...] = ()
     services: tuple[ServiceSettings, ...] = ()
     agents: tuple[AgentSettings, ...] = ()
@@ -401,6 +437,7 @@ _SCALARS: dict[str, dict[str, str]] = {
         "listen": "str", "tls_cert": "str", "tls_key": "str", "public_url": "str",
         "max_connections": "int", "keepalive_timeout": "duration",
     },
+    "ssf": {"max_set_bytes": "int"},
 }  # fmt: skip
 _ARRAYS = {"idp", "services", "agents", "risk", "routes"}
 
@@ -499,6 +536,10 @@ def settings_from_mapping(
     step_up_table = data.get("step_up")
     hooks = step_up_table.pop("notify", []) if isinstance(step_up_table, dict) else []
     notify = _array({"step_up.notify": hooks}, "step_up.notify", source)
+    # [[ssf.transmitters]], likewise inside [ssf].
+    ssf_table = data.get("ssf")
+    senders = ssf_table.pop("transmitters", []) if isinstance(ssf_table, dict) else []
+    transmitters = _array({"ssf.transmitters": senders}, "ssf.transmitters", source)
     for key in data:
         if key not in _SCALARS and key not in _ARRAYS:
             raise ConfigError(source, key, "unknown section")
@@ -516,6 +557,10 @@ def settings_from_mapping(
         revocation=_build(RevocationSettings, sections["revocation"]),
         telemetry=_build(TelemetrySettings, sections["telemetry"]),
         http=_build(HttpSettings, sections["http"]),
+        ssf=replace(
+            _build(SignalSettings, sections["ssf"]),
+            transmitters=tuple(_transmitter(r) for r in transmitters),
+        ),
         idps=tuple(_idp(r) for r in _array(data, "idp", source)),
         services=tuple(_service(r) for r in _array(data, "services", source)),
         agents=tuple(_agent(r) for r in _array(data, "agents", source)),
@@ -793,6 +838,81 @@ def _webhook(r: _Reader) -> WebhookSettings:
     )
 
 
+def _transmitter(r: _Reader) -> SignalTransmitterSettings:
+    if "authorization" in r.table:
+        raise r.fail(
+            "authorization", "keep the secret out of the config: authorization_env or _file"
+        )
+    r.reject_unknown(
+        {
+            "name", "issuer", "audience", "idp", "jwks_file", "jwks_url", "algorithms",
+            "subject_formats", "authorization_env", "authorization_file", "leeway", "max_age",
+            "replay_cache", "jwks_min_refresh", "jwks_max_age",
+        }
+    )  # fmt: skip
+    name = r.required("name")
+    if not AGENT_ID.fullmatch(name):
+        raise r.fail("name", "lowercase letters, digits, '-', '_' and '.' (an agent id's form)")
+    jwks_file, jwks_url = r.get("jwks_file", "str", ""), r.get("jwks_url", "str", "")
+    if bool(jwks_file) == bool(jwks_url):
+        raise r.fail("jwks_file", "set exactly one of jwks_file and jwks_url")
+    if jwks_url and not _https_or_loopback(jwks_url):
+        raise r.fail("jwks_url", "must be https (plain http only on loopback)")
+    algorithms = r.get("algorithms", "list", IDP_ALGORITHMS)
+    for alg in algorithms:
+        if alg not in IDP_ALGORITHMS:
+            raise r.fail("algorithms", f"{alg!r} is not allowed; use {', '.join(IDP_ALGORITHMS)}")
+    formats = r.get("subject_formats", "list", ("iss_sub",))
+    for fmt in formats:
+        if fmt not in SIGNAL_SUBJECT_FORMATS:
+            raise r.fail(
+                "subject_formats", f"{fmt!r} is not one of {', '.join(SIGNAL_SUBJECT_FORMATS)}"
+            )
+    secret_env = r.get("authorization_env", "str", "")
+    secret_file = r.get("authorization_file", "str", "")
+    if secret_env and secret_file:
+        raise r.fail("authorization_env", "set at most one of authorization_env and _file")
+    replay_cache = r.get("replay_cache", "int", 20000)
+    if not 1 <= replay_cache <= 1_000_000:
+        raise r.fail("replay_cache", "must be between 1 and 1000000")
+    return SignalTransmitterSettings(
+        name=name,
+        issuer=r.required("issuer"),
+        audience=r.required("audience"),
+        idp=r.required("idp"),
+        jwks_file=jwks_file,
+        jwks_url=jwks_url,
+        algorithms=tuple(algorithms),
+        subject_formats=tuple(dict.fromkeys(formats)),
+        authorization_env=secret_env,
+        authorization_file=secret_file,
+        leeway=r.get("leeway", "duration0", 60.0),
+        max_age=r.get("max_age", "duration", 86400.0),
+        replay_cache=replay_cache,
+        jwks_min_refresh=r.get("jwks_min_refresh", "duration", 30.0),
+        jwks_max_age=r.get("jwks_max_age", "duration", 600.0),
+    )
+
+
+def _signal_transmitters(s: Settings, reader: _Reader) -> None:
+    """Each transmitter: a unique name and issuer, an [[idp]] its subjects belong to, and the
+    HTTP listener on (the endpoint is served there)."""
+    if not 1024 <= s.ssf.max_set_bytes <= 1 << 20:
+        raise reader.fail("max_set_bytes", "must be between 1024 and 1048576")
+    _unique(s, "ssf.transmitters", [x.name for x in s.ssf.transmitters], "name")
+    _unique(s, "ssf.transmitters", [x.issuer for x in s.ssf.transmitters], "issuer")
+    issuers = {issuer for idp in s.idps for issuer in idp.issuers} | {x.issuer for x in s.idps}
+    for index, transmitter in enumerate(s.ssf.transmitters):
+        if transmitter.idp not in issuers:
+            raise ConfigError(
+                s.source, f"ssf.transmitters[{index}].idp", "is not the issuer of an [[idp]]"
+            )
+        if not s.http.listen:
+            raise ConfigError(
+                s.source, f"ssf.transmitters[{index}]", "needs http.listen (the endpoint's door)"
+            )
+
+
 def _risk(r: _Reader) -> RiskRuleSettings:
     r.reject_unknown({"name", "action", "when"})
     name, action, when = r.required("name"), r.required("action"), r.required("when")
@@ -912,6 +1032,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     if not s.telemetry.service_name:
         raise telemetry.fail("service_name", "is required")
     _validate_http(s.http, sections["http"])
+    _signal_transmitters(s, sections["ssf"])
     _unique(s, "services", [x.name for x in s.services], "name")
     _unique(s, "services", [x.key_sha256 for x in s.services], "key_sha256")
     _unique(s, "services", [x.cert_identity for x in s.services], "cert_identity")
