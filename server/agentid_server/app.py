@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from agentid_server.domain.agents import AgentAdmin, AgentRegistry
 from agentid_server.domain.audit import AuditHub, Auditor, record_listener
 from agentid_server.domain.check import Checker
 from agentid_server.domain.delegation import DelegationLimits, Delegator, TtlPolicy
+from agentid_server.domain.errors import Unavailable
 from agentid_server.domain.fanout import Doorbell
 from agentid_server.domain.gateway import Gateway, Route, Routes
 from agentid_server.domain.keys import KeyRetirer
@@ -90,6 +91,8 @@ _HEALTH_NAMES = ("", SERVICE, EXT_AUTHZ_SERVICE)
 JWKS_MAX_AGE = 3600  # seconds a discovery document or the JWKS may be cached, at most
 PAGE_TOKEN_KEY_LABEL = b"agentid list-sessions page token key v1"  # HKDF info, from the KEK
 AGENT_PAGE_TOKEN_KEY_LABEL = b"agentid list-agents page token key v1"
+START_WRITE_WAIT = 30.0  # how long a write at start waits for a store that is not taking writes
+START_WRITE_RETRY = 0.5
 CLOCK_WATCH_INTERVAL = 1.0  # how soon revocations a clock gone back makes live are put back
 
 
@@ -400,7 +403,8 @@ async def build_server(
         max_agents=settings.server.max_agents,
     )
     try:
-        await agent_admin.apply_config(config_agents(settings, clock.now()))
+        configured = config_agents(settings, clock.now())
+        await _while_unavailable(lambda: agent_admin.apply_config(configured), START_WRITE_WAIT)
         await actors.load()
     except BaseException:
         await _abandon(journal, engines, telemetry)
@@ -617,6 +621,23 @@ def _notifier(settings: Settings, clock: Clock) -> WebhookNotifier | None:
     return WebhookNotifier(
         endpoints, base_url=base_url, clock=clock, user_agent=f"agentid/{__version__}"
     )
+
+
+async def _while_unavailable(write: Callable[[], Awaitable[None]], wait: float) -> None:
+    """A write at start, tried again while the store answers UNAVAILABLE (a first commit slower
+    than database.unhealthy_after on a loaded or cold database fails it once; the journal takes
+    writes again when the store recovers), for at most ``wait`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            await write()
+            return
+        except Unavailable:
+            if loop.time() >= deadline:
+                raise
+            log.warning("the store is not taking writes yet at start; trying again")
+            await asyncio.sleep(START_WRITE_RETRY)
 
 
 def _routes(settings: Settings) -> Routes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -721,3 +722,31 @@ async def test_a_session_delegated_by_a_replica_that_had_not_heard_is_still_deni
             late.token, "tickets.read", min_revocation_sequence=again.revocation_sequence
         )
         assert answer.decision == pb.DECISION_DENY
+
+
+async def test_a_start_whose_first_write_stalls_waits_for_the_store(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """The config's agents are written at start; a store that takes longer than
+    database.unhealthy_after to commit that first write (a loaded or cold database) fails it
+    once, and the start tries again rather than give up."""
+    async with running_harness(tmp_path, idp, clock, mutate=registry_config):
+        pass  # migrated, agents written
+
+    def changed(config: dict[str, Any]) -> None:
+        registry_config(config)
+        config["agents"][1]["description"] = "a change to write at the next start"
+
+    locker = sqlite3.connect(tmp_path / "agentid.db", timeout=5, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # holds the write lock; readers go on (WAL)
+    harness = running_harness(tmp_path, idp, clock, mutate=changed)
+    starting = asyncio.ensure_future(harness.__aenter__())
+    await asyncio.sleep(2.0)  # past unhealthy_after (1 s): that first write failed once
+    locker.execute("ROLLBACK")
+    locker.close()
+    h = await asyncio.wait_for(starting, 30)
+    try:
+        got = await h.stub.GetAgent(pb.GetAgentRequest(id="sub-bot"), metadata=bearer(ADMIN_KEY))
+        assert got.agent.description == "a change to write at the next start"
+    finally:
+        await harness.__aexit__(None, None, None)
