@@ -10,6 +10,7 @@ import pytest
 from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import UserPrincipal
 from agentid_server.tokens.idp import IdpVerifier
+from agentid_server.tokens.idp_claims import user_id
 
 from tests.conftest import IDP_AUDIENCE, IDP_ISSUER, IdpFixture, make_settings, with_config
 
@@ -79,3 +80,21 @@ async def test_a_token_without_sub_is_refused_by_the_generic_kind(
     # and one that names its user elsewhere needs no sub
     user = await verified(tmp_path, idp, idp.token(sub=None, uid="00u1"), kind="okta")
     assert user.user_id == "00u1"
+
+
+async def test_an_id_token_names_the_user_its_access_token_does(
+    tmp_path: Path, idp: IdpFixture
+) -> None:
+    """The console compares the ID token's user with the access token's (SUBJECT_MISMATCH
+    otherwise): for Entra, whose ID token `sub` is pairwise per application, both map
+    tid + oid, not `sub`."""
+    entry = {"issuer": IDP_ISSUER, "audience": IDP_AUDIENCE, "jwks_file": str(idp.jwks_path)}
+    table = {**entry, "user_claim": ["tid", "oid"], "subject_prefix": "entra:"}
+    settings = make_settings(tmp_path, idp, with_config(idp=[table]))
+    access = await IdpVerifier(settings.idps, 8192).verify(
+        idp.token(sub="pairwise-for-the-api", tid="t1", oid="o1")
+    )
+    id_token = {"sub": "pairwise-for-the-console", "tid": "t1", "oid": "o1", "nonce": "n"}
+    assert user_id(settings.idps[0], id_token) == access.user_id == "entra:t1:o1"
+    with pytest.raises(Unauthenticated):
+        user_id(settings.idps[0], {"sub": "pairwise-for-the-console"})

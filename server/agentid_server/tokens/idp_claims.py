@@ -34,12 +34,19 @@ def claim(claims: Mapping[str, Any], name: str) -> Any:
     return value
 
 
+def user_id(idp: IdpSettings, claims: Mapping[str, Any]) -> str:
+    """The user id these claims name (prefix and all), as the IdP's access tokens map it; also
+    an ID token's, whose `sub` may differ (Entra's is pairwise per application). Unauthenticated
+    when the mapped claim is missing."""
+    return idp.subject_prefix + _user(idp, claims)
+
+
 def principal(idp: IdpSettings, issuer: str, claims: Mapping[str, Any]) -> UserPrincipal:
     """The user a token (already verified: signature, iss, aud, exp) names, or Unauthenticated
     saying which claim is missing or unfit."""
     _check_tenant(idp, issuer, claims)
-    user_id = idp.subject_prefix + _user(idp, claims)
-    if len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
+    user = user_id(idp, claims)
+    if len(user) > MAX_USER_ID_LENGTH or not user.isprintable():
         raise Unauthenticated(
             "the IdP token's user is not a user id here "
             f"(printable, at most {MAX_USER_ID_LENGTH} characters)",
@@ -48,7 +55,7 @@ def principal(idp: IdpSettings, issuer: str, claims: Mapping[str, Any]) -> UserP
     auth_time = claims.get("auth_time")
     acr = claim(claims, idp.acr_claim)
     return UserPrincipal(
-        user_id=user_id,
+        user_id=user,
         issuer=issuer,
         grantable=grantable(idp, claims),
         auth_time=auth_time

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
@@ -60,6 +60,8 @@ class IdTokenClaims:
     subject: str
     auth_time: int | None
     acr: str | None
+    # Every claim, for mapping the user as the IdP's access tokens are (`[[idp]] user_claim`).
+    claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 async def fetch_discovery(issuer: str) -> dict[str, Any]:
@@ -217,4 +219,4 @@ async def validate_id_token(
         raise LoginFailed("the IdP did not sign the user in again", "LOGIN_NOT_FRESH")
     if acr_values and acr not in acr_values:
         raise LoginFailed("the sign-in was not of the requested kind (acr)", "ACR_NOT_MET")
-    return IdTokenClaims(subject, auth_time, acr if isinstance(acr, str) else None)
+    return IdTokenClaims(subject, auth_time, acr if isinstance(acr, str) else None, payload)

@@ -15,8 +15,9 @@ import html
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
@@ -26,6 +27,7 @@ from agentid_server.domain.errors import Unauthenticated
 from agentid_server.domain.model import UserPrincipal
 from agentid_server.domain.ports import Clock
 from agentid_server.tokens.idp import IdpVerifier
+from agentid_server.tokens.idp_claims import user_id
 from agentid_server.web.console_sessions import (
     CSRF_FIELD,
     LOGIN_COOKIE,
@@ -77,13 +79,15 @@ class Console:
         sessions: ConsoleSessions,
         verify_user: Callable[[str], Awaitable[UserPrincipal]],
         *,
-        subject_prefix: str,
+        id_token_user: Callable[[Mapping[str, Any]], str],
         max_body_bytes: int,
     ) -> None:
+        """``id_token_user``: the user an ID token's claims name, mapped as the IdP's access
+        tokens are (raising Unauthenticated when the mapped claim is missing)."""
         self._client = client
         self.sessions = sessions
         self._verify_user = verify_user
-        self._prefix = subject_prefix
+        self._id_token_user = id_token_user
         self._max_body = max_body_bytes
         # The signed-in user's overview, once the console's pages are mounted (console_pages.py).
         self.overview: Callable[[web.Request, ConsoleUser], Awaitable[web.StreamResponse]] | None
@@ -191,7 +195,11 @@ class Console:
             return _refused(
                 400, f"agentid refuses the IdP's access token: {refusal}", refusal.reason
             )
-        if principal.user_id != self._prefix + sign_in.id_token.subject:
+        try:
+            id_token_user = self._id_token_user(sign_in.id_token.claims)
+        except Unauthenticated:
+            id_token_user = None  # the ID token lacks the claim the user id is made of
+        if principal.user_id != id_token_user:
             return _refused(
                 400, "the ID and access tokens name different users", "SUBJECT_MISMATCH"
             )
@@ -249,7 +257,7 @@ def mount_console(
         client,
         ConsoleSessions(clock),
         verifier.verify,
-        subject_prefix=idp.subject_prefix,
+        id_token_user=lambda claims: user_id(idp, claims),
         max_body_bytes=settings.server.max_message_bytes,
     )
     console.mount(app)
