@@ -42,6 +42,12 @@ from agentid_server.domain.risk import RiskRules
 from agentid_server.domain.sessions import PageTokens, SessionLister
 from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps, step_up_keys
 from agentid_server.domain.streams import StreamGate, StreamLimits
+from agentid_server.signals_out import (
+    SET_TYPE,
+    Receiver,
+    SignalTransmitter,
+    load_authorization,
+)
 from agentid_server.signing_keys import KeyRotation, load_signing_keys
 from agentid_server.storage.agents import AgentRepository
 from agentid_server.storage.audit import AuditRepository, record_from_row
@@ -61,10 +67,11 @@ from agentid_server.storage.repositories import (
     SessionRepository,
 )
 from agentid_server.storage.session_listing import SessionListing
+from agentid_server.storage.ssf_cursors import SignalCursors
 from agentid_server.storage.stepups import StepUpRepository
 from agentid_server.telemetry import Telemetry
 from agentid_server.tokens.agent_keys import AgentKeys, agent_jwks_problem
-from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
+from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier, sign_jwt
 from agentid_server.tokens.callers import CallerAuthenticator
 from agentid_server.tokens.client_assertion import ClientAssertionVerifier
 from agentid_server.tokens.dpop import DpopVerifier
@@ -107,6 +114,7 @@ class Running:
     telemetry: Telemetry | None = None
     http: HttpListener | None = None  # the HTTP door (`[http] listen`), when on
     notifier: WebhookNotifier | None = None  # `[[step_up.notify]]` webhooks, when any
+    transmitter: SignalTransmitter | None = None  # `[[signals_out]]` receivers, when any
     _draining: asyncio.Event = field(default_factory=asyncio.Event)  # set: end the drain now
 
     async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
@@ -136,6 +144,8 @@ class Running:
         self.housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.housekeeping
+        if self.transmitter is not None:  # before the journal: it writes the cursors
+            await self.transmitter.stop()
         if self.notifier is not None:  # what the grace leaves, for notices still going out
             await self.notifier.stop(max(0.0, deadline - loop.time()))
         if self.listener is not None:
@@ -236,6 +246,7 @@ async def build_server(
     clock = clock or SystemClock()
     now = int(clock.now())
     notifier = _notifier(settings, clock)  # first: a secret it cannot read stops the start
+    receivers = _signal_receivers(settings)  # the same for a receiver's credential
     inline = settings.database.sqlite_writer == "inline"
     engines = create_engines(
         settings.database.url,
@@ -375,6 +386,21 @@ async def build_server(
         slice_size=settings.revocation.revoke_slice,
         on_applied=lambda revocation: streams.session_revoked(revocation.session_id),
     )
+    # Built before anything is served: a receiver seen for the first time starts after the
+    # revocations applied now, so none made from here on is missed.
+    transmitter = None
+    if receivers:
+        transmitter = SignalTransmitter(
+            receivers,
+            issuer=settings.tokens.issuer,
+            sign=lambda claims: sign_jwt(ring, claims, SET_TYPE),
+            history=reader,
+            applied=revocations,
+            cursors=SignalCursors(engine, journal, shared=shared_store),
+            clock=clock,
+            poll_interval=settings.revocation.poll_interval,
+            user_agent=f"agentid/{__version__}",
+        )
     # One replay cache for Check's proofs and callers' proofs.
     proofs = DpopVerifier(
         cache_bytes=settings.tokens.dpop_replay_cache_bytes,
@@ -571,6 +597,8 @@ async def build_server(
     )
     if notifier is not None:
         notifier.start()
+    if transmitter is not None:
+        transmitter.start()
     return Running(
         server,
         port,
@@ -585,6 +613,7 @@ async def build_server(
         telemetry,
         http,
         notifier,
+        transmitter,
     )
 
 
@@ -609,6 +638,23 @@ def _notifier(settings: Settings, clock: Clock) -> WebhookNotifier | None:
     return WebhookNotifier(
         endpoints, base_url=base_url, clock=clock, user_agent=f"agentid/{__version__}"
     )
+
+
+def _signal_receivers(settings: Settings) -> list[Receiver]:
+    """The `[[signals_out]]` receivers, their credentials read (a ConfigError if one cannot
+    be)."""
+    return [
+        Receiver(
+            index=index,
+            url=r.url,
+            audience=r.audience,
+            authorization=load_authorization(r, f"signals_out[{index}]", settings.source),
+            timeout=r.timeout,
+            max_attempts=r.max_attempts,
+            retry_delay=r.retry_delay,
+        )
+        for index, r in enumerate(settings.signals_out)
+    ]
 
 
 def _routes(settings: Settings) -> Routes:
