@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import aiohttp
 import jwt
 import pytest
 from agentid.v1 import agentid_pb2 as pb
+from agentid_server.config import Settings, SignalReceiverSettings
 from agentid_server.signals_out import SESSION_REVOKED
 from aiohttp import web
 
@@ -32,6 +35,7 @@ from tests.conftest import (
     bearer,
     free_port,
     running_harness,
+    start_harness,
 )
 from tests.integration.test_step_up_notify import until
 
@@ -290,3 +294,52 @@ async def test_a_receiver_added_later_starts_at_the_present(
         await revoke(h, session_id=new.session_id)
         await until(lambda: cursor(tmp_path) == 2)
     assert receiver.sessions() == [new.session_id]
+
+
+POSTGRES_URL = os.environ.get("AGENTID_TEST_POSTGRES_URL", "")
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="set AGENTID_TEST_POSTGRES_URL to a database to wipe")
+async def test_on_postgresql_one_replica_delivers_and_another_takes_over(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, receiver: SetReceiver
+) -> None:
+    from tests.integration.test_postgres import replica, wipe
+
+    await wipe(POSTGRES_URL)
+
+    def settings(chain: str) -> Settings:
+        base = replica(tmp_path, idp, chain)
+        config: dict[str, Any] = {}
+        transmitting(receiver.url(), tmp_path)(config)
+        (out,) = config["signals_out"]
+        return dataclasses.replace(
+            base,
+            signals_out=(SignalReceiverSettings(**{**out, "retry_delay": 0.01}),),
+            revocation=dataclasses.replace(base.revocation, poll_interval=0.05),
+        )
+
+    started = [await start_harness(tmp_path, idp, clock, settings(c)) for c in ("a", "b")]
+    try:
+        a, b = started
+        follow(receiver, a)
+        sessions = [await a.delegate() for _ in range(3)]
+        await revoke(a, session_id=sessions[0].session_id)
+        await revoke(b, session_id=sessions[1].session_id)
+        await until(lambda: len(receiver.posts) >= 2)
+        delivered = [transmitter_of(h).delivered for h in started]
+        assert sorted(delivered) == [0, 2]  # one replica delivers
+        holder = started.pop(delivered.index(2))
+        await holder.channel.close()
+        await holder.running.stop(grace=1)  # its lease goes: the other takes over
+        (other,) = started
+        follow(receiver, other)
+        await revoke(other, session_id=sessions[2].session_id)
+        await until(lambda: len(receiver.posts) >= 3)
+        assert transmitter_of(other).delivered == 1
+    finally:
+        for h in started:
+            await h.channel.close()
+            await h.running.stop(grace=1)
+    assert receiver.sessions() == [s.session_id for s in sessions]
+    assert len(set(receiver.jtis())) == 3
+    assert not receiver.problems
