@@ -524,7 +524,7 @@ async def build_server(
         )
     )
     if telemetry is not None:
-        _observe(telemetry, journal, revocations, notifier)
+        _observe(telemetry, journal, revocations, notifier, transmitter)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME, EXT_AUTHZ_SERVICE])
     server.add_generic_rpc_handlers((UnknownMethods(),))  # last: what nothing else serves
@@ -719,8 +719,19 @@ def _observe(
     journal: Journal,
     revocations: RevocationSet,
     notifier: WebhookNotifier | None = None,
+    transmitter: SignalTransmitter | None = None,
 ) -> None:
     """The metrics read from the running parts when the exporter collects."""
+    if transmitter is not None:
+        signals: list[tuple[str, Callable[[], int], str]] = [
+            ("delivered", lambda: transmitter.delivered, "a receiver answered 2xx"),
+            ("refused", lambda: transmitter.refused, "a receiver answered 400: skipped"),
+            ("abandoned", lambda: transmitter.abandoned, "given up: tokens expired, or attempts"),
+        ]
+        for outcome, read, what in signals:
+            telemetry.counter(
+                f"agentid.signals_out.sets.{outcome}", read, "{set}", f"Shared Signals SETs {what}"
+            )
     if notifier is not None:
         webhooks: list[tuple[str, Callable[[], int], str]] = [
             ("delivered", lambda: notifier.delivered, "a webhook answered 2xx"),
