@@ -54,6 +54,8 @@ class SetReceiver:
     problems: list[str] = field(default_factory=list)
     jwks_url: str = ""
     port: int = 0
+    audience: str = AUDIENCE
+    credential: str | None = CREDENTIAL
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -68,7 +70,8 @@ class SetReceiver:
 
     async def verify(self, request: web.Request) -> dict[str, Any]:
         assert request.content_type == "application/secevent+jwt"
-        assert request.headers["Authorization"] == f"Bearer {CREDENTIAL}"
+        expected = f"Bearer {self.credential}" if self.credential else None
+        assert request.headers.get("Authorization") == expected
         token = (await request.read()).decode()
         header = jwt.get_unverified_header(token)
         assert header["typ"] == "secevent+jwt"
@@ -82,7 +85,7 @@ class SetReceiver:
             token,
             jwt.PyJWK(jwk).key,
             algorithms=[jwk["alg"]],
-            audience=AUDIENCE,
+            audience=self.audience,
             issuer=ISSUER,
             options={"require": ["iss", "aud", "iat", "jti"]},
         )
@@ -294,6 +297,33 @@ async def test_a_receiver_added_later_starts_at_the_present(
         await revoke(h, session_id=new.session_id)
         await until(lambda: cursor(tmp_path) == 2)
     assert receiver.sessions() == [new.session_id]
+
+
+async def test_a_failing_receiver_holds_up_no_other(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, receiver: SetReceiver
+) -> None:
+    failing = SetReceiver(answers=[503] * 1000)
+    up = await listen(failing)
+    second = {"url": receiver.url(), "audience": "https://second.example"}
+    receiver.audience, receiver.credential = second["audience"], None
+
+    def mutate(config: dict[str, Any]) -> None:
+        transmitting(failing.url(), tmp_path)(config)
+        config["signals_out"].append(second)
+
+    try:
+        async with running_harness(tmp_path, idp, clock, mutate=mutate) as h:
+            follow(receiver, h)
+            follow(failing, h)
+            session = await h.delegate()
+            await revoke(h, session_id=session.session_id)
+            await until(lambda: transmitter_of(h).delivered == 1)
+            await until(lambda: len(failing.posts) >= 2)  # still trying, with backoff
+    finally:
+        await up.runner.cleanup()
+    assert receiver.sessions() == [session.session_id]
+    assert {c["aud"] for c in receiver.posts} == {"https://second.example"}
+    assert set(failing.jtis()).isdisjoint(receiver.jtis())  # a jti per receiver
 
 
 POSTGRES_URL = os.environ.get("AGENTID_TEST_POSTGRES_URL", "")

@@ -10,7 +10,9 @@ through the journal after each SET, so after a restart (or when another replica 
 over) delivery resumes after the last SET known delivered: at least once, never skipped; a SET
 sent again carries the same ``jti`` (sets.set_jti), and receivers dedupe by it. A receiver seen
 for the first time starts at the revocations applied when the server started: history before it
-is not sent.
+is not sent. (Not ``Revoker.watch``: a watcher that falls behind is handed a snapshot of
+serials in place of the revocations it missed, while a receiver needs each session; the store's
+history after the cursor is the same gap-free order, and durable.)
 
 A POST is answered: 2xx (RFC 8935 says 202) delivered; 400 (with ``{"err": ...}``) refused for
 good: logged with the error code, counted, and the cursor moves on; anything else (3xx, 401,
@@ -145,7 +147,9 @@ class SignalTransmitter:
 
     def start(self) -> None:
         """Opens the session and starts a task per receiver (on the running loop)."""
-        self._session = client_session(max(1, len(self._receivers)), 1)
+        # One request at a time per receiver; receivers on one host must not wait on each other.
+        count = max(1, len(self._receivers))
+        self._session = client_session(count, count)
         for receiver in self._receivers:
             name = f"signals-out-{receiver.index}"
             self._tasks.append(asyncio.create_task(self._run(receiver), name=name))
