@@ -44,6 +44,12 @@ from agentid_server.domain.sessions import PageTokens, SessionLister
 from agentid_server.domain.signals import SignalReceiver
 from agentid_server.domain.stepup import StepUp, StepUpHub, StepUpPolicy, StepUps, step_up_keys
 from agentid_server.domain.streams import StreamGate, StreamLimits
+from agentid_server.signals_out import (
+    SET_TYPE,
+    Receiver,
+    SignalTransmitter,
+    load_authorization,
+)
 from agentid_server.signing_keys import KeyRotation, load_signing_keys
 from agentid_server.storage.agents import AgentRepository
 from agentid_server.storage.audit import AuditRepository, record_from_row
@@ -63,10 +69,11 @@ from agentid_server.storage.repositories import (
     SessionRepository,
 )
 from agentid_server.storage.session_listing import SessionListing
+from agentid_server.storage.ssf_cursors import SignalCursors
 from agentid_server.storage.stepups import StepUpRepository
 from agentid_server.telemetry import Telemetry
 from agentid_server.tokens.agent_keys import AgentKeys, agent_jwks_problem
-from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier
+from agentid_server.tokens.agent_tokens import AgentTokenIssuer, AgentTokenVerifier, sign_jwt
 from agentid_server.tokens.callers import CallerAuthenticator
 from agentid_server.tokens.client_assertion import ClientAssertionVerifier
 from agentid_server.tokens.dpop import DpopVerifier
@@ -113,6 +120,7 @@ class Running:
     telemetry: Telemetry | None = None
     http: HttpListener | None = None  # the HTTP door (`[http] listen`), when on
     notifier: WebhookNotifier | None = None  # `[[step_up.notify]]` webhooks, when any
+    transmitter: SignalTransmitter | None = None  # `[[signals_out]]` receivers, when any
     _draining: asyncio.Event = field(default_factory=asyncio.Event)  # set: end the drain now
 
     async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
@@ -142,6 +150,8 @@ class Running:
         self.housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.housekeeping
+        if self.transmitter is not None:  # before the journal: it writes the cursors
+            await self.transmitter.stop()
         if self.notifier is not None:  # what the grace leaves, for notices still going out
             await self.notifier.stop(max(0.0, deadline - loop.time()))
         if self.listener is not None:
@@ -242,6 +252,7 @@ async def build_server(
     clock = clock or SystemClock()
     now = int(clock.now())
     notifier = _notifier(settings, clock)  # first: a secret it cannot read stops the start
+    receivers = _signal_receivers(settings)  # the same for a receiver's credential
     inline = settings.database.sqlite_writer == "inline"
     engines = create_engines(
         settings.database.url,
@@ -383,6 +394,21 @@ async def build_server(
         slice_size=settings.revocation.revoke_slice,
         on_applied=lambda revocation: streams.session_revoked(revocation.session_id),
     )
+    # Built before anything is served: a receiver seen for the first time starts after the
+    # revocations applied now, so none made from here on is missed.
+    transmitter = None
+    if receivers:
+        transmitter = SignalTransmitter(
+            receivers,
+            issuer=settings.tokens.issuer,
+            sign=lambda claims: sign_jwt(ring, claims, SET_TYPE),
+            history=reader,
+            applied=revocations,
+            cursors=SignalCursors(engine, journal, shared=shared_store),
+            clock=clock,
+            poll_interval=settings.revocation.poll_interval,
+            user_agent=f"agentid/{__version__}",
+        )
     # One replay cache for Check's proofs and callers' proofs.
     proofs = DpopVerifier(
         cache_bytes=settings.tokens.dpop_replay_cache_bytes,
@@ -507,7 +533,7 @@ async def build_server(
         )
     )
     if telemetry is not None:
-        _observe(telemetry, journal, revocations, notifier)
+        _observe(telemetry, journal, revocations, notifier, transmitter)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME, EXT_AUTHZ_SERVICE])
     server.add_generic_rpc_handlers((UnknownMethods(),))  # last: what nothing else serves
@@ -583,6 +609,8 @@ async def build_server(
     )
     if notifier is not None:
         notifier.start()
+    if transmitter is not None:
+        transmitter.start()
     return Running(
         server,
         port,
@@ -597,6 +625,7 @@ async def build_server(
         telemetry,
         http,
         notifier,
+        transmitter,
     )
 
 
@@ -638,6 +667,23 @@ async def _while_unavailable(write: Callable[[], Awaitable[None]], wait: float) 
                 raise
             log.warning("the store is not taking writes yet at start; trying again")
             await asyncio.sleep(START_WRITE_RETRY)
+
+
+def _signal_receivers(settings: Settings) -> list[Receiver]:
+    """The `[[signals_out]]` receivers, their credentials read (a ConfigError if one cannot
+    be)."""
+    return [
+        Receiver(
+            index=index,
+            url=r.url,
+            audience=r.audience,
+            authorization=load_authorization(r, f"signals_out[{index}]", settings.source),
+            timeout=r.timeout,
+            max_attempts=r.max_attempts,
+            retry_delay=r.retry_delay,
+        )
+        for index, r in enumerate(settings.signals_out)
+    ]
 
 
 def _routes(settings: Settings) -> Routes:
@@ -702,8 +748,19 @@ def _observe(
     journal: Journal,
     revocations: RevocationSet,
     notifier: WebhookNotifier | None = None,
+    transmitter: SignalTransmitter | None = None,
 ) -> None:
     """The metrics read from the running parts when the exporter collects."""
+    if transmitter is not None:
+        signals: list[tuple[str, Callable[[], int], str]] = [
+            ("delivered", lambda: transmitter.delivered, "a receiver answered 2xx"),
+            ("refused", lambda: transmitter.refused, "a receiver answered 400: skipped"),
+            ("abandoned", lambda: transmitter.abandoned, "given up: tokens expired, or attempts"),
+        ]
+        for outcome, read, what in signals:
+            telemetry.counter(
+                f"agentid.signals_out.sets.{outcome}", read, "{set}", f"Shared Signals SETs {what}"
+            )
     if notifier is not None:
         webhooks: list[tuple[str, Callable[[], int], str]] = [
             ("delivered", lambda: notifier.delivered, "a webhook answered 2xx"),

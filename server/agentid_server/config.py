@@ -279,6 +279,22 @@ class SignalSettings:
 
 
 @dataclass(frozen=True)
+class SignalReceiverSettings:
+    """One `[[signals_out]]` Shared Signals receiver (docs/integrations.md, "Shared Signals
+    out"): CAEP session-revoked SETs for agent sessions are pushed to ``url`` (RFC 8935) with
+    ``aud`` = ``audience``. Its bearer credential, if any, is read at start from
+    ``authorization_env`` or ``authorization_file``, never from this file."""
+
+    url: str
+    audience: str
+    authorization_env: str = ""
+    authorization_file: str = ""
+    timeout: float = 5.0
+    max_attempts: int = 0  # per SET; 0: until the session's tokens have expired
+    retry_delay: float = 1.0  # before the 2nd attempt; doubled each time, with jitter
+
+
+@dataclass(frozen=True)
 class StepUpSettings:
     pending_ttl: float = 600.0
     approval_ttl: float = 300.0
@@ -383,6 +399,7 @@ class Settings:
     agents: tuple[AgentSettings, ...] = ()
     risk: tuple[RiskRuleSettings, ...] = ()
     routes: tuple[RouteSettings, ...] = ()
+    signals_out: tuple[SignalReceiverSettings, ...] = ()
 
 
 # Scalar keys of each table section, with how to read them. Environment overrides exist for these.
@@ -439,7 +456,7 @@ _SCALARS: dict[str, dict[str, str]] = {
     },
     "ssf": {"max_set_bytes": "int"},
 }  # fmt: skip
-_ARRAYS = {"idp", "services", "agents", "risk", "routes"}
+_ARRAYS = {"idp", "services", "agents", "risk", "routes", "signals_out"}
 
 
 class _Reader:
@@ -566,6 +583,7 @@ def settings_from_mapping(
         agents=tuple(_agent(r) for r in _array(data, "agents", source)),
         risk=tuple(_risk(r) for r in _array(data, "risk", source)),
         routes=tuple(_route(r) for r in _array(data, "routes", source)),
+        signals_out=tuple(_signal_receiver(r) for r in _array(data, "signals_out", source)),
     )
     _validate(settings, sections)
     return settings
@@ -806,12 +824,7 @@ def _webhook(r: _Reader) -> WebhookSettings:
     r.reject_unknown(
         {"url", "secret_env", "secret_file", "timeout", "events", "max_attempts", "retry_delay"}
     )
-    url = r.required("url")
-    parts = urlsplit(url)
-    if not _https_or_loopback(url) or not parts.hostname:
-        raise r.fail("url", "must be an https URL (plain http only on loopback)")
-    if parts.username or parts.password or parts.fragment:
-        raise r.fail("url", "must have no user info or fragment")
+    url = _delivery_url(r)
     secret_env, secret_file = r.get("secret_env", "str", ""), r.get("secret_file", "str", "")
     if secret_env and secret_file:
         raise r.fail("secret_env", "set at most one of secret_env and secret_file")
@@ -911,6 +924,57 @@ def _signal_transmitters(s: Settings, reader: _Reader) -> None:
             raise ConfigError(
                 s.source, f"ssf.transmitters[{index}]", "needs http.listen (the endpoint's door)"
             )
+
+
+def _delivery_url(r: _Reader) -> str:
+    """The ``url`` of an endpoint agentid posts to: https (plain http only on loopback), with
+    no user info or fragment."""
+    url: str = r.required("url")
+    parts = urlsplit(url)
+    if not _https_or_loopback(url) or not parts.hostname:
+        raise r.fail("url", "must be an https URL (plain http only on loopback)")
+    if parts.username or parts.password or parts.fragment:
+        raise r.fail("url", "must have no user info or fragment")
+    return url
+
+
+def _signal_receiver(r: _Reader) -> SignalReceiverSettings:
+    if "authorization" in r.table:
+        raise r.fail(
+            "authorization",
+            "keep the credential out of the config: use authorization_env or authorization_file",
+        )
+    r.reject_unknown(
+        {
+            "url", "audience", "authorization_env", "authorization_file", "timeout",
+            "max_attempts", "retry_delay",
+        }
+    )  # fmt: skip
+    url = _delivery_url(r)
+    audience: str = r.required("audience")
+    if len(audience) > 1024 or not audience.isprintable():
+        raise r.fail("audience", "must be printable, at most 1024 characters")
+    env, file = r.get("authorization_env", "str", ""), r.get("authorization_file", "str", "")
+    if env and file:
+        raise r.fail("authorization_env", "set at most one of authorization_env and _file")
+    timeout = r.get("timeout", "duration", 5.0)
+    if timeout > 60:
+        raise r.fail("timeout", "must be at most 60s")
+    attempts = r.get("max_attempts", "int", 0)
+    if not 0 <= attempts <= 100:
+        raise r.fail("max_attempts", "must be between 0 (until the tokens expire) and 100")
+    retry_delay = r.get("retry_delay", "duration", 1.0)
+    if retry_delay > 60:
+        raise r.fail("retry_delay", "must be at most 60s")
+    return SignalReceiverSettings(
+        url=url,
+        audience=audience,
+        authorization_env=env,
+        authorization_file=file,
+        timeout=timeout,
+        max_attempts=attempts,
+        retry_delay=retry_delay,
+    )
 
 
 def _risk(r: _Reader) -> RiskRuleSettings:
@@ -1046,6 +1110,7 @@ def _validate(s: Settings, sections: Mapping[str, _Reader]) -> None:
     _subject_prefixes(s)
     _console_idp(s)
     _unique(s, "risk", [x.name for x in s.risk], "name")
+    _unique(s, "signals_out", [x.audience for x in s.signals_out], "audience")
     checkers = {x.name for x in s.services if {"check", "admin"} & set(x.roles)}
     for index, route in enumerate(s.routes):
         if route.service not in checkers:

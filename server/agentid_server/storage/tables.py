@@ -204,3 +204,14 @@ agents = Table(
     Column("revision", BigInteger, nullable=False),  # counter agent_revision, in commit order
     Index("ix_agents_revision", "revision", unique=True),
 )
+
+# Shared Signals out (migration 0015): per receiver, the last revocation sequence delivered or
+# given up on. ``receiver`` is the SHA-256 (hex) of its audience.
+ssf_cursors = Table(
+    "ssf_cursors",
+    metadata,
+    Column("receiver", String(64), primary_key=True),
+    Column("audience", Text, nullable=False),
+    Column("sequence", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)

@@ -4,6 +4,9 @@ records alike), so a writer claims what it writes before writing anything:
 * SQLite: an exclusive lock on ``<database>.lock`` beside the file, held until the writer stops
   (the kernel drops it when the process dies, so a crashed server never blocks its restart);
 * PostgreSQL: a session advisory lock on the chain id, held by the writer's connection.
+
+``advisory_lock`` serves other single-holder roles too (the Shared Signals transmitter: one
+replica delivers to each receiver).
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ def lock_beside(database: str | None) -> int | None:
     return fd
 
 
-async def claim_chain(engine: AsyncEngine, chain_id: str) -> tuple[AsyncConnection, int]:
-    """PostgreSQL: a new connection holding the advisory lock of ``chain_id``, and its server
-    process id; WriterInUse when another connection holds it."""
-    digest = hashlib.sha256(b"agentid.audit-chain:" + chain_id.encode()).digest()
-    key = int.from_bytes(digest[:8], "big", signed=True)
+async def advisory_lock(engine: AsyncEngine, label: bytes) -> tuple[AsyncConnection, int] | None:
+    """PostgreSQL: a new connection holding the session advisory lock named by ``label`` (its
+    key: the first 8 bytes of its SHA-256), and its server process id; None when another
+    connection holds it. The lock lasts as long as the connection."""
+    key = int.from_bytes(hashlib.sha256(label).digest()[:8], "big", signed=True)
     connection = await engine.connect()
     try:
         acquired, pid = (
@@ -55,8 +58,17 @@ async def claim_chain(engine: AsyncEngine, chain_id: str) -> tuple[AsyncConnecti
         raise
     if not acquired:
         await connection.close()
+        return None
+    return connection, int(pid)
+
+
+async def claim_chain(engine: AsyncEngine, chain_id: str) -> tuple[AsyncConnection, int]:
+    """PostgreSQL: a new connection holding the advisory lock of ``chain_id``, and its server
+    process id; WriterInUse when another connection holds it."""
+    claimed = await advisory_lock(engine, b"agentid.audit-chain:" + chain_id.encode())
+    if claimed is None:
         raise WriterInUse(
             f"audit chain {chain_id!r} is written by another server on this database;"
             " give each replica its own audit.chain_id"
         )
-    return connection, int(pid)
+    return claimed

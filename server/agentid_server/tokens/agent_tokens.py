@@ -46,15 +46,19 @@ class AgentTokenIssuer:
 
     def issue(self, claims: dict[str, Any]) -> str:
         """Signed with the key whose time has come at the token's ``iat``."""
-        key = self._keys.signing_key(claims["iat"])
-        if key.private_key is None:
-            raise ValueError("the active signing key has no private half")
-        return jwt.encode(
-            claims,
-            key.private_key,
-            algorithm=key.alg,
-            headers={"kid": key.kid, "typ": self._typ},
-        )
+        return sign_jwt(self._keys, claims, self._typ)
+
+
+def sign_jwt(keys: KeyRing, claims: dict[str, Any], typ: str) -> str:
+    """A compact JWS of ``claims``, signed with our key whose time has come at their ``iat``,
+    its header naming the key (``kid``) and the type (``typ``: every JWT we sign carries one,
+    so no kind is taken for another: agent tokens, Security Event Tokens)."""
+    key = keys.signing_key(claims["iat"])
+    if key.private_key is None:
+        raise ValueError("the active signing key has no private half")
+    return jwt.encode(
+        claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": typ}
+    )
 
 
 DEFAULT_CACHE_BYTES = 256 << 20

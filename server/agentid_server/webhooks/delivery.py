@@ -111,14 +111,8 @@ class WebhookNotifier:
 
     def start(self) -> None:
         """Opens the session and starts the workers (on the running loop)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=max(1, len(self._lanes)) * self._workers_each,
-                limit_per_host=self._workers_each,
-            ),
-            cookie_jar=aiohttp.DummyCookieJar(),  # a receiver's cookies are not kept
-            auto_decompress=False,
-            trust_env=False,
+        self._session = client_session(
+            max(1, len(self._lanes)) * self._workers_each, self._workers_each
         )
         for lane in self._lanes:
             for n in range(self._workers_each):
@@ -272,11 +266,27 @@ class WebhookNotifier:
                 await self._session.close()
 
 
+def client_session(connections: int, per_host: int) -> aiohttp.ClientSession:
+    """The HTTP client of outgoing deliveries (webhooks, Shared Signals): a receiver's cookies
+    are not kept, bodies not decompressed, no proxy or netrc taken from the environment."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, limit_per_host=per_host),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        trust_env=False,
+    )
+
+
 def backoff(endpoint: Endpoint, attempt: int) -> float:
-    """The wait after failed attempt ``attempt``: ``retry_delay`` doubled each time (capped),
+    """The wait after an endpoint's failed attempt ``attempt`` (``backoff_delay``)."""
+    return backoff_delay(endpoint.retry_delay, attempt)
+
+
+def backoff_delay(first: float, attempt: int, cap: float = MAX_BACKOFF) -> float:
+    """The wait after failed attempt ``attempt``: ``first`` doubled each time (at most ``cap``),
     between half of it and all of it at random, so receivers are not hit by every sender at
     once after an outage."""
-    delay = min(endpoint.retry_delay * 2.0 ** (attempt - 1), MAX_BACKOFF)
+    delay = min(first * 2.0 ** (attempt - 1), cap)
     return delay / 2 + random.random() * delay / 2
 
 
