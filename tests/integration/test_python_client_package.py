@@ -94,7 +94,8 @@ async def test_the_client_installs_alone_and_runs_the_readme_snippet_on_newest_a
             pytest.fail(
                 f"AGENTID_REQUIRE_PYPI=1 but the package index is unreachable:\n{unreachable}"
             )
-        pytest.skip(f"the package index is unreachable (pip download failed): {unreachable}")
+        reason = (str(unreachable).strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"the package index is unreachable (pip download failed): {reason}")
 
     # The client's folder as a user has it (a copy: no build/ or egg-info in the work tree).
     folder = tmp_path / "agentid-client"
