@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
-GEN := gen/python
+# The Python client (agentid-client); scripts/gen-protos writes the agentid.v1 stubs into its agentid/.
+CLIENT := clients/python
+GEN := $(CLIENT)
 TS := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 DEV_CONFIG := var/dev/agentid.toml
@@ -16,9 +18,11 @@ GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+# The Python client (its own distribution, agentid-client) first, then the server, which depends
+# on it: one resolution, both editable; constraints.txt holds the measured grpcio (1.78.0).
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CLIENT)/pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e "./$(CLIENT)" -e ".[dev]"
 	@# xds-protos overwrites files of these two with stale copies (pyproject.toml): restore them.
 	$(BIN)/pip install --quiet --no-deps --force-reinstall -c constraints.txt \
 		opentelemetry-proto googleapis-common-protos

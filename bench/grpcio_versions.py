@@ -29,7 +29,7 @@ DEFAULT_VERSIONS = ("1.78.0", "1.85.1")
 
 def _stamp(version: str) -> str:
     digest = hashlib.sha256()
-    for name in ("pyproject.toml", "constraints.txt"):
+    for name in ("pyproject.toml", "clients/python/pyproject.toml", "constraints.txt"):
         digest.update((ROOT / name).read_bytes())
     return f"{version} {digest.hexdigest()[:16]}"
 
@@ -49,9 +49,13 @@ def ensure_venv(version: str, *, rebuild: bool) -> Path:
     subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[perf]"], check=True)
-    # Everything else stays at constraints.txt (protobuf in particular); the project's own
-    # grpcio==1.78.0 pin makes pip warn about the override, as intended.
+    client = ROOT / "clients" / "python"  # agentid-client, which the server depends on
+    subprocess.run(
+        [*pip, "-c", str(ROOT / "constraints.txt"), "-e", str(client), "-e", f"{ROOT}[perf]"],
+        check=True,
+    )
+    # Everything else stays at constraints.txt (protobuf in particular); the project's grpcio
+    # range (>= 1.78.0, < 2) accepts the override.
     others = OUT / "constraints-without-grpc.txt"
     others.write_text(
         "".join(

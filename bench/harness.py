@@ -30,6 +30,9 @@ from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a server of a commit runs from: server/, the Python client with the generated stubs
+# (clients/python), and gen/python, where older commits kept those stubs.
+SOURCE_PATHS = ("server", "clients/python", "gen/python")
 OUT = ROOT / "bench" / "out"
 MAIN_VENV = ROOT / ".venv"
 
@@ -214,7 +217,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTID_")}
         if self.source is not None:  # ahead of the venv's editable install of the work tree
-            env["PYTHONPATH"] = f"{self.source / 'server'}{os.pathsep}{self.source / 'gen/python'}"
+            env["PYTHONPATH"] = os.pathsep.join(str(self.source / path) for path in SOURCE_PATHS)
         with open(self.log_path, "wb") as out:
             self._process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
@@ -590,11 +593,12 @@ def _git(*args: str) -> str:
 
 
 def export_commit(commit: str, directory: Path) -> Path:
-    """server/ and gen/python/ of ``commit`` (`git archive`) in ``directory``, so a run measures
-    a fixed revision while the work tree is being edited."""
+    """server/ and the Python client and generated stubs of ``commit`` (`git archive`) in
+    ``directory``, so a run measures a fixed revision while the work tree is being edited."""
     directory.mkdir(parents=True, exist_ok=True)
+    present = _git("ls-tree", "--name-only", commit, "--", *SOURCE_PATHS).splitlines()
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", commit, "server", "gen/python"],
+        ["git", "-C", str(ROOT), "archive", "--format=tar", commit, *present],
         capture_output=True,
         check=True,
     )

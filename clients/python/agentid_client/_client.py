@@ -18,13 +18,17 @@ from agentid.v1 import agentid_pb2_grpc
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf import duration_pb2, struct_pb2
 from jwt.algorithms import get_default_algorithms
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from agentid_client._errors import AgentIdError
 
 SERVICE_PATH = "/agentid.v1.AgentIdentityService/"
 ProofKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-_TRACE_CONTEXT = TraceContextTextMapPropagator()
+try:  # opentelemetry-api is optional (the `otel` extra): without it, calls carry no trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError:
+    _TRACE_CONTEXT: TraceContextTextMapPropagator | None = None
+else:
+    _TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 
 def channel_options(
@@ -382,9 +386,10 @@ class AgentIdClient:
             metadata.append(("dpop", self._proof(method)))
         # The caller's trace, when it has one (OpenTelemetry), so agentid's span of this call
         # joins it: W3C traceparent/tracestate only, never baggage.
-        trace_context: dict[str, str] = {}
-        _TRACE_CONTEXT.inject(trace_context)
-        metadata.extend(trace_context.items())
+        if _TRACE_CONTEXT is not None:
+            trace_context: dict[str, str] = {}
+            _TRACE_CONTEXT.inject(trace_context)
+            metadata.extend(trace_context.items())
         return tuple(metadata)
 
     def _proof(self, method: str) -> str:
