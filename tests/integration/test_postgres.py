@@ -334,6 +334,7 @@ async def test_a_replica_whose_listening_connection_drops_listens_again(
     engine = create_async_engine(URL)
     listeners = text(
         "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+        " AND datname = current_database()"  # not another database's servers on this cluster
     )
     try:
         async with engine.connect() as dba:
