@@ -64,8 +64,9 @@ LINGER_GROUP = 8
 # ends when they are there): gRPC aio hands calls to Python about one per loop pass, so passes
 # alone gather few. 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74 (session 4);
 # uvloop keeps timers in whole milliseconds and runs one that rounds to 0 at once (call_soon),
-# which left its batches at half asyncio's size and its Checks dearer than asyncio's. 1 ms ending at the group (session 8):
-# batches of about 7 on both loops at 8 and 64 in flight, against 3 and 2.5-5.
+# which left its batches at half asyncio's size and its Checks dearer than asyncio's. 1 ms
+# ending at the group (session 8): batches of about 7 on both loops at 8 and 64 in flight,
+# against 3 and 2.5-5.
 LINGER_SECONDS = 0.001
 # SQLite ids reserved per write of the high-water mark: a batch writes it only when it crosses
 # the reservation, and a crash skips at most this many ids.
