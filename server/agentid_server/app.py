@@ -786,6 +786,12 @@ def _observe(
         "{record}",
         "Audit records committed by this server",
     )
+    telemetry.counter(
+        "agentid.audit.batches",
+        lambda: journal.batches_committed,
+        "{batch}",
+        "Transactions that committed audit records (records ÷ batches: the group commit's size)",
+    )
     telemetry.gauge(
         "agentid.revocations.revoked",
         lambda: float(len(revocations)),

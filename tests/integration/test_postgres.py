@@ -30,6 +30,7 @@ from agentid_server.storage.audit import AuditRepository
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
 from agentid_server.storage.notify import PeerListener, notify_step_ups
 from agentid_server.storage.rows import SEALED_COLUMNS, audit_row
+from agentid_server.storage.visibility import _KEY as WINDOW_KEY
 from agentid_server.storage.visibility import open_id_window
 from agentid_server.storage.writer_lock import WriterInUse
 from agentid_server.tokens.jwk import public_jwk, thumbprint
@@ -445,6 +446,36 @@ async def test_a_cursor_never_steps_past_a_record_another_writer_is_still_commit
         verified = await verifying
         assert verified.ok
         assert verified.verified == len(ids)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_check_takes_its_record_id_only_inside_the_id_window(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """The Check path's batches (straight through asyncpg once the chain's head is known) take
+    their ids under the window's shared lock: while a reader holds it exclusively, reading the
+    horizon, no id is taken and the Check waits; it is answered once the reader lets go."""
+    a, _ = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    await a.check(session.token, "tickets.read")  # the head is loaded: Checks take the fast path
+    engine = create_async_engine(URL)
+    try:
+        async with engine.connect() as reader:
+            await reader.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WINDOW_KEY})
+            last = text("SELECT last_value FROM audit_records_id_seq")
+            horizon = (await reader.execute(last)).scalar()
+            checking = asyncio.ensure_future(a.check(session.token, "tickets.read"))
+            await asyncio.sleep(0.3)
+            assert not checking.done()
+            assert (await reader.execute(last)).scalar() == horizon  # no id taken meanwhile
+            await reader.rollback()
+        answer = await checking
+        assert answer.decision == pb.DECISION_ALLOW
+        async with engine.connect() as after:
+            assert (await after.execute(last)).scalar() > horizon  # taken once let in
+        verified = await a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
+        assert verified.ok
     finally:
         await engine.dispose()
 

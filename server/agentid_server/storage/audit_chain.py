@@ -21,17 +21,35 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 FORMAT_VERSION = 1
 GENESIS = bytes(32)
 
 
 # json.dumps(value, ensure_ascii=False, separators=(",", ":")), without building an encoder per
-# record; records are flat lists, so the circular-reference check has nothing to find.
+# record; records are flat lists, so the circular-reference check has nothing to find. It is the
+# reference: the fast encoder below must give exactly its bytes (tests/unit/test_audit_chain.py).
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+# msgspec writes the same bytes for what a record holds (strings, integers of 64 bits, null),
+# about ten times faster; anything else it might write otherwise goes to the reference.
+_FAST = msgspec.json.Encoder()
+_FAST_TYPES = frozenset((str, int, type(None)))
 
 
 def canonical_bytes(record_id: int, chain_id: str, row: Sequence[Any]) -> bytes:
     """``row`` is the record's values in rows.AUDIT_COLUMNS order."""
+    values = [FORMAT_VERSION, record_id, chain_id, *row]
+    if _FAST_TYPES.issuperset(map(type, values)):
+        try:
+            return _FAST.encode(values)
+        except (OverflowError, UnicodeError, msgspec.EncodeError):
+            pass  # an integer past 64 bits, a lone surrogate: the reference decides
+    return reference_bytes(record_id, chain_id, row)
+
+
+def reference_bytes(record_id: int, chain_id: str, row: Sequence[Any]) -> bytes:
+    """The canonical bytes through the json module, as documented (slower)."""
     return _ENCODER.encode([FORMAT_VERSION, record_id, chain_id, *row]).encode("utf-8")
 
 

@@ -52,7 +52,7 @@ from agentid_server.storage.rows import (
     audit_row,
     session_row,
 )
-from agentid_server.storage.visibility import open_id_window
+from agentid_server.storage.visibility import BEGIN_ID_WINDOW, open_id_window
 from agentid_server.storage.writer_lock import WriterInUse, claim_chain, lock_beside
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LINGER_PASSES = 4
 LINGER_GROUP = 8
-# Under load (the last batch had company), wait this long more for a group of 8: gRPC aio hands
-# calls to Python about one per loop pass, so passes alone gather few. Measured on this 2-core
-# machine: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74; 1 ms was worse.
-LINGER_SECONDS = 0.0003
+# Under load (the last batch had company), wait up to this long more for a group of 8 (the wait
+# ends when they are there): gRPC aio hands calls to Python about one per loop pass, so passes
+# alone gather few. 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74 (session 4);
+# uvloop keeps timers in whole milliseconds and runs one that rounds to 0 at once (call_soon),
+# which left its batches at half asyncio's size and its Checks dearer than asyncio's. 1 ms
+# ending at the group (session 8): batches of about 7 on both loops at 8 and 64 in flight,
+# against 3 and 2.5-5.
+LINGER_SECONDS = 0.001
 # SQLite ids reserved per write of the high-water mark: a batch writes it only when it crosses
 # the reservation, and a crash skips at most this many ids.
 ID_BLOCK = 1000
@@ -82,7 +86,7 @@ class JobResult(Generic[T]):
 Job = Callable[[Connection], JobResult[T]]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     future: asyncio.Future[Any]
     event: AuditEvent | None = None
@@ -95,7 +99,7 @@ class _Item:
     final: bool = False  # the last batch: also lower SQLite's id mark to the next id
 
 
-@dataclass
+@dataclass(slots=True)
 class _Outcome:
     value: Any = None
     error: Exception | None = None  # an AgentIdError, or a job's own database error
@@ -148,6 +152,7 @@ class Journal:
         self._stalled = False  # it is older than unhealthy_after: writes are refused meanwhile
         self._unhealthy_after = unhealthy_after
         self._wakeup: asyncio.Future[None] | None = None  # set while the writer waits for work
+        self._wake_at = 1  # while it waits: the pending writes that end the wait
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -185,6 +190,7 @@ class Journal:
         self._lock_fd: int | None = None  # SQLite: the writer's lock file, held until stop
         self.backend_pid: int | None = None  # PostgreSQL: the writer connection's server process
         self.records_committed = 0  # audit records, since start (telemetry)
+        self.batches_committed = 0  # batches with audit records (records ÷ batches: group size)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -243,6 +249,12 @@ class Journal:
                 await asyncio.wait_for(connection.close(), timeout=1.0)
             except (TimeoutError, SQLAlchemyError, OSError) as exc:
                 log.warning("closing the writer's connection failed: %s", type(exc).__name__)
+        if self.batches_committed:
+            log.info(
+                "journal stopped: %d audit records committed in %d batches",
+                self.records_committed,
+                self.batches_committed,
+            )
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
@@ -315,7 +327,7 @@ class Journal:
             raise self._stalled_error()
         item.queued = self._loop.time()
         self._pending.append(item)
-        if self._wakeup is not None:
+        if self._wakeup is not None and len(self._pending) >= self._wake_at:
             self._wake()
         return item.future
 
@@ -350,6 +362,7 @@ class Journal:
             if not pending:
                 if self._stopping:
                     return
+                self._wake_at = 1
                 self._wakeup = self._loop.create_future()
                 await self._wakeup
                 continue
@@ -361,8 +374,14 @@ class Journal:
                     await asyncio.sleep(0)
                     if len(pending) == waiting:
                         break
-            if self._busy and len(pending) < LINGER_GROUP:
-                await asyncio.sleep(LINGER_SECONDS)
+            if self._busy and len(pending) < LINGER_GROUP and not self._stopping:
+                self._wake_at = LINGER_GROUP  # _submit ends the wait when the group is there
+                self._wakeup = self._loop.create_future()
+                timer = self._loop.call_later(LINGER_SECONDS, self._wake)
+                try:
+                    await self._wakeup
+                finally:
+                    timer.cancel()
             take = min(len(pending), self._max_batch)
             if take == 0:
                 continue  # answered meanwhile (the store stalled)
@@ -421,6 +440,7 @@ class Journal:
         if self._pending_records:
             records, self._pending_records = self._pending_records, []
             self.records_committed += len(records)
+            self.batches_committed += 1
             try:
                 self._published(records)
             except Exception:  # a listener's fault must not cost the writer or the callers
@@ -520,8 +540,36 @@ class Journal:
         if self._async_connection is None:
             self._async_connection = await self._connect_claimed()
         connection = self._async_connection
+        if self._chain_head is not None and all(
+            item.job is None and item.session is None for item in batch
+        ):
+            return await self._write_audit_only_async(connection, batch)
         async with connection.begin():
             return await connection.run_sync(self._write_batch, batch)
+
+    async def _write_audit_only_async(
+        self, connection: AsyncConnection, batch: list[_Item]
+    ) -> list[_Outcome]:
+        """PostgreSQL's Check batches, audit records only (the head known): straight to the
+        asyncpg connection in four round trips, against five and SQLAlchemy's per-statement work
+        on the general path. BEGIN with the id window's shared lock and NOTIFY, then the ids,
+        then every record in one INSERT, then COMMIT; the guarantees are the general path's (ids
+        taken inside the window, chained in id order, answered after the commit). A failure
+        leaves the transaction open: the caller drops the connection, which rolls it back."""
+        raw = (await connection.get_raw_connection()).driver_connection
+        assert raw is not None
+        rows = [audit_row(item.event) for item in batch if item.event]
+        await raw.execute(BEGIN_ID_WINDOW)
+        reserved = await raw.fetch(_PG_IDS, len(rows))
+        ids = sorted(int(record[0]) for record in reserved)  # the chain runs in id order
+        sealed = self._seal_numbered(list(zip(ids, rows, strict=True)))
+        await raw.execute(_PG_INSERT, *(list(column) for column in zip(*sealed, strict=True)))
+        _, checkpoint = self._chain_extras(force=False, final=False)
+        if checkpoint is not None:
+            await raw.execute(_PG_CHECKPOINT, *checkpoints.checkpoint_row(checkpoint))
+        await raw.execute("COMMIT")
+        self._pending_records.extend(sealed)  # published on the loop, after the commit
+        return [_Outcome(value=row[0], ids=[row[0]]) for row in sealed]
 
     def _write_batch(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
         """Runs the jobs and writes the new sessions in batch order (a session only under a
@@ -727,6 +775,23 @@ def _give_up(future: asyncio.Future[Any], error: Unavailable | None = None) -> N
         )
 
 
+_PG_IDS = "SELECT nextval('audit_records_id_seq') FROM generate_series(1, $1)"
+# One statement for the whole batch, a column per array (asyncpg's executemany sends a Bind and
+# an Execute per row, and PostgreSQL runs the INSERT once per row).
+_PG_SMALL = {"event_type", "actor_kind", "decision", "reason"}
+_PG_TYPES = {"id": "bigint", "time_us": "bigint", "prev_hash": "bytea", "hash": "bytea"}
+_PG_INSERT = (
+    f"INSERT INTO audit_records ({', '.join(SEALED_COLUMNS)}) SELECT * FROM unnest("  # noqa: S608
+    + ", ".join(
+        f"${n}::{'smallint' if name in _PG_SMALL else _PG_TYPES.get(name, 'text')}[]"
+        for n, name in enumerate(SEALED_COLUMNS, start=1)
+    )
+    + ")"
+)
+_PG_CHECKPOINT = (
+    f"INSERT INTO audit_checkpoints ({', '.join(checkpoints.COLUMNS)})"  # noqa: S608
+    f" VALUES ({', '.join(f'${n}' for n in range(1, len(checkpoints.COLUMNS) + 1))})"
+)
 _SQLITE_MARK = f"UPDATE counters SET value = ? WHERE name = '{tables.AUDIT_ID_MARK}'"  # noqa: S608
 _SQLITE_CHECKPOINT = (
     f"INSERT INTO audit_checkpoints ({', '.join(checkpoints.COLUMNS)})"  # noqa: S608

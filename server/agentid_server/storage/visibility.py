@@ -40,6 +40,13 @@ def open_id_window(connection: Connection) -> None:
     )
 
 
+# The same as open_id_window, for the journal's raw asyncpg path: the transaction's BEGIN, the
+# shared lock and the NOTIFY in one simple-protocol message (one round trip). Constants only.
+BEGIN_ID_WINDOW = (
+    f"BEGIN; SELECT pg_advisory_xact_lock_shared({_KEY}); SELECT pg_notify('{AUDIT_CHANNEL}', '')"
+)
+
+
 async def horizon(engine: AsyncEngine, wait_for_writers: float) -> int | None:
     """The highest audit id below which every record is committed or will never be; None on
     SQLite (everything it shows is in order). Unavailable when a writer holds its ids longer
