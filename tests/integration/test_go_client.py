@@ -62,3 +62,50 @@ async def test_go_client_against_a_real_server(
     output = out.decode(errors="replace")
     assert process.returncode == 0, f"go test failed (exit {process.returncode}):\n{output}"
     assert "ok  \tgithub.com/agentid-dev/agentid/clients/go/agentid" in output, output
+
+
+def readme_recipe() -> list[str]:
+    """The README's commands for depending on the module from another one, in order."""
+    readme = (GO_MODULE.parents[1] / "README.md").read_text()
+    block = readme.split("go mod init example.com/myservice", 1)[1].split("```", 1)[0]
+    text = "go mod init example.com/myservice" + block.replace("\\\n", " ")
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.strip()]
+
+
+async def test_another_module_depends_on_the_client_as_the_readme_says(tmp_path: Path) -> None:
+    go = go_binary()
+    commands = readme_recipe()
+    assert [c.split()[:3] for c in commands] == [
+        ["go", "mod", "init"],
+        ["go", "mod", "edit"],
+        ["go", "mod", "tidy"],
+    ]
+    service = tmp_path / "myservice"
+    service.mkdir()
+    (service / "main.go").write_text(
+        "package main\n\n"
+        'import (\n\t"fmt"\n\n\t"github.com/agentid-dev/agentid/clients/go/agentid"\n)\n\n'
+        "func main() {\n"
+        '\tclient, err := agentid.New("127.0.0.1:1", agentid.APIKey("k"), agentid.Insecure())\n'
+        "\tif err != nil {\n\t\tpanic(err)\n\t}\n"
+        "\tdefer client.Close()\n"
+        '\tfmt.Println("ok")\n'
+        "}\n"
+    )
+    for command in commands:
+        argv = [go, *command.replace("/path/to/agentid/clients/go", str(GO_MODULE)).split()[1:]]
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=service, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), GO_TEST_TIMEOUT)
+        assert process.returncode == 0, (command, out.decode(errors="replace")[-2000:])
+    process = await asyncio.create_subprocess_exec(
+        go,
+        "run",
+        ".",
+        cwd=service,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), GO_TEST_TIMEOUT)
+    assert (process.returncode, out.decode().strip()) == (0, "ok"), out.decode()[-2000:]
