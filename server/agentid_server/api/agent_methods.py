@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import grpc
 from agentid.v1 import agentid_pb2 as pb
 from google.protobuf import duration_pb2
 
-from agentid_server.api.convert import timestamp
+from agentid_server.api.convert import timestamp, whole_seconds
 from agentid_server.domain.agents import Agent, AgentAdmin, AgentDraft
 from agentid_server.domain.errors import InvalidArgument
 from agentid_server.domain.model import Principal
@@ -42,15 +41,10 @@ def agent_message(agent: Agent) -> pb.Agent:
 
 def _max_ttl(agent: pb.Agent) -> int | None:
     """The agent's max_ttl in whole seconds (a fraction rounded up); None when unset."""
-    if not agent.HasField("max_ttl"):
-        return None
-    whole, nanos = agent.max_ttl.seconds, agent.max_ttl.nanos
-    if abs(nanos) >= 1_000_000_000 or (whole > 0 > nanos) or (whole < 0 < nanos):
-        raise InvalidArgument.field("agent.max_ttl", "is not a valid duration")
-    seconds = whole + nanos / 1e9
-    if seconds <= 0:
+    seconds = whole_seconds(agent, "max_ttl", "agent.max_ttl")
+    if seconds == 0:
         raise InvalidArgument.field("agent.max_ttl", "must be positive (unset: tokens.max_ttl)")
-    return math.ceil(seconds)
+    return seconds
 
 
 def _draft(agent: pb.Agent) -> AgentDraft:

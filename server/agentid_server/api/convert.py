@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from agentid_server.domain.errors import InvalidArgument
 
@@ -38,6 +38,22 @@ def microseconds_of(message: Any, field: str) -> int | None:
     except (ValueError, OverflowError):
         raise InvalidArgument.field(field, "is not a valid timestamp") from None
     return stamp.seconds * 1_000_000 - (-stamp.nanos // 1000)
+
+
+def whole_seconds(message: Any, field: str, name: str) -> int | None:
+    """An optional Duration field of ``message`` in whole seconds, a fraction rounded up (None
+    when unset); INVALID_ARGUMENT, naming the field as ``name``, when its seconds and nanos
+    disagree or it is negative."""
+    if not message.HasField(field):
+        return None
+    duration: duration_pb2.Duration = getattr(message, field)
+    whole, nanos = duration.seconds, duration.nanos
+    if abs(nanos) >= 1_000_000_000 or (whole > 0 > nanos) or (whole < 0 < nanos):
+        raise InvalidArgument.field(name, "is not a valid duration (seconds and nanos disagree)")
+    seconds = whole + nanos / 1e9
+    if seconds < 0:
+        raise InvalidArgument.field(name, "must not be negative")
+    return math.ceil(seconds)
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:

@@ -4,7 +4,6 @@ Callers are already authenticated and authorised (handlers.py) and arrive as ``p
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -14,7 +13,13 @@ from agentid.v1 import agentid_pb2 as pb
 from google.protobuf import timestamp_pb2
 
 from agentid_server.api.agent_methods import AgentMethods
-from agentid_server.api.convert import context_of, dict_to_struct, microseconds_of, timestamp
+from agentid_server.api.convert import (
+    context_of,
+    dict_to_struct,
+    microseconds_of,
+    timestamp,
+    whole_seconds,
+)
 from agentid_server.domain.agents import AgentAdmin
 from agentid_server.domain.audit import Auditor, AuditRecord, AuditRequest
 from agentid_server.domain.check import Checker, CheckInput
@@ -67,19 +72,6 @@ def _enum(cls: type[E], value: int, field: str) -> E:
         return cls(value)
     except ValueError:
         raise InvalidArgument.field(field, f"unknown value {value}") from None
-
-
-def _ttl_seconds(request: pb.DelegateRequest) -> int | None:
-    """The requested TTL in whole seconds, a fraction rounded up (then clamped by the domain)."""
-    if not request.HasField("ttl"):
-        return None
-    whole, nanos = request.ttl.seconds, request.ttl.nanos
-    if abs(nanos) >= 1_000_000_000 or (whole > 0 > nanos) or (whole < 0 < nanos):
-        raise InvalidArgument.field("ttl", "is not a valid duration (seconds and nanos disagree)")
-    seconds = whole + nanos / 1e9
-    if seconds < 0:
-        raise InvalidArgument.field("ttl", "must not be negative")
-    return math.ceil(seconds)
 
 
 def audit_record_message(record: AuditRecord) -> pb.AuditRecord:
@@ -185,7 +177,7 @@ class AgentIdentityServicer(AgentMethods):
         self, request: pb.DelegateRequest, context: Context, principal: Principal
     ) -> pb.DelegateResponse:
         assert isinstance(principal, UserPrincipal | AgentPrincipal)  # the method policy ensures it
-        ttl = _ttl_seconds(request)
+        ttl = whole_seconds(request, "ttl", "ttl")
         result = await self._delegator.delegate(
             principal,
             DelegateInput(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import enum
 import re
-import struct
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -40,19 +39,19 @@ from agentid_server.domain.errors import (
 from agentid_server.domain.model import (
     ActorKind,
     AgentKind,
-    AgentPrincipal,
     AuditEvent,
     EventType,
     Principal,
     Role,
     ServicePrincipal,
     UserPrincipal,
+    actor_of,
     unreadable,
 )
 from agentid_server.domain.ports import Clock
 from agentid_server.domain.revoking import MAX_REASON_LENGTH, MAX_USER_ID_LENGTH, Revoker
 from agentid_server.domain.scopes import ScopeSet, ScopeSyntaxError
-from agentid_server.domain.sessions import PageTokens, page_size
+from agentid_server.domain.sessions import PageTokens, page_binding, page_size
 
 AGENT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MAX_DISPLAY_NAME = 200
@@ -167,11 +166,10 @@ class AgentStore(Protocol):
         agent_id: str,
         change: Callable[[Agent], Agent | None],
         event: Callable[[Agent], AuditEvent],
-    ) -> tuple[Agent | None, bool]:
+    ) -> Agent | None:
         """In one transaction: reads the agent, hands it to ``change`` (which raises to refuse,
         or returns None for no change) and writes the result with the next revision and
-        ``event(result)``. (the agent as it now is, whether it changed); (None, False) when no
-        such agent."""
+        ``event(result)``. The agent as it now is; None when there is no such agent."""
         ...
 
     async def apply_config(
@@ -305,7 +303,7 @@ class AgentAdmin:
         self, caller: Principal, page_size_asked: int, page_token: str, include_disabled: bool
     ) -> AgentPage:
         limit = page_size(page_size_asked)
-        binding = _list_binding(caller, include_disabled)
+        binding = page_binding("list-agents/v1", caller, str(int(include_disabled)))
         after = ""
         if page_token:
             after = self._tokens.unseal(binding, page_token).decode()
@@ -379,7 +377,7 @@ class AgentAdmin:
         def event(agent: Agent) -> AuditEvent:
             return _event(caller, EventType.AGENT_UPDATED, agent, ",".join(sorted(fields)))
 
-        updated, _ = await self._change(draft.id, change, event)
+        updated = await self._change(draft.id, change, event)
         return updated
 
     async def disable(self, caller: Principal, agent_id: str, reason: str) -> Disabled:
@@ -403,7 +401,7 @@ class AgentAdmin:
         def event(held: Agent) -> AuditEvent:
             return _event(caller, EventType.AGENT_DISABLED, held, reason)
 
-        disabled, _ = await self._change(agent_id, change, event)
+        disabled = await self._change(agent_id, change, event)
         outcome = await self._revoker.revoke(
             caller, session_id="", user_id="", agent_id=agent_id, reason=reason
         )
@@ -424,7 +422,7 @@ class AgentAdmin:
         def event(held: Agent) -> AuditEvent:
             return _event(caller, EventType.AGENT_ENABLED, held)
 
-        enabled, _ = await self._change(agent_id, change, event)
+        enabled = await self._change(agent_id, change, event)
         return enabled
 
     async def apply_config(self, agents: Sequence[Agent]) -> None:
@@ -462,12 +460,12 @@ class AgentAdmin:
         agent_id: str,
         change: Callable[[Agent], Agent | None],
         event: Callable[[Agent], AuditEvent],
-    ) -> tuple[Agent, bool]:
-        agent, changed = await self._store.change(agent_id, change, event)
+    ) -> Agent:
+        agent = await self._store.change(agent_id, change, event)
         if agent is None:
             raise _unknown(agent_id)
         self._registry.apply([agent])
-        return agent, changed
+        return agent
 
     def _known(self, agent_id: str) -> Agent:
         if not AGENT_ID.fullmatch(agent_id):
@@ -629,16 +627,8 @@ def _check_reason(reason: str) -> None:
         raise InvalidArgument.field("reason", problem)
 
 
-def _actor(caller: Principal) -> tuple[ActorKind, str]:
-    if isinstance(caller, UserPrincipal):
-        return ActorKind.USER, caller.user_id
-    if isinstance(caller, AgentPrincipal):
-        return ActorKind.AGENT, caller.claims.session_id
-    return ActorKind.SERVICE, caller.name
-
-
 def _event(caller: Principal, kind: EventType, agent: Agent, detail: str = "") -> AuditEvent:
-    actor_kind, actor_id = _actor(caller)
+    actor_kind, actor_id = actor_of(caller)
     return AuditEvent(
         time=agent.updated_at,
         event_type=kind,
@@ -649,17 +639,3 @@ def _event(caller: Principal, kind: EventType, agent: Agent, detail: str = "") -
         action=f"agentid.agents.{kind.name.removeprefix('AGENT_').lower()}",
         detail=detail,
     )
-
-
-_LIST_TAG = struct.pack(">B", 1)
-
-
-def _list_binding(caller: Principal, include_disabled: bool) -> bytes:
-    if isinstance(caller, UserPrincipal):
-        who: tuple[str, ...] = ("user", caller.issuer, caller.user_id)
-    elif isinstance(caller, AgentPrincipal):
-        who = ("agent", caller.claims.session_id)
-    else:
-        who = ("service", caller.name)
-    fields = ("list-agents/v1", *who, str(int(include_disabled)))
-    return _LIST_TAG + b"".join(len(f.encode()).to_bytes(4, "big") + f.encode() for f in fields)

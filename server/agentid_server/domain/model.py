@@ -139,6 +139,15 @@ class ServicePrincipal:
 Principal = UserPrincipal | AgentPrincipal | ServicePrincipal
 
 
+def actor_of(principal: Principal) -> tuple[ActorKind, str]:
+    """Who an audit record names as its actor: the user, the agent session, or the service."""
+    if isinstance(principal, UserPrincipal):
+        return ActorKind.USER, principal.user_id
+    if isinstance(principal, AgentPrincipal):
+        return ActorKind.AGENT, principal.claims.session_id
+    return ActorKind.SERVICE, principal.name
+
+
 @dataclass(frozen=True, slots=True)
 class AgentKind:
     """A registered agent kind: the most it may ever be granted, and whether it may be

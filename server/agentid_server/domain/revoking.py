@@ -30,7 +30,6 @@ from agentid_server.domain.errors import (
 )
 from agentid_server.domain.fanout import Resync
 from agentid_server.domain.model import (
-    ActorKind,
     AgentPrincipal,
     AuditEvent,
     EventType,
@@ -39,6 +38,7 @@ from agentid_server.domain.model import (
     ServicePrincipal,
     SessionRecord,
     UserPrincipal,
+    actor_of,
     unreadable,
 )
 from agentid_server.domain.ports import Clock, RevocationStore
@@ -338,12 +338,7 @@ def _authorize_user(caller: Principal, user_id: str) -> None:
 
 
 def _audit_event(caller: Principal, session: SessionRecord, revocation: Revocation) -> AuditEvent:
-    if isinstance(caller, UserPrincipal):
-        kind, actor = ActorKind.USER, caller.user_id
-    elif isinstance(caller, AgentPrincipal):
-        kind, actor = ActorKind.AGENT, caller.claims.session_id
-    else:
-        kind, actor = ActorKind.SERVICE, caller.name
+    kind, actor = actor_of(caller)
     return AuditEvent(
         time=revocation.revoked_at,
         event_type=EventType.REVOKE,

@@ -257,14 +257,26 @@ def _own_user(own: str, asked: str) -> None:
 def query_binding(caller: Principal, query: SessionQuery) -> bytes:
     """What a page token is bound to: who asked, and the query's filters (not the page size,
     which may change from page to page, AIP-158)."""
+    return page_binding(
+        "list-sessions/v1",
+        caller,
+        query.user_id,
+        query.agent_id,
+        query.subtree_of,
+        str(int(query.include_ended)),
+    )
+
+
+def page_binding(listing: str, caller: Principal, *filters: str) -> bytes:
+    """A page token's binding: the listing (its name and version), who asked, the filters;
+    each length-prefixed, so no two differ only in where one field ends."""
     if isinstance(caller, UserPrincipal):
         who: Sequence[str] = ("user", caller.issuer, caller.user_id)
     elif isinstance(caller, AgentPrincipal):
         who = ("agent", caller.claims.session_id)
     else:
         who = ("service", caller.name)
-    fields = (*who, query.user_id, query.agent_id, query.subtree_of, str(int(query.include_ended)))
-    encoded = (field.encode() for field in ("list-sessions/v1", *fields))
+    encoded = (field.encode() for field in (listing, *who, *filters))
     return b"".join(len(field).to_bytes(4, "big") + field for field in encoded)
 
 

@@ -53,22 +53,22 @@ class AgentRepository:
         agent_id: str,
         change: Callable[[Agent], Agent | None],
         event: Callable[[Agent], AuditEvent],
-    ) -> tuple[Agent | None, bool]:
-        def job(connection: Connection) -> JobResult[tuple[Agent | None, bool]]:
+    ) -> Agent | None:
+        def job(connection: Connection) -> JobResult[Agent | None]:
             revision = bump_counter(connection, AGENT_REVISION)
             row = connection.execute(_ONE, {"id": agent_id}).first()
             if row is None:
-                return JobResult((None, False))
+                return JobResult(None)
             held = _agent(row)
             changed = change(held)
             if changed is None:
-                return JobResult((held, False))
+                return JobResult(held)  # unchanged: nothing written
             changed = _with_revision(changed, revision)
             values = _row(changed)
             del values["id"]
             connection.execute(update(_A).where(_A.c.id == agent_id).values(**values))
             notify_agents(connection, revision)
-            return JobResult((changed, True), [event(changed)])
+            return JobResult(changed, [event(changed)])
 
         return await self._journal.run(job)
 
