@@ -18,11 +18,12 @@ GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The Python client (its own distribution, agentid-client) first, then the server, which depends
-# on it: one resolution, both editable; constraints.txt holds the measured grpcio (1.78.0).
+# The Python client (its own distribution, agentid-client, with its `mcp` extra: the MCP guard
+# and its tests) first, then the server, which depends on it: one resolution, both editable;
+# constraints.txt holds the measured grpcio (1.78.0).
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(CLIENT)/pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e "./$(CLIENT)" -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e "./$(CLIENT)[mcp]" -e ".[dev]"
 	@# xds-protos overwrites files of these two with stale copies (pyproject.toml): restore them.
 	$(BIN)/pip install --quiet --no-deps --force-reinstall -c constraints.txt \
 		opentelemetry-proto googleapis-common-protos

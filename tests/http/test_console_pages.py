@@ -242,6 +242,48 @@ async def test_another_users_step_up_is_not_shown_nor_resolvable(
     assert (await h.check(bobs.token, "tickets.read", "ticket/1")).decision == pb.DECISION_ALLOW
 
 
+async def test_a_step_up_link_shows_that_step_up_first_and_marked(
+    h: Harness, provider: Provider, clock: FakeClock
+) -> None:
+    """?step_up=<id>, the link an MCP server's guard hands the agent for its user: that step-up
+    first and marked, in the page and in the list the page's script fetches; another user's,
+    or one no longer pending, is said not to be waiting and is not shown."""
+    agent = await agent_of(h, provider)
+    first, linked = await step_up(h, agent.token), await step_up(h, agent.token, amount=7000)
+    bobs = await agent_of(h, provider, "bob")
+    request = pb.StepUpRequest(action="tickets.read", resource="ticket/1")
+    theirs = (await h.stub.StepUp(request, metadata=bearer(bobs.token))).step_up
+
+    def shown(page: str) -> list[str]:
+        return [
+            part.split('"', 1)[0] for part in page.split('data-step-up-id="')[1:]
+        ]  # fmt: skip
+
+    async with browser() as session:
+        # Signed out: the sign-in brings the user back to the same step-up.
+        status, _, headers = await get(session, h, f"/console/step-ups?step_up={linked.id}")
+        assert status == 302
+        location = urlsplit(headers["Location"])
+        assert parse_qs(location.query) == {"next": [f"/console/step-ups?step_up={linked.id}"]}
+        await sign_in_with_mfa(session, h, provider)
+        now_on(clock)
+        _, page, _ = await get(session, h, "/console/step-ups")
+        assert shown(page) == [first.id, linked.id]
+        assert 'data-testid="wanted"' not in page
+        _, page, _ = await get(session, h, f"/console/step-ups?step_up={linked.id}")
+        assert shown(page) == [linked.id, first.id]
+        assert page.count('data-testid="wanted"') == 1
+        assert f'data-list="/console/step-ups/list?step_up={linked.id}"' in page
+        assert 'data-testid="wanted-not-pending"' not in page
+        _, listed, _ = await get(session, h, f"/console/step-ups/list?step_up={linked.id}")
+        assert shown(listed) == [linked.id, first.id]
+        for other in (theirs.id, "stp_01ARZ3NDEKTSV4RRFFQ69G5FAV", "<script>"):
+            _, page, _ = await get(session, h, f"/console/step-ups?step_up={other}")
+            assert shown(page) == [first.id, linked.id]
+            assert ('data-testid="wanted-not-pending"' in page) == other.startswith("stp_")
+            assert "<script>" not in page.split("<main", 1)[1]
+
+
 async def test_a_hostile_binding_message_and_context_are_only_shown_escaped(
     h: Harness, provider: Provider
 ) -> None:

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
-import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import grpc
-import jwt
 from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf import duration_pb2, struct_pb2
-from jwt.algorithms import get_default_algorithms
 
+from agentid_client._dpop import ProofKey, dpop_proof, proof_algorithm
 from agentid_client._errors import AgentIdError
 
 SERVICE_PATH = "/agentid.v1.AgentIdentityService/"
-ProofKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 try:  # opentelemetry-api is optional (the `otel` extra): without it, calls carry no trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 except ImportError:
@@ -115,23 +108,16 @@ class AgentIdClient:
             self._own_channel = True
         else:
             self._own_channel = False
+        self._target = target
         self._channel = channel
         self._stub = agentid_pb2_grpc.AgentIdentityServiceStub(self._channel)
         self._credential = credential
         self._proof_key = proof_key
         if proof_key is not None:
+            proof_algorithm(proof_key)  # ValueError now for a key that cannot sign proofs
             # agentid checks the path of a proof's htu; the host is the target's (a gRPC target
             # may carry a resolver scheme, as in dns:///host:port, which is no part of a URL).
             self._htu = f"https://{target.rsplit('/', 1)[-1]}{SERVICE_PATH}"
-            self._proof_alg = (
-                "EdDSA" if isinstance(proof_key, ed25519.Ed25519PrivateKey) else "ES256"
-            )
-            self._proof_header = {
-                "typ": "dpop+jwt",
-                "jwk": get_default_algorithms()[self._proof_alg].to_jwk(
-                    proof_key.public_key(), as_dict=True
-                ),
-            }
 
     async def __aenter__(self) -> AgentIdClient:
         return self
@@ -142,6 +128,14 @@ class AgentIdClient:
     async def close(self) -> None:
         if self._own_channel:
             await self._channel.close(None)
+
+    def with_credential(
+        self, credential: str, *, proof_key: ProofKey | None = None
+    ) -> AgentIdClient:
+        """A client on this one's connection with another credential (say, the agent token a
+        service was shown, to ask StepUp for that agent). Closing it leaves the connection
+        open; it lives as long as this client's."""
+        return AgentIdClient(self._target, credential, channel=self._channel, proof_key=proof_key)
 
     async def delegate(
         self,
@@ -177,13 +171,21 @@ class AgentIdClient:
         *,
         context: Mapping[str, Any] | None = None,
         min_revocation_sequence: int = 0,
+        pop_proof: str = "",
+        pop_method: str = "",
+        pop_uri: str = "",
     ) -> pb.CheckResponse:
-        """May the agent holding ``token`` do ``action`` on ``resource``?"""
+        """May the agent holding ``token`` do ``action`` on ``resource``? For a token bound to
+        the agent's key (``cnf.jkt``), ``pop_proof`` is the DPoP proof the agent sent with it,
+        for the request's ``pop_method`` and ``pop_uri``."""
         request = pb.CheckRequest(
             token=token,
             action=action,
             resource=resource,
             min_revocation_sequence=min_revocation_sequence,
+            pop_proof=pop_proof,
+            pop_method=pop_method,
+            pop_uri=pop_uri,
         )
         if context is not None:
             request.context.CopyFrom(_struct(context))
@@ -395,17 +397,7 @@ class AgentIdClient:
     def _proof(self, method: str) -> str:
         """A DPoP proof for one call: htm POST, htu the method's URL, ath the token's hash."""
         assert self._proof_key is not None
-        token_hash = hashlib.sha256(self._credential.encode()).digest()
-        claims = {
-            "jti": uuid.uuid4().hex,
-            "htm": "POST",
-            "htu": self._htu + method,
-            "iat": int(time.time()),
-            "ath": base64.urlsafe_b64encode(token_hash).rstrip(b"=").decode(),
-        }
-        return jwt.encode(
-            claims, self._proof_key, algorithm=self._proof_alg, headers=self._proof_header
-        )
+        return dpop_proof(self._proof_key, "POST", self._htu + method, self._credential)
 
 
 def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:

@@ -43,7 +43,7 @@ from agentid_server.domain.errors import (
 from agentid_server.domain.model import UserPrincipal
 from agentid_server.domain.revoking import Revoker
 from agentid_server.domain.sessions import ListedSession, ListSessionsInput, SessionLister
-from agentid_server.domain.stepup import StepUps
+from agentid_server.domain.stepup import STEP_UP_ID, StepUps
 from agentid_server.domain.streams import StreamGate
 from agentid_server.tokens.callers import CallerAuthenticator
 from agentid_server.web.console import HOME, Console, fresh_login_path
@@ -140,18 +140,33 @@ class ConsolePages:
     async def step_ups(
         self, request: web.Request, user: ConsoleUser, principal: UserPrincipal
     ) -> web.StreamResponse:
-        return self._render("step_ups.html", user, step_ups=await self._pending(principal))
+        """The pending step-ups; ``?step_up=<id>`` (the link an agent's MCP server hands its
+        user) shows that one first and marked, or says it is not waiting for this user."""
+        wanted = _wanted(request)
+        step_ups = await self._pending(principal, wanted)
+        list_url = "/console/step-ups/list"
+        if wanted:
+            list_url += "?" + urlencode({"step_up": wanted})
+        return self._render(
+            "step_ups.html", user, step_ups=step_ups, wanted=wanted, list_url=list_url
+        )
 
     async def step_up_list(
         self, request: web.Request, user: ConsoleUser, principal: UserPrincipal
     ) -> web.StreamResponse:
         """The list alone: what the page's script swaps in when the event stream says the
         user's step-ups changed."""
-        return self._render("step_up_list.html", user, step_ups=await self._pending(principal))
+        wanted = _wanted(request)
+        step_ups = await self._pending(principal, wanted)
+        return self._render("step_up_list.html", user, step_ups=step_ups, wanted=wanted)
 
-    async def _pending(self, principal: UserPrincipal) -> list[dict[str, Any]]:
-        """The user's PENDING step-ups as the domain shows them (WatchStepUps' current state)."""
-        return [step_up_view(s) async for s in self._s.step_ups.watch(principal, "", True)]
+    async def _pending(self, principal: UserPrincipal, wanted: str = "") -> list[dict[str, Any]]:
+        """The user's PENDING step-ups as the domain shows them (WatchStepUps' current state),
+        the ``wanted`` one first (marked ``wanted``), the others in the domain's order."""
+        views = [step_up_view(s) async for s in self._s.step_ups.watch(principal, "", True)]
+        for view in views:
+            view["wanted"] = view["id"] == wanted
+        return sorted(views, key=lambda view: not view["wanted"])
 
     async def resolve(
         self, request: web.Request, user: ConsoleUser, principal: UserPrincipal, form: Form
@@ -409,9 +424,18 @@ def _static(body: bytes, content_type: str) -> Callable[[web.Request], Awaitable
 
 def _to_login(request: web.Request) -> web.Response:
     """Signed out (never signed in, session expired, token no longer accepted): sign in, then
-    back to this page."""
+    back to this page (with the step-up it was asked to show)."""
     path = request.path if request.path.startswith(HOME) else HOME
+    wanted = _wanted(request)
+    if wanted and path == "/console/step-ups":
+        path += "?" + urlencode({"step_up": wanted})
     return _redirect("/console/login?" + urlencode({"next": path}), status=302)
+
+
+def _wanted(request: web.Request) -> str:
+    """The step-up id of ``?step_up=``, when it is one (anything else is ignored)."""
+    wanted = request.query.get("step_up", "")
+    return wanted if STEP_UP_ID.fullmatch(wanted) else ""
 
 
 def _redirect(location: str, status: int = 303) -> web.Response:

@@ -1,0 +1,121 @@
+"""A tool's declaration and one call's arguments -> the Check (agentid_client.mcp.ToolPolicy):
+defaults, templates, context by list or mapping, and every refusal (never a guessed value)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import agentid_client.mcp
+import pytest
+from agentid_client.mcp import ToolPolicy
+from agentid_client.mcp._guard import _quotable, _tool_call
+from agentid_client.mcp._policy import Binding, ToolCallRefused
+
+
+def test_public_names() -> None:
+    assert sorted(agentid_client.mcp.__all__) == [
+        "AgentAuth",
+        "AgentTokenVerifier",
+        "ExchangedToken",
+        "GuardExtension",
+        "GuardedMCPServer",
+        "McpGuard",
+        "TOOL_CALL_REFUSED",
+        "TokenExchangeError",
+        "ToolPolicy",
+        "client_assertion",
+        "exchange_token",
+    ]
+
+
+def test_an_undeclared_tool_is_checked_with_the_default_action_alone() -> None:
+    binding = ToolPolicy().bind("payments", "refund", {"amount": 5})
+    assert binding == Binding("mcp.payments.refund", "", None)
+
+
+def test_resource_and_context_come_from_the_arguments() -> None:
+    policy = ToolPolicy(
+        action="payments.transfer", resource="account/{account_id}/{{raw}}", context=["amount"]
+    )
+    binding = policy.bind("payments", "transfer", {"account_id": 42, "amount": 2500.5})
+    assert binding == Binding("payments.transfer", "account/42/{raw}", {"amount": 2500.5})
+    mapped = ToolPolicy(context={"rows": "limit", "table": "name"})
+    arguments = {"limit": 20000, "name": "users", "other": True}
+    assert mapped.bind("db", "export", arguments).context == {"rows": 20000, "table": "users"}
+    nested = ToolPolicy(context=["filter"]).bind("db", "q", {"filter": {"a": [1, None, "x"]}})
+    assert nested.context == {"filter": {"a": [1, None, "x"]}}
+
+
+@pytest.mark.parametrize(
+    ("policy", "arguments"),
+    [
+        (ToolPolicy(resource="account/{id}"), {}),  # missing
+        (ToolPolicy(resource="account/{id}"), {"id": "4/2"}),  # would be two segments
+        (ToolPolicy(resource="account/{id}"), {"id": ""}),
+        (ToolPolicy(resource="account/{id}"), {"id": True}),
+        (ToolPolicy(resource="account/{id}"), {"id": 4.2}),
+        (ToolPolicy(resource="account/{id}"), {"id": None}),
+        (ToolPolicy(context=["amount"]), {}),
+        (ToolPolicy(context={"n": "amount"}), {"n": 5}),  # the mapping names the argument
+        (ToolPolicy(context=["amount"]), {"amount": 2**53 + 1}),  # not exact as a double
+        (ToolPolicy(context=["amount"]), {"amount": float("nan")}),
+        (ToolPolicy(context=["amount"]), {"amount": {1: 2}}),
+        (ToolPolicy(context=["amount"]), {"amount": b"bytes"}),
+    ],
+)
+def test_what_cannot_be_bound_refuses_the_call(policy: ToolPolicy, arguments: Any) -> None:
+    with pytest.raises(ToolCallRefused):
+        policy.bind("s", "t", arguments)
+
+
+def test_deep_context_refuses_the_call() -> None:
+    deep: Any = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(ToolCallRefused, match="nested too deeply"):
+        ToolPolicy(context=["x"]).bind("s", "t", {"x": deep})
+
+
+@pytest.mark.parametrize(
+    "template", ["account/{a.b}", "account/{a[0]}", "account/{a!r}", "account/{a:>5}", "x/{}"]
+)
+def test_a_template_names_plain_arguments_only(template: str) -> None:
+    with pytest.raises(ValueError, match="must name one argument"):
+        ToolPolicy(resource=template)
+
+
+def test_context_is_names_not_a_string() -> None:
+    with pytest.raises(TypeError):
+        ToolPolicy(context="amount")
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"add"}}', ("add", {})),
+        (
+            b'{"jsonrpc":"2.0","id":"a","method":"tools/call",'
+            b'"params":{"name":"add","arguments":{"a":1}}}',
+            ("add", {"a": 1}),
+        ),
+        (b'{"jsonrpc":"2.0","id":7,"method":"tools/list"}', None),
+        (b'{"jsonrpc":"2.0","method":"tools/call","params":{"name":"add"}}', None),  # no id
+        (b'[{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"a"}}]', None),
+        (b'{"jsonrpc":"2.0","id":true,"method":"tools/call","params":{"name":"a"}}', None),
+        (
+            b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"a","arguments":[]}}',
+            None,
+        ),
+        (b"not json", None),
+    ],
+)
+def test_the_http_layer_reads_tool_calls_only(body: bytes, expected: Any) -> None:
+    """Anything it does not read as a tools/call goes to the SDK unchecked; the interceptor
+    then refuses whatever the SDK reads as one."""
+    call = _tool_call(body)
+    assert (None if call is None else (call.name, call.arguments)) == expected
+
+
+def test_challenge_text_is_quotable() -> None:
+    assert _quotable('no "scope" for a\\b\n\u00e9') == "no ?scope? for a?b??"
+    assert len(_quotable("x" * 1000)) == 300
