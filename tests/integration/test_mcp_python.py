@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,3 +493,66 @@ async def test_token_exchange_refusals_are_oauth_errors(w: World) -> None:
         )
     assert refused.value.status == 400
     assert refused.value.error == "invalid_scope"
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "mcp.md"
+SNIPPET = re.compile(
+    r"^<!-- mcp-python: (\w+) -->\n```python\n(.*?)^```$", re.MULTILINE | re.DOTALL
+)
+
+
+async def test_the_docs_python_snippets_run_as_written(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock
+) -> None:
+    """docs/mcp.md's tool server and agent, as written, each its own process: the agent's
+    call is checked and runs. Only the environment they read differs."""
+    snippets = dict(SNIPPET.findall(DOCS.read_text()))
+    assert set(snippets) == {"server", "agent"}
+    port = free_port()
+    url, door = f"http://127.0.0.1:{port}/mcp", f"http://127.0.0.1:{free_port()}"
+    root = DOCS.parents[1]
+    async with running_harness(tmp_path, idp, clock, mutate=mcp_config(url, door)) as h:
+        for name, code in snippets.items():
+            (tmp_path / f"{name}.py").write_text(code)
+        env = {
+            **os.environ,
+            # This checkout's packages, wherever the interpreter's editable installs point.
+            "PYTHONPATH": os.pathsep.join([str(root / "clients" / "python"), str(root / "server")]),
+            "AGENTID_TARGET": f"127.0.0.1:{h.running.port}",
+            "CHECK_KEY": MCP_KEY,
+            "AGENTID_ISSUER": door,
+            "MCP_URL": url,
+            "PORT": str(port),
+            "USER_TOKEN": idp.token(scope=USER_SCOPES),
+        }
+        log = tmp_path / "server.log"
+        with log.open("wb") as server_log:
+            server = await asyncio.create_subprocess_exec(
+                sys.executable, "server.py", cwd=tmp_path, env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=server_log,
+            )  # fmt: skip
+        try:
+            await listening(port, server, log)
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, "agent.py", cwd=tmp_path, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(agent.communicate(), 60)
+            assert agent.returncode == 0, err.decode()
+            assert out.decode() == "sent 50.0 to 42\n"
+        finally:
+            server.terminate()
+            await server.wait()
+
+
+async def listening(port: int, process: asyncio.subprocess.Process, log: Path) -> None:
+    """Waits (30 s at most) until the process accepts connections on the port."""
+    for _ in range(300):
+        if process.returncode is not None:
+            raise AssertionError(f"it exited: {log.read_text()}")  # noqa: ASYNC240
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}: {log.read_text()}")  # noqa: ASYNC240
