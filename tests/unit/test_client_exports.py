@@ -5,7 +5,9 @@ import agentid_client
 
 def test_public_names() -> None:
     assert sorted(agentid_client.__all__) == [
+        "Actor",
         "Agent",
+        "AgentClaims",
         "AgentIdClient",
         "AgentIdError",
         "AgentSource",
@@ -20,16 +22,22 @@ def test_public_names() -> None:
         "RevokeResponse",
         "Session",
         "SessionState",
+        "TokenRejected",
+        "TokenVerifier",
         "WatcherNotReady",
         "WatcherStopped",
         "channel_options",
+        "jwk_thumbprint",
+        "parse_jwks",
     ]
     for name in agentid_client.__all__:
         assert getattr(agentid_client, name) is not None
 
 
 def test_client_modules_are_private() -> None:
+    """Modules are private but for the documented ones: `tokens` (verifying agent tokens
+    locally, also importable on its own)."""
     public = [
         n for n in dir(agentid_client) if not n.startswith("_") and n not in agentid_client.__all__
     ]
-    assert public == []
+    assert public == ["tokens"]

@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from jwt.algorithms import get_default_algorithms
 
 from agentid_client._errors import AgentIdError
+from agentid_client.tokens import parse_jwks
 
 SERVICE_PATH = "/agentid.v1.AgentIdentityService/"
 ProofKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -372,6 +373,11 @@ class AgentIdClient:
         """The JWK Set (JSON) that verifies agent tokens."""
         response: pb.GetJwksResponse = await self._call("GetJwks", pb.GetJwksRequest())
         return response.jwks_json
+
+    async def jwk_set(self) -> jwt.PyJWKSet:
+        """The JWK Set that verifies agent tokens, parsed: PyJWT keys by ``kid``
+        (``agentid_client.tokens.TokenVerifier`` verifies tokens with them)."""
+        return parse_jwks(await self.jwks())
 
     async def _call(self, name: str, request: Any) -> Any:
         method = getattr(self._stub, name)
