@@ -13,6 +13,7 @@ def test_public_names() -> None:
         "AgentSource",
         "AgentState",
         "CheckResponse",
+        "ContextError",
         "Decision",
         "DelegateResponse",
         "DisableAgentResponse",

@@ -16,7 +16,7 @@ from agentid.v1.agentid_pb2 import (
     SessionState,
 )
 
-from agentid_client._client import AgentIdClient, channel_options
+from agentid_client._client import AgentIdClient, ContextError, channel_options
 from agentid_client._errors import AgentIdError
 from agentid_client._revocations import RevocationWatcher, WatcherNotReady, WatcherStopped
 from agentid_client.tokens import (
@@ -37,6 +37,7 @@ __all__ = [
     "AgentSource",
     "AgentState",
     "CheckResponse",
+    "ContextError",
     "Decision",
     "DelegateResponse",
     "DisableAgentResponse",

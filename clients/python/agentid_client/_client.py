@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -414,7 +415,45 @@ class AgentIdClient:
         )
 
 
+class ContextError(TypeError):
+    """A ``context`` that google.protobuf.Struct cannot carry (``path`` says where): raised
+    before anything is sent, never an empty or changed context in its place."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"context{path}: {what} cannot be sent in a google.protobuf.Struct")
+        self.path = path
+
+
 def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A Check or StepUp ``context``: JSON's values only (str keys; str, finite numbers,
+    bool, None, lists and mappings of them), as agentid records it."""
+    _check_context(values, "")
     struct = struct_pb2.Struct()
     struct.update(dict(values))
     return struct
+
+
+def _check_context(value: Any, path: str, depth: int = 0) -> None:
+    if depth > 64:
+        raise ContextError(path, "nesting deeper than 64")
+    if value is None or isinstance(value, str | bool):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ContextError(path, f"{value!r} (not a finite number)")
+        return
+    if isinstance(value, int):
+        if abs(value) > 2**53:  # a Struct's numbers are doubles: it would arrive changed
+            raise ContextError(path, f"{value} (an integer beyond 2**53)")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ContextError(path, f"the key {key!r} (keys must be strings)")
+            _check_context(item, f"{path}.{key}", depth + 1)
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_context(item, f"{path}[{index}]", depth + 1)
+        return
+    raise ContextError(path, f"a {type(value).__name__}")
