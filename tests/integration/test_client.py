@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ import pytest
 from agentid_client import (
     AgentIdClient,
     AgentIdError,
+    ContextError,
     Decision,
     Reason,
     RevocationWatcher,
@@ -277,3 +279,22 @@ async def test_a_watcher_takes_a_snapshot_mid_stream_in_place_of_a_burst(
     finally:
         await h.channel.close()
         await h.running.stop(grace=1)
+
+
+async def test_a_context_a_struct_cannot_carry_is_refused_before_sending(harness: Harness) -> None:
+    session = await harness.delegate()
+    async with AgentIdClient(target(harness), CHECK_KEY) as service:
+        cases: list[tuple[dict[str, object], str]] = [
+            ({"amount": float("nan")}, "context.amount: nan"),
+            ({"amount": float("inf")}, "context.amount: inf"),
+            ({"amount": 2**64}, "context.amount: 18446744073709551616"),
+            ({"when": datetime.now(UTC)}, "context.when: a datetime"),
+            ({"nested": {"ids": [1, b"x"]}}, "context.nested.ids[1]: a bytes"),
+            ({"nested": {1: "x"}}, "context.nested: the key 1"),
+        ]
+        for context, message in cases:
+            with pytest.raises(ContextError, match=re.escape(message)):
+                await service.check(session.token, "tickets.read", "ticket/1", context=context)
+        fine = {"amount": 2500, "ratio": 0.5, "tags": ["a", None, True], "n": {"m": 2**53}}
+        answer = await service.check(session.token, "tickets.read", "ticket/1", context=fine)
+    assert answer.decision == Decision.Value("DECISION_ALLOW")

@@ -295,7 +295,11 @@ async def test_a_call_lacking_a_declared_argument_is_refused_without_a_check(w: 
     token = await w.agent_token()
     answers: list[httpx2.Response] = []
     async with w.client(AgentAuth(token), answers) as client:
-        for arguments in ({"amount": 5}, {"account_id": "a/b", "amount": 5}):
+        for arguments in (
+            {"amount": 5},  # no account_id for the resource
+            {"account_id": "a/b", "amount": 5},  # two segments where the template has one
+            {"account_id": "42", "amount": 2**60},  # a Check's context would round it
+        ):
             with pytest.raises(MCPError) as refused:
                 await client.call_tool("transfer", arguments)
             assert refused.value.code == -32602  # INVALID_PARAMS

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHECK_KEY, FakeClock, IdpFixture, running_harness
+from tests.conftest import CHECK_KEY, ISSUER, FakeClock, IdpFixture, running_harness
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "clients" / "python"
@@ -122,12 +122,15 @@ async def test_the_client_installs_alone_and_runs_the_readme_snippet_on_newest_a
             "AGENTID_TARGET": f"127.0.0.1:{h.running.port}",
             "AGENTID_API_KEY": CHECK_KEY,
             "USER_TOKEN": idp.token(),
+            "AGENTID_ISSUER": ISSUER,
         }
         expected = [
             "PERMISSION_DENIED SCOPE_ESCALATION {'scopes': 'billing.refund'}",
             "DECISION_ALLOW REASON_GRANTED",
             "revoked: False",
+            "alice support-bot tickets.read",
             "revoked: True",
+            "SESSION_REVOKED",
         ]
         output = await run(python, "app.py", cwd=app, env=app_env)
         assert output.splitlines() == expected, output

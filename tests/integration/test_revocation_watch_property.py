@@ -127,6 +127,13 @@ async def scenario(
         await watcher.disconnect()
     finally:
         await journal.stop()
+        # Whatever else still runs on this example's loop ends here, while the loop is open: a
+        # task cancelled later, by asyncio.run's shutdown, left an aiosqlite worker thread
+        # answering a closed loop (an unhandled thread exception).
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
         await engines.dispose()
 
 

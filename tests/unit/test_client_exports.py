@@ -5,12 +5,15 @@ import agentid_client
 
 def test_public_names() -> None:
     assert sorted(agentid_client.__all__) == [
+        "Actor",
         "Agent",
+        "AgentClaims",
         "AgentIdClient",
         "AgentIdError",
         "AgentSource",
         "AgentState",
         "CheckResponse",
+        "ContextError",
         "Decision",
         "DelegateResponse",
         "DisableAgentResponse",
@@ -20,16 +23,23 @@ def test_public_names() -> None:
         "RevokeResponse",
         "Session",
         "SessionState",
+        "TokenRejected",
+        "TokenVerifier",
         "WatcherNotReady",
         "WatcherStopped",
         "channel_options",
+        "jwk_thumbprint",
+        "parse_jwks",
     ]
     for name in agentid_client.__all__:
         assert getattr(agentid_client, name) is not None
 
 
 def test_client_modules_are_private() -> None:
+    """Modules are private but for the documented ones: `tokens` (verifying agent tokens
+    locally, also importable on its own), and `mcp` (the `mcp` extra's MCP guard, an attribute
+    of the package once something imported it)."""
     public = [
         n for n in dir(agentid_client) if not n.startswith("_") and n not in agentid_client.__all__
     ]
-    assert public == []
+    assert sorted(set(public) - {"mcp"}) == ["tokens"]

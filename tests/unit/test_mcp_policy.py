@@ -57,23 +57,11 @@ def test_resource_and_context_come_from_the_arguments() -> None:
         (ToolPolicy(resource="account/{id}"), {"id": None}),
         (ToolPolicy(context=["amount"]), {}),
         (ToolPolicy(context={"n": "amount"}), {"n": 5}),  # the mapping names the argument
-        (ToolPolicy(context=["amount"]), {"amount": 2**53 + 1}),  # not exact as a double
-        (ToolPolicy(context=["amount"]), {"amount": float("nan")}),
-        (ToolPolicy(context=["amount"]), {"amount": {1: 2}}),
-        (ToolPolicy(context=["amount"]), {"amount": b"bytes"}),
     ],
 )
 def test_what_cannot_be_bound_refuses_the_call(policy: ToolPolicy, arguments: Any) -> None:
     with pytest.raises(ToolCallRefused):
         policy.bind("s", "t", arguments)
-
-
-def test_deep_context_refuses_the_call() -> None:
-    deep: Any = 1
-    for _ in range(40):
-        deep = [deep]
-    with pytest.raises(ToolCallRefused, match="nested too deeply"):
-        ToolPolicy(context=["x"]).bind("s", "t", {"x": deep})
 
 
 @pytest.mark.parametrize(

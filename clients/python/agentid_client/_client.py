@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import grpc
+import jwt
 from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
 from agentid_client._dpop import ProofKey, dpop_proof, proof_algorithm
 from agentid_client._errors import AgentIdError
+from agentid_client.tokens import parse_jwks
 
 SERVICE_PATH = "/agentid.v1.AgentIdentityService/"
 try:  # opentelemetry-api is optional (the `otel` extra): without it, calls carry no trace
@@ -375,6 +378,11 @@ class AgentIdClient:
         response: pb.GetJwksResponse = await self._call("GetJwks", pb.GetJwksRequest())
         return response.jwks_json
 
+    async def jwk_set(self) -> jwt.PyJWKSet:
+        """The JWK Set that verifies agent tokens, parsed: PyJWT keys by ``kid``
+        (``agentid_client.tokens.TokenVerifier`` verifies tokens with them)."""
+        return parse_jwks(await self.jwks())
+
     async def _call(self, name: str, request: Any) -> Any:
         method = getattr(self._stub, name)
         try:
@@ -400,7 +408,45 @@ class AgentIdClient:
         return dpop_proof(self._proof_key, "POST", self._htu + method, self._credential)
 
 
+class ContextError(TypeError):
+    """A ``context`` that google.protobuf.Struct cannot carry (``path`` says where): raised
+    before anything is sent, never an empty or changed context in its place."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"context{path}: {what} cannot be sent in a google.protobuf.Struct")
+        self.path = path
+
+
 def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A Check or StepUp ``context``: JSON's values only (str keys; str, finite numbers,
+    bool, None, lists and mappings of them), as agentid records it."""
+    _check_context(values, "")
     struct = struct_pb2.Struct()
     struct.update(dict(values))
     return struct
+
+
+def _check_context(value: Any, path: str, depth: int = 0) -> None:
+    if depth > 64:
+        raise ContextError(path, "nesting deeper than 64")
+    if value is None or isinstance(value, str | bool):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ContextError(path, f"{value!r} (not a finite number)")
+        return
+    if isinstance(value, int):
+        if abs(value) > 2**53:  # a Struct's numbers are doubles: it would arrive changed
+            raise ContextError(path, f"{value} (an integer beyond 2**53)")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ContextError(path, f"the key {key!r} (keys must be strings)")
+            _check_context(item, f"{path}.{key}", depth + 1)
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_context(item, f"{path}[{index}]", depth + 1)
+        return
+    raise ContextError(path, f"a {type(value).__name__}")

@@ -89,6 +89,8 @@ export interface VerifierOptions {
 }
 
 const ALGORITHMS = ["EdDSA", "ES256"];
+/** The header types agentid issues (`tokens.typ`): api.md's agent+jwt, or RFC 9068's at+jwt. */
+const TOKEN_TYPES = ["agent+jwt", "at+jwt"];
 
 /** Verifies agent tokens locally: signature (JWKS), typ, issuer, times, audience, revocation. */
 export class AgentTokenVerifier {
@@ -109,15 +111,19 @@ export class AgentTokenVerifier {
     const now = this.#options.now?.() ?? new Date();
     let payload: JWTPayload;
     try {
-      ({ payload } = await jwtVerify(token, this.#keys, {
+      let protectedHeader: { typ?: string };
+      ({ payload, protectedHeader } = await jwtVerify(token, this.#keys, {
         issuer: this.#options.issuer,
-        typ: "agent+jwt",
         algorithms: ALGORITHMS,
         requiredClaims: ["exp", "sub", "jti", "act"],
         clockTolerance: this.#options.nbfLeewaySeconds ?? 5,
         currentDate: now,
       }));
+      if (!TOKEN_TYPES.includes(protectedHeader.typ ?? "")) {
+        throw new TokenRejected("TOKEN_MALFORMED", "not an agent token (typ)");
+      }
     } catch (error) {
+      if (error instanceof TokenRejected) throw error;
       throw rejection(error);
     }
     if (Math.floor(now.getTime() / 1000) >= (payload.exp ?? 0)) {

@@ -1,40 +1,19 @@
-"""JWK helpers: RFC 7638 thumbprints and public JWKs of our own keys."""
+"""JWK helpers: RFC 7638 thumbprints (the client's: one definition for both sides of ``jkt``)
+and public JWKs of our own keys."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
-from collections.abc import Mapping
-from typing import Any
 
+from agentid_client.tokens import jwk_thumbprint as thumbprint
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-_THUMBPRINT_MEMBERS = {
-    "EC": ("crv", "kty", "x", "y"),
-    "OKP": ("crv", "kty", "x"),
-    "RSA": ("e", "kty", "n"),
-}
+__all__ = ["PublicKey", "b64url", "public_jwk", "thumbprint"]
 
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def thumbprint(jwk: Mapping[str, Any]) -> str:
-    """The RFC 7638 SHA-256 thumbprint of a public JWK, base64url without padding."""
-    members = _THUMBPRINT_MEMBERS.get(str(jwk.get("kty")))
-    if members is None:
-        raise ValueError("unsupported key type")
-    try:
-        required = {name: jwk[name] for name in members}
-    except KeyError as exc:
-        raise ValueError(f"the JWK lacks {exc.args[0]!r}") from None
-    if not all(isinstance(v, str) for v in required.values()):
-        raise ValueError("JWK members must be strings")
-    canonical = json.dumps(required, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
 
 
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey

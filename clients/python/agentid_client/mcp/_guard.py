@@ -32,7 +32,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agentid_client._client import AgentIdClient
+from agentid_client._client import AgentIdClient, ContextError
 from agentid_client._errors import AgentIdError
 from agentid_client._revocations import RevocationWatcher, WatcherNotReady, WatcherStopped
 from agentid_client.mcp._policy import Binding, ToolCallRefused, ToolPolicy
@@ -262,6 +262,9 @@ class McpGuard:
                 pop_method="POST" if bound else "",
                 pop_uri=self.resource_url if bound else "",
             )
+        except ContextError as unsendable:
+            message = f"tool {call.name}: an argument cannot be a Check's context: {unsendable}"
+            return jsonrpc_error(call.request_id, INVALID_PARAMS, message, 400)
         except AgentIdError as error:
             if error.code.name == "INVALID_ARGUMENT":
                 message = f"agentid cannot check tool {call.name}: {error.message}"

@@ -4,15 +4,10 @@ names but the call lacks, or a value that cannot be encoded, refuses the call.""
 
 from __future__ import annotations
 
-import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-# The largest integer a Check's context (a protobuf Struct: numbers are doubles) holds exactly.
-MAX_EXACT_INTEGER = 2**53
-MAX_CONTEXT_DEPTH = 32
 
 
 class ToolCallRefused(Exception):
@@ -38,8 +33,9 @@ class ToolPolicy:
     ``{name}`` is replaced by that argument, a string (without ``/``: one value is one
     segment) or an integer; ``{{`` and ``}}`` are literal braces. Default: no resource.
     ``context``: which arguments become the Check's context, for risk rules: a list of
-    argument names (each its own key), or a mapping of context key to argument name.
-    Default: none."""
+    argument names (each its own key), or a mapping of context key to argument name; their
+    values as the call sent them (JSON; an integer beyond 2**53 or a non-finite number refuses
+    the call: a Check's context holds doubles). Default: none."""
 
     action: str | None = None
     resource: str = ""
@@ -71,7 +67,8 @@ class ToolPolicy:
 
     def bind(self, server_name: str, tool_name: str, arguments: Mapping[str, Any]) -> Binding:
         """The Check for one call of ``tool_name`` with ``arguments``; ToolCallRefused when
-        the declaration names an argument the call lacks or cannot be encoded."""
+        the declaration names an argument the call lacks or one a resource cannot hold (the
+        client's ``check`` refuses a context a Struct cannot carry: ContextError)."""
         action = self.action or f"mcp.{server_name}.{tool_name}"
         resource = _fill(self.resource, tool_name, arguments)
         names = self._context_names()
@@ -81,7 +78,7 @@ class ToolPolicy:
             for key, name in names.items():
                 if name not in arguments:
                     raise ToolCallRefused(f"tool {tool_name}: the call has no argument {name!r}")
-                context[key] = _context_value(arguments[name], tool_name, name, 0)
+                context[key] = arguments[name]
         return Binding(action, resource, context)
 
 
@@ -107,26 +104,3 @@ def _segment(value: Any, tool_name: str, name: str) -> str:
         f"tool {tool_name}: argument {name!r} cannot be a resource segment "
         "(a non-empty string without '/', or an integer)"
     )
-
-
-def _context_value(value: Any, tool_name: str, name: str, depth: int) -> Any:
-    """A JSON value a protobuf Struct holds exactly; anything else refuses the call."""
-    if depth > MAX_CONTEXT_DEPTH:
-        raise ToolCallRefused(f"tool {tool_name}: argument {name!r} is nested too deeply")
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
-        if abs(value) > MAX_EXACT_INTEGER:
-            raise ToolCallRefused(
-                f"tool {tool_name}: argument {name!r} is an integer too large for a context"
-            )
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ToolCallRefused(f"tool {tool_name}: argument {name!r} is not a finite number")
-        return value
-    if isinstance(value, list):
-        return [_context_value(item, tool_name, name, depth + 1) for item in value]
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-        return {k: _context_value(v, tool_name, name, depth + 1) for k, v in value.items()}
-    raise ToolCallRefused(f"tool {tool_name}: argument {name!r} cannot be encoded as JSON")
