@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import jwt
 from agentid.v1 import agentid_pb2 as pb
 from mcp.server.auth.handlers.metadata import ProtectedResourceMetadataHandler
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.routes import build_resource_metadata_url, cors_middleware
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, RequestBodyLimitMiddleware
+from mcp.server.transport_security import RequestBodyLimitMiddleware
 from mcp.shared.auth import ProtectedResourceMetadata
 from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, ErrorData, JSONRPCError, RequestId
 from pydantic import AnyHttpUrl
@@ -198,13 +199,6 @@ class McpGuard:
 
         return GuardedMCPServer(self, name or self.server_name, **options)
 
-    def http_layer(
-        self, app: ASGIApp, max_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_SIZE
-    ) -> ASGIApp:
-        """The guard in front of the SDK's app (GuardedMCPServer puts it there): RFC 9728
-        metadata, DPoP presentation, and the Check of every ``tools/call``."""
-        return GuardLayer(app, self, max_body_bytes)
-
     # -- authentication ------------------------------------------------------------------------
 
     async def authenticate(self, presented: Presented) -> AgentClaims | None:
@@ -223,7 +217,7 @@ class McpGuard:
                 "mcp guard: revocations unknown (%s): refusing tokens", type(unknown).__name__
             )
             return None
-        except (ConnectionError, OSError, ValueError, AgentIdError) as failed:
+        except (ConnectionError, OSError, ValueError, jwt.PyJWKClientError, AgentIdError) as failed:
             log.warning("mcp guard: agentid's keys could not be read: %s", failed)
             return None
         if claims.aud is None or self.resource_url not in claims.aud:
