@@ -23,10 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import uvicorn  # type: ignore[import-not-found]
-from starlette.applications import Starlette  # type: ignore[import-not-found]
-from starlette.responses import Response  # type: ignore[import-not-found]
-from starlette.routing import Route  # type: ignore[import-not-found]
+import uvicorn  # type: ignore[import-not-found, unused-ignore]
+from starlette.applications import Starlette  # type: ignore[import-not-found, unused-ignore]
+from starlette.responses import Response  # type: ignore[import-not-found, unused-ignore]
+from starlette.routing import Route  # type: ignore[import-not-found, unused-ignore]
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 
