@@ -204,6 +204,15 @@ test("the protected-resource metadata names agentid; a request without a token i
   const challenge = response.headers.get("www-authenticate");
   assert.match(challenge, /^Bearer error="invalid_token"/);
   assert.ok(challenge.includes(`resource_metadata="${metadataUrl}"`), challenge);
+
+  // A declaration that could never make a Check is refused at start, not at a call.
+  const base = { resourceUrl: resource, serverName: "tools", issuer, keys: checker, client: checker };
+  assert.throws(() => new McpGuard({ ...base, serverName: "My Tools" }), /one action segment/);
+  assert.throws(() => new McpGuard({ ...base, tools: { t: { action: "Pay!" } } }), /is not an action/);
+  assert.throws(() => new McpGuard({ ...base, tools: { t: { resource: "account/{id" } } }), /unbalanced/);
+  assert.throws(() => new McpGuard({ ...base, tools: { t: { resource: "a/{}" } } }), /empty \{\}/);
+  assert.throws(() => new McpGuard({ ...base, tools: { t: { context: { amount: "" } } } }), /non-empty/);
+  assert.throws(() => new McpGuard({ ...base, resourceUrl: `${resource}#x` }), /fragment/);
 });
 
 test("an allowed tool call runs, audited with session, user and scope; the tool sees who asks", async (t) => {
