@@ -43,7 +43,7 @@ def serve(build: str, config: str) -> int:
     import grpc
     from agentid.v1 import agentid_pb2 as pb
     from agentid_server.api import handlers, servicer
-    from agentid_server.cli import main
+    from agentid_server.cli.root import main
     from agentid_server.storage import journal, rows
     from agentid_server.storage.audit_chain import GENESIS
 

@@ -47,7 +47,7 @@ CHECK_METHOD = "agentid.v1.AgentIdentityService.Check"
 HEALTH_METHOD = "grpc.health.v1.Health.Check"
 
 UVLOOP_SERVE = (
-    "import sys, uvloop; uvloop.install(); from agentid_server.cli import main; "
+    "import sys, uvloop; uvloop.install(); from agentid_server.cli.root import main; "
     "sys.exit(main(['serve', '--config', sys.argv[1]]))"
 )
 

@@ -3,8 +3,7 @@
 Answers ``GET /.well-known/openid-configuration`` with the bytes of a file (agentid's discovery
 document, fetched from the server under test) and the headers agentid's door sends with it, so
 the two servers differ only in their HTTP stack. It runs from a throwaway venv
-(bench/out/venv-starlette, its versions pinned there, httptools with them): the server does not
-depend on uvicorn or Starlette (`make install` has them for the client's `mcp` extra only).
+(bench/out/venv-starlette): uvicorn and Starlette are no dependency of agentid.
 
 Settings chosen to match agentid's door, not to win: the standard asyncio event loop (agentid
 runs under asyncio unless its `perf` extra's uvloop is installed) and uvicorn's httptools parser
@@ -24,10 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.responses import Response
-from starlette.routing import Route
+import uvicorn  # type: ignore[import-not-found, unused-ignore]
+from starlette.applications import Starlette  # type: ignore[import-not-found, unused-ignore]
+from starlette.responses import Response  # type: ignore[import-not-found, unused-ignore]
+from starlette.routing import Route  # type: ignore[import-not-found, unused-ignore]
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 

@@ -1,5 +1,5 @@
 import sys
 
-from agentid_server.cli import main
+from agentid_server.cli.root import main
 
 sys.exit(main())

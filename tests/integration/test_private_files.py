@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentid_server.cli import main as agentid_main
+from agentid_server.cli.root import main as agentid_main
 from agentid_server.storage.private_files import warn_if_exposed
 
 from tests.conftest import FakeClock, IdpFixture, running_harness

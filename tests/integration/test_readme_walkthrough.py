@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentid_server.cli import DEV_AGENTID_ISSUER
+from agentid_server.cli.root import DEV_AGENTID_ISSUER
 from agentid_server.config import load_settings
 
 from tests.conftest import free_port

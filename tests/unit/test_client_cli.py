@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 import pytest
-from agentid_server.client_cli import add_connection_arguments, connect
+from agentid_server.cli.remote import add_connection_arguments, connect
 
 
 def parsed(*argv: str) -> argparse.Namespace:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from agentid_server.cli import configure_logging
+from agentid_server.cli.root import configure_logging
 from opentelemetry.sdk.trace import TracerProvider
 
 

@@ -12,11 +12,11 @@ import grpc
 import pytest
 from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdClient, AgentIdError
-from agentid_server import agents_cli
-from agentid_server.agents_cli import agents_table, details, disabled_summary, duration_text
-from agentid_server.cli import main
-from agentid_server.client_cli import message_json, print_json, reason_after_message, table, utc
-from agentid_server.sessions_cli import revoked_summary, sessions_table
+from agentid_server.cli import agents as agents_cli
+from agentid_server.cli.agents import agents_table, details, disabled_summary, duration_text
+from agentid_server.cli.remote import message_json, print_json, reason_after_message, table, utc
+from agentid_server.cli.root import main
+from agentid_server.cli.sessions import revoked_summary, sessions_table
 from google.protobuf import timestamp_pb2
 
 TRICKY = "Pay\x1b[2J\u202eevil\x07"  # clears the screen, reverses the line, rings the bell

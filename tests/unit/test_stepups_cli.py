@@ -4,7 +4,7 @@ act on."""
 from __future__ import annotations
 
 from agentid.v1 import agentid_pb2 as pb
-from agentid_server.stepups_cli import row
+from agentid_server.cli.stepups import row
 from google.protobuf import struct_pb2
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from agentid_server import stored_login
-from agentid_server.cli import main
+from agentid_server.cli.root import main
 from agentid_server.stored_login import StoredLogin, StoredLoginError
 
 LOGIN = StoredLogin(

@@ -9,9 +9,10 @@ import {
   type Interceptor,
 } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
-import { randomUUID, createHash, type KeyObject } from "node:crypto";
-import { exportJWK, type JSONWebKeySet, type JWK, SignJWT } from "jose";
+import type { KeyObject } from "node:crypto";
+import type { JSONWebKeySet } from "jose";
 import { toContext } from "./context.js";
+import { ProofSigner } from "./dpop.js";
 import { AgentIdError, Code } from "./errors.js";
 import {
   type Agent,
@@ -29,7 +30,7 @@ import {
   type VerifyAuditResponse,
   type WatchRevocationsResponse,
 } from "./gen/agentid/v1/agentid_pb.js";
-import { baseUrl, hostPort, isLocalTarget } from "./target.js";
+import { baseUrl, isLocalTarget } from "./target.js";
 import { parseJwks } from "./tokens.js";
 
 /** TLS to agentid: the CA that signed its certificate (else the system's), and this caller's
@@ -120,6 +121,7 @@ const KEEPALIVE_TIMEOUT_MS = 10_000;
  */
 export class Client {
   readonly target: string;
+  readonly #options: ClientOptions;
   readonly #service: ConnectClient<typeof AgentIdentityService>;
   readonly #abort = new AbortController();
   readonly #session: Http2SessionManager;
@@ -134,6 +136,7 @@ export class Client {
     }
     if (!credential) throw new Error("a credential is needed (an IdP token, agent token or API key)");
     this.target = target;
+    this.#options = options;
     const bearer: Interceptor = (next) => (request) => {
       request.header.set("authorization", `Bearer ${credential}`);
       return next(request);
@@ -153,6 +156,14 @@ export class Client {
     );
     const transport = createGrpcTransport({ baseUrl: url, interceptors, sessionManager: this.#session });
     this.#service = createClient(AgentIdentityService, transport);
+  }
+
+  /** A new client to the same target with the same options (TLS, keepalive), calling with
+   * another credential; `proofKey` is not carried over (it belongs to one agent's token). Close
+   * it when done. */
+  withCredential(credential: string, options: { proofKey?: KeyObject } = {}): Client {
+    const { proofKey: _, ...rest } = this.#options;
+    return new Client(this.target, credential, { ...rest, ...options });
   }
 
   /** Cancels every call still open (streams included) and closes the connection. */
@@ -459,33 +470,13 @@ export class Client {
 /** Adds a DPoP proof (RFC 9449) of `key` to every call: htm POST, htu the method's URL (agentid
  * checks its path; a gRPC target's resolver scheme is no part of it), ath the token's hash. */
 function dpop(key: KeyObject, credential: string, target: string): Interceptor {
-  const alg = proofAlgorithm(key);
-  const origin = `https://${hostPort(target)}`;
-  const ath = createHash("sha256").update(credential).digest("base64url");
-  let jwk: Promise<JWK> | undefined;
+  const signer = new ProofSigner(key);
+  const origin = baseUrl(target, true);
   return (next) => async (request) => {
-    jwk ??= exportJWK(key).then(
-      ({ kty, crv, x, y }) => ({ kty, crv, x, ...(y !== undefined ? { y } : {}) }) as JWK,
-    );
-    const proof = await new SignJWT({
-      htm: "POST",
-      htu: `${origin}/${request.service.typeName}/${request.method.name}`,
-      ath,
-    })
-      .setProtectedHeader({ typ: "dpop+jwt", alg, jwk: await jwk })
-      .setJti(randomUUID())
-      .setIssuedAt()
-      .sign(key);
-    request.header.set("dpop", proof);
+    const url = `${origin}/${request.service.typeName}/${request.method.name}`;
+    request.header.set("dpop", await signer.proof({ method: "POST", url, accessToken: credential }));
     return next(request);
   };
-}
-
-function proofAlgorithm(key: KeyObject): "EdDSA" | "ES256" {
-  if (key.type !== "private") throw new TypeError("proofKey must be the agent's private key");
-  if (key.asymmetricKeyType === "ed25519") return "EdDSA";
-  if (key.asymmetricKeyType === "ec" && key.asymmetricKeyDetails?.namedCurve === "prime256v1") return "ES256";
-  throw new TypeError("proofKey must be an Ed25519 or P-256 key");
 }
 
 function seconds(value: number): Duration {

@@ -14,6 +14,7 @@ export {
   type StepUpOptions,
   type TlsOptions,
 } from "./client.js";
+export { clientAssertion, type ClientAssertionOptions } from "./assertion.js";
 export { ContextError, toContext } from "./context.js";
 export { AgentIdError, Code, type FieldViolation, grpcCodeName } from "./errors.js";
 export { isLocalTarget } from "./target.js";

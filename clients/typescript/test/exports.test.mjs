@@ -14,6 +14,7 @@ const HANDWRITTEN = [
   "TokenRejected",
   "WatcherNotReady",
   "WatcherStopped",
+  "clientAssertion",
   "grpcCodeName",
   "isLocalTarget",
   "jwkThumbprint",
@@ -49,4 +50,16 @@ test("the public names are the pinned ones, plus the generated messages and enum
     assert.ok(name in client, name);
   }
   assert.equal(client.Decision.STEP_UP_REQUIRED, 3);
+});
+
+test("@agentid/client/mcp: the guard and the agent's token exchange, pinned", async () => {
+  const mcp = await import("@agentid/client/mcp");
+  assert.deepEqual(Object.keys(mcp).sort(), [
+    "JWT_TOKEN_TYPE",
+    "McpGuard",
+    "McpToken",
+    "TOKEN_EXCHANGE_GRANT",
+    "ToolCallRefused",
+    "requestMcpToken",
+  ]);
 });

@@ -1,5 +1,5 @@
 """What agentid checks as an OpenID Connect client, wherever it signs a user in: the console
-(web/oidc_client.py, a confidential client on the HTTP door) and `agentid login` (login_cli.py,
+(web/oidc_client.py, a confidential client on the HTTP door) and `agentid login` (cli/login.py,
 a public client on the user's machine). One copy of the rules, so the two cannot drift.
 
 The protocol itself is Authlib's: the authorization URL and the code exchange through its

@@ -14,7 +14,7 @@ from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdClient
 from google.protobuf import json_format, timestamp_pb2
 
-from agentid_server.client_cli import (
+from agentid_server.cli.remote import (
     TOKEN_ENV,
     add_connection_arguments,
     connect,

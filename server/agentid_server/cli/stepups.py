@@ -15,8 +15,8 @@ from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdError
 from google.protobuf import json_format
 
-from agentid_server import login_cli
-from agentid_server.client_cli import (
+from agentid_server.cli import login as login_cli
+from agentid_server.cli.remote import (
     TOKEN_ENV,
     add_connection_arguments,
     connect,

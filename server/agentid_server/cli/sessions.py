@@ -9,7 +9,7 @@ import sys
 
 from agentid.v1 import agentid_pb2 as pb
 
-from agentid_server.client_cli import (
+from agentid_server.cli.remote import (
     TOKEN_ENV,
     add_connection_arguments,
     connect,

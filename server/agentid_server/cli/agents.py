@@ -13,7 +13,7 @@ from typing import Any
 from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdClient
 
-from agentid_server.client_cli import (
+from agentid_server.cli.remote import (
     TOKEN_ENV,
     add_connection_arguments,
     connect,

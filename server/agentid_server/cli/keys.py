@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from agentid_server.client_cli import (
+from agentid_server.cli.remote import (
     TOKEN_ENV,
     add_connection_arguments,
     connect,

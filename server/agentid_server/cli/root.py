@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from agentid_server import agents_cli, audit_cli, keys_cli, login_cli, sessions_cli, stepups_cli
+from agentid_server.cli import agents, audit, keys, login, sessions, stepups
 from agentid_server.config import ConfigError, Settings, load_settings, parse_duration
 from agentid_server.devidp import CONSOLE_CLIENT, DEV_ISSUER
 from agentid_server.tokens.keys import KeyMaterialError
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     key.add_argument("--dir", type=Path, default=DEV_DIR)
     key.set_defaults(run=_dev_service_key)
 
-    login_cli.add_parser(commands)
-    stepups_cli.add_parser(commands)
-    audit_cli.add_parser(commands)
-    agents_cli.add_parser(commands)
-    sessions_cli.add_parser(commands)
-    keys_cli.add_parser(commands)
+    login.add_parser(commands)
+    stepups.add_parser(commands)
+    audit.add_parser(commands)
+    agents.add_parser(commands)
+    sessions.add_parser(commands)
+    keys.add_parser(commands)
 
     args = parser.parse_args(argv)
     configure_logging("text")
