@@ -37,7 +37,7 @@ async def serve(args: argparse.Namespace) -> None:
         if args.mode == "guarded":
             checker = await stack.enter_async_context(AgentIdClient(args.agentid, args.key))
             guard = McpGuard(
-                resource_url=args.url, server_name="bench", issuer=args.issuer, checker=checker,
+                resource_url=args.url, server_name="bench", issuer=args.issuer, client=checker,
                 keys=checker,
             )  # fmt: skip
             guard.declare("add", action="tickets.read", resource="ticket/{a}")

@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdClient, RevocationWatcher
+from agentid_client._dpop import dpop_proof
 from agentid_client.mcp import (
     TOOL_CALL_REFUSED,
     AgentAuth,
@@ -208,7 +209,7 @@ async def world(
             resource_url=url,
             server_name="tools",
             issuer=door,
-            checker=checker,
+            client=checker,
             watcher=watcher,
         )
         ran: list[str] = []
@@ -246,7 +247,7 @@ async def test_the_metadata_names_agentid_and_no_token_is_401(w: World) -> None:
         "authorization_servers": [w.door],
         "bearer_methods_supported": ["header"],
         "resource_name": "tools",
-        "dpop_signing_alg_values_supported": ["EdDSA", "ES256", "RS256", "PS256"],
+        "dpop_signing_alg_values_supported": ["EdDSA", "ES256"],
     }
     assert refused.status_code == 401
     challenge = refused.headers["WWW-Authenticate"]
@@ -368,7 +369,7 @@ async def test_step_up_without_elicitation_is_a_tool_error_naming_it(w: World) -
         needed = await client.call_tool("transfer", arguments)
         assert needed.is_error
         text = text_of(needed)
-        step_up_id = text.split("step-up ", 1)[1].split(" ", 1)[0]
+        step_up_id = text.split("agentid step-up ", 1)[1].split(",", 1)[0]
         assert f"{w.door}/console/step-ups?step_up={step_up_id}" in text
         await w.resolve(step_up_id, approve=False)  # the user says no
         with pytest.raises(MCPError) as denied:
@@ -401,10 +402,12 @@ async def test_a_revoked_session_is_refused_on_its_next_call(
         assert revoked.session_ids == [session]
 
 
-async def refused_at_connect(w: World, auth: httpx2.Auth) -> list[int]:
+async def refused_at_connect(
+    w: World, auth: httpx2.Auth, answers: list[httpx2.Response] | None = None
+) -> list[int]:
     """Connecting with ``auth`` fails (the SDK's client raises the error of its first request
-    out of its task group); the HTTP statuses it got."""
-    answers: list[httpx2.Response] = []
+    out of its task group); the HTTP statuses it got (the answers in ``answers``)."""
+    answers = [] if answers is None else answers
     with pytest.RaisesGroup(MCPError, flatten_subgroups=True):
         async with w.client(auth, answers):
             pass
@@ -436,16 +439,18 @@ class ReplayingAuth(AgentAuth):
             yield sent
 
 
-class ProoflessAuth(AgentAuth):
-    """A bound token with no proof: `Authorization: DPoP` (or Bearer) and nothing else."""
+class OddProofAuth(AgentAuth):
+    """A bound token sent with the scheme given and a proof of the wrong kind: none, one for
+    another URL, or one for this URL made with another key."""
 
-    def __init__(self, token: ExchangedToken, scheme: str) -> None:
+    def __init__(self, token: ExchangedToken, scheme: str, proof: str) -> None:
         super().__init__(token)
-        self._scheme = scheme
-        self._raw = token.access_token
+        self._scheme, self._proof, self._raw = scheme, proof, token.access_token
 
     def auth_flow(self, request: httpx2.Request) -> Any:
         request.headers["Authorization"] = f"{self._scheme} {self._raw}"
+        if self._proof:
+            request.headers["DPoP"] = self._proof
         yield request
 
 
@@ -460,14 +465,62 @@ async def test_a_dpop_bound_token_works_with_its_proofs_only(w: World) -> None:
     answers: list[httpx2.Response] = []
     async with w.client(ReplayingAuth(token, key), answers) as client:
         assert (await client.call_tool("add", {"a": 1, "b": 2})).structured_content
-        with pytest.raises(MCPError) as replayed:
+        with pytest.raises(MCPError):
             await client.call_tool("add", {"a": 1, "b": 2})
-    assert replayed.value.data["reason"] == "REASON_PROOF_OF_POSSESSION_FAILED"
     assert answers[-1].status_code == 401
-    assert answers[-1].headers["WWW-Authenticate"].startswith('DPoP error="invalid_dpop_proof"')
-    for scheme in ("DPoP", "Bearer"):  # the token without any proof, either way
-        assert set(await refused_at_connect(w, ProoflessAuth(token, scheme))) == {401}
+    assert (
+        answers[-1]
+        .headers["WWW-Authenticate"]
+        .startswith(
+            'DPoP error="invalid_dpop_proof", error_description="the DPoP proof was used already", '
+            'algs="EdDSA ES256", resource_metadata="'
+        )
+    )
+    session = jwt.decode(token.access_token, options={"verify_signature": False})["jti"]
+    checks_made = len(await w.checks(session))
+    thief = ec.generate_private_key(ec.SECP256R1())
+    odd = {
+        ("DPoP", ""): 'DPoP error="invalid_dpop_proof", error_description="the token is bound',
+        ("Bearer", ""): 'DPoP error="invalid_token", error_description="a DPoP-bound token goes',
+        ("DPoP", "elsewhere"): 'DPoP error="invalid_dpop_proof", error_description="the DPoP '
+        "proof is for another URL",
+        ("DPoP", "thief"): 'DPoP error="invalid_dpop_proof", error_description="the DPoP proof '
+        "key is not the key the token is bound to",
+    }
+    for (scheme, kind), challenge in odd.items():
+        proof = {
+            "": "",
+            "elsewhere": dpop_proof(
+                key, "POST", "https://elsewhere.example/mcp", token.access_token
+            ),
+            "thief": dpop_proof(thief, "POST", w.url, token.access_token),
+        }[kind]
+        answers.clear()
+        assert set(await refused_at_connect(w, OddProofAuth(token, scheme, proof), answers)) == {
+            401
+        }
+        assert answers[0].headers["WWW-Authenticate"].startswith(challenge)
     assert w.ran == ["add", "add"]
+    assert len(await w.checks(session)) == checks_made  # refused before any Check
+
+
+async def test_agentid_unreachable_is_503_not_a_verdict_on_the_token(w: World) -> None:
+    """The keys cannot be read: whether the token is good is not known, so the request is
+    refused for now, not the token (no 401 an agent would take for a bad token)."""
+    async with AgentIdClient(f"127.0.0.1:{w.h.running.port}", MCP_KEY) as client:
+        blind = McpGuard(
+            resource_url=w.url, server_name="tools", issuer=w.door, client=client,
+            keys=f"http://127.0.0.1:{free_port()}/jwks.json",
+        )  # fmt: skip
+        app = blind.mcp_server().streamable_http_app()
+        token = await w.agent_token()
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, auth=AgentAuth(token)) as http:
+            answer = await http.post(w.url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"] == "1"
+    assert answer.json()["error"] == "temporarily_unavailable"
+    assert token.access_token not in answer.text
 
 
 async def test_a_tool_call_that_bypasses_the_http_layer_is_refused(w: World) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import agentid_client.mcp
 import pytest
 from agentid_client.mcp import ToolPolicy
-from agentid_client.mcp._guard import _quotable, _tool_call
+from agentid_client.mcp._answers import quoted
+from agentid_client.mcp._http import _tool_call
 from agentid_client.mcp._policy import Binding, ToolCallRefused
 
 
@@ -20,6 +21,8 @@ def test_public_names() -> None:
         "GuardExtension",
         "GuardedMCPServer",
         "McpGuard",
+        "ProofRejected",
+        "ProofVerifier",
         "TOOL_CALL_REFUSED",
         "TokenExchangeError",
         "ToolPolicy",
@@ -35,10 +38,11 @@ def test_an_undeclared_tool_is_checked_with_the_default_action_alone() -> None:
 
 def test_resource_and_context_come_from_the_arguments() -> None:
     policy = ToolPolicy(
-        action="payments.transfer", resource="account/{account_id}/{{raw}}", context=["amount"]
+        action="payments.transfer", resource="bank/{bank}/account/{account id}", context=["amount"]
     )
-    binding = policy.bind("payments", "transfer", {"account_id": 42, "amount": 2500.5})
-    assert binding == Binding("payments.transfer", "account/42/{raw}", {"amount": 2500.5})
+    arguments = {"bank": "b-1", "account id": 42, "amount": 2500.5}
+    binding = policy.bind("payments", "transfer", arguments)
+    assert binding == Binding("payments.transfer", "bank/b-1/account/42", {"amount": 2500.5})
     mapped = ToolPolicy(context={"rows": "limit", "table": "name"})
     arguments = {"limit": 20000, "name": "users", "other": True}
     assert mapped.bind("db", "export", arguments).context == {"rows": 20000, "table": "users"}
@@ -52,24 +56,43 @@ def test_resource_and_context_come_from_the_arguments() -> None:
         (ToolPolicy(resource="account/{id}"), {}),  # missing
         (ToolPolicy(resource="account/{id}"), {"id": "4/2"}),  # would be two segments
         (ToolPolicy(resource="account/{id}"), {"id": ""}),
+        (ToolPolicy(resource="account/{id}"), {"id": "a b"}),
+        (ToolPolicy(resource="account/{id}"), {"id": "x" * 129}),
+        (ToolPolicy(resource="account/{id}"), {"id": "*"}),  # a scope's wildcard
+        (ToolPolicy(resource="account/{id}"), {"id": "**"}),
+        (ToolPolicy(resource="account/{id}"), {"id": "\x7f"}),
         (ToolPolicy(resource="account/{id}"), {"id": True}),
         (ToolPolicy(resource="account/{id}"), {"id": 4.2}),
+        (ToolPolicy(resource="account/{id}"), {"id": 2**53}),  # not a safe integer
         (ToolPolicy(resource="account/{id}"), {"id": None}),
+        (ToolPolicy(), {}),  # mcp.s.Bad Tool is no action: declare one
         (ToolPolicy(context=["amount"]), {}),
         (ToolPolicy(context={"n": "amount"}), {"n": 5}),  # the mapping names the argument
     ],
 )
 def test_what_cannot_be_bound_refuses_the_call(policy: ToolPolicy, arguments: Any) -> None:
-    with pytest.raises(ToolCallRefused):
-        policy.bind("s", "t", arguments)
+    with pytest.raises(ToolCallRefused) as refused:
+        policy.bind("s", "Bad Tool" if policy == ToolPolicy() else "t", arguments)
+    for value in arguments.values():  # the argument is named, its value never quoted
+        assert not isinstance(value, str) or len(value) < 3 or value not in str(refused.value)
 
 
-@pytest.mark.parametrize(
-    "template", ["account/{a.b}", "account/{a[0]}", "account/{a!r}", "account/{a:>5}", "x/{}"]
-)
-def test_a_template_names_plain_arguments_only(template: str) -> None:
-    with pytest.raises(ValueError, match="must name one argument"):
+def test_a_segment_may_be_any_printable_text_but_a_wildcard() -> None:
+    policy = ToolPolicy(resource="doc/{id}")
+    for value in ("***", "a*", "é-ü", "x" * 128, -5, 2**53 - 1):
+        assert policy.bind("s", "t", {"id": value}).resource == f"doc/{value}"
+
+
+@pytest.mark.parametrize("template", ["x/{}", "account/{{a}}", "account/{a", "account/a}"])
+def test_a_bad_template_is_refused_when_declared(template: str) -> None:
+    with pytest.raises(ValueError, match="template"):
         ToolPolicy(resource=template)
+
+
+@pytest.mark.parametrize("action", ["", "Payments.transfer", "payments..transfer", "a b", "x:y"])
+def test_a_declared_action_must_be_an_action(action: str) -> None:
+    with pytest.raises(ValueError, match="is not an action"):
+        ToolPolicy(action=action)
 
 
 def test_context_is_names_not_a_string() -> None:
@@ -105,5 +128,4 @@ def test_the_http_layer_reads_tool_calls_only(body: bytes, expected: Any) -> Non
 
 
 def test_challenge_text_is_quotable() -> None:
-    assert _quotable('no "scope" for a\\b\n\u00e9') == "no ?scope? for a?b??"
-    assert len(_quotable("x" * 1000)) == 300
+    assert quoted('no "scope" for a\\b\n\u00e9') == "no 'scope' for a'b??"

@@ -1,5 +1,7 @@
-"""DPoP proofs (RFC 9449) an agent makes with its own key: for agentid's gRPC calls
-(AgentIdClient's ``proof_key``), its token endpoint, and the MCP servers it calls."""
+"""DPoP (RFC 9449): proofs an agent makes with its own key (for agentid's gRPC calls,
+AgentIdClient's ``proof_key``, its token endpoint, and the MCP servers it calls), and, for a
+service that verifies key-bound tokens itself (the MCP guard), their verification with a
+bounded replay cache."""
 
 from __future__ import annotations
 
@@ -7,13 +9,22 @@ import base64
 import hashlib
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import get_default_algorithms
 
+from agentid_client.tokens import jwk_thumbprint
+
 ProofKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+# The proof algorithms agentid's agents sign with (an Ed25519 or a P-256 key).
+PROOF_ALGORITHMS = ("EdDSA", "ES256")
+MAX_PROOF_BYTES = 4096
+MAX_JTI_LENGTH = 128
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def proof_algorithm(key: ProofKey) -> str:
@@ -45,11 +56,151 @@ def dpop_proof(key: ProofKey, method: str, url: str, token: str | None = None) -
     request carries one. Each proof is good once: make one per request."""
     claims: dict[str, Any] = {
         "jti": uuid.uuid4().hex,
-        "htm": method,
-        "htu": url.split("#", 1)[0].split("?", 1)[0],
+        "htm": method.upper(),
+        "htu": proof_uri(url),
         "iat": int(time.time()),
     }
     if token is not None:
         claims["ath"] = token_hash(token)
     header = {"typ": "dpop+jwt", "jwk": public_jwk(key)}
     return jwt.encode(claims, key, algorithm=proof_algorithm(key), headers=header)
+
+
+def proof_uri(url: str) -> str:
+    """A URL as a proof's ``htu`` carries it and as a verifier compares it: no query, no
+    fragment; scheme and host in lower case, the scheme's default port dropped, an empty path
+    "/". ValueError when it is not an absolute http(s) URL."""
+    parts = urlsplit(url)
+    port = parts.port  # ValueError for a port that is not one
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if scheme not in _DEFAULT_PORTS or not host or parts.username or parts.password:
+        raise ValueError("not an absolute http(s) URL")
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    netloc = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path or '/'}"
+
+
+class ProofRejected(Exception):
+    """A proof that is not good for this request; the message says why (never the proof)."""
+
+
+class ProofVerifier:
+    """Verifies DPoP proofs for a key-bound token (the signature by the key in its header,
+    ``typ``, ``alg``, the key's thumbprint against the token's ``cnf.jkt``, ``htm``, ``htu``,
+    ``ath``, freshness) and spends each proof's ``jti`` once: a replayed proof is refused while
+    it is fresh enough to verify.
+
+    Bounded: at most ``max_proofs`` spent proofs are remembered, ``max_proofs_per_user`` of them
+    for the agents of one user (the token's ``sub``), each until it is too old to verify (2 x
+    ``max_age`` seconds after it was spent). Full, new proofs are refused ("retry shortly")
+    until old ones age out; a live one is never forgotten early (it could be replayed then)."""
+
+    def __init__(
+        self,
+        *,
+        max_age: float = 60.0,
+        max_proofs: int = 50_000,
+        max_proofs_per_user: int = 5_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._max_age = max_age
+        self._capacity = max_proofs
+        self._per_user = min(max_proofs_per_user, max_proofs)
+        self._clock = clock
+        # (jkt, jti) -> (when it may be forgotten, its user); in insertion order, which is the
+        # order they may be forgotten in (the clock permitting).
+        self._spent: dict[tuple[str, str], tuple[float, str]] = {}
+        self._users: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._spent)
+
+    def verify(
+        self, proof: str, *, jkt: str, method: str, url: str, access_token: str, user: str
+    ) -> None:
+        """Returns when ``proof`` is good for this request (``method`` and ``url``) with
+        ``access_token``, bound to ``jkt``, and was not used before: it is spent then. Raises
+        ProofRejected otherwise. ``user``: whose agents' share it counts on."""
+        if not proof:
+            raise ProofRejected("the token is bound to a key: a DPoP proof is required")
+        if len(proof) > MAX_PROOF_BYTES:
+            raise ProofRejected("the DPoP proof is too large")
+        try:
+            header = jwt.get_unverified_header(proof)
+        except jwt.InvalidTokenError:
+            raise ProofRejected("the DPoP proof is not a well-formed JWS") from None
+        jwk, alg = header.get("jwk"), header.get("alg")
+        if (
+            header.get("typ") != "dpop+jwt"
+            or alg not in PROOF_ALGORITHMS
+            or not isinstance(jwk, dict)
+        ):
+            raise ProofRejected("the DPoP proof header is not acceptable")
+        if "d" in jwk:
+            raise ProofRejected("the DPoP proof carries a private key")
+        try:
+            if jwk_thumbprint(jwk) != jkt:
+                raise ProofRejected("the DPoP proof key is not the key the token is bound to")
+            key = jwt.PyJWK(jwk, algorithm=alg).key
+            claims: dict[str, Any] = jwt.decode(
+                proof,
+                key,
+                algorithms=[alg],
+                # iat is compared below, on this verifier's clock.
+                options={"require": ["jti", "htm", "htu", "iat"], "verify_iat": False},
+            )
+        except (ValueError, TypeError, jwt.PyJWKError, jwt.InvalidTokenError):
+            raise ProofRejected("the DPoP proof does not verify") from None
+        if claims.get("htm") != method.upper():
+            raise ProofRejected("the DPoP proof is for another method")
+        if not _same_uri(claims.get("htu"), url):
+            raise ProofRejected("the DPoP proof is for another URL")
+        if claims.get("ath") != token_hash(access_token):
+            raise ProofRejected("the DPoP proof is not bound to this token (ath)")
+        now, iat = self._clock(), claims.get("iat")
+        if (
+            isinstance(iat, bool)
+            or not isinstance(iat, int | float)
+            or abs(now - iat) > self._max_age
+        ):
+            raise ProofRejected("the DPoP proof is stale or from the future")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
+            raise ProofRejected(f"the DPoP proof's jti must be 1 to {MAX_JTI_LENGTH} characters")
+        self._spend((jkt, jti), user, now)
+
+    def _spend(self, key: tuple[str, str], user: str, now: float) -> None:
+        spent = self._spent
+        while spent:
+            first = next(iter(spent))
+            until, owner = spent[first]
+            if until > now:
+                break
+            del spent[first]
+            self._forget(owner)
+        if key in spent:
+            raise ProofRejected("the DPoP proof was used already")
+        if self._users.get(user, 0) >= self._per_user:
+            raise ProofRejected("too many DPoP proofs of this user's agents at once; retry shortly")
+        if len(spent) >= self._capacity:
+            raise ProofRejected("too many DPoP proofs at once; retry shortly with a new proof")
+        # iat may be max_age ahead, and max_age old at most: a proof verifies for 2 x max_age.
+        spent[key] = (now + 2 * self._max_age, user)
+        self._users[user] = self._users.get(user, 0) + 1
+
+    def _forget(self, user: str) -> None:
+        left = self._users.get(user, 1) - 1
+        if left > 0:
+            self._users[user] = left
+        else:
+            self._users.pop(user, None)
+
+
+def _same_uri(htu: Any, url: str) -> bool:
+    if not isinstance(htu, str):
+        return False
+    try:
+        return proof_uri(htu) == proof_uri(url)
+    except ValueError:
+        return False

@@ -5,7 +5,7 @@ settings, RFC 9728 metadata naming agentid), and has agentid Check every tool ca
 per tool), asking the user for a step-up when agentid wants one::
 
     guard = McpGuard(resource_url="https://mcp.example/mcp", server_name="payments",
-                     issuer="https://agentid.example", checker=AgentIdClient(target, check_key))
+                     issuer="https://agentid.example", client=AgentIdClient(target, check_key))
     server = guard.mcp_server()
     guard.declare("transfer", action="payments.transfer", resource="account/{account_id}",
                   context=["amount"])
@@ -14,6 +14,7 @@ An agent: ``exchange_token`` gets a token for one MCP server (``resource``), opt
 its key (DPoP); ``AgentAuth`` sends it with the SDK's streamable HTTP client.
 """
 
+from agentid_client._dpop import ProofRejected, ProofVerifier
 from agentid_client.mcp._agent import (
     AgentAuth,
     ExchangedToken,
@@ -33,6 +34,8 @@ __all__ = [
     "GuardExtension",
     "GuardedMCPServer",
     "McpGuard",
+    "ProofRejected",
+    "ProofVerifier",
     "TokenExchangeError",
     "ToolPolicy",
     "client_assertion",

@@ -14,6 +14,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE
 from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
 from mcp_types import (
+    INTERNAL_ERROR,
     INVALID_REQUEST,
     CallToolRequestParams,
     CallToolResult,
@@ -27,7 +28,8 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 from agentid_client._errors import AgentIdError
-from agentid_client.mcp._guard import CHECKED, Checked, GuardLayer
+from agentid_client.mcp._guard import CHECKED, Checked
+from agentid_client.mcp._http import GuardLayer
 
 if TYPE_CHECKING:
     from agentid_client.mcp._guard import McpGuard
@@ -103,7 +105,8 @@ class GuardExtension(Extension):
             or checked.call.arguments != (params.arguments or {})
         ):
             log.warning("mcp guard: a tools/call reached the server unchecked: refused")
-            raise MCPError(INVALID_REQUEST, "this tool call was not checked by agentid: refused")
+            message = "this tools/call was not checked by agentid: serve the guard's app"
+            raise MCPError(INVALID_REQUEST, message)
         if checked.answer.decision == pb.DECISION_ALLOW:
             return await call_next(ctx)
         return await self._ask_user(checked, params, ctx)
@@ -118,47 +121,58 @@ class GuardExtension(Extension):
         agent told to have its user approve it (a URL-mode elicitation when its client said it
         handles one, else a tool error naming the step-up and the page)."""
         guard, binding, tool = self._guard, checked.binding, checked.call.name
+        on = f"{tool} on {guard.server_name}"
         answered = [key for key in (params.input_responses or {}) if key.startswith(STEP_UP_PREFIX)]
         if answered:
             # The retry after the user was shown the page, still not approved: no new step-up.
+            url = _approval_url(guard.public_url, answered[0])
             return _tool_error(
-                f"Step-up {answered[0]} is not approved yet: approve it at "
-                f"{_approval_url(guard.public_url, answered[0])}, then call {tool} again."
+                f"Your user's approval is needed for {on}: agentid step-up {answered[0]} is not "
+                f"approved yet, to approve at {url}. Call the tool again once it is approved."
             )
         if checked.claims.jkt is not None:
-            # A StepUp with a key-bound token needs a proof of the agent's key, which this
-            # server does not hold: the agent asks itself, for the same binding.
+            # A StepUp with a key-bound token needs a proof of the agent's key for agentid's own
+            # URL, which this server cannot make: the agent asks itself, for the same binding.
             return _tool_error(
-                f"Tool {tool} needs its user's approval (risk rule {checked.answer.risk_rule}): "
-                f"ask for it with StepUp (action {binding.action!r}, resource "
-                f"{binding.resource!r}, the same context), then call {tool} again."
+                f"Your user's approval is needed for {on}. This token is bound to a key: ask "
+                f"agentid's StepUp yourself (action {binding.action}, resource "
+                f'"{binding.resource}", the same arguments as context), then call again once it '
+                "is approved."
             )
-        message = f"Run the tool {tool} of the MCP server {guard.server_name}"
+        named = f"{tool} on MCP server {guard.server_name}"
         try:
-            async with guard.step_up_client(checked.presented) as agent:
+            async with guard.agent_client(checked.presented) as agent:
                 step_up = await agent.step_up(
                     binding.action,
                     binding.resource,
                     context=binding.context,
-                    binding_message=message,
+                    binding_message=f"{named} ({binding.resource})" if binding.resource else named,
                 )
         except AgentIdError as error:
-            log.info("mcp guard: StepUp for tool %s refused: %s", tool, error.reason)
-            return _tool_error(f"Tool {tool} needs its user's approval, not asked: {error.message}")
+            log.warning(
+                "mcp guard: StepUp for %s failed: %s %s", tool, error.code.name, error.reason
+            )
+            message = f"agentid could not decide this call ({error.code.name})"
+            raise MCPError(INTERNAL_ERROR, message) from None
         url = _approval_url(guard.public_url, step_up.id)
-        prompt = f"Approve the agent's call of {tool} ({binding.action}) at agentid"
+        text = (
+            f"Your user's approval is needed for {on}: agentid step-up {step_up.id}, to approve "
+            f"at {url}. Call the tool again once it is approved."
+        )
         capabilities = ctx.session.client_capabilities
         elicitation = capabilities.elicitation if capabilities is not None else None
         if elicitation is not None and elicitation.url is not None:
             if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-                request = ElicitRequest(params=ElicitRequestURLParams(message=prompt, url=url))
+                # 2026-07-28: the elicitation rides in the result, keyed by the step-up id; the
+                # client asks its user and calls again with the answer.
+                request = ElicitRequest(params=ElicitRequestURLParams(message=text, url=url))
                 return InputRequiredResult(input_requests={step_up.id: request})
-            elicit = ElicitRequestURLParams(message=prompt, url=url, elicitation_id=step_up.id)
-            raise UrlElicitationRequiredError([elicit], f"Tool {tool} needs its user's approval")
-        return _tool_error(
-            f"Tool {tool} needs its user's approval: step-up {step_up.id} is waiting at {url}. "
-            f"Ask the user to approve it there, then call {tool} again."
-        )
+            # The spec's URLElicitationRequiredError (-32042), the step-up id its elicitationId.
+            elicit = ElicitRequestURLParams(message=text, url=url, elicitation_id=step_up.id)
+            raise UrlElicitationRequiredError(
+                [elicit], f"step-up {step_up.id} needs the user's approval"
+            )
+        return _tool_error(text)
 
 
 def _checked(ctx: ServerRequestContext[Any, Any]) -> Checked | None:
