@@ -58,6 +58,8 @@ from tests.conftest import (
     running_harness,
     with_config,
 )
+from tests.security.test_client_assertions import AGENT as KEYED_AGENT
+from tests.security.test_client_assertions import AgentKeys, keyed
 
 MCP_KEY = "test-mcp-checker-key-0123456789"
 USER_SCOPES = "mcp.tools.* payments.transfer tickets.read"
@@ -613,3 +615,33 @@ async def listening(port: int, process: asyncio.subprocess.Process, log: Path) -
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"nothing listens on {port}: {log.read_text()}")  # noqa: ASYNC240
+
+
+@pytest.mark.parametrize("kid", ["agent-rsa", "agent-ec", "agent-ed"])
+async def test_an_agent_with_keys_exchanges_with_its_client_assertion(
+    tmp_path: Path, idp: IdpFixture, clock: FakeClock, kid: str
+) -> None:
+    agent_keys = AgentKeys(tmp_path / "agent-jwks.json", clock)
+    url, door = "https://tools.example/mcp", f"http://127.0.0.1:{free_port()}"
+
+    def mutate(config: dict[str, Any]) -> None:
+        mcp_config(url, door)(config)
+        keyed(agent_keys)(config)
+
+    async with running_harness(tmp_path, idp, clock, mutate=mutate):
+        ask = {
+            "client_id": KEYED_AGENT, "subject_token": idp.token(scope=USER_SCOPES),
+            "resource": url, "scope": "tickets.read",
+        }  # fmt: skip
+        with pytest.raises(TokenExchangeError) as refused:
+            await exchange_token(door + "/oauth2/token", **ask)
+        assert (refused.value.status, refused.value.error) == (401, "invalid_client")
+        token = await exchange_token(
+            door + "/oauth2/token", **ask, assertion_key=agent_keys.keys[kid], assertion_kid=kid
+        )
+    claims = jwt.decode(token.access_token, options={"verify_signature": False})
+    assert (claims["act"]["sub"], claims["aud"], token.scope) == (
+        KEYED_AGENT,
+        [url],
+        "tickets.read",
+    )
