@@ -19,8 +19,18 @@
 //	go watcher.Run(ctx)
 //	defer watcher.Close()
 //	if err := watcher.WaitFor(ctx, 0); err != nil { ... } // the first snapshot
-//	revoked, err := watcher.IsRevoked(claims.SN)
-//	if err != nil || revoked { ... } // refuse: fail closed when the watcher has stopped
+//	verifier, err := agentid.NewAgentTokenVerifier(issuer, agentid.KeysFromClient(client),
+//		agentid.WithAudience("payments-api"), agentid.WithRevocationWatcher(watcher))
+//	if err != nil { ... }
+//	claims, err := verifier.Verify(ctx, agentToken)
+//	var rejected *agentid.TokenRejectedError
+//	if errors.As(err, &rejected) { ... } // rejected.Reason: TOKEN_EXPIRED, SESSION_REVOKED, ...
+//	if err != nil { ... } // the keys or the watcher could not answer: refuse the token too
+//	// claims.Subject (the user), claims.Act.Sub (the agent), claims.Scopes, claims.SN, ...
+//
+// The signature is checked against agentid's JWK Set (Client.KeySet, or the HTTP door's
+// jwks_uri: KeysFromURL), which the verifier caches; JWKThumbprint computes the RFC 7638
+// thumbprint an agent's key is bound by (DelegateRequest.Jkt).
 //
 // Generated messages and the raw gRPC stub are in package agentidv1.
 package agentid

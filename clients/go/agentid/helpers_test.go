@@ -27,6 +27,8 @@ type server struct {
 	userToken   string // an IdP token of alice: tickets.* payments.transfer agentid.delegate
 	checkKey    string // API key, role check
 	adminKey    string // API key, role admin
+	issuer      string // the agent tokens' iss (tokens.issuer)
+	jwksURL     string // the HTTP door's jwks_uri
 }
 
 func testServer(t *testing.T) server {
@@ -45,6 +47,8 @@ func testServer(t *testing.T) server {
 		userToken:   get("AGENTID_TEST_USER_TOKEN"),
 		checkKey:    get("AGENTID_TEST_CHECK_KEY"),
 		adminKey:    get("AGENTID_TEST_ADMIN_KEY"),
+		issuer:      get("AGENTID_TEST_ISSUER"),
+		jwksURL:     get("AGENTID_TEST_JWKS_URL"),
 	}
 }
 
@@ -64,8 +68,10 @@ func connect(t *testing.T, target string, cred agentid.Credential) *agentid.Clie
 	return client
 }
 
+// testContext ends with the test, or after 30 seconds. (Not t.Context, which needs Go 1.24:
+// the module's go directive is older.)
 func testContext(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
 	return ctx
 }
