@@ -135,7 +135,7 @@ async def test_attacks_and_stale_tokens_are_refused_with_checks_reasons(harness:
         )
         # Another issuer's verifier refuses it.
         other = TokenVerifier("https://elsewhere.test", service, clock=harness.clock.now)
-        assert await rejected(other.verify(good)) == "SIGNATURE_INVALID"
+        assert await rejected(other.verify(good)) == "TOKEN_MALFORMED"  # as Check says
         # Expired (no leeway on exp), and not yet valid (beyond the nbf leeway).
         exp = claims_of(good)["exp"]
         later = TokenVerifier(ISSUER, service, clock=lambda: float(exp))
@@ -303,3 +303,31 @@ async def test_tokens_typed_at_jwt_verify_too(
         async with AgentIdClient(target(h), CHECK_KEY) as service:
             verifier = TokenVerifier(ISSUER, service, clock=clock.now)
             assert (await verifier.verify(issued.token)).jti == issued.session_id
+
+
+async def test_a_failed_refetch_keeps_the_keys_held_and_waits_for_the_cooldown(
+    harness: Harness,
+) -> None:
+    token = (await harness.delegate()).token
+    attempts, failing = 0, False
+    async with AgentIdClient(target(harness), CHECK_KEY) as service:
+
+        async def flaky() -> jwt.PyJWKSet:
+            nonlocal attempts
+            attempts += 1
+            if failing:
+                raise ConnectionError("agentid is away")
+            return await service.jwk_set()
+
+        eager = TokenVerifier(ISSUER, flaky, max_key_age=0.0, refetch_cooldown=0.0)
+        patient = TokenVerifier(ISSUER, flaky, max_key_age=0.0, refetch_cooldown=3600.0)
+        await eager.verify(token)
+        await patient.verify(token)
+        assert attempts == 2
+        failing = True
+        with pytest.raises(ConnectionError):  # stale, the refetch fails: said, not a verdict
+            await eager.verify(token)
+        assert (await patient.verify(token)).jti  # stale, but tried within the cooldown
+        assert attempts == 3
+        failing = False
+        assert (await eager.verify(token)).jti

@@ -36,7 +36,7 @@ const (
 	DefaultKeyRefetchCooldown = 30 * time.Second
 	// DefaultKeyMaxAge is how long a key set is used before the next token fetches it again
 	// (a key agentid retired stops verifying here within it).
-	DefaultKeyMaxAge = 10 * time.Minute
+	DefaultKeyMaxAge = 5 * time.Minute
 	// DefaultMaxTokenBytes is agentid's own server.max_token_bytes: a longer token is refused
 	// before it is parsed.
 	DefaultMaxTokenBytes = 8192

@@ -3,7 +3,6 @@ package agentid_test
 import (
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"testing"
 	"time"
@@ -146,8 +145,7 @@ func isRevoked(t *testing.T, w *agentid.RevocationWatcher, serial uint64) bool {
 func TestWatcherStops(t *testing.T) {
 	srv := testServer(t)
 	client := connect(t, srv.target, agentid.APIKey(srv.checkKey))
-	// slog.DiscardHandler needs Go 1.24: the module is go 1.23.
-	quiet := agentid.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	quiet := agentid.WithLogger(slog.New(slog.DiscardHandler))
 
 	// By its context.
 	w := agentid.NewRevocationWatcher(client, quiet)

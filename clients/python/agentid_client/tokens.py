@@ -207,6 +207,7 @@ class TokenVerifier:
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched = float("-inf")  # when the keys were last fetched (monotonic)
+        self._attempted = float("-inf")  # when a fetch was last begun
         self._fetching: asyncio.Future[None] | None = None
 
     async def verify(self, token: str) -> AgentClaims:
@@ -230,7 +231,7 @@ class TokenVerifier:
                 },
             )
         except jwt.InvalidIssuerError:
-            raise TokenRejected("SIGNATURE_INVALID", "another issuer's token") from None
+            raise TokenRejected("TOKEN_MALFORMED", "issued by someone else") from None
         except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError):
             raise TokenRejected("SIGNATURE_INVALID", "the signature does not verify") from None
         except jwt.MissingRequiredClaimError as exc:
@@ -251,8 +252,11 @@ class TokenVerifier:
 
     async def _key(self, header: Mapping[str, Any]) -> jwt.PyJWK:
         kid = header["kid"]
-        age = time.monotonic() - self._fetched
-        if age >= self._max_age or (kid not in self._keys and age >= self._cooldown):
+        now = time.monotonic()
+        stale = now - self._fetched >= self._max_age
+        if not self._keys or (
+            (stale or kid not in self._keys) and now - self._attempted >= self._cooldown
+        ):
             await self._refresh()
         key = self._keys.get(kid)
         if key is None:
@@ -274,10 +278,9 @@ class TokenVerifier:
             done.exception()  # retrieved here: each waiter gets it raised too
 
     async def _fetch_keys(self) -> None:
-        try:
-            key_set = await self._fetch()
-        finally:
-            self._fetched = time.monotonic()  # a failure waits for the cooldown too
+        self._attempted = time.monotonic()
+        key_set = await self._fetch()  # a failure keeps the keys held
+        self._fetched = time.monotonic()
         self._keys = {key.key_id: key for key in key_set.keys if key.key_id}
 
 

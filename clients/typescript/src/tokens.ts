@@ -84,6 +84,9 @@ export interface VerifierOptions {
   nbfLeewaySeconds?: number;
   /** The shortest time between two key fetches for unknown kids (default 30 s). */
   refetchCooldownMs?: number;
+  /** How long keys from a Client are used before the next token fetches them again (default
+   * 5 min): a key agentid retired stops verifying here within it. */
+  keyMaxAgeMs?: number;
   /** The clock (tests). */
   now?: () => Date;
 }
@@ -103,7 +106,7 @@ export class AgentTokenVerifier {
     this.#keys =
       options.keys instanceof URL
         ? createRemoteJWKSet(options.keys)
-        : cachedKeySet(options.keys, options.refetchCooldownMs ?? 30_000);
+        : cachedKeySet(options.keys, options.refetchCooldownMs ?? 30_000, options.keyMaxAgeMs ?? 300_000);
   }
 
   /** The token's claims if it is good; TokenRejected (with its reason) if not. */
@@ -163,8 +166,9 @@ export function jwkThumbprint(jwk: JWK): Promise<string> {
 }
 
 /** A key set from GetJwks, kept until a token names a kid it lacks (then fetched again, at most
- * once per cooldown: a flood of made-up kids does not become a flood of fetches). */
-function cachedKeySet(client: Client, cooldownMs: number): JWTVerifyGetKey {
+ * once per cooldown: a flood of made-up kids does not become a flood of fetches) or it is
+ * `maxAgeMs` old (a failed fetch then keeps the keys held until the next one works). */
+function cachedKeySet(client: Client, cooldownMs: number, maxAgeMs: number): JWTVerifyGetKey {
   let current: { keys: ReturnType<typeof createLocalJWKSet>; fetched: number } | undefined;
   let pending: Promise<void> | undefined;
   const refresh = () => {
@@ -180,6 +184,11 @@ function cachedKeySet(client: Client, cooldownMs: number): JWTVerifyGetKey {
   };
   return async (header, token) => {
     if (current === undefined) await refresh();
+    else if (Date.now() - current.fetched >= maxAgeMs) {
+      await refresh().catch(() => {
+        current!.fetched = Date.now() - maxAgeMs + cooldownMs; // try again after the cooldown
+      });
+    }
     try {
       return await current!.keys(header, token);
     } catch (error) {
@@ -198,7 +207,7 @@ function rejection(error: unknown): unknown {
     if (error.claim === "nbf")
       return new TokenRejected("TOKEN_NOT_YET_VALID", "the token is not valid yet", { cause: error });
     if (error.claim === "iss")
-      return new TokenRejected("SIGNATURE_INVALID", "another issuer's token", { cause: error });
+      return new TokenRejected("TOKEN_MALFORMED", "issued by someone else", { cause: error });
     return new TokenRejected("TOKEN_MALFORMED", error.message, { cause: error });
   }
   if (
