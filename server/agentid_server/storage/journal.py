@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -33,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, func, select, text, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
@@ -107,6 +108,11 @@ class _Outcome:
     ids: list[int] = field(default_factory=list)
 
 
+# What a batch's write hands back: an outcome per item, or for a batch of audit records only (the
+# Checks') each record's id, its caller's answer (no outcome object per record).
+Written = list[_Outcome] | list[int]
+
+
 class Journal:
     """Implements the domain's AuditLog port and runs every other write as a job."""
 
@@ -177,9 +183,6 @@ class Journal:
         self._since_checkpoint = 0  # records sealed since it
         self._new_checkpoints: list[Checkpoint] = []  # signed in the batch, logged at commit
         self._checkpointer: asyncio.Task[None] | None = None
-        names = ", ".join(SEALED_COLUMNS)
-        marks = ", ".join("?" for _ in SEALED_COLUMNS)
-        self._sqlite_insert = f"INSERT INTO audit_records ({names}) VALUES ({marks})"  # noqa: S608
         self._insert = tables.audit_records.insert()
         self._pending_records: list[AuditRecordRow] = []  # written, not yet committed
         self._busy = False
@@ -445,7 +448,12 @@ class Journal:
                 self._published(records)
             except Exception:  # a listener's fault must not cost the writer or the callers
                 log.exception("publishing %d committed audit records failed", len(records))
-        for item, outcome in zip(batch, outcomes, strict=True):
+        if not outcomes or type(outcomes[0]) is int:  # a batch of records only: each its id
+            for item, record_id in zip(batch, outcomes, strict=True):
+                if not item.future.done():
+                    item.future.set_result(record_id)
+            return
+        for item, outcome in zip(batch, cast("list[_Outcome]", outcomes), strict=True):
             if outcome.after_commit is not None:
                 try:
                     outcome.after_commit(outcome.ids)
@@ -502,7 +510,7 @@ class Journal:
             with contextlib.suppress(Unavailable):
                 await self.run(_probe_write)
 
-    def _write_sqlite(self, batch: list[_Item]) -> list[_Outcome]:
+    def _write_sqlite(self, batch: list[_Item]) -> Written:
         assert self._sync_engine is not None
         if self._sync_connection is None:
             self._sync_connection = self._sync_engine.connect()
@@ -512,9 +520,9 @@ class Journal:
         with connection.begin():
             return self._write_batch(connection, batch)
 
-    def _write_audit_only(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
+    def _write_audit_only(self, connection: Connection, batch: list[_Item]) -> list[int]:
         """The Check path's batches, audit records only: straight to the sqlite3 connection,
-        one executemany and one commit (SQLAlchemy's per-statement work doubles the cost)."""
+        multi-row INSERTs and one commit (SQLAlchemy's per-statement work doubles the cost)."""
         raw = connection.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
         if self._next_id is None or self._chain_head is None:
@@ -522,7 +530,9 @@ class Journal:
                 self._load_head(connection)
         try:
             sealed = self._seal([audit_row(item.event) for item in batch if item.event])
-            raw.executemany(self._sqlite_insert, sealed)
+            for start in range(0, len(sealed), SQLITE_ROWS_PER_INSERT):
+                rows = sealed[start : start + SQLITE_ROWS_PER_INSERT]
+                raw.execute(_sqlite_insert(len(rows)), [value for row in rows for value in row])
             mark, checkpoint = self._chain_extras(force=False, final=False)
             if mark is not None:
                 raw.execute(_SQLITE_MARK, (mark,))
@@ -534,9 +544,9 @@ class Journal:
             self._next_id = self._chain_head = None
             raise
         self._pending_records.extend(sealed)  # published on the loop, after the commit
-        return [_Outcome(value=row[0], ids=[row[0]]) for row in sealed]
+        return [row[0] for row in sealed]
 
-    async def _write_async(self, batch: list[_Item]) -> list[_Outcome]:
+    async def _write_async(self, batch: list[_Item]) -> Written:
         if self._async_connection is None:
             self._async_connection = await self._connect_claimed()
         connection = self._async_connection
@@ -549,7 +559,7 @@ class Journal:
 
     async def _write_audit_only_async(
         self, connection: AsyncConnection, batch: list[_Item]
-    ) -> list[_Outcome]:
+    ) -> list[int]:
         """PostgreSQL's Check batches, audit records only (the head known): straight to the
         asyncpg connection in four round trips, against five and SQLAlchemy's per-statement work
         on the general path. BEGIN with the id window's shared lock and NOTIFY, then the ids,
@@ -569,7 +579,7 @@ class Journal:
             await raw.execute(_PG_CHECKPOINT, *checkpoints.checkpoint_row(checkpoint))
         await raw.execute("COMMIT")
         self._pending_records.extend(sealed)  # published on the loop, after the commit
-        return [_Outcome(value=row[0], ids=[row[0]]) for row in sealed]
+        return [row[0] for row in sealed]
 
     def _write_batch(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
         """Runs the jobs and writes the new sessions in batch order (a session only under a
@@ -792,6 +802,23 @@ _PG_CHECKPOINT = (
     f"INSERT INTO audit_checkpoints ({', '.join(checkpoints.COLUMNS)})"  # noqa: S608
     f" VALUES ({', '.join(f'${n}' for n in range(1, len(checkpoints.COLUMNS) + 1))})"
 )
+# Records per INSERT statement on SQLite: a statement of many rows binds them in one call and runs
+# once (executemany runs the statement per row, letting go of the GIL each time, which the gRPC
+# poller thread then takes); 32 rows of 20 columns stay far below SQLite's 32,766 parameters, and
+# the 32 statements (1 to 32 rows) stay in the sqlite3 module's statement cache (128).
+SQLITE_ROWS_PER_INSERT = 32
+
+
+@functools.cache
+def _sqlite_insert(rows: int) -> str:
+    """INSERT of ``rows`` audit records, their values in SEALED_COLUMNS order, row after row."""
+    values = "(" + ", ".join("?" for _ in SEALED_COLUMNS) + ")"
+    return (
+        f"INSERT INTO audit_records ({', '.join(SEALED_COLUMNS)})"  # noqa: S608
+        f" VALUES {', '.join([values] * rows)}"
+    )
+
+
 _SQLITE_MARK = f"UPDATE counters SET value = ? WHERE name = '{tables.AUDIT_ID_MARK}'"  # noqa: S608
 _SQLITE_CHECKPOINT = (
     f"INSERT INTO audit_checkpoints ({', '.join(checkpoints.COLUMNS)})"  # noqa: S608
