@@ -60,15 +60,19 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LINGER_PASSES = 4
-LINGER_GROUP = 8
-# Under load (the last batch had company), wait up to this long more for a group of 8 (the wait
-# ends when they are there): gRPC aio hands calls to Python about one per loop pass, so passes
-# alone gather few. 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74 (session 4);
-# uvloop keeps timers in whole milliseconds and runs one that rounds to 0 at once (call_soon),
-# which left its batches at half asyncio's size and its Checks dearer than asyncio's. 1 ms
-# ending at the group (session 8): batches of about 7 on both loops at 8 and 64 in flight,
-# against 3 and 2.5-5.
-LINGER_SECONDS = 0.001
+# Under load (the last batch had company), wait up to LINGER_SECONDS more for a group (the wait
+# ends when it is there): gRPC aio hands calls to Python about one per loop pass, so passes alone
+# gather few. The group is what the last batch showed is coming: its callers (a Check's caller
+# mostly asks again) and the writes that arrived while it was written; at least LINGER_GROUP_MIN,
+# at most LINGER_GROUP. History: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74
+# (session 4); 1 ms ending at a group of 8 gave batches of about 7 (session 8). Session 10: libuv
+# keeps uvloop's clock in whole milliseconds, so on a busy loop a 1 ms timer fires 0.2-1 ms after
+# it is set (half asyncio's wait), which left uvloop's batches at 3 at 8 in flight and 5.7 at 64
+# (asyncio 6.8 / 7.4); 2 ms, ending at the group as before, gives 7.2-8.8 on both loops, and at
+# 8 in flight the group of 8 still ends the wait as soon as the 8 are there.
+LINGER_GROUP_MIN = 8
+LINGER_GROUP = 32
+LINGER_SECONDS = 0.002
 # SQLite ids reserved per write of the high-water mark: a batch writes it only when it crosses
 # the reservation, and a crash skips at most this many ids.
 ID_BLOCK = 1000
@@ -186,6 +190,7 @@ class Journal:
         self._insert = tables.audit_records.insert()
         self._pending_records: list[AuditRecordRow] = []  # written, not yet committed
         self._busy = False
+        self._group = LINGER_GROUP_MIN  # the writes the writer lingers for while busy (_run)
         self.healthy = True
         self._on_health = on_health
         self._probe_interval = probe_interval
@@ -377,8 +382,9 @@ class Journal:
                     await asyncio.sleep(0)
                     if len(pending) == waiting:
                         break
-            if self._busy and len(pending) < LINGER_GROUP and not self._stopping:
-                self._wake_at = LINGER_GROUP  # _submit ends the wait when the group is there
+            group = self._group
+            if self._busy and len(pending) < group and not self._stopping:
+                self._wake_at = group  # _submit ends the wait when the group is there
                 self._wakeup = self._loop.create_future()
                 timer = self._loop.call_later(LINGER_SECONDS, self._wake)
                 try:
@@ -395,6 +401,9 @@ class Journal:
                 await self._commit(batch)
             finally:
                 self._writing, self._stalled = (), False
+            # The next group: the callers just answered (a Check's caller mostly asks again)
+            # and those that came meanwhile, up to LINGER_GROUP.
+            self._group = min(max(take + len(pending), LINGER_GROUP_MIN), LINGER_GROUP)
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
