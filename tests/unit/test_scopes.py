@@ -274,3 +274,10 @@ def test_delegation_never_yields_more_than_the_delegator_holds(
         a, r = validate_action(action), validate_resource(resource)
         assert granted.first_match(a, r) is not None
         assert held.first_match(a, r) is not None
+
+
+def test_a_scope_sets_texts_are_its_scopes_in_order_and_not_part_of_equality() -> None:
+    granted = ScopeSet.parse(["tickets.read", "drive.read:drive/team/**"])
+    assert granted.texts == ("tickets.read", "drive.read:drive/team/**")
+    assert granted == ScopeSet.parse(["tickets.read", "drive.read:drive/team/**"])
+    assert "texts" not in repr(granted)

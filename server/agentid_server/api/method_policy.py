@@ -33,8 +33,17 @@ class Rule:
         if isinstance(principal, AgentPrincipal):
             return self.agents
         if isinstance(principal, ServicePrincipal):
-            return any(principal.has_role(role) for role in self.roles)
+            # A rule naming roles lets in a service holding one of them, or admin (has_role);
+            # set against set, so no enum member is hashed again (Enum.__hash__ is Python code,
+            # run on every Check otherwise). A rule naming none lets no service in, admin or not.
+            roles = principal.roles
+            return bool(self.roles) and not (
+                self.roles.isdisjoint(roles) and _ADMIN.isdisjoint(roles)
+            )
         return False
+
+
+_ADMIN = frozenset((Role.ADMIN,))
 
 
 def _roles(*roles: Role) -> frozenset[Role]:

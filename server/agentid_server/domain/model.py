@@ -9,7 +9,7 @@ import enum
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from agentid_server.domain.scopes import ScopeSet
 
@@ -176,9 +176,12 @@ class SessionRecord:
     parent_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class AuditEvent:
-    """One audit record before it is written (the store assigns id and chain hashes)."""
+class AuditEvent(NamedTuple):
+    """One audit record before it is written (the store assigns id and chain hashes).
+
+    Immutable like the other nouns, but a NamedTuple: every Check builds one, and a frozen
+    dataclass of sixteen fields (one ``object.__setattr__`` per field) costs about three times
+    as much to build (docs/benchmarks.md, session 10)."""
 
     time: float
     event_type: EventType

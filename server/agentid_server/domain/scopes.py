@@ -232,14 +232,15 @@ class ScopeSet:
     """The granted scopes of a session, in order, with matching precompiled."""
 
     scopes: tuple[Scope, ...]
+    # The scopes' texts, kept: every Check's audit record names them.
+    texts: tuple[str, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(s.text for s in self.scopes))
 
     @classmethod
     def parse(cls, texts: Iterable[str]) -> ScopeSet:
         return cls(tuple(Scope.parse(t) for t in texts))
-
-    @property
-    def texts(self) -> tuple[str, ...]:
-        return tuple(s.text for s in self.scopes)
 
     def first_match(self, action: tuple[str, ...], resource: tuple[str, ...]) -> Scope | None:
         """The first scope that allows (action, resource), or None."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -33,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, func, select, text, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
@@ -59,15 +60,19 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LINGER_PASSES = 4
-LINGER_GROUP = 8
-# Under load (the last batch had company), wait up to this long more for a group of 8 (the wait
-# ends when they are there): gRPC aio hands calls to Python about one per loop pass, so passes
-# alone gather few. 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74 (session 4);
-# uvloop keeps timers in whole milliseconds and runs one that rounds to 0 at once (call_soon),
-# which left its batches at half asyncio's size and its Checks dearer than asyncio's. 1 ms
-# ending at the group (session 8): batches of about 7 on both loops at 8 and 64 in flight,
-# against 3 and 2.5-5.
-LINGER_SECONDS = 0.001
+# Under load (the last batch had company), wait up to LINGER_SECONDS more for a group (the wait
+# ends when it is there): gRPC aio hands calls to Python about one per loop pass, so passes alone
+# gather few. The group is what the last batch showed is coming: its callers (a Check's caller
+# mostly asks again) and the writes that arrived while it was written; at least LINGER_GROUP_MIN,
+# at most LINGER_GROUP. History: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74
+# (session 4); 1 ms ending at a group of 8 gave batches of about 7 (session 8). Session 10: libuv
+# keeps uvloop's clock in whole milliseconds, so on a busy loop a 1 ms timer fires 0.2-1 ms after
+# it is set (half asyncio's wait), which left uvloop's batches at 3 at 8 in flight and 5.7 at 64
+# (asyncio 6.8 / 7.4); 2 ms, ending at the group as before, gives 7.2-8.8 on both loops, and at
+# 8 in flight the group of 8 still ends the wait as soon as the 8 are there.
+LINGER_GROUP_MIN = 8
+LINGER_GROUP = 32
+LINGER_SECONDS = 0.002
 # SQLite ids reserved per write of the high-water mark: a batch writes it only when it crosses
 # the reservation, and a crash skips at most this many ids.
 ID_BLOCK = 1000
@@ -105,6 +110,11 @@ class _Outcome:
     error: Exception | None = None  # an AgentIdError, or a job's own database error
     after_commit: Callable[[list[int]], None] | None = None
     ids: list[int] = field(default_factory=list)
+
+
+# What a batch's write hands back: an outcome per item, or for a batch of audit records only (the
+# Checks') each record's id, its caller's answer (no outcome object per record).
+Written = list[_Outcome] | list[int]
 
 
 class Journal:
@@ -177,12 +187,10 @@ class Journal:
         self._since_checkpoint = 0  # records sealed since it
         self._new_checkpoints: list[Checkpoint] = []  # signed in the batch, logged at commit
         self._checkpointer: asyncio.Task[None] | None = None
-        names = ", ".join(SEALED_COLUMNS)
-        marks = ", ".join("?" for _ in SEALED_COLUMNS)
-        self._sqlite_insert = f"INSERT INTO audit_records ({names}) VALUES ({marks})"  # noqa: S608
         self._insert = tables.audit_records.insert()
         self._pending_records: list[AuditRecordRow] = []  # written, not yet committed
         self._busy = False
+        self._group = LINGER_GROUP_MIN  # the writes the writer lingers for while busy (_run)
         self.healthy = True
         self._on_health = on_health
         self._probe_interval = probe_interval
@@ -374,8 +382,9 @@ class Journal:
                     await asyncio.sleep(0)
                     if len(pending) == waiting:
                         break
-            if self._busy and len(pending) < LINGER_GROUP and not self._stopping:
-                self._wake_at = LINGER_GROUP  # _submit ends the wait when the group is there
+            group = self._group
+            if self._busy and len(pending) < group and not self._stopping:
+                self._wake_at = group  # _submit ends the wait when the group is there
                 self._wakeup = self._loop.create_future()
                 timer = self._loop.call_later(LINGER_SECONDS, self._wake)
                 try:
@@ -392,6 +401,9 @@ class Journal:
                 await self._commit(batch)
             finally:
                 self._writing, self._stalled = (), False
+            # The next group: the callers just answered (a Check's caller mostly asks again)
+            # and those that came meanwhile, up to LINGER_GROUP.
+            self._group = min(max(take + len(pending), LINGER_GROUP_MIN), LINGER_GROUP)
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
@@ -445,7 +457,12 @@ class Journal:
                 self._published(records)
             except Exception:  # a listener's fault must not cost the writer or the callers
                 log.exception("publishing %d committed audit records failed", len(records))
-        for item, outcome in zip(batch, outcomes, strict=True):
+        if not outcomes or type(outcomes[0]) is int:  # a batch of records only: each its id
+            for item, record_id in zip(batch, outcomes, strict=True):
+                if not item.future.done():
+                    item.future.set_result(record_id)
+            return
+        for item, outcome in zip(batch, cast("list[_Outcome]", outcomes), strict=True):
             if outcome.after_commit is not None:
                 try:
                     outcome.after_commit(outcome.ids)
@@ -502,7 +519,7 @@ class Journal:
             with contextlib.suppress(Unavailable):
                 await self.run(_probe_write)
 
-    def _write_sqlite(self, batch: list[_Item]) -> list[_Outcome]:
+    def _write_sqlite(self, batch: list[_Item]) -> Written:
         assert self._sync_engine is not None
         if self._sync_connection is None:
             self._sync_connection = self._sync_engine.connect()
@@ -512,9 +529,9 @@ class Journal:
         with connection.begin():
             return self._write_batch(connection, batch)
 
-    def _write_audit_only(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
+    def _write_audit_only(self, connection: Connection, batch: list[_Item]) -> list[int]:
         """The Check path's batches, audit records only: straight to the sqlite3 connection,
-        one executemany and one commit (SQLAlchemy's per-statement work doubles the cost)."""
+        multi-row INSERTs and one commit (SQLAlchemy's per-statement work doubles the cost)."""
         raw = connection.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
         if self._next_id is None or self._chain_head is None:
@@ -522,7 +539,9 @@ class Journal:
                 self._load_head(connection)
         try:
             sealed = self._seal([audit_row(item.event) for item in batch if item.event])
-            raw.executemany(self._sqlite_insert, sealed)
+            for start in range(0, len(sealed), SQLITE_ROWS_PER_INSERT):
+                rows = sealed[start : start + SQLITE_ROWS_PER_INSERT]
+                raw.execute(_sqlite_insert(len(rows)), [value for row in rows for value in row])
             mark, checkpoint = self._chain_extras(force=False, final=False)
             if mark is not None:
                 raw.execute(_SQLITE_MARK, (mark,))
@@ -534,9 +553,9 @@ class Journal:
             self._next_id = self._chain_head = None
             raise
         self._pending_records.extend(sealed)  # published on the loop, after the commit
-        return [_Outcome(value=row[0], ids=[row[0]]) for row in sealed]
+        return [row[0] for row in sealed]
 
-    async def _write_async(self, batch: list[_Item]) -> list[_Outcome]:
+    async def _write_async(self, batch: list[_Item]) -> Written:
         if self._async_connection is None:
             self._async_connection = await self._connect_claimed()
         connection = self._async_connection
@@ -549,7 +568,7 @@ class Journal:
 
     async def _write_audit_only_async(
         self, connection: AsyncConnection, batch: list[_Item]
-    ) -> list[_Outcome]:
+    ) -> list[int]:
         """PostgreSQL's Check batches, audit records only (the head known): straight to the
         asyncpg connection in four round trips, against five and SQLAlchemy's per-statement work
         on the general path. BEGIN with the id window's shared lock and NOTIFY, then the ids,
@@ -569,7 +588,7 @@ class Journal:
             await raw.execute(_PG_CHECKPOINT, *checkpoints.checkpoint_row(checkpoint))
         await raw.execute("COMMIT")
         self._pending_records.extend(sealed)  # published on the loop, after the commit
-        return [_Outcome(value=row[0], ids=[row[0]]) for row in sealed]
+        return [row[0] for row in sealed]
 
     def _write_batch(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
         """Runs the jobs and writes the new sessions in batch order (a session only under a
@@ -792,6 +811,23 @@ _PG_CHECKPOINT = (
     f"INSERT INTO audit_checkpoints ({', '.join(checkpoints.COLUMNS)})"  # noqa: S608
     f" VALUES ({', '.join(f'${n}' for n in range(1, len(checkpoints.COLUMNS) + 1))})"
 )
+# Records per INSERT statement on SQLite: a statement of many rows binds them in one call and runs
+# once (executemany runs the statement per row, letting go of the GIL each time, which the gRPC
+# poller thread then takes); 32 rows of 20 columns stay far below SQLite's 32,766 parameters, and
+# the 32 statements (1 to 32 rows) stay in the sqlite3 module's statement cache (128).
+SQLITE_ROWS_PER_INSERT = 32
+
+
+@functools.cache
+def _sqlite_insert(rows: int) -> str:
+    """INSERT of ``rows`` audit records, their values in SEALED_COLUMNS order, row after row."""
+    values = "(" + ", ".join("?" for _ in SEALED_COLUMNS) + ")"
+    return (
+        f"INSERT INTO audit_records ({', '.join(SEALED_COLUMNS)})"  # noqa: S608
+        f" VALUES {', '.join([values] * rows)}"
+    )
+
+
 _SQLITE_MARK = f"UPDATE counters SET value = ? WHERE name = '{tables.AUDIT_ID_MARK}'"  # noqa: S608
 _SQLITE_CHECKPOINT = (
     f"INSERT INTO audit_checkpoints ({', '.join(checkpoints.COLUMNS)})"  # noqa: S608

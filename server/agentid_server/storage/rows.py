@@ -44,7 +44,9 @@ def audit_row(event: AuditEvent) -> AuditRow:
         int(event.reason),
         event.parent_session_id,
         event.step_up_id,
-        json.dumps(dict(context), separators=(",", ":"), sort_keys=True)
+        None
+        if context is None  # most records: before the (slower) check for a mapping
+        else json.dumps(dict(context), separators=(",", ":"), sort_keys=True)
         if isinstance(context, Mapping)
         else None,
         event.detail,
