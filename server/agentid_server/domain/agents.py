@@ -191,16 +191,24 @@ class AgentRegistry:
         self._kinds: dict[str, AgentKind] = {}
         self._disabled: set[str] = set()
         self._sorted: list[str] | None = []  # ids in order, rebuilt on demand after a change
-        self.revision = 0  # the highest revision applied
+        self.revision = 0  # every change up to it is applied (see apply)
         self._listeners: list[Callable[[Agent], None]] = []
 
     def on_change(self, listener: Callable[[Agent], None]) -> None:
         """``listener`` is told of every agent applied (client-assertion keys follow it)."""
         self._listeners.append(listener)
 
-    def apply(self, agents: Iterable[Agent]) -> None:
-        """Takes each agent unless this replica holds a later revision of it."""
+    def apply(self, agents: Iterable[Agent], *, read_after_revision: bool = True) -> None:
+        """Takes each agent unless this replica holds a later revision of it.
+
+        ``read_after_revision``: these are every change the store held after ``revision`` (a
+        catch-up read: revisions follow commit order, so there is no gap below the last), and
+        ``revision`` moves to the last of them. A replica's own write is applied with False: the
+        revision before it may be another replica's commit this one has not read yet, and moving
+        past it would skip that change for good; the next catch-up reads both."""
         for agent in agents:
+            if read_after_revision:
+                self.revision = max(self.revision, agent.revision)
             held = self._agents.get(agent.id)
             if held is not None and held.revision >= agent.revision:
                 continue
@@ -214,7 +222,6 @@ class AgentRegistry:
                 self._disabled.add(agent.id)
             else:
                 self._disabled.discard(agent.id)
-            self.revision = max(self.revision, agent.revision)
             for listener in self._listeners:
                 listener(agent)
 
@@ -350,7 +357,7 @@ class AgentAdmin:
         created = await self._store.create(agent, _event(caller, EventType.AGENT_CREATED, agent))
         if created is None:
             raise AlreadyExists(f"agent {draft.id!r} already exists", reason="AGENT_EXISTS")
-        self._registry.apply([created])
+        self._registry.apply([created], read_after_revision=False)
         return created
 
     async def update(self, caller: Principal, draft: AgentDraft, paths: Sequence[str]) -> Agent:
@@ -464,7 +471,7 @@ class AgentAdmin:
         agent = await self._store.change(agent_id, change, event)
         if agent is None:
             raise _unknown(agent_id)
-        self._registry.apply([agent])
+        self._registry.apply([agent], read_after_revision=False)
         return agent
 
     def _known(self, agent_id: str) -> Agent:
