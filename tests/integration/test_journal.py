@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -106,6 +107,41 @@ async def test_a_failing_job_rolls_back_alone(journal: Journal) -> None:
         names = {row[0] for row in await connection.execute(text("SELECT name FROM counters"))}
     assert "good" in names
     assert "bad" not in names
+
+
+async def counter_names(journal: Journal) -> set[str]:
+    async with journal._engine.connect() as connection:
+        return {row[0] for row in await connection.execute(text("SELECT name FROM counters"))}
+
+
+def writing(name: str, *, fail: Exception | None = None) -> Callable[[Connection], JobResult[str]]:
+    """A job that inserts a counter, records an event, then raises ``fail`` if given."""
+
+    def job(connection: Connection) -> JobResult[str]:
+        connection.execute(text("INSERT INTO counters (name, value) VALUES (:n, 1)"), {"n": name})
+        if fail is not None:
+            raise fail
+        return JobResult(name, events=[event(1)])
+
+    return job
+
+
+async def test_jobs_commit_with_their_batchs_audit_records_or_not_at_all(journal: Journal) -> None:
+    """pysqlite begins a transaction only before a write statement, so a batch starting with a
+    job's SAVEPOINT committed each job at its RELEASE, before the batch's audit records: here
+    the records cannot be written, and neither job's writes may stay."""
+    async with journal._engine.begin() as connection:
+        await connection.execute(
+            text(
+                "CREATE TRIGGER no_records BEFORE INSERT ON audit_records"
+                " BEGIN SELECT RAISE(ABORT, 'no records today'); END"
+            )
+        )
+    results = await asyncio.gather(
+        journal.run(writing("first")), journal.run(writing("second")), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [Unavailable, Unavailable]
+    assert not {"first", "second"} & await counter_names(journal)
 
 
 async def test_after_commit_runs_in_order_with_the_record_ids(journal: Journal) -> None:

@@ -510,6 +510,13 @@ class Journal:
         if all(item.job is None and item.session is None for item in batch):  # Checks
             return self._write_audit_only(connection, batch)
         with connection.begin():
+            # pysqlite begins a transaction by itself only before an INSERT, UPDATE or DELETE: a
+            # batch whose first statement is a job's SAVEPOINT (or a read) would commit at that
+            # RELEASE, apart from the rest of the batch and its audit records. IMMEDIATE: the
+            # write lock from the start, so a job reads what it then writes.
+            raw = connection.connection.driver_connection
+            assert isinstance(raw, sqlite3.Connection)
+            raw.execute("BEGIN IMMEDIATE")
             return self._write_batch(connection, batch)
 
     def _write_audit_only(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
