@@ -17,6 +17,7 @@ from agentid_server.domain.model import ActorKind, AuditEvent, EventType, Sessio
 from agentid_server.storage.database import create_engines, migrate
 from agentid_server.storage.journal import JobResult, Journal
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
 
 from tests.conftest import Harness, error_info
 
@@ -142,6 +143,20 @@ async def test_jobs_commit_with_their_batchs_audit_records_or_not_at_all(journal
     )
     assert [type(r) for r in results] == [Unavailable, Unavailable]
     assert not {"first", "second"} & await counter_names(journal)
+
+
+async def test_a_job_alone_in_its_batch_that_fails_leaves_nothing(journal: Journal) -> None:
+    """Alone, a job runs without a savepoint: its failure rolls the transaction back whole, the
+    caller gets the job's error, and the store stays healthy."""
+    with pytest.raises(NotFound):
+        await journal.run(writing("refused", fail=NotFound("nothing here")))
+    with pytest.raises(IntegrityError):  # the database refused its data: the same
+        await journal.run(writing("session_serial"))  # taken: a unique name
+    assert journal.healthy
+    assert await journal.run(writing("after")) == "after"
+    names = await counter_names(journal)
+    assert "after" in names
+    assert "refused" not in names
 
 
 async def test_after_commit_runs_in_order_with_the_record_ids(journal: Journal) -> None:

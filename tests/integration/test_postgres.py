@@ -397,6 +397,31 @@ async def test_step_up_changes_reach_watchers_on_the_other_replica(
     inbox.cancel()
 
 
+async def test_a_refused_revoke_writes_nothing_and_takes_no_sequence(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """Refused in its transaction (a job alone in its batch: rolled back whole, no savepoint):
+    nothing written, the store healthy, and the next Revoke takes the next sequence."""
+    a, _ = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    for credential, target, reason in (
+        (ADMIN_KEY, "ses_" + "0" * 26, "SESSION_NOT_FOUND"),
+        (a.idp.token(sub="bob"), session.session_id, "NOT_YOUR_SESSION"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await a.stub.Revoke(pb.RevokeRequest(session_id=target), metadata=bearer(credential))
+        assert error_info(caught.value).reason == reason
+    assert a.running.journal.healthy
+    revoked = await a.stub.Revoke(
+        pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY)
+    )
+    assert revoked.revocation_sequence == 1
+    assert [r.event_type for r in await audit(a, session_id=session.session_id)] == [
+        pb.EVENT_TYPE_DELEGATE,
+        pb.EVENT_TYPE_REVOKE,
+    ]
+
+
 async def test_a_revoke_expires_the_sessions_step_ups_and_every_replica_hears_of_it(
     replicas: tuple[Harness, Harness],
 ) -> None:
