@@ -309,26 +309,24 @@ async def measure_all(
         order = plan[shift:] + plan[:shift]
         if round_no % 2:
             order.reverse()
-        for kind, backend in order:
-            if kind == "push":
+        for kind, target in order:
+            profile_to = None
+            if target is None:
                 server, requests, sessions = baseline, [payload] * per_block, 1
             else:
-                assert backend is not None
-                ids = lone[backend.name] if kind == "session" else trees[backend.name]
-                server = backend.server
+                ids = lone[target.name] if kind == "session" else trees[target.name]
+                server = target.server
                 requests = [revoke_request(next(ids)) for _ in range(per_block)]
                 sessions = 1 if kind == "session" else args.descendants + 1
-            profile_to = None
-            if args.profile and backend is not None:
-                profile_to = (
-                    H.OUT / "revoke_cost-profiles" / f"{backend.name}-{kind}-{round_no + 1}.prof"
-                )
+                if args.profile:
+                    name = f"{target.name}-{kind}-{round_no + 1}.prof"
+                    profile_to = H.OUT / "revoke_cost-profiles" / name
             block = await measure_block(
-                kind=kind, port=server.port, server=server, backend=backend, requests=requests,
+                kind=kind, port=server.port, server=server, backend=target, requests=requests,
                 sessions_per_call=sessions, args=args, rng=rng, profile_to=profile_to,
             )  # fmt: skip
             results.append(block)
-            where = f"{backend.name} " if backend else ""
+            where = f"{target.name} " if target else ""
             line = (
                 f"  round {round_no + 1}/{args.rounds} {where + kind:16} "
                 f"server {block.per_call_us(block.server_cpu_s):6.0f} us/call"
