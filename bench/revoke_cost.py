@@ -68,7 +68,6 @@ from revocation_push import SCRIPT as WATCHER_SCRIPT
 
 HERE = Path(__file__).resolve().parent
 COUNTED_SERVE = HERE / "counted_serve.py"
-CALL_KINDS = ("push", "session", "tree")
 
 
 @dataclass
@@ -109,7 +108,9 @@ def backend_config(base: Path, target: Path, url: str) -> Path:
     return target
 
 
-async def _mint(port: int, user_token: str, lone: int, trees: int, descendants: int) -> Any:
+async def _mint(
+    port: int, user_token: str, lone: int, trees: int, descendants: int
+) -> tuple[list[str], list[str]]:
     """``lone`` sessions, and ``trees`` roots each with ``descendants`` sub-agents below it (node i
     delegated by node (i - 1) // 2), through Delegate; every session may delegate."""
     from agentid.v1 import agentid_pb2 as pb
@@ -155,11 +156,23 @@ async def _mint(port: int, user_token: str, lone: int, trees: int, descendants: 
     return sessions, roots
 
 
+def _own_url(url: str) -> str:
+    """The servers' URL for this benchmark's own connections: without `ssl` (`?ssl=disable`, an
+    argument for the servers' asyncpg.connect, would reach a DSN as a server setting)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).difference_update_query(["ssl"]).render_as_string(hide_password=False)
+
+
+def _own_dsn(url: str) -> str:
+    return _own_url(url).replace("postgresql+asyncpg://", "postgresql://")
+
+
 async def backend_pids(url: str) -> list[int]:
     """The server processes of every connection to the database (this one's excluded)."""
     import asyncpg  # type: ignore[import-untyped]  # the server's driver, in the project venv
 
-    connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    connection = await asyncpg.connect(_own_dsn(url))
     try:
         rows = await connection.fetch(
             "SELECT pid FROM pg_stat_activity"
@@ -363,7 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name == "postgres":  # a database of the schema and nothing in it
                 from list_sessions import prepare_postgres
 
-                asyncio.run(prepare_postgres(url, args.wipe))
+                asyncio.run(prepare_postgres(_own_url(url), args.wipe))
             config = backend_config(deployment.config, directory / f"{name}.toml", url)
             counts = directory / f"{name}.counts"
             argv = [python, str(COUNTED_SERVE), str(counts), str(config)]
