@@ -88,7 +88,8 @@ _EXPIRED, _PENDING, _APPROVED = (
     int(StepUpState.PENDING),
     int(StepUpState.APPROVED),
 )
-_STEP_UP_COLUMNS = ", ".join(c.name for c in tables.step_ups.c)  # named: the answer's order
+# Named in the table's order, so the answer's columns are the ones .columns() below declares.
+_STEP_UP_COLUMNS = ", ".join(c.name for c in tables.step_ups.c)
 _PG_WRITE = text(
     f"""
 WITH bumped AS (
