@@ -1,6 +1,6 @@
 """The statements one Revoke of a session sends to the database, on a journal of its own (nothing
 else writes, so the batch is the Revoke alone and the count is exact): what the work needs, in
-one transaction (docs/benchmarks.md, session 10)."""
+one transaction (docs/benchmarks.md, session 11)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The revoke job's statements, built once with bind parameters (building them per call was most
-of a Revoke's CPU), and as few as the work needs (docs/benchmarks.md, session 10):
+of a Revoke's CPU), and as few as the work needs (docs/benchmarks.md, session 11):
 
 * one read of the slice's sessions (the root's subtree, a user's or an agent's sessions), which
   also serves the authorization of a session's Revoke when the root is among them;
