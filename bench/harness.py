@@ -41,6 +41,7 @@ IDP_AUDIENCE = "agentid-bench"
 IDP_KID = "bench-idp-1"
 AGENT_ID = "bench-bot"
 ACTION = "tickets.read"
+DELEGATE_SCOPE = "agentid.delegate"
 GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz@latest"
 
 CHECK_METHOD = "agentid.v1.AgentIdentityService.Check"
@@ -111,10 +112,12 @@ def create_deployment(
     token_cache_size: int,
     roles: Sequence[str] = ("check",),
     sqlite_writer: str = "inline",
+    sub_agents: bool = False,
 ) -> Deployment:
     """Writes a KEK, a test IdP (Ed25519 key + JWKS), a service API key with ``roles`` (`check`
-    by default; `admin` includes check and watch and may Revoke), an agent kind and the TOML
-    config listening on 127.0.0.1:0 (the server picks a free port)."""
+    by default; `admin` includes check and watch and may Revoke), an agent kind (with
+    ``sub_agents``, one that may also hold `agentid.delegate`, to delegate to sub-agents) and the
+    TOML config listening on 127.0.0.1:0 (the server picks a free port)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -132,6 +135,7 @@ def create_deployment(
     (directory / "idp-jwks.json").write_text(json.dumps(jwks))
     api_key = "aid_sk_" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(api_key.encode()).hexdigest()
+    max_scopes = ["tickets.*", DELEGATE_SCOPE] if sub_agents else ["tickets.*"]
     config = directory / "agentid.toml"
     config.write_text(
         f"""\
@@ -167,7 +171,7 @@ roles = {json.dumps(list(roles))}
 
 [[agents]]
 id = "{AGENT_ID}"
-max_scopes = ["tickets.*"]
+max_scopes = {json.dumps(max_scopes)}
 max_ttl = "60m"
 """
     )

@@ -11,9 +11,10 @@ asks, through the server's own repository code (storage/session_listing.py), for
 200 times each (users and cursors drawn at random), and reports p50/p99/max in milliseconds,
 beside the same for a read of nothing (`round_trip`: SELECT 1 through the same path), the floor.
 Then the kill switch: one slice of a Revoke by agent_id (DisableAgent), the statement the
-repository runs (`_REVOKE["of_agent"]`: a recursive CTE from the agent's sessions not expired yet
-down parent_id, then the next 250 live ones by serial), for the biggest agent kind and a small
-one, 50 times each, read only (nothing is revoked), on the connection the journal would use.
+repository runs (`revoke_job.READS["of_agent"]`: a recursive CTE from the agent's sessions not
+expired yet down parent_id, then the next 250 live ones by serial), for the biggest agent kind
+and a small one, 50 times each, read only (nothing is revoked), on the connection the journal
+would use.
 
 SQLite (the default, a new file): no ANALYZE is run, the server never runs one, so the plans are
 the ones it gets. PostgreSQL (`--database postgresql+asyncpg://...`): the database is migrated by
@@ -48,7 +49,7 @@ import asyncpg  # type: ignore[import-untyped]
 from agentid_server.domain.sessions import Cursor, SessionQuery
 from agentid_server.storage import tables
 from agentid_server.storage.database import Engines, create_engines, migrate, read_all
-from agentid_server.storage.repositories import _REVOKE
+from agentid_server.storage.revoke_job import READS
 from agentid_server.storage.session_listing import SessionListing
 from sqlalchemy import (
     Connection,
@@ -74,7 +75,7 @@ KILL_BAR_MS = 50.0  # a slice is one statement of a journal batch: anything near
 KILL_AGENTS = {"kill_biggest_agent": "agent-0", "kill_small_agent": "agent-7"}
 
 
-KILL_STATEMENTS = {"": _REVOKE["of_agent"]}
+KILL_STATEMENTS = {"": READS["of_agent"]}
 
 
 def session_id(n: int) -> str:
@@ -279,10 +280,11 @@ def explain(connection: Connection, statement: Any, params: dict[str, Any]) -> s
 
 
 def kill_slices(connection: Connection, now: int) -> dict[str, dict[str, Any]]:
-    """One slice of a Revoke by agent_id, as the repository's job runs it (`_REVOKE["of_agent"]`
-    on the journal's connection), for each agent of KILL_AGENTS: first all its slices once (how
-    many live sessions the agent's subtrees hold), then the first slice KILL_RUNS times, then
-    its plan. Inside a transaction that is rolled back; nothing is written."""
+    """One slice of a Revoke by agent_id, as the repository's job runs it
+    (`revoke_job.READS["of_agent"]` on the journal's connection), for each agent of KILL_AGENTS:
+    first all its slices once (how many live sessions the agent's subtrees hold), then the first
+    slice KILL_RUNS times, then its plan. Inside a transaction that is rolled back; nothing is
+    written."""
     results: dict[str, dict[str, Any]] = {}
     with connection.begin() as transaction:
         for name, agent in KILL_AGENTS.items():

@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ from agentid_server.domain.model import ActorKind, AuditEvent, EventType, Sessio
 from agentid_server.storage.database import create_engines, migrate
 from agentid_server.storage.journal import JobResult, Journal
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
 
 from tests.conftest import Harness, error_info
 
@@ -106,6 +108,55 @@ async def test_a_failing_job_rolls_back_alone(journal: Journal) -> None:
         names = {row[0] for row in await connection.execute(text("SELECT name FROM counters"))}
     assert "good" in names
     assert "bad" not in names
+
+
+async def counter_names(journal: Journal) -> set[str]:
+    async with journal._engine.connect() as connection:
+        return {row[0] for row in await connection.execute(text("SELECT name FROM counters"))}
+
+
+def writing(name: str, *, fail: Exception | None = None) -> Callable[[Connection], JobResult[str]]:
+    """A job that inserts a counter, records an event, then raises ``fail`` if given."""
+
+    def job(connection: Connection) -> JobResult[str]:
+        connection.execute(text("INSERT INTO counters (name, value) VALUES (:n, 1)"), {"n": name})
+        if fail is not None:
+            raise fail
+        return JobResult(name, events=[event(1)])
+
+    return job
+
+
+async def test_jobs_commit_with_their_batchs_audit_records_or_not_at_all(journal: Journal) -> None:
+    """pysqlite begins a transaction only before a write statement, so a batch starting with a
+    job's SAVEPOINT committed each job at its RELEASE, before the batch's audit records: here
+    the records cannot be written, and neither job's writes may stay."""
+    async with journal._engine.begin() as connection:
+        await connection.execute(
+            text(
+                "CREATE TRIGGER no_records BEFORE INSERT ON audit_records"
+                " BEGIN SELECT RAISE(ABORT, 'no records today'); END"
+            )
+        )
+    results = await asyncio.gather(
+        journal.run(writing("first")), journal.run(writing("second")), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [Unavailable, Unavailable]
+    assert not {"first", "second"} & await counter_names(journal)
+
+
+async def test_a_job_alone_in_its_batch_that_fails_leaves_nothing(journal: Journal) -> None:
+    """Alone, a job runs without a savepoint: its failure rolls the transaction back whole, the
+    caller gets the job's error, and the store stays healthy."""
+    with pytest.raises(NotFound):
+        await journal.run(writing("refused", fail=NotFound("nothing here")))
+    with pytest.raises(IntegrityError):  # the database refused its data: the same
+        await journal.run(writing("session_serial"))  # taken: a unique name
+    assert journal.healthy
+    assert await journal.run(writing("after")) == "after"
+    names = await counter_names(journal)
+    assert "after" in names
+    assert "refused" not in names
 
 
 async def test_after_commit_runs_in_order_with_the_record_ids(journal: Journal) -> None:

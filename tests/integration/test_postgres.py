@@ -397,6 +397,77 @@ async def test_step_up_changes_reach_watchers_on_the_other_replica(
     inbox.cancel()
 
 
+async def test_a_refused_revoke_writes_nothing_and_takes_no_sequence(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """Refused in its transaction (a job alone in its batch: rolled back whole, no savepoint):
+    nothing written, the store healthy, and the next Revoke takes the next sequence."""
+    a, _ = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    for credential, target, reason in (
+        (ADMIN_KEY, "ses_" + "0" * 26, "SESSION_NOT_FOUND"),
+        (a.idp.token(sub="bob"), session.session_id, "NOT_YOUR_SESSION"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await a.stub.Revoke(pb.RevokeRequest(session_id=target), metadata=bearer(credential))
+        assert error_info(caught.value).reason == reason
+    assert a.running.journal.healthy
+    revoked = await a.stub.Revoke(
+        pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY)
+    )
+    assert revoked.revocation_sequence == 1
+    assert [r.event_type for r in await audit(a, session_id=session.session_id)] == [
+        pb.EVENT_TYPE_DELEGATE,
+        pb.EVENT_TYPE_REVOKE,
+    ]
+
+
+async def test_a_revoke_expires_the_sessions_step_ups_and_every_replica_hears_of_it(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """The revoke job's one statement (revoke_job.py) expires the session's pending and
+    approved step-ups with the revocation; the user's inbox on the other replica hears of both."""
+    a, b = replicas
+    for h in (a, b):
+        await listening(h)
+    session = await agent(a)
+    inbox = a.stub.WatchStepUps(pb.WatchStepUpsRequest(), metadata=bearer(fresh_user(a)))
+
+    async def next_state() -> tuple[str, int]:
+        item = await asyncio.wait_for(inbox.read(), 10)
+        return item.step_up.id, item.step_up.state
+
+    pending = await step_up(a, session.token)
+    approved = await step_up(a, session.token, resource="account/9")
+    await resolve(a, approved.id)
+    assert [await next_state() for _ in range(3)] == [
+        (pending.id, pb.STEP_UP_STATE_PENDING),
+        (approved.id, pb.STEP_UP_STATE_PENDING),
+        (approved.id, pb.STEP_UP_STATE_APPROVED),
+    ]
+    revoked = await b.stub.Revoke(
+        pb.RevokeRequest(session_id=session.session_id), metadata=bearer(ADMIN_KEY)
+    )
+    assert list(revoked.session_ids) == [session.session_id]
+    assert {await next_state() for _ in range(2)} == {
+        (pending.id, pb.STEP_UP_STATE_EXPIRED),
+        (approved.id, pb.STEP_UP_STATE_EXPIRED),
+    }
+    inbox.cancel()
+    engine = create_async_engine(URL)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(text("SELECT id, state FROM step_ups"))
+            assert dict(rows.all()) == {
+                pending.id: pb.STEP_UP_STATE_EXPIRED,
+                approved.id: pb.STEP_UP_STATE_EXPIRED,
+            }
+            sequences = await connection.execute(text("SELECT sequence FROM revocations"))
+            assert list(sequences.scalars()) == [revoked.revocation_sequence]
+    finally:
+        await engine.dispose()
+
+
 async def test_a_cursor_never_steps_past_a_record_another_writer_is_still_committing(
     replicas: tuple[Harness, Harness],
 ) -> None:

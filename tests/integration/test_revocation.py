@@ -94,6 +94,19 @@ async def test_revoking_again_is_not_an_error(harness: Harness) -> None:
     assert again.revocation_sequence == first.revocation_sequence
 
 
+async def test_a_session_no_longer_live_is_authorized_by_its_own_row(harness: Harness) -> None:
+    """The root is not among the slice's live sessions once expired, so it is read alone: its
+    user may revoke it (nothing is left to revoke), another user may not."""
+    session = await harness.delegate(ttl=Duration(seconds=60))
+    harness.clock.advance(120)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await revoke(harness, harness.idp.token(sub="bob"), session_id=session.session_id)
+    assert error_info(caught.value).reason == "NOT_YOUR_SESSION"
+    done = await revoke(harness, harness.idp.token(), session_id=session.session_id)
+    assert list(done.session_ids) == []
+    assert revoked_in_db(harness) == {}
+
+
 async def test_a_revoked_agent_can_no_longer_call(harness: Harness) -> None:
     root, child, _ = await family(harness)
     await revoke(harness, harness.idp.token(), session_id=root.session_id)

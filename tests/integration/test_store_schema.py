@@ -11,7 +11,7 @@ import pytest
 from agentid_server.domain.sessions import Cursor, SessionQuery
 from agentid_server.storage import tables
 from agentid_server.storage.database import create_engines, migrate
-from agentid_server.storage.repositories import _REVOKE
+from agentid_server.storage.revoke_job import READS
 from agentid_server.storage.session_listing import listing_statement
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -58,7 +58,7 @@ def test_a_revoke_of_a_user_reads_each_slice_by_serial_without_sorting(database:
     user's sessions by serial it is a range read; with (user_id, expires_at) only, every slice
     read and sorted all the user's live sessions again (20,000 sessions: 80 slices of all)."""
     params = {"user": "alice", "now": 1_800_000_000, "after": 0, "limit": 250}
-    found = plan(database, _REVOKE["of_user"], params)
+    found = plan(database, READS["of_user"], params)
     assert "ix_sessions_user_serial" in found
     assert "TEMP B-TREE" not in found
 

@@ -170,9 +170,10 @@ class RevocationStore(Protocol):
         ones by serial after ``after_serial`` (the slice's ``following`` is where the next call
         starts, None after the last): revocation rows with the next gap-free sequences, sessions
         marked, one audit record each. ``on_commit`` runs after the commit, before this returns,
-        in commit order. ``authorize`` is first handed, in the same transaction, the root
-        session (None when there is none) and a function reading its lineage (its id and its
-        ancestors'); what it raises refuses the revocation, nothing written.
+        in commit order. ``authorize`` is handed, in the same transaction and before anything
+        is written, the root session (None when there is none) and a function reading its
+        lineage (its id and its ancestors'); what it raises refuses the revocation, nothing
+        written.
 
         A live session revoked before is revoked again (a new sequence, so watchers hear of it)
         when its revocation was lost: no revocation row is left (pruned), or ``known(serial,

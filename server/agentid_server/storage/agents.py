@@ -17,10 +17,10 @@ from sqlalchemy import Connection, bindparam, select, update
 from agentid_server.domain.agents import Agent, AgentSource, AgentState
 from agentid_server.domain.model import AuditEvent
 from agentid_server.storage import tables
+from agentid_server.storage.counters import bump_counter
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
 from agentid_server.storage.notify import notify_agents
-from agentid_server.storage.repositories import bump_counter
 
 AGENT_REVISION = "agent_revision"
 _A = tables.agents

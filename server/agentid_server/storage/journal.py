@@ -12,7 +12,8 @@ both backends:
 * PostgreSQL: the async engine, with the batch run through ``AsyncConnection.run_sync``.
 
 Each job runs in a savepoint, so a job that fails (a domain error, say) rolls back alone and the
-rest of the batch commits.
+rest of the batch commits; a job alone in its batch runs without one (its failure rolls the whole
+transaction back: the same outcome without the SAVEPOINT and RELEASE).
 
 The journal also signs its chain's head (a checkpoint, storage/checkpoints.py) in the batch that
 brings it `checkpoint_records` records past the last one, at least every `checkpoint_interval`
@@ -526,8 +527,18 @@ class Journal:
         connection = self._sync_connection
         if all(item.job is None and item.session is None for item in batch):  # Checks
             return self._write_audit_only(connection, batch)
-        with connection.begin():
-            return self._write_batch(connection, batch)
+        try:
+            with connection.begin():
+                # pysqlite begins a transaction by itself only before an INSERT, UPDATE or
+                # DELETE: a batch whose first statement is a job's SAVEPOINT (or a read) would
+                # commit at that RELEASE, apart from the rest of the batch and its audit records.
+                # IMMEDIATE: the write lock from the start, so a job reads what it then writes.
+                raw = connection.connection.driver_connection
+                assert isinstance(raw, sqlite3.Connection)
+                raw.execute("BEGIN IMMEDIATE")
+                return self._write_batch(connection, batch)
+        except _AloneRefused as refused:  # rolled back whole
+            return [_Outcome(error=refused.error)]
 
     def _write_audit_only(self, connection: Connection, batch: list[_Item]) -> list[int]:
         """The Check path's batches, audit records only: straight to the sqlite3 connection,
@@ -563,8 +574,11 @@ class Journal:
             item.job is None and item.session is None for item in batch
         ):
             return await self._write_audit_only_async(connection, batch)
-        async with connection.begin():
-            return await connection.run_sync(self._write_batch, batch)
+        try:
+            async with connection.begin():
+                return await connection.run_sync(self._write_batch, batch)
+        except _AloneRefused as refused:  # rolled back whole
+            return [_Outcome(error=refused.error)]
 
     async def _write_audit_only_async(
         self, connection: AsyncConnection, batch: list[_Item]
@@ -598,6 +612,9 @@ class Journal:
         owners: list[_Outcome] = []  # the outcome each audit row belongs to
         if any(item.lineage or (item.session and item.session.parent_id) for item in batch):
             serialize(connection)  # first, before any other lock of this transaction
+        # A job alone in its batch needs no savepoint: when it fails, the whole transaction is
+        # rolled back instead (_AloneRefused), which leaves what the savepoint would have left.
+        alone = len(batch) == 1
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.job is None:
                 assert item.event is not None
@@ -610,15 +627,22 @@ class Journal:
                 owners.append(outcome)
                 continue
             try:
-                with connection.begin_nested():
+                if alone:
                     result = item.job(connection)
+                else:
+                    with connection.begin_nested():
+                        result = item.job(connection)
             except AgentIdError as error:
+                if alone:
+                    raise _AloneRefused(error) from None
                 outcome.error = error
                 continue
             except DBAPIError as error:
                 if not _refused_data(error):
                     raise  # the store itself: the whole batch fails
                 log.error("a write job failed on its data: %s", type(error.orig).__name__)
+                if alone:
+                    raise _AloneRefused(error) from None
                 outcome.error = error  # INTERNAL for its caller; the batch goes on
                 continue
             outcome.value, outcome.after_commit = result.value, result.after_commit
@@ -773,6 +797,15 @@ class Journal:
             with contextlib.suppress(SQLAlchemyError):
                 self._sync_connection.close()
             self._sync_connection = None
+
+
+class _AloneRefused(Exception):
+    """A job alone in its batch failed (a domain error, or the database refused its data):
+    its transaction is rolled back whole and the job's caller gets ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
 
 
 def _refused_data(error: DBAPIError) -> bool:

@@ -1,10 +1,11 @@
 """What other replicas committed, on PostgreSQL: LISTEN/NOTIFY, with a poll behind it.
 
-* Revocations: a Revoke's transaction sends ``NOTIFY agentid_revocations`` (delivered at its
-  commit, never before). Every replica listens on a connection of its own and, when notified,
-  reads what it has not applied yet (``on_revocations``: the Revoker's catch-up, which keeps the
-  sequence order). A notification can be lost with its connection, so the same catch-up also
-  runs every ``poll_interval``, and the listening connection is replaced when it drops.
+* Revocations: a Revoke's transaction sends ``NOTIFY agentid_revocations`` (revoke_job.py;
+  delivered at its commit, never before). Every replica listens on a connection of its own and,
+  when another replica notified, reads what it has not applied yet (``on_revocations``: the
+  Revoker's catch-up, which keeps the sequence order); its own revocations it applied at their
+  commit. A notification can be lost with its connection, so the same catch-up also runs every
+  ``poll_interval``, and the listening connection is replaced when it drops.
 * Step-up changes (requested, approved, denied, consumed, expired): the changing transaction
   sends the step-up ids on ``agentid_step_ups``; the other replicas read those step-ups and hand
   them to their WatchStepUps streams (``on_step_ups``). A stream that reconnects starts from the
@@ -39,15 +40,6 @@ STEP_UPS_CHANNEL = "agentid_step_ups"
 AGENTS_CHANNEL = "agentid_agents"
 RECONNECT_DELAY = 1.0
 MAX_PAYLOAD = 7000  # PostgreSQL's limit is 8000 bytes per notification
-
-
-def notify_revocations(connection: Connection, last_sequence: int) -> None:
-    """In a revoke job's transaction: tells the other replicas once it commits (PostgreSQL)."""
-    if connection.dialect.name == "postgresql":
-        connection.execute(
-            text("SELECT pg_notify(:channel, :payload)"),
-            {"channel": REVOCATIONS_CHANNEL, "payload": str(last_sequence)},
-        )
 
 
 def notify_agents(connection: Connection, revision: int) -> None:
@@ -126,6 +118,8 @@ class PeerListener:
             if pid == self._own_pid():
                 return
             self._step_ups.update(i for i in payload.split(",") if i)
+        elif channel == REVOCATIONS_CHANNEL and pid == self._own_pid():
+            return  # this replica's own: applied and handed to its watchers at the commit
         self._news.set()
 
     async def _run(self) -> None:

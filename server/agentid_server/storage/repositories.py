@@ -7,38 +7,26 @@ import hashlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from sqlalchemy import (
-    BindParameter,
-    Connection,
-    bindparam,
-    delete,
-    func,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentid_server.domain.model import AuditEvent, SessionRecord
 from agentid_server.domain.ports import RevokedSlice
 from agentid_server.domain.revocation import Revocation
 from agentid_server.domain.stepup import StepUp
-from agentid_server.storage import tables
+from agentid_server.storage import revoke_job, tables
+from agentid_server.storage.counters import REVOCATION_SEQUENCE, SESSION_SERIAL, bump_counter
 from agentid_server.storage.database import read_all
 from agentid_server.storage.journal import JobResult, Journal
-from agentid_server.storage.lineage import agent_subtrees, session_lineage, session_subtree
-from agentid_server.storage.notify import notify_revocations, notify_step_ups
+from agentid_server.storage.notify import notify_step_ups
 from agentid_server.storage.rows import session_record as _session
-from agentid_server.storage.stepups import expire_for_sessions
 from agentid_server.tokens.keys import SigningKey
 
-SESSION_SERIAL = "session_serial"
 SERIAL_BLOCK = 64  # session serials a process reserves at once
 # The PostgreSQL advisory lock under which replicas publish signing keys, one at a time.
 _KEYS_LOCK = int.from_bytes(
     hashlib.sha256(b"agentid.signing-keys").digest()[:8], "big", signed=True
 )
-REVOCATION_SEQUENCE = "revocation_sequence"
 
 
 class SessionRepository:
@@ -69,59 +57,6 @@ class SessionRepository:
 
     def _reserve(self, connection: Connection) -> JobResult[int]:
         return JobResult(bump_counter(connection, SESSION_SERIAL, self._block))
-
-
-def bump_counter(connection: Connection, name: str, by: int = 1) -> int:
-    """Adds ``by`` to a counter in the job's transaction; its new value."""
-    counters = tables.counters
-    statement = (
-        update(counters)
-        .where(counters.c.name == name)
-        .values(value=counters.c.value + by)
-        .returning(counters.c.value)
-    )
-    return int(connection.execute(statement).scalar_one())
-
-
-def _revoke_statements() -> dict[str, Any]:
-    """The revoke job's statements, built once with bind parameters (building them per call was
-    most of a Revoke's CPU)."""
-    s, r = tables.sessions, tables.revocations
-    root: BindParameter[str] = bindparam("root")
-    # Live sessions from a serial on (a Revoke pages through them in slices, by serial), the
-    # revoked ones too: their revocation may have been lost (see revoke).
-    live = (s.c.expires_at > bindparam("now"), s.c.serial > bindparam("after"))
-    # The sequence of the session's last revocation row; None when none is (never, or pruned).
-    recorded = (
-        select(func.max(r.c.sequence))
-        .where(r.c.session_id == s.c.id)
-        .scalar_subquery()
-        .label("recorded")
-    )
-    return {
-        "session": select(s).where(s.c.id == root),
-        "lineage": session_lineage(root),
-        "subtree": select(s, recorded)
-        .where(s.c.id.in_(session_subtree(root)), *live)
-        .order_by(s.c.serial)
-        .limit(bindparam("limit")),
-        # The live sessions of an agent with their descendants (DisableAgent, Revoke by agent).
-        "of_agent": select(s, recorded)
-        .where(s.c.id.in_(agent_subtrees(bindparam("agent"), bindparam("now"))), *live)
-        .order_by(s.c.serial)
-        .limit(bindparam("limit")),
-        "of_user": select(s, recorded)
-        .where(s.c.user_id == bindparam("user"), *live)
-        .order_by(s.c.serial)
-        .limit(bindparam("limit")),
-        "insert": tables.revocations.insert(),
-        "mark": update(s)
-        .where(s.c.id.in_(bindparam("ids", expanding=True)))
-        .values(revoked_at=bindparam("at"), revoke_reason=bindparam("reason")),
-    }
-
-
-_REVOKE = _revoke_statements()
 
 
 class RevocationRepository:
@@ -168,40 +103,27 @@ class RevocationRepository:
             return known is not None and not known(row.serial, row.recorded)
 
         def job(connection: Connection) -> JobResult[RevokedSlice]:
-            root = {"root": root_session_id}
-            if authorize is not None and root_session_id is not None:
-                row = connection.execute(_REVOKE["session"], root).first()
+            examined = revoke_job.targets(
+                connection, root_session_id=root_session_id, user_id=user_id, agent_id=agent_id,
+                now=now, limit=limit, after_serial=after_serial,
+            )  # fmt: skip
+            if authorize is not None and root_session_id is not None:  # before any write
+                root = revoke_job.root_session(connection, root_session_id, examined)
                 authorize(
-                    _session(row) if row is not None else None,
-                    lambda: [r.id for r in connection.execute(_REVOKE["lineage"], root)],
+                    _session(root) if root is not None else None,
+                    revoke_job.lineage(connection, root_session_id),
                 )
-            live = {"now": int(now), "limit": limit, "after": after_serial}
-            if root_session_id is not None:
-                targets = connection.execute(_REVOKE["subtree"], {**root, **live})
-            elif agent_id is not None:
-                targets = connection.execute(_REVOKE["of_agent"], {"agent": agent_id, **live})
-            else:
-                targets = connection.execute(_REVOKE["of_user"], {"user": user_id, **live})
-            examined = list(targets)
             # Where the next slice starts; None once this one was the last.
             following = examined[-1].serial if len(examined) >= limit else None
             rows = [row for row in examined if row.revoked_at is None or lost(row)]
-            sessions = [_session(row) for row in rows]
-            if not sessions:
+            if not rows:
                 return JobResult(RevokedSlice([], following))
-            last = bump_counter(connection, REVOCATION_SEQUENCE, len(sessions))
-            first = last - len(sessions) + 1
-            revocations = [
-                Revocation(first + i, s.id, s.serial, s.user_id, reason, now, s.expires_at)
-                for i, s in enumerate(sessions)
-            ]
-            connection.execute(_REVOKE["insert"], [_revocation_row(r) for r in revocations])
-            notify_revocations(connection, last)  # the other replicas, once this commits
-            if fresh := [row.id for row in rows if row.revoked_at is None]:  # lost ones keep theirs
-                mark = {"ids": fresh, "at": int(now), "reason": reason}
-                connection.execute(_REVOKE["mark"], mark)
+            sessions = [_session(row) for row in rows]
+            fresh = [row.id for row in rows if row.revoked_at is None]  # lost ones keep theirs
             # Revoking a session expires its pending and approved step-ups.
-            expired = expire_for_sessions(connection, [x.id for x in sessions])
+            revocations, expired = revoke_job.revoke_sessions(
+                connection, sessions, fresh, reason=reason, now=now
+            )
             notify_step_ups(connection, [x.id for x in expired])
             events = [audit(x, r) for x, r in zip(sessions, revocations, strict=True)]
 
@@ -249,18 +171,6 @@ class RevocationRepository:
             return JobResult(int(result.rowcount or 0))
 
         return await self._writer().run(job)
-
-
-def _revocation_row(r: Revocation) -> dict[str, object]:
-    return {
-        "sequence": r.sequence,
-        "session_id": r.session_id,
-        "serial": r.serial,
-        "user_id": r.user_id,
-        "reason": r.reason,
-        "revoked_at": int(r.revoked_at),
-        "expires_at": r.expires_at,
-    }
 
 
 def _revocation(row: Any) -> Revocation:

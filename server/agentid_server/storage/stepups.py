@@ -49,7 +49,7 @@ class StepUpRepository:
                 _binding_query(_binding(candidate)).where(*live).limit(1)
             ).first()
             if pending is not None:
-                return JobResult(_step_up(pending))
+                return JobResult(step_up_record(pending))
             # The session's live PENDING ones (the binding index leads with session_id).
             held = connection.execute(
                 select(func.count()).select_from(
@@ -69,7 +69,7 @@ class StepUpRepository:
     async def get(self, step_up_id: str) -> StepUp | None:
         s = tables.step_ups
         rows = await read_all(self._engine, select(s).where(s.c.id == step_up_id))
-        return _step_up(rows[0]) if rows else None
+        return step_up_record(rows[0]) if rows else None
 
     async def resolve(
         self,
@@ -96,7 +96,7 @@ class StepUpRepository:
             ).first()
             if row is None:
                 return JobResult(None)
-            resolved = _step_up(row)
+            resolved = step_up_record(row)
             return JobResult(resolved, [event(resolved)], self._changed(connection, [resolved]))
 
         return await self._journal.run(job)
@@ -107,7 +107,7 @@ class StepUpRepository:
         def job(connection: Connection) -> JobResult[tuple[Decision, Reason, str]]:
             s = tables.step_ups
             newest = connection.execute(_binding_query(binding).limit(1)).first()
-            step_up = _step_up(newest).seen_at(now) if newest is not None else None
+            step_up = step_up_record(newest).seen_at(now) if newest is not None else None
             outcome: tuple[Decision, Reason, str] = (
                 Decision.STEP_UP_REQUIRED,
                 Reason.HIGH_RISK,
@@ -137,7 +137,7 @@ class StepUpRepository:
     async def get_many(self, step_up_ids: Sequence[str]) -> list[StepUp]:
         s = tables.step_ups
         rows = await read_all(self._engine, select(s).where(s.c.id.in_(list(step_up_ids))))
-        return [_step_up(row) for row in rows]
+        return [step_up_record(row) for row in rows]
 
     async def pending_for_user(self, user_id: str, now: float) -> list[StepUp]:
         s = tables.step_ups
@@ -148,12 +148,12 @@ class StepUpRepository:
             )
             .order_by(s.c.created_at_us)
         )
-        return [_step_up(row) for row in await read_all(self._engine, statement)]
+        return [step_up_record(row) for row in await read_all(self._engine, statement)]
 
     async def for_session(self, session_id: str) -> list[StepUp]:
         s = tables.step_ups
         statement = select(s).where(s.c.session_id == session_id).order_by(s.c.created_at_us)
-        return [_step_up(row) for row in await read_all(self._engine, statement)]
+        return [step_up_record(row) for row in await read_all(self._engine, statement)]
 
     async def expire_due(self, now: float) -> list[StepUp]:
         def job(connection: Connection) -> JobResult[list[StepUp]]:
@@ -172,7 +172,7 @@ def expire_for_sessions(connection: Connection, session_ids: Sequence[str]) -> l
 def _expire(connection: Connection, statement: Any, params: dict[str, Any]) -> list[StepUp]:
     """Marks the live step-ups ``statement`` selects EXPIRED; returns them as changed (a row
     consumed meanwhile by another replica is not matched, so never announced as expired)."""
-    return [_step_up(row) for row in connection.execute(statement, params)]
+    return [step_up_record(row) for row in connection.execute(statement, params)]
 
 
 def _expiring(which: ColumnElement[bool]) -> Any:
@@ -231,7 +231,8 @@ def _row(step_up: StepUp) -> dict[str, Any]:
     }
 
 
-def _step_up(row: Any) -> StepUp:
+def step_up_record(row: Any) -> StepUp:
+    """A step_ups row as the domain's step-up."""
     return StepUp(
         id=row.id,
         session_id=row.session_id,
