@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 from agentid.v1 import agentid_pb2 as pb
 from agentid_client import AgentIdClient, RevocationWatcher
-from agentid_client._dpop import dpop_proof
+from agentid_client.dpop import dpop_proof
 from agentid_client.mcp import (
     TOOL_CALL_REFUSED,
     AgentAuth,
@@ -249,7 +249,7 @@ async def test_the_metadata_names_agentid_and_no_token_is_401(w: World) -> None:
         "authorization_servers": [w.door],
         "bearer_methods_supported": ["header"],
         "resource_name": "tools",
-        "dpop_signing_alg_values_supported": ["EdDSA", "ES256"],
+        "dpop_signing_alg_values_supported": ["EdDSA", "ES256", "RS256", "PS256"],
     }
     assert refused.status_code == 401
     challenge = refused.headers["WWW-Authenticate"]
@@ -475,7 +475,7 @@ async def test_a_dpop_bound_token_works_with_its_proofs_only(w: World) -> None:
         .headers["WWW-Authenticate"]
         .startswith(
             'DPoP error="invalid_dpop_proof", error_description="the DPoP proof was used already", '
-            'algs="EdDSA ES256", resource_metadata="'
+            'algs="EdDSA ES256 RS256 PS256", resource_metadata="'
         )
     )
     session = jwt.decode(token.access_token, options={"verify_signature": False})["jti"]
@@ -485,7 +485,7 @@ async def test_a_dpop_bound_token_works_with_its_proofs_only(w: World) -> None:
         ("DPoP", ""): 'DPoP error="invalid_dpop_proof", error_description="the token is bound',
         ("Bearer", ""): 'DPoP error="invalid_token", error_description="a DPoP-bound token goes',
         ("DPoP", "elsewhere"): 'DPoP error="invalid_dpop_proof", error_description="the DPoP '
-        "proof is for another URL",
+        "proof is for another URI",
         ("DPoP", "thief"): 'DPoP error="invalid_dpop_proof", error_description="the DPoP proof '
         "key is not the key the token is bound to",
     }

@@ -378,3 +378,22 @@ async def test_a_proof_with_an_overlong_jti_is_refused(
     assert (
         await check(harness, token, proof(agent_key, token, jti="j" * 128))
     ).decision == pb.DECISION_ALLOW
+
+
+@pytest.mark.parametrize(("skew", "good"), [(-59, True), (30, True), (59, True), (61, False)])
+def test_iat_may_be_max_age_either_side_of_the_verifiers_clock(skew: int, good: bool) -> None:
+    """An agent's clock a little ahead is taken as one a little behind is (max_age, 60 s, either
+    way), on the verifier's own clock: the wall clock is not consulted on the side."""
+    from agentid_server.domain.ports import TokenRejected
+    from agentid_server.tokens.dpop import DpopVerifier
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(public_jwk(key.public_key()))
+    uri, now = "https://tickets.example/read", 1_900_000_000.0  # not the wall clock
+    pop = proof(key, "tok", iat=int(now) + skew, htu=uri)
+    verify = DpopVerifier().verify
+    if good:
+        verify(pop, jkt=jkt, method="POST", uri=uri, token="tok", now=now)
+    else:
+        with pytest.raises(TokenRejected, match="stale or from the future"):
+            verify(pop, jkt=jkt, method="POST", uri=uri, token="tok", now=now)

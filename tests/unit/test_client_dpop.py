@@ -10,7 +10,7 @@ from typing import Any
 import jwt
 import pytest
 from agentid_client import jwk_thumbprint
-from agentid_client._dpop import dpop_proof, proof_uri, public_jwk, token_hash
+from agentid_client.dpop import dpop_proof, proof_uri, public_jwk, token_hash
 from agentid_client.mcp import ProofRejected, ProofVerifier
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -75,7 +75,7 @@ def test_every_mismatch_is_refused(key: ec.EllipticCurvePrivateKey) -> None:
     cases = {
         "required": "",
         "another method": dpop_proof(key, "GET", URL, TOKEN),
-        "another URL": dpop_proof(key, "POST", "https://tools.example/other", TOKEN),
+        "another URI": dpop_proof(key, "POST", "https://tools.example/other", TOKEN),
         "ath": dpop_proof(key, "POST", URL, "another.token"),
         "not the key the token is bound to": dpop_proof(other, "POST", URL, TOKEN),
         "stale": forged(key, iat=int(time.time()) - 120),

@@ -37,9 +37,10 @@ def test_public_names() -> None:
 
 def test_client_modules_are_private() -> None:
     """Modules are private but for the documented ones: `tokens` (verifying agent tokens
-    locally, also importable on its own), and `mcp` (the `mcp` extra's MCP guard, an attribute
+    locally, also importable on its own), `dpop` (making and checking DPoP proofs: agentid's
+    own verifier checks them with the same rule), and `mcp` (the `mcp` extra's MCP guard, an attribute
     of the package once something imported it)."""
     public = [
         n for n in dir(agentid_client) if not n.startswith("_") and n not in agentid_client.__all__
     ]
-    assert sorted(set(public) - {"mcp"}) == ["tokens"]
+    assert sorted(set(public) - {"mcp"}) == ["dpop", "tokens"]

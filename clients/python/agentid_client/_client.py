@@ -14,8 +14,8 @@ from agentid.v1 import agentid_pb2 as pb
 from agentid.v1 import agentid_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
-from agentid_client._dpop import ProofKey, dpop_proof, proof_algorithm
 from agentid_client._errors import AgentIdError
+from agentid_client.dpop import ProofKey, dpop_proof, proof_algorithm
 from agentid_client.tokens import parse_jwks
 
 SERVICE_PATH = "/agentid.v1.AgentIdentityService/"

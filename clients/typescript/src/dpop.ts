@@ -6,8 +6,8 @@
 import { createHash, type KeyObject, randomUUID } from "node:crypto";
 import { calculateJwkThumbprint, EmbeddedJWK, errors, exportJWK, type JWK, jwtVerify, SignJWT } from "jose";
 
-/** The proof algorithms agentid accepts from a key-bound agent. */
-export const PROOF_ALGORITHMS = ["EdDSA", "ES256"] as const;
+/** The proof algorithms agentid accepts from a key-bound agent (its own verifier's, in agentid_client.dpop). */
+export const PROOF_ALGORITHMS = ["EdDSA", "ES256", "RS256", "PS256"] as const;
 
 /** What a proof is for: the HTTP method and URL (its query and fragment are dropped), and the
  * access token it accompanies (none at a token endpoint, where it asks for a bound token). */

@@ -187,7 +187,7 @@ test("the protected-resource metadata names agentid; a request without a token i
     authorization_servers: [issuer],
     bearer_methods_supported: ["header"],
     resource_name: "tools",
-    dpop_signing_alg_values_supported: ["EdDSA", "ES256"],
+    dpop_signing_alg_values_supported: ["EdDSA", "ES256", "RS256", "PS256"],
   });
   const initialize = {
     jsonrpc: "2.0",

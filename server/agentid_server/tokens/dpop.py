@@ -2,79 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
-from typing import Any
-from urllib.parse import urlsplit
-
 import jwt
+from agentid_client.dpop import (
+    MAX_PROOF_BYTES,
+    PROOF_ALGORITHMS,
+    ProofRejected,
+    check_proof,
+)
 
 from agentid_server.domain.model import ProofUse, Reason
 from agentid_server.domain.ports import PROOF_ALREADY_USED, TokenRejected
-from agentid_server.tokens.jwk import b64url, thumbprint
+from agentid_server.tokens.jwk import thumbprint
 
-PROOF_TYPE = "dpop+jwt"
-PROOF_ALGORITHMS = ("EdDSA", "ES256", "RS256", "PS256")
-MAX_PROOF_BYTES = 4096
+__all__ = ["PROOF_ALGORITHMS", "DpopVerifier", "proof_thumbprint"]
 
 
 def _fail(message: str) -> TokenRejected:
     return TokenRejected(Reason.PROOF_OF_POSSESSION_FAILED, message)
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
-
-
-def normalized_uri(uri: str) -> str | None:
-    """The URI as RFC 9449 (section 4.3) compares a proof's htu: query and fragment dropped,
-    then RFC 3986's syntax-based and scheme-based normalisation (scheme and host in lower case,
-    the scheme's default port dropped, percent-encodings in upper case and unreserved ones
-    decoded, dot segments removed, an empty path made "/"). None when it is not an absolute URI."""
-    if "\\" in uri or not uri.isprintable():  # parsers disagree on these: refused, not guessed
-        return None
-    try:
-        parts = urlsplit(uri)
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.username is not None or parts.password is not None:
-        return None  # userinfo has no place in a request's URI
-    scheme, host = parts.scheme.lower(), (parts.hostname or "")
-    if not scheme or not host:
-        return None
-    if ":" in host:
-        host = f"[{host}]"  # IPv6
-    netloc = host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
-    return f"{scheme}://{netloc}{_normalized_path(parts.path)}"
-
-
-def _normalized_path(path: str) -> str:
-    def percent(match: re.Match[str]) -> str:
-        char = chr(int(match.group(1), 16))
-        return char if char in _UNRESERVED else f"%{match.group(1).upper()}"
-
-    segments: list[str] = []
-    for segment in _PERCENT.sub(percent, path).split("/")[1:]:  # RFC 3986 5.2.4, absolute path
-        if segment == "..":
-            if segments:
-                segments.pop()
-        elif segment != ".":
-            segments.append(segment)
-    if path.endswith(("/.", "/..")):
-        segments.append("")
-    return "/" + "/".join(segments)
-
-
-def _same_target(htu: str, uri: str, path_only: bool) -> bool:
-    if not path_only:
-        expected = normalized_uri(uri)
-        return expected is not None and normalized_uri(htu) == expected
-    try:
-        return _normalized_path(urlsplit(htu).path) == uri
-    except ValueError:
-        return False
 
 
 def proof_thumbprint(proof: str) -> str:
@@ -94,7 +38,6 @@ def proof_thumbprint(proof: str) -> str:
 
 REPLAY_CACHE_BYTES = 64 << 20
 REPLAY_BYTES_PER_USER = 8 << 20
-MAX_JTI_LENGTH = 128  # a UUID is 36 characters; longer ones would only fill the replay cache
 # What one remembered proof costs beyond its jti's characters (measured: a dict slot, the key
 # tuple, the jti string's header, the value tuple and its float, the key's thumbprint).
 ENTRY_BYTES = 320
@@ -140,48 +83,19 @@ class DpopVerifier:
         None: a proof sent to a token endpoint to bind the token it asks for (RFC 9449 section
         5), which presents no access token, so no `ath` is compared. Nothing is remembered
         here: ``spend`` the use once the call may go on."""
-        if not proof:
-            raise _fail("the token is bound to a key: a DPoP proof is required")
-        if len(proof) > MAX_PROOF_BYTES:
-            raise _fail("the DPoP proof is too large")
-        try:
-            header = jwt.get_unverified_header(proof)
-        except jwt.InvalidTokenError:
-            raise _fail("the DPoP proof is not a well-formed JWS") from None
-        jwk = header.get("jwk")
-        alg = header.get("alg")
-        if (
-            header.get("typ") != PROOF_TYPE
-            or alg not in PROOF_ALGORITHMS
-            or not isinstance(jwk, dict)
-        ):
-            raise _fail("the DPoP proof header is not acceptable")
-        if "d" in jwk or "p" in jwk:
-            raise _fail("the DPoP proof carries a private key")
-        try:
-            if thumbprint(jwk) != jkt:
-                raise _fail("the DPoP proof key is not the key the token is bound to")
-            key = jwt.PyJWK(jwk, algorithm=alg).key
-            claims: dict[str, Any] = jwt.decode(
-                proof, key, algorithms=[alg], options={"require": ["jti", "htm", "htu", "iat"]}
+        try:  # the rule is the client package's, for agentid and the services alike
+            jti = check_proof(
+                proof,
+                jkt=jkt,
+                method=method,
+                uri=uri,
+                access_token=token,
+                now=now,
+                max_age=self._max_age,
+                path_only=path_only,
             )
-        except (ValueError, jwt.PyJWKError, jwt.InvalidTokenError):
-            raise _fail("the DPoP proof does not verify") from None
-        if claims.get("htm") != method or not method:
-            raise _fail("the DPoP proof is for another method")
-        htu = claims.get("htu")
-        if not isinstance(htu, str) or not _same_target(htu, uri, path_only):
-            raise _fail("the DPoP proof is for another URI")
-        if token is not None:
-            expected_ath = b64url(hashlib.sha256(token.encode("ascii", "replace")).digest())
-            if claims.get("ath") != expected_ath:
-                raise _fail("the DPoP proof is not bound to this token (ath)")
-        iat = claims.get("iat")
-        if not isinstance(iat, int | float) or abs(now - iat) > self._max_age:
-            raise _fail("the DPoP proof is stale or from the future")
-        jti = claims["jti"]
-        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
-            raise _fail(f"the DPoP proof's jti must be 1 to {MAX_JTI_LENGTH} characters")
+        except ProofRejected as rejected:
+            raise _fail(str(rejected)) from None
         spent = self._seen.get((jkt, jti))
         if spent is not None and spent[0] > now:
             raise _fail(PROOF_ALREADY_USED)

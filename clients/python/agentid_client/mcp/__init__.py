@@ -14,7 +14,7 @@ An agent: ``exchange_token`` gets a token for one MCP server (``resource``), opt
 its key (DPoP); ``AgentAuth`` sends it with the SDK's streamable HTTP client.
 """
 
-from agentid_client._dpop import ProofRejected, ProofVerifier
+from agentid_client.dpop import ProofRejected, ProofVerifier
 from agentid_client.mcp._agent import (
     AgentAuth,
     ExchangedToken,

@@ -14,7 +14,7 @@ import httpx2
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from agentid_client._dpop import ProofKey, dpop_proof
+from agentid_client.dpop import ProofKey, dpop_proof
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105

@@ -9,7 +9,7 @@ from typing import Any
 from mcp_types import ErrorData, JSONRPCError, RequestId
 from starlette.responses import Response
 
-from agentid_client._dpop import PROOF_ALGORITHMS
+from agentid_client.dpop import PROOF_ALGORITHMS
 
 
 def challenge(scheme: str, params: Mapping[str, str], resource_metadata: str) -> str:

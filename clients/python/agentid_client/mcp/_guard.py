@@ -29,9 +29,9 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from agentid_client._client import AgentIdClient, ContextError
-from agentid_client._dpop import PROOF_ALGORITHMS, ProofRejected, ProofVerifier
 from agentid_client._errors import AgentIdError
 from agentid_client._revocations import RevocationWatcher, WatcherNotReady, WatcherStopped
+from agentid_client.dpop import PROOF_ALGORITHMS, ProofRejected, ProofVerifier
 from agentid_client.mcp._answers import challenge, jsonrpc_error
 from agentid_client.mcp._policy import ACTION, Binding, ToolCallRefused, ToolPolicy
 from agentid_client.tokens import AgentClaims, KeyFetch, TokenRejected, TokenVerifier
