@@ -11,6 +11,11 @@ has its own warm-up; the three kinds are interleaved over several rounds (rotati
 figure is the median over rounds and each ratio the median of the per-round ratios, so drift of a
 shared machine hits both sides of a ratio alike. Figures go to stdout and
 bench/out/check_vs_health.json.
+
+``--in-flight 1,2,4,8,16,64`` measures instead health and warm Check at each of those
+concurrencies (same server, same rounds and rotation): calls/s, p50, p99 and server CPU per call,
+and per concurrency the warm ÷ health ratios of calls/s and p50 (what the journal's linger costs
+a Check where its group never comes). Figures go to bench/out/check_vs_health_in_flight.json.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +57,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with harness.running_server(argv, directory / "server.log", source) as server:
             log(f"server pid {server.pid} on 127.0.0.1:{server.port}")
             user_token = deployment.user_token()
-            tokens = harness.delegate_tokens(server.port, user_token, args.tokens + 1)
+            count = 4 if args.in_flight else args.tokens + 1  # the sweep has no cold Checks
+            tokens = harness.delegate_tokens(server.port, user_token, count)
             warm_token, cold_tokens = tokens[0], tokens[1:]
             harness.sanity_check(server.port, deployment.api_key, [warm_token, *cold_tokens[:3]])
             log(f"minted {len(tokens)} agent tokens through Delegate")
@@ -83,16 +90,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 return result
 
-            kinds = list(data)
-            raw: dict[str, dict[str, list[LoadResult]]] = {"64": {}, "1": {}}
-            for concurrency, seconds in ((64, args.seconds), (1, args.seconds_1)):
-                for round_no in range(args.rounds):
-                    log(f"round {round_no + 1}/{args.rounds}, {concurrency} in flight")
-                    order = kinds[round_no % 3 :] + kinds[: round_no % 3]
-                    for name in order:
-                        result = measure(name, concurrency, seconds)
-                        raw[str(concurrency)].setdefault(name, []).append(result)
+            if args.in_flight:
+                raw = _sweep(measure, args.in_flight, args.rounds, args.seconds)
+            else:
+                raw = _default_phases(measure, list(data), args)
         harness.check_server_log(directory / "server.log")
+
+    if args.in_flight:
+        return _sweep_report(args, machine, code, raw)
 
     at64 = {name: harness.median_result(results) for name, results in raw["64"].items()}
     at1 = {name: harness.median_result(results) for name, results in raw["1"].items()}
@@ -150,7 +155,104 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+Measure = Callable[[str, int, float], LoadResult]
+Raw = dict[str, dict[str, list[LoadResult]]]
+
+
+def _default_phases(measure: Measure, kinds: list[str], args: argparse.Namespace) -> Raw:
+    """The three kinds at 64 in flight, then at 1, each over the rounds in rotating order."""
+    raw: Raw = {"64": {}, "1": {}}
+    for concurrency, seconds in ((64, args.seconds), (1, args.seconds_1)):
+        for round_no in range(args.rounds):
+            log(f"round {round_no + 1}/{args.rounds}, {concurrency} in flight")
+            order = kinds[round_no % 3 :] + kinds[: round_no % 3]
+            for name in order:
+                result = measure(name, concurrency, seconds)
+                raw[str(concurrency)].setdefault(name, []).append(result)
+    return raw
+
+
+def _sweep(measure: Measure, in_flight: list[int], rounds: int, seconds: float) -> Raw:
+    """Health and warm Check at each concurrency, round after round; within a round every
+    concurrency in turn, the two kinds in alternating order (a pair seconds apart)."""
+    raw: Raw = {str(c): {} for c in in_flight}
+    for round_no in range(rounds):
+        log(f"round {round_no + 1}/{rounds}, in flight {in_flight}")
+        for n, concurrency in enumerate(in_flight):
+            kinds = ["health", "warm"] if (round_no + n) % 2 == 0 else ["warm", "health"]
+            for name in kinds:
+                raw[str(concurrency)].setdefault(name, []).append(
+                    measure(name, concurrency, seconds)
+                )
+    return raw
+
+
+def _sweep_report(
+    args: argparse.Namespace, machine: dict[str, Any], code: dict[str, Any], raw: Raw
+) -> dict[str, Any]:
+    rows = {}
+    for concurrency, by_kind in raw.items():
+        health, warm = by_kind["health"], by_kind["warm"]
+        rows[concurrency] = {
+            "health": harness.median_result(health),
+            "warm": harness.median_result(warm),
+            "warm_vs_health_rps": round(harness.round_ratio(warm, health, "rps"), 3),
+            "warm_vs_health_p50": round(harness.round_ratio(warm, health, "p50_ms"), 3),
+            "warm_vs_health_p99": round(harness.round_ratio(warm, health, "p99_ms"), 3),
+            "health_vs_warm_server_cpu_per_call": round(
+                harness.round_ratio(health, warm, "server_cpu_us_per_call"), 3
+            ),
+        }
+    return {
+        "benchmark": "check_vs_health",
+        "mode": "in_flight",
+        "machine": machine,
+        "code": code,
+        "server": {
+            "venv": str(args.venv),
+            "event_loop": "uvloop" if args.uvloop else "asyncio",
+            "sqlite_writer": args.sqlite_writer,
+        },
+        "client": {
+            "tool": "ghz",
+            "connections": 1,
+            "cpus": args.ghz_cpus or "all",
+            "seconds": args.seconds,
+            "warmup_seconds": args.warmup,
+            "rounds": args.rounds,
+        },
+        "in_flight": rows,
+        "raw": {
+            c: {n: [r.as_dict() for r in rs] for n, rs in by_kind.items()}
+            for c, by_kind in raw.items()
+        },
+    }
+
+
+def print_sweep(report: dict[str, Any]) -> None:
+    rounds = report["client"]["rounds"]
+    loop = report["server"]["event_loop"]
+    print(f"Check vs health by calls in flight ({loop}, ghz): medians of {rounds} rounds; each")
+    print("ratio is the median of the ratios within each round")
+    print(
+        f"{'in flight':>9} {'health/s':>9} {'warm/s':>9} {'ratio':>6}  {'p50 h':>7} {'p50 w':>7}"
+        f" {'ratio':>6}  {'p99 h':>7} {'p99 w':>7}  {'CPU h':>6} {'CPU w':>6}"
+    )
+    for concurrency, row in report["in_flight"].items():
+        h, w = row["health"], row["warm"]
+        print(
+            f"{concurrency:>9} {h['rps']:>9.0f} {w['rps']:>9.0f} {row['warm_vs_health_rps']:>6.3f}"
+            f"  {h['p50_ms']:>7.3f} {w['p50_ms']:>7.3f} {row['warm_vs_health_p50']:>6.3f}"
+            f"  {h['p99_ms']:>7.3f} {w['p99_ms']:>7.3f}"
+            f"  {h['server_cpu_us_per_call']:>6.0f} {w['server_cpu_us_per_call']:>6.0f}"
+        )
+    print("(latencies in ms; CPU: server CPU per call, µs; ratios warm ÷ health)")
+
+
 def print_summary(report: dict[str, Any]) -> None:
+    if report.get("mode") == "in_flight":
+        print_sweep(report)
+        return
     rounds = report["client"]["rounds"]
     print(f"Check vs health (same server, ghz): medians of {rounds} rounds; each ratio is the")
     print("median of the ratios within each round")
@@ -169,6 +271,16 @@ def print_summary(report: dict[str, Any]) -> None:
             print(f"{name:40} {value['ratio']:.3f}  bar {value['bar']}: {verdict}")
         else:
             print(f"{name:40} {value:.3f}")
+
+
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("at least one concurrency, each 1 or more")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,8 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--tokens", type=int, default=1000, help="distinct tokens for cold")
     parser.add_argument("--ghz-cpus", type=int, default=1, help="GOMAXPROCS of ghz; 0 = all")
-    parser.add_argument("--out", type=Path, default=harness.OUT / "check_vs_health.json")
+    parser.add_argument(
+        "--in-flight",
+        type=_concurrencies,
+        help="e.g. 1,2,4,8,16,64: health and warm Check at each (--seconds each), not the default",
+    )
+    parser.add_argument("--out", type=Path, help="bench/out/check_vs_health[_in_flight].json")
     args = parser.parse_args(argv)
+    if args.out is None:
+        suffix = "_in_flight" if args.in_flight else ""
+        args.out = harness.OUT / f"check_vs_health{suffix}.json"
     harness.exit_on_signals()
     return harness.finish(run(args), args.out, print_summary)
 

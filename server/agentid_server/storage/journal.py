@@ -61,17 +61,24 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LINGER_PASSES = 4
-# Under load (the last batch had company), wait up to LINGER_SECONDS more for a group (the wait
-# ends when it is there): gRPC aio hands calls to Python about one per loop pass, so passes alone
-# gather few. The group is what the last batch showed is coming: its callers (a Check's caller
-# mostly asks again) and the writes that arrived while it was written; at least LINGER_GROUP_MIN,
-# at most LINGER_GROUP. History: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74
-# (session 4); 1 ms ending at a group of 8 gave batches of about 7 (session 8). Session 10: libuv
-# keeps uvloop's clock in whole milliseconds, so on a busy loop a 1 ms timer fires 0.2-1 ms after
-# it is set (half asyncio's wait), which left uvloop's batches at 3 at 8 in flight and 5.7 at 64
-# (asyncio 6.8 / 7.4); 2 ms, ending at the group as before, gives 7.2-8.8 on both loops, and at
-# 8 in flight the group of 8 still ends the wait as soon as the 8 are there.
-LINGER_GROUP_MIN = 8
+# While writes are known to be coming, wait up to LINGER_SECONDS for them (the wait ends when they
+# are there): gRPC aio hands calls to Python about one per loop pass, so passes alone gather few.
+# What is known to be coming is what recent batches showed: each batch's group is its writes plus
+# those that arrived while it was written (a Check's caller mostly asks again once answered), and
+# the writer waits for the largest group of the last LINGER_MEMORY batches, at most LINGER_GROUP.
+# A wait that ends on the timer forgets them all: the group is then what came, so the writer never
+# waits twice for callers that are not coming (a load that falls from 64 in flight to 2 costs
+# one wait, not one per batch).
+# History: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74 (session 4); 1 ms ending
+# at a group of 8 gave batches of about 7 (session 8). Session 10: libuv keeps uvloop's clock in
+# whole milliseconds, so a 1 ms timer fires 0.2-1 ms after it is set on a busy loop; 2 ms for a
+# group of at least 8 (the last batch's writes and arrivals, at most 32) gave 7.2-8.8 per batch on
+# both loops. Session 12: that floor of 8 never came at 2-7 in flight, so every batch waited the
+# whole 2 ms: warm Check ÷ health calls/s 0.17 at 2 in flight, 0.26 at 4 (p50 3.5-3.8 ms against
+# 0.5-0.9). The group without the floor, from the last batch alone, drifts down (a caller late
+# once lowers it for good; session 10 saw 4.9 at 8 in flight): the memory of recent batches keeps
+# it where the load is.
+LINGER_MEMORY = 8
 LINGER_GROUP = 32
 LINGER_SECONDS = 0.002
 # SQLite ids reserved per write of the high-water mark: a batch writes it only when it crosses
@@ -190,8 +197,9 @@ class Journal:
         self._checkpointer: asyncio.Task[None] | None = None
         self._insert = tables.audit_records.insert()
         self._pending_records: list[AuditRecordRow] = []  # written, not yet committed
-        self._busy = False
-        self._group = LINGER_GROUP_MIN  # the writes the writer lingers for while busy (_run)
+        # Recent batches' groups (their writes and those that came while each was written): the
+        # writer lingers for the largest (_run).
+        self._groups: deque[int] = deque(maxlen=LINGER_MEMORY)
         self.healthy = True
         self._on_health = on_health
         self._probe_interval = probe_interval
@@ -375,16 +383,17 @@ class Journal:
                 self._wakeup = self._loop.create_future()
                 await self._wakeup
                 continue
-            # Group commit needs a group: while other calls are still arriving (each loop pass
-            # brought more), give them a few more passes before writing.
-            if self._busy or len(pending) > 1:  # alone (1 in flight): write at once
+            # Group commit needs a group: while the writes known to be coming (what recent
+            # batches showed) are not all here, give them a few loop passes, then up to
+            # LINGER_SECONDS; alone (1 in flight), write at once.
+            group = max(self._groups, default=1)
+            if group > 1 or len(pending) > 1:
                 for _ in range(LINGER_PASSES):
                     waiting = len(pending)
                     await asyncio.sleep(0)
-                    if len(pending) == waiting:
+                    if len(pending) == waiting or len(pending) >= group:
                         break
-            group = self._group
-            if self._busy and len(pending) < group and not self._stopping:
+            if len(pending) < group and not self._stopping:
                 self._wake_at = group  # _submit ends the wait when the group is there
                 self._wakeup = self._loop.create_future()
                 timer = self._loop.call_later(LINGER_SECONDS, self._wake)
@@ -392,19 +401,20 @@ class Journal:
                     await self._wakeup
                 finally:
                     timer.cancel()
+                if len(pending) < group:  # they did not come: wait for none of them again
+                    self._groups.clear()
             take = min(len(pending), self._max_batch)
             if take == 0:
                 continue  # answered meanwhile (the store stalled)
             batch = [pending.popleft() for _ in range(take)]
-            self._busy = take > 1
             self._writing, self._writing_since = batch, self._loop.time()
             try:
                 await self._commit(batch)
             finally:
                 self._writing, self._stalled = (), False
-            # The next group: the callers just answered (a Check's caller mostly asks again)
-            # and those that came meanwhile, up to LINGER_GROUP.
-            self._group = min(max(take + len(pending), LINGER_GROUP_MIN), LINGER_GROUP)
+            # This batch's group: its callers (a Check's caller mostly asks again) and the writes
+            # that came meanwhile.
+            self._groups.append(min(take + len(pending), LINGER_GROUP))
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
