@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -394,13 +395,20 @@ class Journal:
                     if len(pending) == waiting or len(pending) >= group:
                         break
             if len(pending) < group and not self._stopping:
-                self._wake_at = group  # _submit ends the wait when the group is there
-                self._wakeup = self._loop.create_future()
-                timer = self._loop.call_later(LINGER_SECONDS, self._wake)
-                try:
-                    await self._wakeup
-                finally:
-                    timer.cancel()
+                # The wait is timed on perf_counter: uvloop's clock counts whole milliseconds
+                # and may fire the timer a millisecond early; a timer that fires early is set
+                # again for the rest.
+                deadline = time.perf_counter() + LINGER_SECONDS
+                left = LINGER_SECONDS
+                while left > 0 and len(pending) < group and not self._stopping:
+                    self._wake_at = group  # _submit ends the wait when the group is there
+                    self._wakeup = self._loop.create_future()
+                    timer = self._loop.call_later(left, self._wake)
+                    try:
+                        await self._wakeup
+                    finally:
+                        timer.cancel()
+                    left = deadline - time.perf_counter()
                 if len(pending) < group:  # they did not come: wait for none of them again
                     self._groups.clear()
             take = min(len(pending), self._max_batch)
