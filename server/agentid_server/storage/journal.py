@@ -31,7 +31,6 @@ import functools
 import logging
 import os
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -201,6 +200,7 @@ class Journal:
         # Recent batches' groups (their writes and those that came while each was written): the
         # writer lingers for the largest (_run).
         self._groups: deque[int] = deque(maxlen=LINGER_MEMORY)
+        self._late = 0  # 1 when the last linger ended on the timer
         self.healthy = True
         self._on_health = on_health
         self._probe_interval = probe_interval
@@ -395,22 +395,20 @@ class Journal:
                     if len(pending) == waiting or len(pending) >= group:
                         break
             if len(pending) < group and not self._stopping:
-                # The wait is timed on perf_counter: uvloop's clock counts whole milliseconds
-                # and may fire the timer a millisecond early; a timer that fires early is set
-                # again for the rest.
-                deadline = time.perf_counter() + LINGER_SECONDS
-                left = LINGER_SECONDS
-                while left > 0 and len(pending) < group and not self._stopping:
-                    self._wake_at = group  # _submit ends the wait when the group is there
-                    self._wakeup = self._loop.create_future()
-                    timer = self._loop.call_later(left, self._wake)
-                    try:
-                        await self._wakeup
-                    finally:
-                        timer.cancel()
-                    left = deadline - time.perf_counter()
-                if len(pending) < group:  # they did not come: wait for none of them again
+                self._wake_at = group  # _submit ends the wait when the group is there
+                self._wakeup = self._loop.create_future()
+                timer = self._loop.call_later(LINGER_SECONDS, self._wake)
+                try:
+                    await self._wakeup
+                finally:
+                    timer.cancel()
+                if len(pending) >= group:
+                    self._late = 0
+                elif self._late:  # twice in a row they did not come: wait for none of them again
                     self._groups.clear()
+                    self._late = 0
+                else:  # once may be a caller late
+                    self._late = 1
             take = min(len(pending), self._max_batch)
             if take == 0:
                 continue  # answered meanwhile (the store stalled)
