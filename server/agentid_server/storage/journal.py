@@ -66,9 +66,9 @@ LINGER_PASSES = 4
 # What is known to be coming is what recent batches showed: each batch's group is its writes plus
 # those that arrived while it was written (a Check's caller mostly asks again once answered), and
 # the writer waits for the largest group of the last LINGER_MEMORY batches, at most LINGER_GROUP.
-# A wait that ends on the timer forgets them all: the group is then what came, so the writer never
-# waits twice for callers that are not coming (a load that falls from 64 in flight to 2 costs
-# one wait, not one per batch).
+# Two waits in a row that end on the timer forget them all: the group is then what came, so the
+# writer does not keep waiting for callers that are not coming (a load that falls from 64 in
+# flight to 2 costs two waits, not one per batch). One such wait is forgiven: a caller late once.
 # History: 0.3 ms lifted warm Check / health from about 0.55 to 0.65-0.74 (session 4); 1 ms ending
 # at a group of 8 gave batches of about 7 (session 8). Session 10: libuv keeps uvloop's clock in
 # whole milliseconds, so a 1 ms timer fires 0.2-1 ms after it is set on a busy loop; 2 ms for a
@@ -77,7 +77,10 @@ LINGER_PASSES = 4
 # whole 2 ms: warm Check ÷ health calls/s 0.17 at 2 in flight, 0.26 at 4 (p50 3.5-3.8 ms against
 # 0.5-0.9). The group without the floor, from the last batch alone, drifts down (a caller late
 # once lowers it for good; session 10 saw 4.9 at 8 in flight): the memory of recent batches keeps
-# it where the load is.
+# it where the load is. Session 13: forgetting on every timer-ended wait cost uvloop at 8-16 in
+# flight (0.53-0.68 of health's calls/s); on a busy uvloop the 2 ms timer fires after 1.4-1.9 ms
+# (libuv's millisecond clock), so a wait ended before a group that was coming, and one late caller
+# emptied the memory. Forgetting only on the second in a row: 0.62-0.84 at 8, 0.70-0.75 at 16.
 LINGER_MEMORY = 8
 LINGER_GROUP = 32
 LINGER_SECONDS = 0.002
