@@ -5,6 +5,7 @@
 // rule large-transfer: payments.transfer when context.amount > 1000. Tokens are never printed.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { env as testEnv, rejection } from "./support.mjs";
 import { generateKeyPairSync } from "node:crypto";
 import { readFileSync } from "node:fs";
 import net from "node:net";
@@ -26,14 +27,7 @@ import {
   jwkThumbprint,
 } from "../dist/index.js";
 
-const env = (name) => {
-  const value = process.env[name];
-  assert.ok(
-    value,
-    `${name} is not set: run this through pytest (tests/integration/test_typescript_client.py)`,
-  );
-  return value;
-};
+const env = (name) => testEnv(name, "tests/integration/test_typescript_client.py");
 const target = env("AGENTID_TEST_TARGET");
 const userToken = env("AGENTID_TEST_USER_TOKEN");
 const checkKey = env("AGENTID_TEST_CHECK_KEY");
@@ -50,15 +44,6 @@ function client(t, credential, options) {
   const made = new Client(target, credential, options);
   t.after(() => made.close());
   return made;
-}
-
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (error) {
-    return error;
-  }
-  assert.fail("expected a rejection");
 }
 
 test("delegate, then check: allowed in scope, denied out of it", async (t) => {

@@ -8,6 +8,7 @@
 // payments.transfer when context.amount > 1000. Tokens are never printed.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
+import { env as testEnv, rejection } from "./support.mjs";
 import { generateKeyPairSync, randomUUID } from "node:crypto";
 import { Client as McpClient } from "@modelcontextprotocol/sdk/client/index.js";
 import {
@@ -28,11 +29,7 @@ import * as z from "zod";
 import { Client, Decision, EventType, RevocationWatcher, StepUpState } from "@agentid/client";
 import { McpGuard, requestMcpToken } from "@agentid/client/mcp";
 
-const env = (name) => {
-  const value = process.env[name];
-  assert.ok(value, `${name} is not set: run this through pytest (tests/integration/test_typescript_mcp.py)`);
-  return value;
-};
+const env = (name) => testEnv(name, "tests/integration/test_typescript_mcp.py");
 const target = env("AGENTID_TEST_TARGET");
 const publicUrl = env("AGENTID_TEST_PUBLIC_URL");
 const issuer = env("AGENTID_TEST_ISSUER");
@@ -158,15 +155,6 @@ async function connect(t, token, { urlElicitation = false, url = resource } = {}
   await client.connect(new StreamableHTTPClientTransport(new URL(url), options));
   t.after(() => client.close());
   return client;
-}
-
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (error) {
-    return error;
-  }
-  assert.fail("expected a rejection");
 }
 
 function user(t) {
