@@ -270,6 +270,33 @@ async def agentid_cli(
     return process.returncode, out.decode(), err.decode()
 
 
+async def run_command(
+    *command: str, cwd: Path, env: dict[str, str] | None, seconds: float, check: bool = True
+) -> str:
+    """A command's output (stdout and stderr), for the tests that drive other toolchains (go,
+    node, npm, pip). Not subprocess.run: the servers under test answer on this event loop
+    meanwhile. The test fails when the command hangs past ``seconds``, or fails (with
+    ``check``; without it, a failure is a RuntimeError holding the output)."""
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=cwd, env=env if env is not None else dict(os.environ),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), seconds)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        pytest.fail(f"{' '.join(command)} did not finish within {seconds} s")
+    output = out.decode(errors="replace")
+    if check:
+        assert process.returncode == 0, (
+            f"{' '.join(command)} failed ({process.returncode}):\n{output}"
+        )
+    elif process.returncode != 0:
+        raise RuntimeError(output)
+    return output
+
+
 @pytest.fixture
 def idp(tmp_path: Path) -> IdpFixture:
     return IdpFixture(tmp_path / "idp-jwks.json")

@@ -6,7 +6,6 @@ versions go.mod requires are floors, and a caller's module may select newer ones
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -14,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADMIN_KEY, CHECK_KEY, ISSUER, FakeClock, IdpFixture, running_harness
+from tests.conftest import (
+    ADMIN_KEY,
+    CHECK_KEY,
+    ISSUER,
+    FakeClock,
+    IdpFixture,
+    run_command,
+    running_harness,
+)
 
 GO_MODULE = Path(__file__).resolve().parents[2] / "clients" / "go"
 GO_TEST_TIMEOUT = 600  # seconds; the first run downloads modules and builds gRPC
@@ -39,21 +46,8 @@ def go_binary() -> str:
 
 
 async def run_go(go: str, *args: str, cwd: Path, env: dict[str, str]) -> str:
-    """`go ARGS` in cwd; its output, or the test fails. Not subprocess.run: the servers answer on
-    this event loop meanwhile."""
-    process = await asyncio.create_subprocess_exec(
-        go, *args, cwd=cwd, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), GO_TEST_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"go {' '.join(args)} did not finish within {GO_TEST_TIMEOUT} s")
-    output = out.decode(errors="replace")
-    assert process.returncode == 0, f"go {' '.join(args)} failed ({process.returncode}):\n{output}"
-    return output
+    """`go ARGS` in cwd; its output, or the test fails."""
+    return await run_command(go, *args, cwd=cwd, env=env, seconds=GO_TEST_TIMEOUT)
 
 
 @pytest.mark.parametrize("variant", ["this-go", "oldest-go", "newest-modules"])

@@ -9,7 +9,6 @@ test skips, saying so, unless AGENTID_REQUIRE_PYPI=1 (.ci/run), where it fails."
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHECK_KEY, ISSUER, FakeClock, IdpFixture, running_harness
+from tests.conftest import CHECK_KEY, ISSUER, FakeClock, IdpFixture, run_command, running_harness
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "clients" / "python"
@@ -30,25 +29,8 @@ TIMEOUT = 600  # seconds, for each pip or python step
 
 
 async def run(*command: str, cwd: Path, env: dict[str, str], check: bool = True) -> str:
-    """A command's output (stdout and stderr); fails the test when it fails (with ``check``) or
-    hangs. Not subprocess.run: the server answers on this event loop meanwhile."""
-    process = await asyncio.create_subprocess_exec(
-        *command, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"{' '.join(command)} did not finish within {TIMEOUT} s")
-    output = out.decode(errors="replace")
-    if check:
-        assert process.returncode == 0, (
-            f"{' '.join(command)} failed ({process.returncode}):\n{output}"
-        )
-    elif process.returncode != 0:
-        raise RuntimeError(output)
-    return output
+    """A command's output; the test fails when it hangs, or fails (with ``check``)."""
+    return await run_command(*command, cwd=cwd, env=env, seconds=TIMEOUT, check=check)
 
 
 def readme_snippet() -> str:

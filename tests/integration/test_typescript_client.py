@@ -5,7 +5,6 @@ the README's snippet."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from tests.conftest import (
     ISSUER,
     FakeClock,
     IdpFixture,
+    run_command,
     running_harness,
 )
 from tests.integration.test_mtls import MtlsServer, mtls  # noqa: F401 (a fixture)
@@ -39,21 +39,8 @@ def with_risk(config: dict[str, Any]) -> None:
 
 
 async def run(*command: str, cwd: Path, env: dict[str, str] | None = None) -> str:
-    """A command's output (stdout and stderr); fails the test when it fails or hangs. Not
-    subprocess.run: the server answers on this event loop meanwhile."""
-    process = await asyncio.create_subprocess_exec(
-        *command, cwd=cwd, env=env or dict(os.environ),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"{' '.join(command)} did not finish within {TIMEOUT} s")
-    output = out.decode(errors="replace")
-    assert process.returncode == 0, f"{' '.join(command)} failed ({process.returncode}):\n{output}"
-    return output
+    """A command's output; the test fails when it fails or hangs."""
+    return await run_command(*command, cwd=cwd, env=env, seconds=TIMEOUT)
 
 
 async def build() -> None:
