@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import jwt
@@ -38,12 +39,14 @@ class TokenExchangeError(Exception):
 @dataclass(frozen=True)
 class ExchangedToken:
     """A token for one MCP server: ``access_token`` (never printed), ``token_type`` (``Bearer``,
-    or ``DPoP`` when bound to the proof key), ``scope`` granted, ``expires_at`` (epoch s)."""
+    or ``DPoP`` when bound to the proof key), ``scope`` granted, ``expires_at`` (epoch s), and
+    ``resource``: the server it was made for (its ``aud``)."""
 
     access_token: str = field(repr=False)
     token_type: str
     scope: str
     expires_at: float
+    resource: str = ""
 
 
 def client_assertion(key: AssertionKey, client_id: str, audience: str, kid: str = "") -> str:
@@ -136,6 +139,7 @@ async def exchange_token(
         "DPoP" if proof_key is not None else "Bearer",
         str(answer.get("scope", "")),
         time.time() + expires,
+        resource,
     )
 
 
@@ -152,16 +156,30 @@ class AgentAuth(httpx2.Auth):
     ``streamable_http_client(url, http_client=httpx2.AsyncClient(auth=auth))``):
     ``Authorization: Bearer <token>``, or for a token bound to ``proof_key``
     ``Authorization: DPoP <token>`` and a fresh ``DPoP`` proof for the request's method and
-    URL. The token goes to the MCP server it was made for and nowhere else: use one client per
-    server."""
+    URL. The token goes to the MCP server it was made for and nowhere else: a request to
+    another origin than ``resource``'s (an ExchangedToken's own by default) carries nothing of
+    it. A bare token string without ``resource`` is sent with every request of the client: use
+    one client per server then."""
 
-    def __init__(self, token: str | ExchangedToken, *, proof_key: ProofKey | None = None) -> None:
+    def __init__(
+        self,
+        token: str | ExchangedToken,
+        *,
+        proof_key: ProofKey | None = None,
+        resource: str | None = None,
+    ) -> None:
         self._token = token.access_token if isinstance(token, ExchangedToken) else token
         self._proof_key = proof_key
+        if resource is None and isinstance(token, ExchangedToken):
+            resource = token.resource
+        self._origin = _origin(resource) if resource else None
 
     def auth_flow(
         self, request: httpx2.Request
     ) -> Generator[httpx2.Request, httpx2.Response, None]:
+        if self._origin is not None and _origin(str(request.url)) != self._origin:
+            yield request  # another server: nothing of the token goes there
+            return
         if self._proof_key is None:
             request.headers["Authorization"] = f"Bearer {self._token}"
         else:
@@ -170,3 +188,10 @@ class AgentAuth(httpx2.Auth):
                 self._proof_key, request.method, str(request.url), self._token
             )
         yield request
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """A URL's origin (scheme, host, port; the scheme's default port made explicit)."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
