@@ -13,9 +13,12 @@ such as the WAL writer are shared with other databases and left out). A figure i
 over rounds, a ratio the median of the per-round ratios.
 
 Needs a PostgreSQL database the benchmark may write to: `--postgres-url`, else
-AGENTID_TEST_POSTGRES_URL (`.ci/postgres` creates one and prints its URL).
+AGENTID_TEST_POSTGRES_URL (`.ci/postgres` creates one and prints its URL). It must hold none of
+the project's tables (a deployment of its own: keys under its own key-encryption key), or
+`--wipe` drops them first.
 
-usage: bench/check_vs_health_pg [--rounds 4] [--seconds 3] [--postgres-url URL] [--commit REV]
+usage: bench/check_vs_health_pg [--rounds 4] [--seconds 3] [--postgres-url URL] [--wipe]
+                                [--commit REV]
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def backend_pids(url: str) -> list[int]:
     import asyncpg  # type: ignore[import-untyped]  # the server's driver, in the project venv
 
     async def query() -> list[int]:
-        connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+        connection = await asyncpg.connect(H.postgres_dsn(url))
         try:
             rows = await connection.fetch(
                 "SELECT pid FROM pg_stat_activity"
@@ -76,6 +79,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "bench/check_vs_health_pg needs PostgreSQL: pass --postgres-url or set "
             "AGENTID_TEST_POSTGRES_URL (.ci/postgres creates a database and prints its URL)"
         )
+    from list_sessions import prepare_postgres
+
+    asyncio.run(prepare_postgres(H.postgres_url(url), args.wipe))  # the schema, nothing in it
     ghz = H.ensure_ghz()
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {
         name: {kind: [] for kind in KINDS} for name in TOPOLOGIES
@@ -207,6 +213,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--tokens", type=int, default=1000, help="distinct tokens for cold")
     parser.add_argument("--postgres-url", default="")
+    parser.add_argument(
+        "--wipe", action="store_true", help="drop the project's tables the database holds first"
+    )
     parser.add_argument("--uvloop", action="store_true", help="run the servers under uvloop")
     parser.add_argument("--venv", type=Path, default=H.MAIN_VENV)
     parser.add_argument("--out", type=Path, default=H.OUT / "check_vs_health_pg.json")

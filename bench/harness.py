@@ -785,3 +785,19 @@ class Wrk:
             p99_ms=round(report["p99_us"] / 1e3, 3),
             server_cpu_s=round(cpu_after - cpu_before, 3),
         )
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+
+
+def postgres_url(url: str) -> str:
+    """The servers' URL for a benchmark's own connections: without `ssl` (`?ssl=disable`, an
+    argument for the servers' asyncpg.connect, would reach a DSN as a server setting)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).difference_update_query(["ssl"]).render_as_string(hide_password=False)
+
+
+def postgres_dsn(url: str) -> str:
+    """``url`` for asyncpg.connect."""
+    return postgres_url(url).replace("postgresql+asyncpg://", "postgresql://")

@@ -15,14 +15,16 @@ processes and ghz share the cores. CPU per call then says what the cores cannot:
 processes do the same work per call as one (nothing shared to contend on) or more.
 
 Needs a PostgreSQL database the benchmark may write to: `--postgres-url`, else
-AGENTID_TEST_POSTGRES_URL (`.ci/postgres` creates one and prints its URL).
+AGENTID_TEST_POSTGRES_URL (`.ci/postgres` creates one and prints its URL). It must hold none of
+the project's tables, or `--wipe` drops them first.
 
-usage: bench/reuse_port [--processes N] [--rounds 4] [--seconds 3] [--postgres-url URL]
+usage: bench/reuse_port [--processes N] [--rounds 4] [--seconds 3] [--postgres-url URL] [--wipe]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -67,6 +69,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "bench/reuse_port needs PostgreSQL: pass --postgres-url or set "
             "AGENTID_TEST_POSTGRES_URL (.ci/postgres creates a database and prints its URL)"
         )
+    from list_sessions import prepare_postgres
+
+    asyncio.run(prepare_postgres(H.postgres_url(url), args.wipe))  # the schema, nothing in it
     ghz = H.ensure_ghz()
     samples: dict[str, list[dict[str, Any]]] = {"one": [], "many": []}
     with H.temporary_directory("agentid-reuse-port-") as folder, contextlib.ExitStack() as stack:
@@ -173,6 +178,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--postgres-url", default="")
+    parser.add_argument(
+        "--wipe", action="store_true", help="drop the project's tables the database holds first"
+    )
     parser.add_argument("--venv", type=Path, default=H.MAIN_VENV)
     parser.add_argument("--out", type=Path, default=H.OUT / "reuse_port.json")
     parser.add_argument("--commit", help="measure this revision's server/ (git archive)")

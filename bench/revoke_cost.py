@@ -156,23 +156,11 @@ async def _mint(
     return sessions, roots
 
 
-def _own_url(url: str) -> str:
-    """The servers' URL for this benchmark's own connections: without `ssl` (`?ssl=disable`, an
-    argument for the servers' asyncpg.connect, would reach a DSN as a server setting)."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).difference_update_query(["ssl"]).render_as_string(hide_password=False)
-
-
-def _own_dsn(url: str) -> str:
-    return _own_url(url).replace("postgresql+asyncpg://", "postgresql://")
-
-
 async def backend_pids(url: str) -> list[int]:
     """The server processes of every connection to the database (this one's excluded)."""
     import asyncpg  # type: ignore[import-untyped]  # the server's driver, in the project venv
 
-    connection = await asyncpg.connect(_own_dsn(url))
+    connection = await asyncpg.connect(H.postgres_dsn(url))
     try:
         rows = await connection.fetch(
             "SELECT pid FROM pg_stat_activity"
@@ -376,7 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name == "postgres":  # a database of the schema and nothing in it
                 from list_sessions import prepare_postgres
 
-                asyncio.run(prepare_postgres(_own_url(url), args.wipe))
+                asyncio.run(prepare_postgres(H.postgres_url(url), args.wipe))
             config = backend_config(deployment.config, directory / f"{name}.toml", url)
             counts = directory / f"{name}.counts"
             argv = [python, str(COUNTED_SERVE), str(counts), str(config)]

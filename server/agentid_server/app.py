@@ -586,7 +586,7 @@ async def build_server(
             on_step_ups=step_ups_changed_elsewhere,
             own_pid=lambda: journal.backend_pid,
             poll_interval=settings.revocation.poll_interval,
-            on_audit=audit_bell.ring if audit_bell is not None else None,
+            audit_bell=audit_bell,
         )
         listener.start()
     housekeeping = asyncio.create_task(

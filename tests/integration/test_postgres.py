@@ -24,6 +24,7 @@ from agentid.v1 import agentid_pb2_grpc
 from agentid_server.app import CannotListen
 from agentid_server.config import Settings
 from agentid_server.domain.audit import AuditQuery
+from agentid_server.domain.fanout import Doorbell
 from agentid_server.domain.model import ActorKind, AuditEvent, Decision, EventType
 from agentid_server.storage import tables
 from agentid_server.storage.audit import AuditRepository
@@ -142,6 +143,41 @@ async def test_the_core_loop_and_the_audit_trail(replicas: tuple[Harness, Harnes
     assert list(records[1].scopes) == ["tickets.read"]
     verified = await a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
     assert verified.ok
+    assert verified.verified == len(await audit(a))
+
+
+async def test_check_records_keep_every_character_and_their_chain_verifies(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """Check batches reach PostgreSQL as one JSON parameter (the journal's raw path): what the
+    JSON text escapes or spells in several bytes comes back as sent, and the chain verifies."""
+    from google.protobuf import struct_pb2
+
+    a, _ = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    resources = [
+        'r/"quoted"',
+        "r/back\\slash\\u0041",
+        "r/ünïcödé/日本/😀",
+        "r/" + "/".join(["x" * 100] * 4),
+    ]
+    context = struct_pb2.Struct()
+    context.update(
+        {"note": 'a "b" \\ c\td\ne \u2028 😀', "amount": 12.5, "n": [1, {"k": "\u00e9"}]}
+    )
+    first = await a.check(session.token, "tickets.read", "r/first")  # the chain's head known
+    assert first.decision == pb.DECISION_ALLOW
+    answers = await asyncio.gather(
+        *(a.check(session.token, "tickets.read", r, context=context) for r in resources)
+    )
+    assert {answer.decision for answer in answers} == {pb.DECISION_ALLOW}
+    records = await audit(a, session_id=session.session_id)
+    by_resource = {r.resource: r for r in records if r.event_type == pb.EVENT_TYPE_CHECK}
+    assert set(resources) <= set(by_resource)
+    for resource in resources:
+        assert by_resource[resource].context == context
+    verified = await a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
+    assert verified.ok, verified
     assert verified.verified == len(await audit(a))
 
 
@@ -654,6 +690,63 @@ async def test_step_up_news_survives_a_failed_read() -> None:
                 break
             await asyncio.sleep(0.02)
         assert handed == [["stp_a", "stp_b"]]
+    finally:
+        await listener.stop()
+        await engine.dispose()
+
+
+async def test_a_replica_listens_for_audit_records_only_while_it_has_followers() -> None:
+    """Every audit batch of every replica notifies: a replica hears them only while its audit
+    bell has listeners, and rings it once the LISTEN is in place (a record committed before was
+    not heard of). Followers coming and going cost no catch-up read."""
+    await wipe(URL)
+    engine = create_async_engine(URL)
+    catch_ups = 0
+
+    async def catch_up() -> None:
+        nonlocal catch_ups
+        catch_ups += 1
+
+    async def nothing(_ids: list[str]) -> None:
+        return None
+
+    async def until(condition: Any) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("not in time")
+
+    async def notify_audit() -> None:
+        async with engine.connect() as other:
+            await other.execute(text("SELECT pg_notify('agentid_audit', '')"))
+            await other.commit()
+
+    bell = Doorbell()
+    listener = PeerListener(
+        engine,
+        on_revocations=catch_up,
+        on_step_ups=nothing,
+        own_pid=lambda: None,
+        poll_interval=3600.0,
+        audit_bell=bell,
+    )
+    listener.start()
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 10)
+        await until(lambda: catch_ups == 1)
+        assert not listener.hearing_audit
+        for _ in range(2):
+            with bell.listening() as rung:
+                await until(lambda: listener.hearing_audit)
+                await asyncio.wait_for(rung.wait(), 5)  # rung once listening
+                rung.clear()
+                await notify_audit()
+                await asyncio.wait_for(rung.wait(), 5)
+            await until(lambda: not listener.hearing_audit)
+        await notify_audit()  # heard by nobody; the revocations' catch-up did not run again
+        await asyncio.sleep(0.1)
+        assert catch_ups == 1
     finally:
         await listener.stop()
         await engine.dispose()

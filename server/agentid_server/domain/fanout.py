@@ -178,6 +178,14 @@ class Doorbell:
     def __init__(self) -> None:
         self._rung: set[asyncio.Event] = set()
         self.closed = False
+        # Called when the first listener comes and when the last one goes (whoever rings it
+        # may then ask for news only while somebody listens).
+        self.on_listeners: Callable[[], None] | None = None
+
+    @property
+    def heard(self) -> bool:
+        """Somebody listens."""
+        return bool(self._rung)
 
     def ring(self) -> None:
         for rung in self._rung:
@@ -192,7 +200,11 @@ class Doorbell:
         """An event set at each ring while the block runs (clear it before each read)."""
         rung = asyncio.Event()
         self._rung.add(rung)
+        if len(self._rung) == 1 and self.on_listeners is not None:
+            self.on_listeners()
         try:
             yield rung
         finally:
             self._rung.discard(rung)
+            if not self._rung and self.on_listeners is not None:
+                self.on_listeners()

@@ -14,8 +14,9 @@
   changed after the revision it holds (``on_revocations`` does that too: one catch-up for both,
   so a disabled agent and its revoked sessions arrive together).
 * Audit records: each commit of audit records sends ``agentid_audit`` (visibility.py); the other
-  replicas' followers then read the store (``on_audit``). Followers also read every poll
-  interval, so a missed notification only delays them.
+  replicas' followers then read the store (``audit_bell``). A replica listens for it only while
+  it has followers. Followers also read every poll interval, so a missed notification only
+  delays them.
 
 SQLite has one writer and needs none of this.
 """
@@ -31,6 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentid_server.domain.fanout import Doorbell
 from agentid_server.storage.visibility import AUDIT_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,10 @@ def notify_step_ups(connection: Connection, step_up_ids: Sequence[str]) -> None:
 
 class PeerListener:
     """Runs ``on_revocations`` whenever another replica may have committed revocations,
-    ``on_step_ups`` with the ids of step-ups another replica changed, and ``on_audit`` when
-    another replica committed audit records."""
+    ``on_step_ups`` with the ids of step-ups another replica changed, and rings ``audit_bell``
+    when another replica committed audit records. It listens for audit records only while the
+    bell has listeners (followers): every batch of every replica notifies, and hearing them
+    costs a replica without followers CPU for nothing."""
 
     def __init__(
         self,
@@ -84,20 +88,29 @@ class PeerListener:
         on_step_ups: Callable[[list[str]], Awaitable[None]],
         own_pid: Callable[[], int | None],
         poll_interval: float,
-        on_audit: Callable[[], None] | None = None,
+        audit_bell: Doorbell | None = None,
     ) -> None:
         """``own_pid``: the backend process of this replica's writer, whose notifications are
         this replica's own (already handed to its watchers)."""
         self._engine = engine
         self._on_news = on_revocations
         self._on_step_ups = on_step_ups
-        self._on_audit = on_audit
+        self._audit_bell = audit_bell
+        self._hearing_audit = False  # LISTEN agentid_audit in place on the current connection
         self._own_pid = own_pid
         self._poll_interval = poll_interval
-        self._news = asyncio.Event()
+        self._news = False  # a notification came: read what changed
+        self._wake = asyncio.Event()  # news, or the audit bell's listeners came or went
+        if audit_bell is not None:
+            audit_bell.on_listeners = self._wake.set
         self._step_ups: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while a LISTEN is in place (tests wait for it)
+
+    @property
+    def hearing_audit(self) -> bool:
+        """LISTEN agentid_audit is in place (while the audit bell has listeners)."""
+        return self._hearing_audit
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="peer-listener")
@@ -111,8 +124,8 @@ class PeerListener:
 
     def _notified(self, _connection: Any, pid: int, channel: str, payload: str) -> None:
         if channel == AUDIT_CHANNEL:
-            if self._on_audit is not None and pid != self._own_pid():
-                self._on_audit()
+            if self._audit_bell is not None and pid != self._own_pid():
+                self._audit_bell.ring()
             return
         if channel == STEP_UPS_CHANNEL:
             if pid == self._own_pid():
@@ -120,7 +133,8 @@ class PeerListener:
             self._step_ups.update(i for i in payload.split(",") if i)
         elif channel == REVOCATIONS_CHANNEL and pid == self._own_pid():
             return  # this replica's own: applied and handed to its watchers at the commit
-        self._news.set()
+        self._news = True
+        self._wake.set()
 
     async def _run(self) -> None:
         while True:
@@ -138,23 +152,48 @@ class PeerListener:
             raw = await connection.get_raw_connection()
             listener = raw.driver_connection  # the asyncpg connection
             assert listener is not None
-            channels = (REVOCATIONS_CHANNEL, STEP_UPS_CHANNEL, AUDIT_CHANNEL, AGENTS_CHANNEL)
+            channels = (REVOCATIONS_CHANNEL, STEP_UPS_CHANNEL, AGENTS_CHANNEL)
             for channel in channels:
                 await listener.add_listener(channel, self._notified)
+            self._hearing_audit = False
             try:
                 self.listening.set()
-                while not listener.is_closed():  # first: what came before this LISTEN took effect
-                    self._news.clear()
-                    await self._on_news()
-                    if self._step_ups:  # forgotten only once handed on: a failed read retries
-                        changed = sorted(self._step_ups)
-                        await self._on_step_ups(changed)
-                        self._step_ups.difference_update(changed)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._news.wait(), self._poll_interval)
+                due = True  # first: what came before this LISTEN took effect
+                while not listener.is_closed():
+                    self._wake.clear()
+                    await self._hear_audit_while_followed(listener)
+                    if due or self._news:
+                        self._news = False
+                        await self._on_news()
+                        if self._step_ups:  # forgotten only once handed on: a failed read retries
+                            changed = sorted(self._step_ups)
+                            await self._on_step_ups(changed)
+                            self._step_ups.difference_update(changed)
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                        due = False
+                    except TimeoutError:
+                        due = True  # the poll
                 raise ConnectionError("the listening connection closed")
             finally:  # the connection goes back to the pool: not listening any more
                 if not listener.is_closed():
-                    for channel in channels:
+                    heard = (*channels, AUDIT_CHANNEL) if self._hearing_audit else channels
+                    for channel in heard:
                         with contextlib.suppress(Exception):
                             await listener.remove_listener(channel, self._notified)
+                self._hearing_audit = False
+
+    async def _hear_audit_while_followed(self, listener: Any) -> None:
+        """LISTEN for audit records while the bell has listeners, UNLISTEN when it has none;
+        once listening, ring it: a record committed before the LISTEN took effect was not
+        heard of."""
+        bell = self._audit_bell
+        wanted = bell is not None and bell.heard
+        if wanted and not self._hearing_audit:
+            await listener.add_listener(AUDIT_CHANNEL, self._notified)
+            self._hearing_audit = True
+            assert bell is not None
+            bell.ring()
+        elif not wanted and self._hearing_audit:
+            await listener.remove_listener(AUDIT_CHANNEL, self._notified)
+            self._hearing_audit = False
