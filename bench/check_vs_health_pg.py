@@ -81,7 +81,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
     from list_sessions import prepare_postgres
 
-    asyncio.run(prepare_postgres(H.postgres_url(url), args.wipe))  # the schema, nothing in it
+    asyncio.run(prepare_postgres(H.postgres_url(url), args.wipe, schema=False))  # the servers' own
     ghz = H.ensure_ghz()
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {
         name: {kind: [] for kind in KINDS} for name in TOPOLOGIES

@@ -129,9 +129,15 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def prepare_postgres(url: str, wipe: bool) -> None:
-    """A database of the project's schema and nothing in it: refused if it holds the project's
-    tables already, unless ``wipe`` (then they are dropped first: only the project's own)."""
+# The project's functions (migration 0016), dropped with its tables.
+FUNCTIONS = ("agentid_take_audit_ids(bigint, integer)",)
+
+
+async def prepare_postgres(url: str, wipe: bool, *, schema: bool = True) -> None:
+    """A database of the project's schema and nothing in it (without ``schema``: of nothing of
+    the project's, for servers that create it themselves, maybe of another revision): refused if
+    it holds the project's tables already, unless ``wipe`` (then they are dropped first, and its
+    functions: only the project's own)."""
     names = [t.name for t in reversed(tables.metadata.sorted_tables)] + ["alembic_version"]
     connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
@@ -141,8 +147,12 @@ async def prepare_postgres(url: str, wipe: bool) -> None:
             raise SystemExit(f"{database} holds {', '.join(present)}: pass --wipe to drop them")
         for name in present:
             await connection.execute(f'DROP TABLE IF EXISTS "{name}" CASCADE')
+        for function in FUNCTIONS:
+            await connection.execute(f"DROP FUNCTION IF EXISTS {function}")
     finally:
         await connection.close()
+    if not schema:
+        return
     engines = create_engines(url)
     try:
         await migrate(engines.main)

@@ -71,7 +71,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
     from list_sessions import prepare_postgres
 
-    asyncio.run(prepare_postgres(H.postgres_url(url), args.wipe))  # the schema, nothing in it
+    asyncio.run(prepare_postgres(H.postgres_url(url), args.wipe, schema=False))  # the servers' own
     ghz = H.ensure_ghz()
     samples: dict[str, list[dict[str, Any]]] = {"one": [], "many": []}
     with H.temporary_directory("agentid-reuse-port-") as folder, contextlib.ExitStack() as stack:

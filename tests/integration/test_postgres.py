@@ -587,6 +587,48 @@ async def test_a_check_takes_its_record_id_only_inside_the_id_window(
         await engine.dispose()
 
 
+async def test_a_check_batch_holds_the_id_window_until_its_records_are_committed(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """The Check path holds the window's lock at session level from its ids to after its
+    commit: a reader asking for the window meanwhile gets it only then, with a horizon that
+    covers the Check's record, which it can read; and an idle writer holds nothing."""
+    a, _ = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    await a.check(session.token, "tickets.read")  # the head is loaded: Checks take the fast path
+    engine = create_async_engine(URL)
+    try:
+        for _ in range(20):
+            checking = asyncio.ensure_future(a.check(session.token, "tickets.read", "t/w"))
+            async with engine.connect() as reader:
+                await reader.execute(text("SET lock_timeout = '5s'"))  # idle: never held long
+                await reader.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": WINDOW_KEY}
+                )
+                horizon = (
+                    await reader.execute(text("SELECT last_value FROM audit_records_id_seq"))
+                ).scalar()
+                taken = (
+                    await reader.execute(
+                        text("SELECT count(*) FROM audit_records WHERE id <= :h"), {"h": horizon}
+                    )
+                ).scalar()
+                await reader.rollback()
+            answer = await checking
+            assert answer.decision == pb.DECISION_ALLOW
+            async with engine.connect() as after:
+                written = (
+                    await after.execute(
+                        text("SELECT count(*) FROM audit_records WHERE id <= :h"), {"h": horizon}
+                    )
+                ).scalar()
+                assert taken == written  # nothing under the horizon arrived after it was read
+        verified = await a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
+        assert verified.ok
+    finally:
+        await engine.dispose()
+
+
 async def test_a_follower_on_one_replica_sees_what_the_other_commits(
     tmp_path: Path, idp: IdpFixture, clock: FakeClock
 ) -> None:

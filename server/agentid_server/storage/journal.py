@@ -55,7 +55,7 @@ from agentid_server.storage.rows import (
     audit_row,
     session_row,
 )
-from agentid_server.storage.visibility import BEGIN_ID_WINDOW, open_id_window
+from agentid_server.storage.visibility import CLOSE_WINDOW, TAKE_IDS, open_id_window
 from agentid_server.storage.writer_lock import WriterInUse, claim_chain, lock_beside
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,7 @@ class Journal:
         self._probe: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None  # SQLite: the writer's lock file, held until stop
         self.backend_pid: int | None = None  # PostgreSQL: the writer connection's server process
+        self._window_open = False  # PostgreSQL: a Check batch holds the id window's lock
         self.records_committed = 0  # audit records, since start (telemetry)
         self.batches_committed = 0  # batches with audit records (records ÷ batches: group size)
 
@@ -422,6 +423,8 @@ class Journal:
                 await self._commit(batch)
             finally:
                 self._writing, self._stalled = (), False
+            if self._window_open:
+                await self._close_window()
             # This batch's group: its callers (a Check's caller mostly asks again) and the writes
             # that came meanwhile.
             self._groups.append(min(take + len(pending), LINGER_GROUP))
@@ -449,9 +452,10 @@ class Journal:
             else:
                 self._executor.submit(self._close_connections)
             if self._async_connection is not None:  # PostgreSQL: start over on a new connection
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # (which ends its transaction and locks)
                     await self._async_connection.invalidate()
                 self._async_connection = None
+            self._window_open = False
             self._set_health(False)
             if isinstance(exc, WriterInUse):
                 log.error("write batch of %d items failed: %s", len(batch), exc)
@@ -604,26 +608,51 @@ class Journal:
         self, connection: AsyncConnection, batch: list[_Item]
     ) -> list[int]:
         """PostgreSQL's Check batches, audit records only (the head known): straight to the
-        asyncpg connection in four round trips, against five and SQLAlchemy's per-statement work
-        on the general path. BEGIN with the id window's shared lock and NOTIFY, then the ids,
-        then every record in one INSERT of one JSON parameter, then COMMIT; the guarantees are
-        the general path's (ids taken inside the window, chained in id order, answered after the
-        commit). A failure leaves the transaction open: the caller drops the connection, which
-        rolls it back."""
+        asyncpg connection, two round trips before the answer (the general path takes five, each
+        through SQLAlchemy's per-statement work): the id window's shared lock, at session level,
+        and the ids in one statement; then every record in one INSERT of one JSON parameter,
+        committed in its own transaction. The lock is let go, and the other replicas told, after
+        the callers have their answer (_close_window). The guarantees are the general path's:
+        ids taken inside the window, chained in id order, answered after the commit. A batch
+        that signs a checkpoint writes it in the records' transaction (BEGIN ... COMMIT). A
+        failure leaves the lock, or a transaction, open: the caller drops the connection, which
+        ends both."""
         raw = (await connection.get_raw_connection()).driver_connection
         assert raw is not None
         rows = [audit_row(item.event) for item in batch if item.event]
-        await raw.execute(BEGIN_ID_WINDOW)
-        reserved = await raw.fetch(_PG_IDS, len(rows))
+        self._window_open = True
+        reserved = await raw.fetch(TAKE_IDS, len(rows))
         ids = sorted(int(record[0]) for record in reserved)  # the chain runs in id order
         sealed = self._seal_numbered(list(zip(ids, rows, strict=True)))
-        await raw.execute(_PG_INSERT, _PG_ROWS.encode(sealed).decode())
+        records = _PG_ROWS.encode(sealed).decode()
         _, checkpoint = self._chain_extras(force=False, final=False)
-        if checkpoint is not None:
+        if checkpoint is None:
+            await raw.execute(_PG_INSERT, records)
+        else:
+            await raw.execute("BEGIN")
+            await raw.execute(_PG_INSERT, records)
             await raw.execute(_PG_CHECKPOINT, *checkpoints.checkpoint_row(checkpoint))
-        await raw.execute("COMMIT")
+            await raw.execute("COMMIT")
         self._pending_records.extend(sealed)  # published on the loop, after the commit
         return [row[0] for row in sealed]
+
+    async def _close_window(self) -> None:
+        """After a Check batch's callers have their answer: lets go of the id window's lock and
+        tells the other replicas. A connection that fails to is dropped (which lets go too):
+        the batch committed, so nobody is told of a failure; the next batch connects anew."""
+        self._window_open = False
+        connection = self._async_connection
+        if connection is None:
+            return
+        try:
+            raw = (await connection.get_raw_connection()).driver_connection
+            assert raw is not None
+            await asyncio.wait_for(raw.execute(CLOSE_WINDOW), self._unhealthy_after)
+        except Exception as exc:  # the writer outlives it; the connection goes
+            log.warning("closing the audit id window failed: %s", type(exc).__name__)
+            self._async_connection = None
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
 
     def _write_batch(self, connection: Connection, batch: list[_Item]) -> list[_Outcome]:
         """Runs the jobs and writes the new sessions in batch order (a session only under a
@@ -848,7 +877,6 @@ def _give_up(future: asyncio.Future[Any], error: Unavailable | None = None) -> N
         )
 
 
-_PG_IDS = "SELECT nextval('audit_records_id_seq') FROM generate_series(1, $1)"
 # One statement and one parameter for the whole batch: the sealed rows as one JSON array of
 # arrays (msgspec encodes it in one call, bytes as base64), taken apart by PostgreSQL. A column
 # array per field (asyncpg encodes each element) cost the writer 4-8 µs more per record, and

@@ -5,8 +5,9 @@ record 101 (replica B) can be committed and read while record 100 (replica A) is
 way: a reader paging by ``after_id`` would step past 100 for good, and a chain verified then
 would seem to miss a link. So:
 
-* a writer holds a *shared* transaction advisory lock from just before it takes ids until its
-  transaction ends (writers never wait for each other);
+* a writer holds a *shared* advisory lock from just before it takes ids until its transaction
+  ends (writers never wait for each other); the journal's Check batches hold it at session level
+  from the ids until after the commit of their records (TAKE_IDS, CLOSE_WINDOW);
 * a reader first takes the same lock *exclusively*, which waits until no writer is between
   taking ids and committing, reads the sequence's last value (the horizon: every id up to it is
   committed or will never be), lets go at once, and then reads only ids up to the horizon.
@@ -40,11 +41,13 @@ def open_id_window(connection: Connection) -> None:
     )
 
 
-# The same as open_id_window, for the journal's raw asyncpg path: the transaction's BEGIN, the
-# shared lock and the NOTIFY in one simple-protocol message (one round trip). Constants only.
-BEGIN_ID_WINDOW = (
-    f"BEGIN; SELECT pg_advisory_xact_lock_shared({_KEY}); SELECT pg_notify('{AUDIT_CHANNEL}', '')"
-)
+# The journal's Check batches (raw asyncpg, two round trips before the answer): the window's
+# shared lock at *session* level and the ids, in one statement (migration 0016); then the records
+# in one INSERT, committed in its own transaction; then, once the callers have their answer, the
+# lock let go and the other replicas told, in one more statement (its NOTIFY is delivered at its
+# commit, after the records'). A reader waits for that release as for a transaction's end.
+TAKE_IDS = f"SELECT agentid_take_audit_ids({_KEY}, $1)"
+CLOSE_WINDOW = f"SELECT pg_advisory_unlock_shared({_KEY}), pg_notify('{AUDIT_CHANNEL}', '')"
 
 
 async def horizon(engine: AsyncEngine, wait_for_writers: float) -> int | None:
