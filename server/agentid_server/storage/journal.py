@@ -574,15 +574,25 @@ class Journal:
                 self._load_head(connection)
         try:
             sealed = self._seal([audit_row(item.event) for item in batch if item.event])
-            for start in range(0, len(sealed), SQLITE_ROWS_PER_INSERT):
-                rows = sealed[start : start + SQLITE_ROWS_PER_INSERT]
-                raw.execute(_sqlite_insert(len(rows)), [value for row in rows for value in row])
             mark, checkpoint = self._chain_extras(force=False, final=False)
-            if mark is not None:
-                raw.execute(_SQLITE_MARK, (mark,))
-            if checkpoint is not None:
-                raw.execute(_SQLITE_CHECKPOINT, checkpoints.checkpoint_row(checkpoint))
-            raw.commit()
+            if len(sealed) <= SQLITE_ROWS_PER_INSERT and mark is None and checkpoint is None:
+                # One statement, its own transaction: one call into SQLite, which lets go of
+                # the GIL for it (the gRPC poller thread takes it, and the loop waits to get it
+                # back), instead of two with the commit.
+                level, raw.isolation_level = raw.isolation_level, None
+                try:
+                    raw.execute(_sqlite_insert(len(sealed)), [v for row in sealed for v in row])
+                finally:
+                    raw.isolation_level = level
+            else:
+                for start in range(0, len(sealed), SQLITE_ROWS_PER_INSERT):
+                    rows = sealed[start : start + SQLITE_ROWS_PER_INSERT]
+                    raw.execute(_sqlite_insert(len(rows)), [v for row in rows for v in row])
+                if mark is not None:
+                    raw.execute(_SQLITE_MARK, (mark,))
+                if checkpoint is not None:
+                    raw.execute(_SQLITE_CHECKPOINT, checkpoints.checkpoint_row(checkpoint))
+                raw.commit()
         except BaseException:
             raw.rollback()
             self._next_id = self._chain_head = None
