@@ -1,9 +1,11 @@
 """The statements one Revoke of a session sends to the database, on a journal of its own (nothing
 else writes, so the batch is the Revoke alone and the count is exact): what the work needs, in
-one transaction (docs/benchmarks.md, session 11)."""
+one transaction (docs/benchmarks.md, session 11); and a batch of Check records' round trips on
+PostgreSQL (session 14)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -131,3 +133,55 @@ async def test_a_revoke_on_postgres_reads_once_and_writes_in_one_statement() -> 
     assert "pg_notify('agentid_revocations'" in revoking[1]
     assert not [s for s in seen if s.upper().startswith(("SAVEPOINT", "RELEASE"))]
     assert "pg_advisory_xact_lock(" in seen[0]  # the lineage lock, first
+
+
+@pytest.mark.skipif(
+    not POSTGRES_URL, reason="set AGENTID_TEST_POSTGRES_URL to a database tests may wipe"
+)
+async def test_a_check_batch_on_postgres_is_two_round_trips_before_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of Check records, once the chain's head is known: the window's lock with the ids,
+    then the records committed by their INSERT; the caller is answered; then the lock is let go
+    with the NOTIFY. Counted at the driver (docs/benchmarks.md, session 14)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    await wipe(POSTGRES_URL)
+    engines = create_engines(POSTGRES_URL)
+    await migrate(engines.main)
+    events: list[tuple[str, str]] = []
+
+    def traced(method: Any) -> Any:
+        async def call(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            result = await method(self, query, *args, **kwargs)
+            events.append(("done", " ".join(query.split())))
+            return result
+
+        return call
+
+    journal = Journal(engines.main, None, max_batch=100)
+    journal.start()
+    try:
+        session = new_session(1)
+        await journal.append(delegated(session), new_session=session)  # reads the chain's head
+        for name in ("execute", "fetch", "fetchval", "fetchrow", "executemany"):
+            monkeypatch.setattr(asyncpg.Connection, name, traced(getattr(asyncpg.Connection, name)))
+        check = AuditEvent(
+            time=time.time(), event_type=EventType.CHECK, actor_kind=ActorKind.SERVICE,
+            actor_id="svc", session_id=session.id, user_id=session.user_id,
+        )  # fmt: skip
+        await asyncio.gather(*(journal.append(check) for _ in range(3)))  # one batch
+        events.append(("answered", ""))
+        for _ in range(100):  # the window is let go after the answer
+            if len(events) >= 4:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await journal.stop()
+        await engines.dispose()
+    statements = [statement for kind, statement in events if kind == "done"]
+    assert [kind for kind, _ in events] == ["done", "done", "answered", "done"], events
+    assert statements[0].startswith("SELECT agentid_take_audit_ids(")
+    assert statements[1].startswith("INSERT INTO audit_records")
+    assert "pg_advisory_unlock_shared(" in statements[2]
+    assert "pg_notify('agentid_audit'" in statements[2]
