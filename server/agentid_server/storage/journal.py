@@ -565,8 +565,9 @@ class Journal:
             return [_Outcome(error=refused.error)]
 
     def _write_audit_only(self, connection: Connection, batch: list[_Item]) -> list[int]:
-        """The Check path's batches, audit records only: straight to the sqlite3 connection,
-        multi-row INSERTs and one commit (SQLAlchemy's per-statement work doubles the cost)."""
+        """The Check path's batches, audit records only: straight to the sqlite3 connection
+        (SQLAlchemy's per-statement work doubles the cost), one INSERT in its own transaction
+        for up to SQLITE_ROWS_PER_INSERT records, else multi-row INSERTs and one commit."""
         raw = connection.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
         if self._next_id is None or self._chain_head is None:
