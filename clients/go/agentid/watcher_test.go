@@ -124,6 +124,9 @@ func TestWatcherStartsOverWhenTheServerIsBehindIt(t *testing.T) {
 	eventually(t, "the watcher holds the other server's revoked set", func() bool {
 		return w.Sequence() == behind && isRevoked(t, w, elsewhere.GetSerial()) && w.Revoked().GetCardinality() == 1
 	})
+	// The watcher logs a snapshot after it has let go of its lock, so the set can be seen a moment
+	// before the line is written.
+	eventually(t, "the second snapshot's log line", func() bool { return logs.count(snapshotApplied) >= 2 })
 	if n := logs.count("agentid: revocation sequence ahead of the server's; starting over from a snapshot"); n != 1 {
 		t.Errorf("started over %d times, want 1", n)
 	}
