@@ -22,7 +22,7 @@ from envoy.service.auth.v3.external_auth_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc.status_pb2 import Status
 
-from agentid_server.api.handlers import Authenticator, unary_method
+from agentid_server.api.handlers import Authenticator, MethodTable, unary_method
 from agentid_server.api.method_policy import EXT_AUTHZ_POLICY, EXT_AUTHZ_SERVICE
 from agentid_server.domain.gateway import (
     ForwardedRequest,
@@ -131,4 +131,4 @@ def ext_authz_handler(
         )
         for name, rule in EXT_AUTHZ_POLICY.items()
     }
-    return grpc.method_handlers_generic_handler(EXT_AUTHZ_SERVICE, handlers)
+    return MethodTable(EXT_AUTHZ_SERVICE, handlers)

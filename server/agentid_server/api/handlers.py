@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from functools import partial
 from typing import Any, Protocol, cast
 
 import grpc
@@ -23,6 +24,10 @@ from agentid_server.domain.streams import StreamGate
 log = logging.getLogger(__name__)
 
 BEARER = "bearer "
+
+# A call's metadata as gRPC hands it to a generic handler: (key, value) pairs, values str, or
+# bytes for a "-bin" key.
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 class Authenticator(Protocol):
@@ -47,13 +52,13 @@ class CallObserver(Protocol):
     ) -> Callable[[grpc.StatusCode | None], None]: ...
 
 
-def call_credentials(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str | None, str]:
+def call_credentials(metadata: Metadata) -> tuple[str | None, str]:
     """The call's bearer credential (None when there is none) and its DPoP proof ("" when none),
     read in one pass over the metadata."""
     credential: str | None = None
     proof = ""
     seen = False
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if key == "authorization" and not seen and isinstance(value, str):
             seen = True
             if value[: len(BEARER)].lower() == BEARER:
@@ -95,7 +100,7 @@ class _Call:
         self.max_bytes = max_bytes
 
     async def prepare(
-        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any], metadata: Metadata
     ) -> tuple[Message, Principal | None]:
         if len(raw) > self.max_bytes:  # gRPC's own limit lies above: this answer has ErrorInfo
             await _abort(
@@ -109,7 +114,7 @@ class _Call:
             )
         principal: Principal | None = None
         if self.rule is None or not self.rule.public:
-            credential, proof = call_credentials(context)
+            credential, proof = call_credentials(metadata)
             # Without a bearer credential, a verified client certificate (mTLS) may name a service.
             peer = context.peer_identities() if credential is None else None
             principal = await self.authn.authenticate(
@@ -135,12 +140,36 @@ class _Call:
         return request, principal
 
 
+# A method's handler for one call, given the call's metadata.
+Binder = Callable[[Metadata], "grpc.RpcMethodHandler[Any, Any]"]
+
+
+class MethodTable(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """The generic handler of one service's methods. gRPC has read the call's metadata to look the
+    method up; each call's handler is bound to that (about 1 µs), so that neither the credential
+    nor telemetry reads it from the context again (which converts every header of the call once
+    more: 1.6 µs for three headers, each time)."""
+
+    def __init__(self, service: str, methods: dict[str, Binder]) -> None:
+        self._paths = {f"/{service}/{name}": bind for name, bind in methods.items()}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        bind = self._paths.get(handler_call_details.method)
+        if bind is None:
+            return None
+        return bind(handler_call_details.invocation_metadata or ())
+
+
 def _unary(
     call: _Call, behavior: Callable[..., Awaitable[Message]], observer: CallObserver | None
-) -> grpc.RpcMethodHandler[Any, Any]:
-    async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+) -> Binder:
+    async def handle(
+        raw: bytes, context: grpc.aio.ServicerContext[Any, Any], metadata: Metadata
+    ) -> Message:
         try:
-            request, principal = await call.prepare(raw, context)
+            request, principal = await call.prepare(raw, context, metadata)
             return await behavior(request, context, principal)
         except grpc.aio.AbortError:
             raise
@@ -148,19 +177,28 @@ def _unary(
             await _fail(context, call.name, exc)
             raise  # unreachable: abort raises
 
-    async def observed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+    async def observed(
+        raw: bytes, context: grpc.aio.ServicerContext[Any, Any], metadata: Metadata
+    ) -> Message:
         assert observer is not None
-        finish = observer.begin(call.name, context.invocation_metadata())
+        finish = observer.begin(call.name, metadata)
         try:
-            return await handle(raw, context)
+            return await handle(raw, context, metadata)
         finally:
             finish(_status_code(context))
 
-    return grpc.unary_unary_rpc_method_handler(
-        handle if observer is None else observed,
-        request_deserializer=None,
-        response_serializer=_serialize,
-    )
+    run = handle if observer is None else observed
+
+    def bind(metadata: Metadata) -> grpc.RpcMethodHandler[Any, Any]:
+        # A partial of a coroutine function is one to gRPC (inspect.iscoroutinefunction), so
+        # it runs on the event loop rather than in gRPC's thread pool.
+        return grpc.unary_unary_rpc_method_handler(
+            partial(run, metadata=metadata),
+            request_deserializer=None,
+            response_serializer=_serialize,
+        )
+
+    return bind
 
 
 def _server_stream(
@@ -168,12 +206,12 @@ def _server_stream(
     behavior: Callable[..., AsyncGenerator[Message, None]],
     observer: CallObserver | None,
     gate: StreamGate | None,
-) -> grpc.RpcMethodHandler[Any, Any]:
+) -> Binder:
     async def handle(
-        raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        raw: bytes, context: grpc.aio.ServicerContext[Any, Any], metadata: Metadata
     ) -> AsyncIterator[Message]:
         try:
-            request, principal = await call.prepare(raw, context)
+            request, principal = await call.prepare(raw, context, metadata)
             if gate is None or principal is None:
                 async for response in behavior(request, context, principal):
                     yield response
@@ -198,21 +236,26 @@ def _server_stream(
             await _fail(context, call.name, exc)
 
     async def observed(
-        raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        raw: bytes, context: grpc.aio.ServicerContext[Any, Any], metadata: Metadata
     ) -> AsyncIterator[Message]:
         assert observer is not None
-        finish = observer.begin(call.name, context.invocation_metadata())
+        finish = observer.begin(call.name, metadata)
         try:
-            async for response in handle(raw, context):
+            async for response in handle(raw, context, metadata):
                 yield response
         finally:
             finish(_status_code(context))
 
-    return grpc.unary_stream_rpc_method_handler(
-        handle if observer is None else observed,
-        request_deserializer=None,
-        response_serializer=_serialize,
-    )
+    run = handle if observer is None else observed
+
+    def bind(metadata: Metadata) -> grpc.RpcMethodHandler[Any, Any]:
+        return grpc.unary_stream_rpc_method_handler(
+            partial(run, metadata=metadata),
+            request_deserializer=None,
+            response_serializer=_serialize,
+        )
+
+    return bind
 
 
 def _status_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
@@ -242,7 +285,7 @@ def build_handler(
     ``observer``, every call is traced and timed; with ``streams``, every stream is admitted
     and ended by it."""
     service = agentid_pb2.DESCRIPTOR.services_by_name["AgentIdentityService"]
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    handlers: dict[str, Binder] = {}
     for method in service.methods:
         call = _Call(
             method.name,
@@ -256,7 +299,7 @@ def build_handler(
             handlers[method.name] = _server_stream(call, behavior, observer, streams)
         else:
             handlers[method.name] = _unary(call, behavior, observer)
-    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+    return MethodTable(SERVICE, handlers)
 
 
 def unary_method(
@@ -267,7 +310,7 @@ def unary_method(
     behavior: Callable[..., Awaitable[Message]],
     authn: Authenticator,
     max_message_bytes: int = 1 << 20,
-) -> grpc.RpcMethodHandler[Any, Any]:
+) -> Binder:
     """One unary method of another service (Envoy's ext_authz) on the same path as every agentid
     method: the caller authenticated and authorised by ``rule``, the request parsed, domain errors
     made statuses, before ``behavior(request, context, principal)``."""
