@@ -29,6 +29,7 @@ from agentid_server.domain.model import ActorKind, AuditEvent, Decision, EventTy
 from agentid_server.storage import tables
 from agentid_server.storage.audit import AuditRepository
 from agentid_server.storage.audit_chain import GENESIS, canonical_bytes, link
+from agentid_server.storage.database import create_engines
 from agentid_server.storage.notify import PeerListener, notify_step_ups
 from agentid_server.storage.rows import SEALED_COLUMNS, audit_row
 from agentid_server.storage.visibility import _KEY as WINDOW_KEY
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pyroaring import BitMap
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -179,6 +181,72 @@ async def test_check_records_keep_every_character_and_their_chain_verifies(
     verified = await a.stub.VerifyAudit(pb.VerifyAuditRequest(), metadata=bearer(ADMIN_KEY))
     assert verified.ok, verified
     assert verified.verified == len(await audit(a))
+
+
+async def test_a_replica_talks_plaintext_to_a_postgresql_on_loopback_unless_told_otherwise(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """asyncpg negotiates TLS with any server that offers it; to one on loopback TLS protects
+    nothing and costs the event loop every statement's encryption, so there the replicas'
+    connections are plaintext (database.postgres_connect_args). A URL's own ssl= decides."""
+    url = make_url(URL)
+    if url.query or url.host not in {"127.0.0.1", "localhost", "::1"}:
+        pytest.skip("AGENTID_TEST_POSTGRES_URL is not a plain loopback URL")
+    a, b = replicas
+    session = await a.delegate(scopes=["tickets.read"])
+    for replica_ in (a, b):  # the journal's connection, the readers' and the listener's
+        answer = await replica_.check(session.token, "tickets.read", "r/1")
+        assert answer.decision == pb.DECISION_ALLOW
+    probe = create_engines(URL)
+    try:
+        async with probe.main.connect() as connection:
+            offered = (await connection.execute(text("SHOW ssl"))).scalar_one() == "on"
+            rows = (
+                await connection.execute(
+                    text(
+                        "SELECT s.ssl FROM pg_stat_activity AS a JOIN pg_stat_ssl AS s"
+                        " USING (pid) WHERE a.datname = current_database()"
+                        " AND a.backend_type = 'client backend'"
+                    )
+                )
+            ).all()
+        assert len(rows) >= 3, rows  # the probe's, and at least the two journals'
+        assert not any(row.ssl for row in rows)
+    finally:
+        await probe.dispose()
+    if not offered:
+        pytest.skip("this PostgreSQL offers no TLS: the URL's ssl=require cannot be shown")
+    asked = create_engines(URL + "?ssl=require")
+    try:
+        async with asked.main.connect() as connection:
+            mine = text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            assert (await connection.execute(mine)).scalar_one() is True
+    finally:
+        await asked.dispose()
+
+
+async def test_on_loopback_the_connection_still_comes_up_where_the_server_insists_on_tls() -> None:
+    """Plaintext first on loopback, then TLS if the server refuses plaintext (sslmode "allow"):
+    `.ci/postgres` has a role that this server takes over TLS only."""
+    url = make_url(URL)
+    if url.query or url.host not in {"127.0.0.1", "localhost", "::1"}:
+        pytest.skip("AGENTID_TEST_POSTGRES_URL is not a plain loopback URL")
+    engines = create_engines(URL)
+    try:
+        async with engines.main.connect() as connection:
+            role = text("SELECT 1 FROM pg_roles WHERE rolname = 'agentid_ci_tls'")
+            if (await connection.execute(role)).first() is None:
+                pytest.skip("no role agentid_ci_tls here: .ci/postgres creates it")
+    finally:
+        await engines.dispose()
+    tls_only = url.set(username="agentid_ci_tls", password="agentid_ci_tls")
+    engines = create_engines(tls_only.render_as_string(hide_password=False))
+    try:
+        async with engines.main.connect() as connection:
+            mine = text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            assert (await connection.execute(mine)).scalar_one() is True
+    finally:
+        await engines.dispose()
 
 
 async def test_an_approval_is_consumed_once_across_replicas(
