@@ -183,15 +183,31 @@ async def test_check_records_keep_every_character_and_their_chain_verifies(
     assert verified.verified == len(await audit(a))
 
 
+async def over_tls(url: str) -> bool:
+    """Whether a connection of the server's engine for ``url`` speaks TLS."""
+    engines = create_engines(url)
+    try:
+        async with engines.main.connect() as connection:
+            mine = text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            return bool((await connection.execute(mine)).scalar_one())
+    finally:
+        await engines.dispose()
+
+
+def skip_unless_on_loopback() -> None:
+    """Skips a test unless AGENTID_TEST_POSTGRES_URL is a plain URL of a server on loopback."""
+    url = make_url(URL)
+    if url.query or url.host not in {"127.0.0.1", "localhost", "::1"}:
+        pytest.skip("AGENTID_TEST_POSTGRES_URL is not a plain loopback URL")
+
+
 async def test_a_replica_talks_plaintext_to_a_postgresql_on_loopback_unless_told_otherwise(
     replicas: tuple[Harness, Harness],
 ) -> None:
     """asyncpg negotiates TLS with any server that offers it; to one on loopback TLS protects
     nothing and costs the event loop every statement's encryption, so there the replicas'
     connections are plaintext (database.postgres_connect_args). A URL's own ssl= decides."""
-    url = make_url(URL)
-    if url.query or url.host not in {"127.0.0.1", "localhost", "::1"}:
-        pytest.skip("AGENTID_TEST_POSTGRES_URL is not a plain loopback URL")
+    skip_unless_on_loopback()
     a, b = replicas
     session = await a.delegate(scopes=["tickets.read"])
     for replica_ in (a, b):  # the journal's connection, the readers' and the listener's
@@ -216,21 +232,13 @@ async def test_a_replica_talks_plaintext_to_a_postgresql_on_loopback_unless_told
         await probe.dispose()
     if not offered:
         pytest.skip("this PostgreSQL offers no TLS: the URL's ssl=require cannot be shown")
-    asked = create_engines(URL + "?ssl=require")
-    try:
-        async with asked.main.connect() as connection:
-            mine = text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-            assert (await connection.execute(mine)).scalar_one() is True
-    finally:
-        await asked.dispose()
+    assert await over_tls(URL + "?ssl=require")
 
 
 async def test_on_loopback_the_connection_still_comes_up_where_the_server_insists_on_tls() -> None:
     """Plaintext first on loopback, then TLS if the server refuses plaintext (sslmode "allow"):
     `.ci/postgres` has a role that this server takes over TLS only."""
-    url = make_url(URL)
-    if url.query or url.host not in {"127.0.0.1", "localhost", "::1"}:
-        pytest.skip("AGENTID_TEST_POSTGRES_URL is not a plain loopback URL")
+    skip_unless_on_loopback()
     engines = create_engines(URL)
     try:
         async with engines.main.connect() as connection:
@@ -239,14 +247,8 @@ async def test_on_loopback_the_connection_still_comes_up_where_the_server_insist
                 pytest.skip("no role agentid_ci_tls here: .ci/postgres creates it")
     finally:
         await engines.dispose()
-    tls_only = url.set(username="agentid_ci_tls", password="agentid_ci_tls")
-    engines = create_engines(tls_only.render_as_string(hide_password=False))
-    try:
-        async with engines.main.connect() as connection:
-            mine = text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-            assert (await connection.execute(mine)).scalar_one() is True
-    finally:
-        await engines.dispose()
+    tls_only = make_url(URL).set(username="agentid_ci_tls", password="agentid_ci_tls")
+    assert await over_tls(tls_only.render_as_string(hide_password=False))
 
 
 async def test_an_approval_is_consumed_once_across_replicas(

@@ -187,18 +187,7 @@ def _unary(
         finally:
             finish(_status_code(context))
 
-    run = handle if observer is None else observed
-
-    def bind(metadata: Metadata) -> grpc.RpcMethodHandler[Any, Any]:
-        # A partial of a coroutine function is one to gRPC (inspect.iscoroutinefunction), so
-        # it runs on the event loop rather than in gRPC's thread pool.
-        return grpc.unary_unary_rpc_method_handler(
-            partial(run, metadata=metadata),
-            request_deserializer=None,
-            response_serializer=_serialize,
-        )
-
-    return bind
+    return _binder(grpc.unary_unary_rpc_method_handler, handle if observer is None else observed)
 
 
 def _server_stream(
@@ -246,10 +235,18 @@ def _server_stream(
         finally:
             finish(_status_code(context))
 
-    run = handle if observer is None else observed
+    return _binder(grpc.unary_stream_rpc_method_handler, handle if observer is None else observed)
+
+
+def _binder(
+    kind: Callable[..., grpc.RpcMethodHandler[Any, Any]], run: Callable[..., Any]
+) -> Binder:
+    """``run(raw, context, metadata)`` as gRPC's handler of ``kind`` for one call's metadata.
+    A partial of a coroutine (or async generator) function is one to gRPC (``inspect``), so it
+    runs on the event loop rather than in gRPC's thread pool."""
 
     def bind(metadata: Metadata) -> grpc.RpcMethodHandler[Any, Any]:
-        return grpc.unary_stream_rpc_method_handler(
+        return kind(
             partial(run, metadata=metadata),
             request_deserializer=None,
             response_serializer=_serialize,
