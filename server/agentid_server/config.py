@@ -1197,14 +1197,15 @@ def _https_or_loopback(url: str) -> bool:
     parts = urlsplit(url)
     if parts.scheme == "https":
         return True
-    return parts.scheme == "http" and _loopback_host(parts.hostname or "")
+    return parts.scheme == "http" and loopback_host(parts.hostname or "")
 
 
 def is_loopback(listen: str) -> bool:
-    return _loopback_host(listen.rpartition(":")[0].strip("[]"))
+    return loopback_host(listen.rpartition(":")[0].strip("[]"))
 
 
-def _loopback_host(host: str) -> bool:
+def loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address, no brackets) is this machine's loopback."""
     if host == "localhost":
         return True
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from agentid_server.config import loopback_host
 from agentid_server.domain.errors import Unavailable
 from agentid_server.storage.private_files import private_sqlite_file
 
@@ -95,18 +95,9 @@ def postgres_connect_args(url: URL) -> dict[str, Any]:
     query (several hosts, or a Unix socket)."""
     if url.get_driver_name() != "asyncpg" or os.environ.get("PGSSLMODE"):
         return {}
-    if {"ssl", "sslmode", "host"} & set(url.query) or not _loopback(url.host or ""):
+    if {"ssl", "sslmode", "host"} & set(url.query) or not loopback_host((url.host or "").lower()):
         return {}
     return {"ssl": "allow"}
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _set_pragmas(engine: Engine, synchronous: str, busy_ms: int) -> None:
