@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -279,6 +280,11 @@ def test_dev_setup_serves_and_stops_on_sigterm(tmp_path: Path, event_loop: str) 
         _, stderr = server.communicate(timeout=30)
     assert server.returncode == 0
     assert "stopped" in stderr
+    # the serving process froze what startup left (cli/heap.py) before it said it was serving
+    frozen = re.search(r"garbage collector: (\d+) objects of startup frozen", stderr)
+    assert frozen is not None
+    assert int(frozen[1]) > 20_000
+    assert stderr.index("garbage collector:") < stderr.index("agentid serving on")
     assert key not in stderr  # no secret in the log
     assert check_key not in stderr
     assert token.stdout.strip() not in stderr

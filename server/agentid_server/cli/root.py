@@ -126,6 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
 async def _serve_until_signalled(settings: Settings) -> int:
     # imported here: the dev commands need none of it
     from agentid_server.app import CannotListen, build_server
+    from agentid_server.cli import heap
     from agentid_server.storage.writer_lock import WriterInUse
 
     try:
@@ -137,6 +138,7 @@ async def _serve_until_signalled(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    heap.settle()
     log.info("agentid serving on %s (port %d)", settings.server.listen, running.port)
     await stop.wait()
     log.info("shutting down: draining, then finishing in-flight calls (a second signal: no drain)")
