@@ -5,15 +5,17 @@ since the last run outnumber those freed by 700 (the default), and counts frees 
 zero. Calls in flight allocate in bursts and the audit batch frees a group of them at once, so
 under load it ran about once per audit batch. Each run moved the calls still in flight to an
 older generation, and every few seconds that triggered a full collection of the whole heap,
-startup's 150,000 objects included: 60-90 ms with the event loop stopped, and 20-25 µs of CPU
-per warm Check at 64 in flight (docs/benchmarks.md, session 16).
+startup's 150,000 objects included: about 90 ms with the event loop stopped, and about 25 µs of
+CPU per warm Check at 64 in flight on PostgreSQL (docs/benchmarks.md, session 16).
 
 So, once the server is built: what startup left behind is collected and then frozen (moved to
-the permanent generation, never scanned again: it lives as long as the process), and the
-youngest generation is collected after ``YOUNG_GENERATION`` net allocations. The bound on what
-that holds back: at most that many objects of cyclic garbage between two collections (a few
-MB at most; a Check leaves three, in gRPC's method lookup), and one young collection scans at
-most that many objects plus the calls in flight (about 4 ms on the machine of the benchmarks).
+the permanent generation, never scanned again; refcounting still frees its objects, but a
+cycle among them that later becomes garbage stays: startup's objects are the server's own and
+live as long as it does), and the youngest generation is collected after ``YOUNG_GENERATION``
+net allocations. What that holds back: about that many objects of cyclic garbage between two
+collections (a few MB; a Check leaves three, in gRPC's method lookup; more only by as much as
+the live objects shrank meanwhile, since frees count against allocations), and one young
+collection scans those plus the calls in flight (about 4 ms on the machine of the benchmarks).
 
 Only ``agentid serve`` does this, never a server built inside another program (the tests build
 many in one process): freezing is for the lifetime of a process whose startup heap is its own.
