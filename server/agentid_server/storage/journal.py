@@ -82,9 +82,17 @@ LINGER_PASSES = 4
 # flight (0.53-0.68 of health's calls/s); on a busy uvloop the 2 ms timer fires after 1.4-1.9 ms
 # (libuv's millisecond clock), so a wait ended before a group that was coming, and one late caller
 # emptied the memory. Forgetting only on the second in a row: 0.62-0.84 at 8, 0.70-0.75 at 16.
+# Session 16: the wait is LINGER_SECONDS_PER_WRITE for each write of the group, at least
+# LINGER_SECONDS. At 64 in flight the loop is saturated and the other calls wait in front of it,
+# arriving one per handler's turn (about 250 µs here); a fixed 2 ms held batches at 9-10 records,
+# each commit's fixed cost spread over few (SQLite: 28 µs of the loop per record). Waiting as long
+# as the group takes to arrive grows them to 22-25 (18 µs per record): warm Check ÷ health at 64
+# in flight 0.70 → 0.77 (asyncio), 0.66 → 0.80-0.95 (uvloop); groups of 8 or fewer wait 2 ms as
+# before, and 8-16 in flight did not lose. A load that falls from 64 to 1 waits twice, up to 8 ms.
 LINGER_MEMORY = 8
 LINGER_GROUP = 32
 LINGER_SECONDS = 0.002
+LINGER_SECONDS_PER_WRITE = 0.00025
 # SQLite ids reserved per write of the high-water mark: a batch writes it only when it crosses
 # the reservation, and a crash skips at most this many ids.
 ID_BLOCK = 1000
@@ -402,7 +410,8 @@ class Journal:
             if len(pending) < group and not self._stopping:
                 self._wake_at = group  # _submit ends the wait when the group is there
                 self._wakeup = self._loop.create_future()
-                timer = self._loop.call_later(LINGER_SECONDS, self._wake)
+                wait = max(LINGER_SECONDS, group * LINGER_SECONDS_PER_WRITE)
+                timer = self._loop.call_later(wait, self._wake)
                 try:
                     await self._wakeup
                 finally:
