@@ -15,7 +15,13 @@ from agentid.v1 import agentid_pb2 as pb
 from agentid_server.domain.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from agentid_server.domain.model import ActorKind, AuditEvent, EventType, SessionRecord
 from agentid_server.storage.database import create_engines, migrate
-from agentid_server.storage.journal import JobResult, Journal
+from agentid_server.storage.journal import (
+    LINGER_GROUP,
+    LINGER_SECONDS,
+    LINGER_SECONDS_PER_WRITE,
+    JobResult,
+    Journal,
+)
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
@@ -392,3 +398,36 @@ async def test_a_session_is_written_only_under_a_live_lineage(journal: Journal) 
         await journal.append(delegated(orphan), new_session=orphan)
     # Nothing of the refused ones was written, and the journal goes on.
     assert await journal.append(event(1)) > 0
+
+
+async def test_the_linger_waits_as_long_as_the_expected_group_takes_to_arrive(
+    journal: Journal,
+) -> None:
+    """A write alone after a burst waits for the group the burst showed, up to
+    LINGER_SECONDS_PER_WRITE for each of its writes and at least LINGER_SECONDS: a group of 4
+    waits 2 ms as before, one of 32 (a saturated loop's) 8 ms, and no longer."""
+    loop = asyncio.get_running_loop()
+    waits: list[float] = []
+    call_later = loop.call_later
+
+    def recorded(
+        delay: float, callback: Callable[..., object], *args: object
+    ) -> asyncio.TimerHandle:
+        if callback == journal._wake:
+            waits.append(delay)
+        return call_later(delay, callback, *args)
+
+    loop.call_later = recorded  # type: ignore[method-assign]
+    try:
+        await asyncio.gather(*(journal.append(event(n)) for n in range(4)))
+        await journal.append(event(4))  # the group of 4 does not come: the timer ends the wait
+        assert waits == [LINGER_SECONDS]
+        await asyncio.gather(*(journal.append(event(n)) for n in range(32)))
+        started = time.monotonic()
+        await journal.append(event(5))
+        waited = time.monotonic() - started
+    finally:
+        del loop.call_later  # the loop's own method again
+    assert waits == [LINGER_SECONDS, LINGER_GROUP * LINGER_SECONDS_PER_WRITE]
+    assert waits[1] > waits[0]  # a saturated loop's group is waited for longer
+    assert waited >= 0.75 * waits[1]  # and the write did wait for it
